@@ -1,0 +1,36 @@
+"""The one way out for live updates: a nudge to the session's group, sent after commit.
+
+The nudge carries no state; each websocket consumer re-reads the session from the database and
+renders the same fragments the page uses, for its own user. So a missed nudge costs nothing: the
+next one, a reconnect or a reload shows the truth.
+"""
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+log = logging.getLogger(__name__)
+
+SESSIONS_GROUP = "sessions"
+
+
+def session_group(session_id):
+    return f"session-{session_id}"
+
+
+def send_now(session_id):
+    """Publish at once (the worker's progress path, outside any transaction)."""
+    layer = get_channel_layer()
+    message = {"type": "session.changed", "session": session_id}
+    try:
+        async_to_sync(layer.group_send)(session_group(session_id), message)
+        async_to_sync(layer.group_send)(SESSIONS_GROUP, message)
+    except Exception:  # live view is best effort; the failback must never stop for it
+        log.warning("could not broadcast session %s", session_id, exc_info=True)
+
+
+def session_changed(session_id):
+    """Publish once the current transaction commits (immediately when there is none)."""
+    transaction.on_commit(lambda: send_now(session_id))

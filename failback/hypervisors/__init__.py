@@ -1,0 +1,1 @@
+"""Virtualisation platforms behind one interface (``base.Hypervisor``): ``lab`` and ``vsphere``."""

@@ -1,0 +1,221 @@
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from .choices import (
+    ACTIVE,
+    REPLICA_COLOURS,
+    SCHEDULABLE,
+    STATUS_COLOURS,
+    TRANSITIONS,
+    Outcome,
+    ReplicaState,
+    SessionStatus,
+    SwitchMode,
+)
+
+
+class Replica(models.Model):
+    """A replica VM at the DR site and the source workload it protects."""
+
+    name = models.CharField(max_length=200, unique=True)  # the replica VM's name
+    source_name = models.CharField(max_length=200)  # the workload it protects
+    platform = models.CharField(max_length=20, default="lab")  # which hypervisor holds it
+    vm_id = models.CharField(max_length=100)  # the replica VM's id at the platform
+    host = models.CharField(max_length=200)
+    site = models.CharField(max_length=100, default="DR")
+    state = models.CharField(max_length=20, choices=ReplicaState.choices, default=ReplicaState.FAILOVER)
+    production_vm_id = models.CharField(max_length=100, blank=True)  # set by commit
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("operate_failback", "Can start, switch, schedule, commit and undo failbacks")]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def colour(self):
+        return REPLICA_COLOURS[self.state]
+
+    @property
+    def can_start_failback(self):
+        return self.state == ReplicaState.FAILOVER and self.active_session is None
+
+    @property
+    def active_session(self):
+        # Prefetch-friendly: uses the cache when sessions were prefetched.
+        return next((s for s in self.sessions.all() if s.status in ACTIVE), None)
+
+
+class ReplicaDisk(models.Model):
+    replica = models.ForeignKey(Replica, on_delete=models.CASCADE, related_name="disks")
+    key = models.CharField(max_length=50)
+    capacity_bytes = models.BigIntegerField()
+    datastore = models.CharField(max_length=200)
+
+    class Meta:
+        ordering = ["key"]
+        constraints = [models.UniqueConstraint(fields=["replica", "key"], name="unique_disk_key_per_replica")]
+
+
+class FailbackSession(models.Model):
+    """One attempt to move a replica's workload back to production; keeps every step for audit."""
+
+    replica = models.ForeignKey(Replica, on_delete=models.PROTECT, related_name="sessions")
+    status = models.CharField(max_length=20, choices=SessionStatus.choices, default=SessionStatus.QUEUED)
+    # where the production VM goes
+    vm_name = models.CharField(max_length=200)
+    target_host = models.CharField(max_length=200)
+    target_datastore = models.CharField(max_length=200)
+    network_map = models.JSONField(default=dict, blank=True)
+    production_vm_id = models.CharField(max_length=100, blank=True)
+    # the switch moment
+    switch_mode = models.CharField(max_length=20, choices=SwitchMode.choices, default=SwitchMode.MANUAL)
+    switch_at = models.DateTimeField(null=True, blank=True)
+    power_on_after = models.BooleanField(default=True)
+    shutdown_timeout_s = models.PositiveIntegerField()
+    # who and when
+    started_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    phase1_started_at = models.DateTimeField(null=True, blank=True)
+    phase1_ended_at = models.DateTimeField(null=True, blank=True)
+    switch_started_at = models.DateTimeField(null=True, blank=True)
+    replica_off_at = models.DateTimeField(null=True, blank=True)
+    phase2_ended_at = models.DateTimeField(null=True, blank=True)
+    production_on_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    stop_method = models.CharField(max_length=200, blank=True)  # how the replica was stopped, and why
+    error = models.TextField(blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)  # last sign of life from the worker
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # A second failback on the same replica is impossible, whatever races the application loses.
+            models.UniqueConstraint(
+                fields=["replica"],
+                condition=models.Q(status__in=[s.value for s in ACTIVE]),
+                name="one_active_session_per_replica",
+            )
+        ]
+
+    def __str__(self):
+        return f"Failback #{self.pk} of {self.replica_id}"
+
+    @property
+    def colour(self):
+        return STATUS_COLOURS[self.status]
+
+    @property
+    def is_active(self):
+        return self.status in ACTIVE
+
+    def allows(self, action):
+        return self.status in TRANSITIONS[action].sources
+
+    # Guards that decide which buttons render; the workflow enforces the same table.
+    @property
+    def can_switch_now(self):
+        return self.allows("switch")
+
+    @property
+    def can_schedule_switch(self):
+        return self.status in SCHEDULABLE
+
+    @property
+    def can_commit(self):
+        return self.allows("commit")
+
+    @property
+    def can_undo(self):
+        return self.allows("undo")
+
+    @property
+    def switch_window(self):
+        """Downtime users felt: replica off -> production on (or phase 2 end without power on)."""
+        end = self.production_on_at or self.phase2_ended_at
+        if self.replica_off_at and end:
+            return end - self.replica_off_at
+        return None
+
+    @property
+    def phase1_duration(self):
+        if self.phase1_started_at and self.phase1_ended_at:
+            return self.phase1_ended_at - self.phase1_started_at
+        return None
+
+
+class SessionDisk(models.Model):
+    """Per-disk progress and evidence of one session."""
+
+    session = models.ForeignKey(FailbackSession, on_delete=models.CASCADE, related_name="disks")
+    key = models.CharField(max_length=50)
+    capacity_bytes = models.BigIntegerField()
+    phase = models.PositiveSmallIntegerField(default=1)
+    method = models.CharField(max_length=20, blank=True)  # full | tracked | digest
+    method_reason = models.CharField(max_length=300, blank=True)
+    bytes_total = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_written = models.BigIntegerField(default=0)
+    rate_bps = models.FloatField(default=0)
+    eta_s = models.FloatField(null=True, blank=True)
+    change_id = models.CharField(max_length=100, blank=True)  # change tracking id at phase 1 start
+    phase1_bytes_written = models.BigIntegerField(default=0)
+    phase1_digest = models.CharField(max_length=100, blank=True)
+    phase2_bytes_written = models.BigIntegerField(default=0)
+    source_digest = models.CharField(max_length=100, blank=True)  # replica disk, after it stopped
+    target_digest = models.CharField(max_length=100, blank=True)  # production disk, re-read after phase 2
+    verified = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["key"]
+        constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_disk_key_per_session")]
+
+    @property
+    def percent(self):
+        if not self.bytes_total:
+            return 100 if self.bytes_done or self.method else 0
+        return min(100, round(100 * self.bytes_done / self.bytes_total))
+
+
+class AppendOnlyQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        raise PermissionError("Audit events are append-only: they cannot be changed.")
+
+    def delete(self):
+        raise PermissionError("Audit events are append-only: they cannot be deleted.")
+
+
+class AuditEvent(models.Model):
+    """Append-only trail: who, when, what, from, to, result. Written by the workflow, never updated."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    actor_name = models.CharField(max_length=150)  # copied: stays readable whatever happens to the user
+    action = models.CharField(max_length=50, db_index=True)
+    replica = models.ForeignKey(Replica, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    session = models.ForeignKey(FailbackSession, null=True, blank=True, on_delete=models.PROTECT, related_name="events")
+    from_state = models.CharField(max_length=30, blank=True)
+    to_state = models.CharField(max_length=30, blank=True)
+    outcome = models.CharField(max_length=10, choices=Outcome.choices)
+    detail = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self):
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action} {self.outcome}"
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise PermissionError("Audit events are append-only: they cannot be changed.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise PermissionError("Audit events are append-only: they cannot be deleted.")

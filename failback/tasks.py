@@ -1,0 +1,23 @@
+"""django-q2 entry points: primary keys in, one call into the service layer each. No rules here."""
+
+from . import jobs, workflow
+
+
+def phase1(session_id):
+    jobs.run_phase1(session_id)
+
+
+def phase2(session_id):
+    jobs.run_switch(session_id)
+
+
+def commit(session_id):
+    jobs.run_commit(session_id)
+
+
+def undo(session_id):
+    jobs.run_undo(session_id)
+
+
+def scheduled_switch(session_id):
+    workflow.scheduled_switch_due(int(session_id))

@@ -1,0 +1,102 @@
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from django.db import connections
+from django_q.conf import Conf
+
+from failback.hypervisors.lab import LabHypervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def lab_dirs(settings, tmp_path):
+    settings.LAB_ROOT = tmp_path / "lab"
+    settings.FAILBACK_STATE_DIR = tmp_path / "sessions"
+    settings.FAILBACK_PROGRESS_INTERVAL = 0.05
+    settings.FAILBACK_SHUTDOWN_TIMEOUT = 5
+
+
+@pytest.fixture(autouse=True)
+def tasks_run_inline(monkeypatch):
+    """Unit tests run django-q2 tasks inline (its documented sync mode); process tests start a real qcluster."""
+    monkeypatch.setattr(Conf, "SYNC", True)
+
+
+def make_user(name, role):
+    user = User.objects.create_user(name, password=f"{name}-pass-1234")
+    if role:
+        user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+@pytest.fixture
+def operator(db):
+    return make_user("olivia", "Operator")
+
+
+@pytest.fixture
+def viewer(db):
+    return make_user("victor", "Viewer")
+
+
+@pytest.fixture
+def admin_user(db):
+    return make_user("ada", "Administrator")
+
+
+@pytest.fixture
+def lab(db, settings):
+    """A small real lab (sparse files under tmp) with its replicas imported, all in Failover."""
+    call_command("seed_lab", "--count", "4", "--scale", "0.02", "--no-user", stdout=open(os.devnull, "w"))
+    return LabHypervisor(settings.LAB_ROOT)
+
+
+def subprocess_env(settings):
+    """Environment for a real process sharing this test's databases, lab and state directories."""
+    env = dict(os.environ)
+    db = connections["default"].settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
+        env["CHANNELS_DB_PATH"] = str(connections["channels"].settings_dict["NAME"])
+    else:
+        env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    env["LAB_ROOT"] = str(settings.LAB_ROOT)
+    env["FAILBACK_STATE_DIR"] = str(settings.FAILBACK_STATE_DIR)
+    env["FAILBACK_PROGRESS_INTERVAL"] = str(settings.FAILBACK_PROGRESS_INTERVAL)
+    env["DJANGO_SETTINGS_MODULE"] = "dr_portal.settings"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def wait_for(predicate, timeout=60, interval=0.2, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def qcluster(settings):
+    """A real django-q2 cluster process on this test's database."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=subprocess_env(settings), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    yield proc
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    print(out.decode(errors="replace")[-4000:])

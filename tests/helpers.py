@@ -1,0 +1,44 @@
+"""Small helpers shared by the tests (test data only; nothing here stands in for project code)."""
+
+from failback import workflow
+from failback.choices import ReplicaState, SessionStatus, SwitchMode
+from failback.models import FailbackSession, Replica
+
+
+def replica_named(part):
+    return Replica.objects.filter(name__contains=part).first()
+
+
+def network_map(replica):
+    from failback.hypervisors.registry import get_hypervisor
+
+    nics = get_hypervisor(replica.platform).vm_config(replica.vm_id).nics
+    return {nic.network: nic.network.replace("dr-", "prod-") for nic in nics if nic.network}
+
+
+def start(actor, replica, *, switch_mode=SwitchMode.MANUAL, **overrides):
+    options = {
+        "network_map": network_map(replica),
+        "vm_name": f"{replica.source_name}-prod",
+        "target_host": "esx-prod-01",
+        "target_datastore": "prod-ds-01",
+        "switch_mode": switch_mode,
+        "power_on_after": True,
+    }
+    options.update(overrides)
+    return workflow.start_failback(actor, replica.pk, **options)
+
+
+def put_session_in(session, status):
+    """Test set-up: place a session (and its replica) where a given status would have left them."""
+    replica_state = {
+        SessionStatus.READY_TO_SWITCH: ReplicaState.READY_TO_SWITCH,
+        SessionStatus.SWITCHING: ReplicaState.READY_TO_SWITCH,
+        SessionStatus.FAILBACK: ReplicaState.FAILBACK,
+        SessionStatus.COMMITTING: ReplicaState.FAILBACK,
+        SessionStatus.UNDOING: ReplicaState.FAILBACK,
+        SessionStatus.COMMITTED: ReplicaState.READY,
+    }.get(status, ReplicaState.FAILOVER)
+    FailbackSession.objects.filter(pk=session.pk).update(status=status)
+    Replica.objects.filter(pk=session.replica_id).update(state=replica_state)
+    return FailbackSession.objects.get(pk=session.pk)
