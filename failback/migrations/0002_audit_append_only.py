@@ -30,7 +30,7 @@ SQLITE_BACKWARD = "DROP TRIGGER IF EXISTS failback_auditevent_no_update;"
 def forward(apps, schema_editor):
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":
-        schema_editor.execute(PG_FORWARD)
+        schema_editor.execute(PG_FORWARD, params=None)
     elif vendor == "sqlite":
         schema_editor.execute(SQLITE_FORWARD)
 
@@ -38,7 +38,7 @@ def forward(apps, schema_editor):
 def backward(apps, schema_editor):
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":
-        schema_editor.execute(PG_BACKWARD)
+        schema_editor.execute(PG_BACKWARD, params=None)
     elif vendor == "sqlite":
         schema_editor.execute(SQLITE_BACKWARD)
 

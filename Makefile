@@ -1,0 +1,42 @@
+# Two commands on a fresh machine (python3 and make):
+#   make run    set up (venv, install, migrate, demo lab, demo login) and run web + worker + lab workload
+#   make test   the whole test suite: embedded default (SQLite), then production profile (PostgreSQL + Redis)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/dr_portal
+REDIS_TEST_URL ?= redis://127.0.0.1:6379/7
+
+.PHONY: run setup test test-embedded test-production services bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV) || { sh tests/apt.sh python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+	@if [ -z "$$REDIS_URL" ]; then $(BIN)/python manage.py migrate --database channels --noinput; fi
+	$(BIN)/python manage.py seed_lab
+
+run: setup
+	$(BIN)/python manage.py runportal
+
+test: test-embedded test-production
+
+test-embedded: $(STAMP)
+	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest
+
+test-production: $(STAMP) services
+	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$(REDIS_TEST_URL) $(BIN)/python -m pytest
+
+services:
+	sh tests/services.sh
+
+bench: $(STAMP)
+	$(BIN)/python bench/transfer.py
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,90 @@
+"""Live progress over websockets: login and origin checked, fragments rendered from the database,
+and progress published by another process (as a worker does) reaching the browser's socket."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from dr_portal.asgi import application
+
+from .conftest import ROOT, subprocess_env
+from .helpers import replica_named, start
+
+pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.asyncio]
+
+
+def cookie_for(user):
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+def communicator(session_id, cookie=None, origin=b"http://localhost"):
+    headers = [(b"origin", origin)]
+    if cookie:
+        headers.append((b"cookie", cookie))
+    return WebsocketCommunicator(application, f"/ws/sessions/{session_id}/", headers=headers)
+
+
+@pytest.fixture
+def session(lab, operator):
+    return start(operator, replica_named("app-crm"))
+
+
+async def test_it_closes_anonymous_websockets(session):
+    ws = communicator(session.pk)
+    connected, _ = await ws.connect()
+    assert not connected
+
+
+async def test_it_closes_websockets_from_another_origin(session, operator):
+    ws = communicator(session.pk, await sync(cookie_for)(operator), origin=b"http://evil.example")
+    connected, _ = await ws.connect()
+    assert not connected
+
+
+async def test_it_closes_websockets_for_unknown_sessions(session, operator):
+    ws = communicator(999999, await sync(cookie_for)(operator))
+    connected, _ = await ws.connect()
+    assert not connected
+
+
+async def test_it_sends_the_current_state_on_connect(session, viewer):
+    ws = communicator(session.pk, await sync(cookie_for)(viewer))
+    connected, _ = await ws.connect()
+    assert connected
+    html = await ws.receive_from(timeout=10)
+    assert 'id="session-progress"' in html and 'hx-swap-oob="true"' in html
+    assert 'id="session-actions"' in html and ">Commit</button>" not in html  # rendered for this viewer
+    await ws.disconnect()
+
+
+async def test_it_delivers_progress_published_by_another_process(session, operator, settings):
+    ws = communicator(session.pk, await sync(cookie_for)(operator))
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.receive_from(timeout=10)  # the catch-up frame
+    publisher = textwrap.dedent(f"""
+        import django
+        django.setup()
+        from failback.models import SessionDisk
+        from failback import broadcast
+        SessionDisk.objects.filter(session_id={session.pk}).update(bytes_done=3 * 2**20, bytes_total=6 * 2**20, rate_bps=2**20, method="full")
+        broadcast.send_now({session.pk})
+    """)
+    env = await sync(subprocess_env)(settings)
+    result = subprocess.run([sys.executable, "-c", publisher], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    html = (await ws.receive_from(timeout=15)).replace("\xa0", " ")  # filesizeformat uses no-break spaces
+    assert "3.0 MB / 6.0 MB" in html and 'value="50"' in html and "1.0 MiB/s" in html
+    await ws.disconnect()
+
+
+def sync(fn):
+    from asgiref.sync import sync_to_async
+
+    return sync_to_async(fn)
