@@ -44,6 +44,10 @@ class StartFailbackForm(forms.Form):
         self.fields["vm_name"].initial = replica.source_name
         self.fields["target_host"].choices = [(h, h) for h in inventory.hosts]
         self.fields["target_datastore"].choices = [(name, f"{name} ({free / 2**30:,.0f} GiB free)") for name, free in inventory.datastores.items()]
+        # Production goes back to production: pre-select a host and datastore the replica does not use.
+        replica_stores = {d.datastore for d in replica.disks.all()}
+        self.fields["target_host"].initial = next((h for h in inventory.hosts if h != replica.host), None)
+        self.fields["target_datastore"].initial = next((d for d in inventory.datastores if d not in replica_stores), None)
         config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
         self.nic_fields = []
         for nic in config.nics if config else ():

@@ -148,6 +148,7 @@ def run_switch(session_id):
     replica = session.replica
     hv = get_hypervisor(replica.platform)
     try:
+        _save(session, replica_stop_started_at=timezone.now())
         how = _stop_replica(session, hv)
         _save(session, replica_off_at=timezone.now(), stop_method=how, heartbeat_at=timezone.now())
         _note(session, "stop_replica", how)
@@ -187,7 +188,7 @@ def run_switch(session_id):
             _note(session, "power_on_production", f"Could not power on production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED, data={"error": str(exc)})
     window = session.switch_window
     if window is not None:
-        _note(session, "switch_window", f"Switch window {window.total_seconds():.1f} s (replica off → production {'on' if session.production_on_at else 'ready'})",
+        _note(session, "switch_window", f"Switch window {window.total_seconds():.1f} s (replica going down → production {'on' if session.production_on_at else 'ready'})",
               outcome=Outcome.INFO, data={"seconds": round(window.total_seconds(), 3), "phase1_seconds": round(session.phase1_duration.total_seconds(), 3) if session.phase1_duration else None})
 
 

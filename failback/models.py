@@ -83,6 +83,7 @@ class FailbackSession(models.Model):
     phase1_started_at = models.DateTimeField(null=True, blank=True)
     phase1_ended_at = models.DateTimeField(null=True, blank=True)
     switch_started_at = models.DateTimeField(null=True, blank=True)
+    replica_stop_started_at = models.DateTimeField(null=True, blank=True)  # users lose the service from here
     replica_off_at = models.DateTimeField(null=True, blank=True)
     phase2_ended_at = models.DateTimeField(null=True, blank=True)
     production_on_at = models.DateTimeField(null=True, blank=True)
@@ -97,7 +98,7 @@ class FailbackSession(models.Model):
             # A second failback on the same replica is impossible, whatever races the application loses.
             models.UniqueConstraint(
                 fields=["replica"],
-                condition=models.Q(status__in=[s.value for s in ACTIVE]),
+                condition=models.Q(status__in=sorted(s.value for s in ACTIVE)),
                 name="one_active_session_per_replica",
             )
         ]
@@ -135,10 +136,11 @@ class FailbackSession(models.Model):
 
     @property
     def switch_window(self):
-        """Downtime users felt: replica off -> production on (or phase 2 end without power on)."""
+        """Downtime users felt: replica going down -> production on (or phase 2 end without power on)."""
         end = self.production_on_at or self.phase2_ended_at
-        if self.replica_off_at and end:
-            return end - self.replica_off_at
+        start = self.replica_stop_started_at or self.replica_off_at
+        if start and end:
+            return end - start
         return None
 
     @property
