@@ -1,0 +1,112 @@
+"""Sparse-file primitives: where the data is, whether a buffer is all zero, how to punch a hole.
+
+Linux first (SEEK_DATA/SEEK_HOLE, fallocate(PUNCH_HOLE)), with plain fallbacks so the engine still
+works, only less sparsely, on a filesystem or platform without them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterator
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+    _memcmp = _libc.memcmp
+    _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    _memcmp.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - non-glibc platform
+    _libc = None
+
+_punch_supported = True
+_zero_buf = bytearray(0)  # grows to the largest length asked; only ever read
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield (offset, end) of the data (non-hole) ranges of fd within [start, end), in order.
+
+    Streams (two lseek calls per extent), so memory stays flat however fragmented the file is.
+    Without SEEK_DATA support the whole range counts as data.
+    """
+    off = start
+    while off < end:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after off
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield off, end
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        off = hole
+
+
+def allocated_bytes(fd: int, start: int, end: int) -> int:
+    return sum(e - s for s, e in data_extents(fd, start, end))
+
+
+def _zeros(n: int) -> bytearray:
+    global _zero_buf
+    zero = _zero_buf
+    if len(zero) < n:
+        zero = _zero_buf = bytearray(n)
+    return zero
+
+
+def is_zero(buf: bytearray, start: int = 0, end: int | None = None) -> bool:
+    """True if buf[start:end] is all zero bytes. memcmp-fast; stops at the first non-zero byte."""
+    end = len(buf) if end is None else end
+    n = end - start
+    if n <= 0:
+        return True
+    if buf[start] or buf[end - 1]:
+        return False
+    if _libc is not None:
+        a = ctypes.addressof(ctypes.c_char.from_buffer(buf, start))
+        z = ctypes.addressof(ctypes.c_char.from_buffer(_zeros(n)))
+        return _memcmp(a, z, n) == 0
+    return memoryview(buf)[start:end].tobytes() == bytes(n)  # pragma: no cover
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) keeping the file size; it then reads as zeros.
+
+    Returns False when the filesystem cannot punch holes (the caller writes zeros instead).
+    """
+    global _punch_supported
+    if length <= 0:
+        return True
+    if _libc is None or not _punch_supported:
+        return False
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        _punch_supported = False
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def zero_range(fd: int, offset: int, length: int, chunk: int = 1 << 20) -> int:
+    """Make [offset, offset+length) read as zeros: punch a hole, else write zeros. Returns bytes written."""
+    if punch_hole(fd, offset, length):
+        return 0
+    zero = memoryview(_zeros(min(chunk, length)))
+    written = 0
+    while written < length:
+        n = min(len(zero), length - written)
+        written += os.pwrite(fd, zero[:n], offset + written)
+    return written

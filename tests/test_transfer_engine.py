@@ -1,0 +1,435 @@
+"""The transfer engine on real sparse files: sparseness, deltas, resume after a real kill, bandwidth,
+progress, verification. No Django, no database."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from failback.transfer import (
+    CopyResult,
+    Progress,
+    TransferCancelled,
+    TransferStateError,
+    VerificationError,
+    delta_copy,
+    disk_digest,
+    full_copy,
+    verify_target,
+)
+from failback.transfer.sparse import data_extents
+
+MiB = 1 << 20
+KiB = 1 << 10
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rand(n: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def make_image(path: Path, size: int, writes: dict[int, bytes]) -> None:
+    """A sparse file of ``size`` bytes holding ``writes`` (offset -> bytes); the rest are holes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in writes.items():
+            f.seek(off)
+            f.write(data)
+
+
+def patch(path: Path, writes: dict[int, bytes]) -> None:
+    with open(path, "r+b") as f:
+        for off, data in writes.items():
+            f.seek(off)
+            f.write(data)
+
+
+def extents(path: Path) -> list[tuple[int, int]]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return list(data_extents(fd, 0, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def inside(ranges: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
+    return all(any(a >= c and b <= d for c, d in outer) for a, b in ranges)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "state"
+
+
+def test_it_keeps_holes_as_holes(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    size = 64 * MiB
+    make_image(
+        src,
+        size,
+        {
+            0: rand(3 * MiB, 1),  # whole blocks
+            10 * MiB + 8 * KiB: rand(16 * KiB, 2),  # a few pages inside one block
+            20 * MiB - 64 * KiB: rand(128 * KiB, 3),  # across a block boundary
+            40 * MiB: rand(MiB + 4 * KiB, 4),
+            50 * MiB + 4 * KiB: bytes(8 * KiB) + rand(4 * KiB, 5),  # data after zeros, then a hole
+        },
+    )
+    dst.touch()
+    os.truncate(dst, size)  # as the hypervisor makes it: an empty sparse file of the same size
+
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert inside(extents(dst), extents(src)), "the target has data where the source has holes"
+    assert allocated(dst) <= allocated(src)
+    assert result.bytes_total == sum(b - a for a, b in extents(src))
+    assert result.bytes_written == result.bytes_total
+    assert result.digest == disk_digest(str(src), MiB) == disk_digest(str(dst), MiB)
+    assert result.method == "full" and result.resumed_from == 0
+
+
+def test_it_does_not_write_zero_blocks(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    size = 32 * MiB
+    make_image(src, size, {0: rand(MiB, 1), 4 * MiB: bytes(6 * MiB), 12 * MiB: rand(MiB, 2)})
+    zero_allocated = 6 * MiB
+    assert allocated(src) >= 8 * MiB  # the zeros are really allocated in the source
+
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    assert result.bytes_written == 2 * MiB
+    assert result.zero_bytes_skipped == zero_allocated
+    assert allocated(dst) <= 2 * MiB + 64 * KiB
+    assert inside(extents(dst), [(0, MiB), (12 * MiB, 13 * MiB)])
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == disk_digest(str(src), MiB)
+
+
+def test_it_copies_without_copy_file_range_too(
+    disk: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(2 * MiB, 1), 5 * MiB + 4 * KiB: rand(8 * KiB, 2), 9 * MiB: bytes(MiB)})
+
+    def cross_device(*args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)  # as between two filesystems
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert inside(extents(dst), extents(src)) and result.zero_bytes_skipped == MiB
+    assert result.digest == disk_digest(str(src), MiB)
+
+
+def test_a_source_changing_during_the_copy_is_caught_by_the_next_delta(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(16 * MiB, 1)})
+    changed = False
+
+    def guest_writes(p: Progress) -> None:  # the replica keeps running during phase 1
+        nonlocal changed
+        if not changed and p.bytes_done >= 4 * MiB:
+            patch(src, {MiB + 3: b"behind", 12 * MiB + 5: b"ahead", 14 * MiB: bytes(MiB)})
+            changed = True
+
+    full_copy(
+        str(src), str(dst), state_dir=str(state), block_size=MiB, progress=guest_writes, progress_interval=0
+    )
+    assert changed
+    verify_target(str(dst), state_dir=str(state))  # the map describes exactly what the target holds
+    assert dst.read_bytes() != src.read_bytes()
+
+    delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_it_copies_a_size_that_is_not_a_multiple_of_the_block(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    size = 5 * MiB + 12345
+    make_image(src, size, {MiB - 10: rand(20, 1), 5 * MiB: rand(12345, 2)})
+
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    assert os.path.getsize(dst) == size
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
+
+
+def test_the_digest_depends_on_content_not_on_sparseness(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make_image(a, 8 * MiB, {3 * MiB: rand(100, 1)})
+    make_image(b, 8 * MiB, {0: bytes(3 * MiB) + rand(100, 1) + bytes(MiB)})  # same bytes, zeros written
+
+    assert disk_digest(str(a), MiB) == disk_digest(str(b), MiB)
+    assert disk_digest(str(a), MiB).startswith("blake3-tree-1MiB:")
+    assert disk_digest(str(a), MiB) != disk_digest(str(a), 2 * MiB)
+
+
+def test_it_sends_only_the_changed_blocks_with_tracked_extents(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 32 * MiB, {0: rand(16 * MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(src, {2 * MiB + 100: rand(1000, 2), 7 * MiB: rand(MiB, 3), 20 * MiB: rand(10, 4)})
+    changed = [(2 * MiB + 100, 1000), (7 * MiB, MiB), (20 * MiB, 10), (30 * MiB, 4096)]  # the last: unchanged
+
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=changed, durable=False)
+
+    assert result.method == "tracked"
+    assert result.bytes_read == 4 * MiB  # only the blocks the extents touch
+    assert result.bytes_written == 3 * MiB  # the 4th block equals the map: not written
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == disk_digest(str(src), MiB)
+
+
+def test_it_sends_only_the_changed_blocks_by_digest_comparison(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 32 * MiB, {0: rand(16 * MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(src, {5 * MiB + 7: b"x", 24 * MiB: rand(MiB, 2), 9 * MiB: bytes(MiB)})  # 9 MiB block becomes zero
+
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
+
+    assert result.method == "digest"
+    assert result.bytes_written == 2 * MiB  # the changed block and the new one; the zeroed one is punched
+    assert result.zero_bytes_skipped == MiB
+    assert dst.read_bytes() == src.read_bytes()
+    assert not any(a < 10 * MiB and b > 9 * MiB for a, b in extents(dst)), "the zeroed block is not a hole"
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
+    again = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
+    assert again.bytes_written == 0 and again.digest == result.digest
+
+
+def test_the_delta_trusts_the_map_and_verification_catches_a_corrupted_target(
+    disk: tuple[Path, Path, Path],
+) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(8 * MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(dst, {3 * MiB + 5000: b"\xff"})  # silent corruption of the target
+
+    delta = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
+    assert delta.bytes_written == 0  # the delta never reads the target, so it cannot see this
+
+    with pytest.raises(VerificationError) as caught:
+        verify_target(str(dst), state_dir=str(state))
+    assert caught.value.offset == 3 * MiB
+    assert str(3 * MiB) in str(caught.value)
+
+
+def test_verification_catches_data_in_a_hole_of_the_target(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(dst, {12 * MiB + 1: b"junk"})
+
+    with pytest.raises(VerificationError) as caught:
+        verify_target(str(dst), state_dir=str(state))
+    assert caught.value.offset == 12 * MiB
+
+
+def test_a_killed_copy_resumes_and_is_identical(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    size = 48 * MiB
+    make_image(src, size, {0: rand(20 * MiB, 1), 30 * MiB: rand(10 * MiB, 2), 44 * MiB: bytes(MiB)})
+    code = (
+        "import sys; from failback.transfer import full_copy; "
+        "full_copy(sys.argv[1], sys.argv[2], state_dir=sys.argv[3], block_size=1 << 20, "
+        "bandwidth_limit_bps=10e6, checkpoint_interval=0.1)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(dst), str(state)], cwd=REPO)
+    state_file = state / "state.json"
+    try:
+        deadline = time.monotonic() + 30
+        position = 0
+        while position < 8 * MiB:
+            assert proc.poll() is None, "the copy ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+            try:
+                position = json.loads(state_file.read_text())["position"]
+            except (OSError, ValueError, KeyError):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    checkpoint = json.loads(state_file.read_text())
+    assert not checkpoint["complete"] and 0 < checkpoint["position"] < size
+
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)
+
+    assert result.resumed_from == checkpoint["position"]
+    assert result.bytes_total < 30 * MiB  # only what lies past the checkpoint
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
+    assert inside(extents(dst), extents(src))
+
+
+def test_it_honours_the_bandwidth_limit(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 64 * MiB, {0: rand(10 * MiB, 1), 40 * MiB: rand(10 * MiB, 2)})
+    limit = 8e6  # bytes per second: 20 MiB take about 2.6 s
+
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, bandwidth_limit_bps=limit)
+
+    rate = result.bytes_written / result.seconds
+    assert result.bytes_written == 20 * MiB
+    assert abs(rate - limit) / limit <= 0.10, f"achieved {rate / 1e6:.2f} MB/s for a limit of 8 MB/s"
+
+
+def test_progress_is_reported_at_a_bounded_rate_with_a_final_call(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 32 * MiB, {0: rand(12 * MiB, 1)})
+    calls: list[tuple[float, Progress]] = []
+
+    started = time.monotonic()
+    result = full_copy(
+        str(src),
+        str(dst),
+        state_dir=str(state),
+        block_size=MiB,
+        bandwidth_limit_bps=10e6,
+        progress=lambda p: calls.append((time.monotonic(), p)),
+        progress_interval=0.1,
+    )
+    elapsed = time.monotonic() - started
+
+    assert len(calls) >= 5
+    assert len(calls) <= elapsed / 0.1 + 3
+    assert all(b[0] - a[0] >= 0.09 for a, b in zip(calls[:-2], calls[1:-1])), "calls closer than the interval"
+    final = calls[-1][1]
+    assert final.bytes_done == final.bytes_total == result.bytes_total == 12 * MiB
+    assert final.bytes_written == 12 * MiB and final.eta_seconds == 0
+    middle = [p for _, p in calls if 0 < p.bytes_done < p.bytes_total]
+    assert middle and all(p.rate_bps > 0 and p.eta_seconds is not None for p in middle)
+    done = [p.bytes_done for _, p in calls]
+    assert done == sorted(done)
+
+
+def test_a_callback_that_raises_stops_the_copy_and_keeps_the_checkpoint(
+    disk: tuple[Path, Path, Path],
+) -> None:
+    src, dst, state = disk
+    make_image(src, 32 * MiB, {0: rand(24 * MiB, 1)})
+
+    class Stop(Exception):
+        pass
+
+    def stop_half_way(p: Progress) -> None:
+        if p.bytes_done >= 8 * MiB:
+            raise Stop
+
+    with pytest.raises(Stop):
+        full_copy(
+            str(src),
+            str(dst),
+            state_dir=str(state),
+            block_size=MiB,
+            progress=stop_half_way,
+            progress_interval=0,
+        )
+    position = json.loads((state / "state.json").read_text())["position"]
+    assert 8 * MiB <= position < 24 * MiB
+
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)
+    assert result.resumed_from == position
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_cancel_raises_and_a_later_call_finishes_the_copy(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 32 * MiB, {0: rand(16 * MiB, 1)})
+    cancel = threading.Event()
+
+    def cancel_soon(p: Progress) -> None:
+        if p.bytes_done >= 4 * MiB:
+            cancel.set()
+
+    with pytest.raises(TransferCancelled):
+        full_copy(
+            str(src),
+            str(dst),
+            state_dir=str(state),
+            block_size=MiB,
+            progress=cancel_soon,
+            progress_interval=0,
+            cancel=cancel,
+        )
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)
+    assert result.resumed_from > 0
+    assert result.digest == disk_digest(str(src), MiB)
+
+
+def test_a_completed_copy_is_not_done_twice(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 8 * MiB, {0: rand(MiB, 1)})
+    first = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    again = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)
+
+    assert isinstance(again, CopyResult)
+    assert again.bytes_written == 0 and again.resumed_from == 8 * MiB
+    assert again.digest == first.digest
+
+
+def test_a_fresh_copy_discards_what_the_target_held(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {MiB: rand(MiB, 1)})
+    make_image(dst, 16 * MiB, {0: rand(16 * MiB, 9)})  # stale data everywhere
+
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert allocated(dst) <= 2 * MiB
+
+
+def test_an_interrupted_tracked_delta_is_finished_by_the_next_one(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(16 * MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(src, {MiB: rand(MiB, 2), 8 * MiB: rand(MiB, 3), 14 * MiB: rand(MiB, 4)})
+    changed = [(MiB, MiB), (8 * MiB, MiB), (14 * MiB, MiB)]
+
+    def stop(p: Progress) -> None:
+        if 0 < p.bytes_done < p.bytes_total:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        delta_copy(
+            str(src),
+            str(dst),
+            state_dir=str(state),
+            changed_extents=changed,
+            progress=stop,
+            progress_interval=0,
+        )
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[])  # nothing new
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == disk_digest(str(src), MiB)
+
+
+def test_a_delta_needs_a_completed_full_copy(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 4 * MiB, {0: rand(MiB, 1)})
+    make_image(dst, 4 * MiB, {})
+
+    with pytest.raises(TransferStateError):
+        delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None)
