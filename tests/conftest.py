@@ -14,6 +14,8 @@ from django_q.conf import Conf
 
 from failback.hypervisors.lab import LabHypervisor
 
+from .vcsim_support import vcsim, vcsim_binary  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

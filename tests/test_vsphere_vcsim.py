@@ -1,0 +1,368 @@
+"""VSphereHypervisor against VMware's vCenter simulator (vcsim from Debian's govmomi 0.24).
+
+No Django database: plain functions on a fresh simulator each. What vcsim does not do (change
+block tracking, guest tools, a free-space check, delta disks for snapshots) is stated where a test
+meets it.
+"""
+
+import os
+import threading
+import time
+
+import pytest
+from pyVmomi import vim
+
+from failback.hypervisors.base import POWERED_OFF, POWERED_ON, HypervisorError, InsufficientSpace, NotFound
+from failback.hypervisors.vsphere import VSphereHypervisor, fetch_thumbprint
+from failback.transfer import delta_copy, disk_digest, full_copy
+
+from .vcsim_support import vcsim_factory  # noqa: F401
+
+pytestmark = pytest.mark.vcsim
+
+MiB = 1 << 20
+WRONG_PIN = ":".join(["AB"] * 32)
+
+
+# -- scaffolding: change the simulated world the way an admin would in the vSphere client ------------
+
+
+def reconfigure(hv, vm_id, spec):
+    task = hv._call("reconfigure", lambda: vim.VirtualMachine(vm_id, hv._stub).ReconfigVM_Task(spec=spec), idempotent=False)
+    hv._wait(task, "reconfigure")
+
+
+def resize_disk(hv, vm_id, key, capacity):
+    _, disk = hv._disk(vm_id, key, "find disk")
+    disk.capacityInBytes, disk.capacityInKB = capacity, capacity // 1024
+    reconfigure(hv, vm_id, vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)]))
+
+
+def add_thick_disk(hv, vm_id, capacity, datastore="LocalDS_0"):
+    _, first = hv._disk(vm_id, "scsi0:0", "find disk")
+    disk = vim.vm.device.VirtualDisk(
+        key=-1, controllerKey=first.controllerKey, unitNumber=1, capacityInBytes=capacity, capacityInKB=capacity // 1024,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=f"[{datastore}]", diskMode="persistent",
+                                                              thinProvisioned=False, eagerlyScrub=True))
+    reconfigure(hv, vm_id, vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk)]))
+
+
+def vm_named(hv, name):
+    return next(vm for vm in hv.inventory().vms if vm.name == name)
+
+
+def count_calls(hv, monkeypatch):
+    """Names of the SOAP methods the hypervisor sends from now on."""
+    calls = []
+    original = hv._stub.InvokeMethod
+
+    def counting(mo, info, args, outerStub=None):
+        calls.append(info.wsdlName)
+        return original(mo, info, args, outerStub)
+
+    monkeypatch.setattr(hv._stub, "InvokeMethod", counting)
+    return calls
+
+
+def production_vm(hv, name="prod-web", host="DC0_C0_H1", **kw):
+    replica = vm_named(hv, "DC0_H0_VM0")
+    kw.setdefault("network_map", {"DC0_DVPG0": "VM Network"})
+    return replica, hv.create_vm_like(replica.vm_id, name=name, host=host, datastore="LocalDS_0", **kw)
+
+
+# -- connecting -----------------------------------------------------------------------------------------
+
+
+def test_it_logs_in_and_reports_the_vcenter_version(vcsim):
+    hv = vcsim.hypervisor()
+    assert hv.about() == "VMware vCenter Server 6.5.0 build-5973321"
+    assert hv.name == "vsphere"
+
+
+def test_it_shows_the_thumbprint_on_first_contact_and_connects_with_it_pinned(vcsim):
+    shown = fetch_thumbprint(vcsim.host, vcsim.port)
+    assert shown == vcsim.thumbprint
+    assert len(shown.split(":")) == 32
+    compact = shown.replace(":", "").lower()  # as some tools print it
+    assert vcsim.hypervisor(thumbprint=compact).about().startswith("VMware vCenter Server")
+
+
+def test_it_refuses_a_server_whose_certificate_is_not_the_pinned_one(vcsim):
+    hv = vcsim.hypervisor(thumbprint=WRONG_PIN)
+    with pytest.raises(HypervisorError) as e:
+        hv.about()
+    message = str(e.value)
+    assert "refusing to talk to" in message
+    assert f"thumbprint {vcsim.thumbprint}, not the pinned {WRONG_PIN}" in message
+    with pytest.raises(HypervisorError, match="SHA-256 thumbprint"):
+        vcsim.hypervisor(thumbprint="12:34")  # SHA-1 or garbage: refused, never ignored
+
+
+def test_it_never_accepts_an_unverified_certificate_without_a_pin(vcsim):
+    hv = VSphereHypervisor(vcsim.host, port=vcsim.port, user=vcsim.user, password=vcsim.password, timeout=5)
+    with pytest.raises(HypervisorError) as e:
+        hv.about()  # a self-signed certificate: the system CA store does not trust it
+    assert "is not trusted" in str(e.value) and "Pin its SHA-256 thumbprint" in str(e.value)
+    with pytest.raises(HypervisorError, match="Refusing to connect without verifying"):
+        VSphereHypervisor(vcsim.host, port=vcsim.port, user=vcsim.user, password=vcsim.password, verify=False)
+
+
+def test_it_reports_a_wrong_password_with_vsphere_s_message(vcsim):
+    hv = vcsim.hypervisor(password="not-the-password")
+    with pytest.raises(HypervisorError) as e:
+        hv.inventory()
+    assert str(e.value) == f"vCenter {vcsim.host}:{vcsim.port} refused the login of {vcsim.user!r}: Login failure"
+    assert e.value.fault == "InvalidLogin"
+
+
+def test_it_logs_in_again_when_the_session_has_expired(vcsim):
+    hv = vcsim.hypervisor()
+    vm = vm_named(hv, "DC0_H0_VM0").vm_id
+    before = hv._stub.cookie
+    hv._content.sessionManager.Logout()  # vCenter ends idle sessions the same way
+    assert hv.power_state(vm) == POWERED_ON
+    assert hv._stub.cookie != before
+
+
+# -- inventory --------------------------------------------------------------------------------------------
+
+
+def test_it_reads_the_inventory_in_one_round_trip_whatever_the_number_of_vms(vcsim_factory, monkeypatch):
+    sim = vcsim_factory("-vm", "6", "-cluster", "2", "-ds", "2")
+    hv = sim.hypervisor()
+    hv.about()
+    calls = count_calls(hv, monkeypatch)
+    inv = hv.inventory()
+    assert calls == ["CreateContainerView", "RetrievePropertiesEx", "DestroyView"]
+    assert inv.hosts == ("DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2", "DC0_C1_H0", "DC0_C1_H1", "DC0_C1_H2", "DC0_H0")
+    assert set(inv.datastores) == {"LocalDS_0", "LocalDS_1"} and all(free > 0 for free in inv.datastores.values())
+    assert {"VM Network", "DC0_DVPG0"} <= set(inv.networks)  # (vcsim does not mark its uplink port group as one)
+    assert len(inv.vms) == 18  # 6 per standalone host and per cluster
+    vm = next(v for v in inv.vms if v.name == "DC0_C1_RP0_VM5")
+    assert (vm.cpus, vm.memory_mb, vm.firmware, vm.guest_os, vm.datastore) == (1, 32, "bios", "otherGuest", "LocalDS_0")
+    assert [(d.key, d.capacity_bytes, d.thin) for d in vm.disks] == [("scsi0:0", MiB, True)]
+    assert [(n.key, n.network) for n in vm.nics] == [("nic0", "DC0_DVPG0")]
+    assert vm.host.startswith("DC0_C1_H")
+    assert hv.vm_config(vm.vm_id) == vm
+
+
+def test_it_lists_where_a_production_vm_can_go(vcsim_factory):
+    hv = vcsim_factory("-pool", "1").hypervisor()
+    p = hv.placement()
+    assert p.datacenters == ("DC0",)
+    assert p.clusters == {"DC0_C0": ("DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2")}
+    assert p.hosts["DC0_H0"] is None and p.hosts["DC0_C0_H2"] == "DC0_C0"
+    assert set(p.resource_pools.values()) == {"DC0/host/DC0_H0/Resources", "DC0/host/DC0_C0/Resources",
+                                              "DC0/host/DC0_C0/Resources/DC0_C0_RP1"}
+    assert list(p.folders.values()) == ["DC0/vm"]
+
+
+# -- creating the production VM ---------------------------------------------------------------------------
+
+
+def test_it_creates_the_production_vm_with_the_replica_s_configuration(vcsim):
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0")
+    reconfigure(hv, replica.vm_id, vim.vm.ConfigSpec(numCPUs=4, memoryMB=2048, firmware="efi", guestId="otherLinux64Guest"))
+    add_thick_disk(hv, replica.vm_id, 3 * MiB)
+    p = hv.placement()
+    pool = next(i for i, path in p.resource_pools.items() if path.endswith("DC0_C0/Resources"))
+    folder = next(iter(p.folders))
+
+    vm_id = hv.create_vm_like(replica.vm_id, name="prod-web", host="DC0_C0_H1", datastore="LocalDS_0",
+                              network_map={"DC0_DVPG0": "VM Network"}, resource_pool=pool, folder=folder)
+
+    prod = hv.vm_config(vm_id)
+    assert (prod.name, prod.host, prod.datastore) == ("prod-web", "DC0_C0_H1", "LocalDS_0")
+    assert (prod.cpus, prod.memory_mb, prod.firmware, prod.guest_os) == (4, 2048, "efi", "otherLinux64Guest")
+    assert [(d.key, d.capacity_bytes, d.thin) for d in prod.disks] == [("scsi0:0", MiB, True), ("scsi0:1", 3 * MiB, False)]
+    assert [(n.key, n.network) for n in prod.nics] == [("nic0", "VM Network")]
+    assert hv.power_state(vm_id) == POWERED_OFF
+    assert hv.vm_config(replica.vm_id).nics[0].network == "DC0_DVPG0"  # the replica is untouched
+
+
+def test_it_creates_a_nic_mapped_to_no_network_disconnected_and_can_target_a_cluster(vcsim):
+    hv = vcsim.hypervisor()
+    _, vm_id = production_vm(hv, host="DC0_C0", network_map={"DC0_DVPG0": None})
+    prod = hv.vm_config(vm_id)
+    assert [(n.key, n.network) for n in prod.nics] == [("nic0", None)]
+    assert prod.host in ("DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2")  # the cluster picked the host
+
+
+def test_it_refuses_unknown_targets_duplicate_names_and_unmapped_networks(vcsim):
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0").vm_id
+    good = dict(name="prod-web", host="DC0_H0", datastore="LocalDS_0", network_map={"DC0_DVPG0": "VM Network"})
+    count = len(hv.inventory().vms)
+    with pytest.raises(NotFound, match="no host or cluster named 'DC9_H9'"):
+        hv.create_vm_like(replica, **{**good, "host": "DC9_H9"})
+    with pytest.raises(NotFound, match="no datastore named 'NFS_9'"):
+        hv.create_vm_like(replica, **{**good, "datastore": "NFS_9"})
+    with pytest.raises(NotFound, match="no network named 'Prod LAN'"):
+        hv.create_vm_like(replica, **{**good, "network_map": {"DC0_DVPG0": "Prod LAN"}})
+    with pytest.raises(HypervisorError, match="no mapping given for network 'DC0_DVPG0'"):
+        hv.create_vm_like(replica, **{**good, "network_map": {}})
+    with pytest.raises(HypervisorError, match="The name 'DC0_H0_VM1' already exists"):
+        hv.create_vm_like(replica, **{**good, "name": "DC0_H0_VM1"})
+    with pytest.raises(NotFound, match="No virtual machine 'vm-9999'"):
+        hv.create_vm_like("vm-9999", **good)
+    assert len(hv.inventory().vms) == count  # nothing half-made
+
+
+def test_it_refuses_a_datastore_without_room_for_the_disks(vcsim):
+    # vcsim itself never checks free space; vSphere would, late. We check before creating anything.
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0").vm_id
+    free = hv.inventory().datastores["LocalDS_0"]
+    resize_disk(hv, replica, "scsi0:0", free + MiB)  # vcsim subtracts it again: free is now below zero
+    with pytest.raises(InsufficientSpace, match="Insufficient disk space on datastore 'LocalDS_0'"):
+        hv.create_vm_like(replica, name="prod-big", host="DC0_H0", datastore="LocalDS_0",
+                          network_map={"DC0_DVPG0": "VM Network"})
+    assert "prod-big" not in {vm.name for vm in hv.inventory().vms}
+
+
+# -- power --------------------------------------------------------------------------------------------------
+
+
+def test_it_powers_on_and_off_and_refuses_to_delete_a_running_vm(vcsim):
+    hv = vcsim.hypervisor()
+    _, vm_id = production_vm(hv)
+    hv.power_on(vm_id)
+    assert hv.power_state(vm_id) == POWERED_ON
+    with pytest.raises(HypervisorError, match=r"Power on vm-\d+: The attempted operation cannot be performed in the current state \(Powered on\)\."):
+        hv.power_on(vm_id)
+    with pytest.raises(HypervisorError, match=r"Delete prod-web \(vm-\d+\): .*current state \(Powered on\)"):
+        hv.delete_vm(vm_id)
+    hv.power_off(vm_id)
+    assert hv.power_state(vm_id) == POWERED_OFF
+    with pytest.raises(HypervisorError, match=r"current state \(Powered off\)"):
+        hv.power_off(vm_id)
+    folder = os.path.dirname(hv.disk_path(vm_id, "scsi0:0"))
+    hv.delete_vm(vm_id)
+    with pytest.raises(NotFound):
+        hv.power_state(vm_id)
+    assert not os.path.exists(folder)
+
+
+def test_it_shuts_the_guest_down(vcsim):
+    # vcsim reports no guest tools on any VM (the workflow would power off at once), yet answers
+    # ShutdownGuest by powering the VM off immediately; real vSphere refuses it without tools.
+    hv = vcsim.hypervisor()
+    vm = vm_named(hv, "DC0_H0_VM1").vm_id
+    assert hv.power_state(vm) == POWERED_ON
+    assert hv.tools_running(vm) is False
+    hv.shutdown_guest(vm)
+    assert hv.power_state(vm) == POWERED_OFF
+    with pytest.raises(HypervisorError, match=r"current state \(Powered off\)"):
+        hv.shutdown_guest(vm)
+
+
+# -- disks ----------------------------------------------------------------------------------------------------
+
+
+def test_it_gives_the_flat_files_for_a_direct_copy_through_the_transfer_engine(vcsim, tmp_path):
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0").vm_id
+    resize_disk(hv, replica, "scsi0:0", 24 * MiB)
+    _, prod = production_vm(hv)
+    src, dst = hv.disk_path(replica, "scsi0:0"), hv.disk_path(prod, "scsi0:0")
+    # vcsim keeps a disk's bytes in <disk>-flat.vmdk (empty at first); disk_path sizes it, sparse
+    assert src.startswith(vcsim.datastores["LocalDS_0"]) and src.endswith("/DC0_H0_VM0/disk1-flat.vmdk")
+    assert dst.endswith("/prod-web/prod-web-flat.vmdk")
+    assert os.path.getsize(src) == os.path.getsize(dst) == 24 * MiB
+    assert os.stat(dst).st_blocks == 0
+    with open(src, "r+b") as f:
+        for offset in (0, 5 * MiB + 123, 24 * MiB - 4096):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+
+    full_copy(src, dst, state_dir=str(tmp_path / "state"), durable=False)
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+    with open(src, "r+b") as f:  # the replica keeps working; phase 2 compares digests (no CBT on vcsim)
+        f.seek(17 * MiB)
+        f.write(b"changed after phase 1" * 100)
+    assert hv.change_tracking(replica, "scsi0:0") is None
+    result = delta_copy(src, dst, state_dir=str(tmp_path / "state"), changed_extents=None, durable=False)
+    assert result.bytes_written > 0
+    assert disk_digest(src) == disk_digest(dst)
+
+
+def test_it_reads_ranges_and_uploads_whole_disks_over_the_network(vcsim, tmp_path):
+    direct = vcsim.hypervisor()
+    replica = vm_named(direct, "DC0_H0_VM0").vm_id
+    resize_disk(direct, replica, "scsi0:0", 8 * MiB)
+    _, prod = production_vm(direct)
+    data = os.urandom(64 * 1024)
+    with open(direct.disk_path(replica, "scsi0:0"), "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(data)
+    net = vcsim.hypervisor(transport="network")
+
+    assert net.download_range(replica, "scsi0:0", 3 * MiB + 100, 1000) == data[100:1100]
+    assert net.download_range(replica, "scsi0:0", 8 * MiB - 10, 10) == bytes(10)
+    with pytest.raises(HypervisorError, match="outside the disk"):
+        net.download_range(replica, "scsi0:0", 8 * MiB - 10, 11)
+    with pytest.raises(HypervisorError, match="needs the direct transport"):
+        net.disk_path(replica, "scsi0:0")
+
+    image = tmp_path / "image.raw"
+    with open(image, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(data)
+    assert net.upload_disk(prod, "scsi0:0", str(image)) == 8 * MiB
+    assert net.download_range(prod, "scsi0:0", MiB, len(data)) == data
+    assert open(direct.disk_path(prod, "scsi0:0"), "rb").read() == image.read_bytes()
+    with pytest.raises(HypervisorError, match="the file has 1 bytes, the disk 8388608"):
+        (tmp_path / "tiny").write_bytes(b"x")
+        net.upload_disk(prod, "scsi0:0", str(tmp_path / "tiny"))
+
+    assert net.copy_disk_network(replica, prod, "scsi0:0") == 8 * MiB
+    assert open(direct.disk_path(prod, "scsi0:0"), "rb").read() == open(direct.disk_path(replica, "scsi0:0"), "rb").read()
+
+
+def test_it_offers_no_change_tracking_on_vcsim_so_the_caller_compares_digests(vcsim):
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0").vm_id
+    assert hv.change_tracking(replica, "scsi0:0") is None  # CBT is off on vcsim's own VMs
+    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=True))
+    assert hv.change_tracking(replica, "scsi0:0") is None  # on, but vcsim has no QueryChangedDiskAreas
+    with pytest.raises(HypervisorError, match="does not implement: QueryChangedDiskAreas"):
+        hv.changed_areas(replica, "scsi0:0", "*")
+    with pytest.raises(NotFound, match="has no disk 'scsi0:7'"):
+        hv.change_tracking(replica, "scsi0:7")
+
+
+# -- failures of the connection ----------------------------------------------------------------------------
+
+
+def test_it_fails_clearly_and_in_time_when_vcenter_goes_away_mid_call(vcsim_factory):
+    sim = vcsim_factory("-method-delay", "PowerOffVM_Task:5000")
+    hv = sim.hypervisor(timeout=4, retries=2)
+    vm = vm_named(hv, "DC0_H0_VM0").vm_id
+    threading.Timer(0.5, sim.kill).start()
+    started = time.monotonic()
+    with pytest.raises(HypervisorError) as e:
+        hv.power_off(vm)  # changes state: not retried after the request left
+    assert time.monotonic() - started < 4
+    assert str(e.value).startswith(f"Power off {vm}: lost the connection to vCenter {sim.host}:{sim.port}")
+
+    started = time.monotonic()
+    with pytest.raises(HypervisorError) as e:
+        hv.power_state(vm)  # a read: retried, then given up
+    assert time.monotonic() - started < 4
+    assert str(e.value) == (f"Read the power state of {vm}: cannot connect to vCenter {sim.host}:{sim.port}: "
+                            "connection refused (after 3 attempts)")
+
+
+def test_it_gives_up_on_a_call_that_hangs_after_the_timeout(vcsim_factory):
+    sim = vcsim_factory("-method-delay", "CurrentTime:3000")
+    hv = sim.hypervisor(timeout=0.5, retries=1)
+    started = time.monotonic()
+    with pytest.raises(HypervisorError) as e:
+        hv.about()
+    assert time.monotonic() - started < 2.5
+    assert str(e.value) == (f"Test the connection to vCenter {sim.host}:{sim.port}: vCenter {sim.host}:{sim.port} "
+                            "did not answer within 0.5 s (after 2 attempts)")
