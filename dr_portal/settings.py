@@ -59,6 +59,32 @@ def _secret_key():
 
 
 SECRET_KEY = _secret_key()
+
+
+def _credentials_keys():
+    """Fernet keys for credentials at rest: from the environment, or generated once into var/ in dev."""
+    raw = os.environ.get("FAILBACK_CREDENTIALS_KEYS", "").strip()
+    if not raw:
+        path = VAR_DIR / "credentials_key"
+        if not path.exists():
+            from cryptography.fernet import Fernet
+
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(Fernet.generate_key().decode())
+        raw = path.read_text().strip()
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    try:
+        from cryptography.fernet import Fernet
+
+        for key in keys:
+            Fernet(key)
+    except ValueError:
+        raise ImproperlyConfigured("FAILBACK_CREDENTIALS_KEYS must be comma-separated Fernet keys (32 url-safe base64 bytes each)") from None
+    return keys
+
+
+FAILBACK_CREDENTIALS_KEYS = _credentials_keys()
 ALLOWED_HOSTS = [h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [o.strip() for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
 

@@ -6,7 +6,8 @@ from django.db.models.signals import post_migrate
 ROLES = {
     "Viewer": [],
     "Operator": ["failback.operate_failback"],
-    "Administrator": ["failback.operate_failback"],
+    "Administrator": ["failback.operate_failback", "failback.add_vcenterconnection", "failback.change_vcenterconnection",
+                      "failback.view_vcenterconnection"],
 }
 
 

@@ -20,6 +20,12 @@ class SwitchTimeField(forms.DateTimeField):
                          input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"], **kwargs)
 
 
+def pools_for_host(placement, host):
+    """Resource pools of the host's cluster (or of the standalone host), as (id, path) choices."""
+    owner = placement.hosts.get(host) or host
+    return sorted(((pid, path) for pid, path in placement.resource_pools.items() if owner and owner in path.split("/")), key=lambda kv: kv[1])
+
+
 def suggest_network(source, networks):
     """Pre-select the production twin of a DR network (dr-net -> prod-net) when there is one."""
     if not source:
@@ -39,7 +45,7 @@ class StartFailbackForm(forms.Form):
     power_on_after = forms.BooleanField(label="Power on the production VM after the switch", required=False, initial=True)
     reason = ReasonField()
 
-    def __init__(self, *args, replica, inventory, **kwargs):
+    def __init__(self, *args, replica, inventory, placement=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["vm_name"].initial = replica.source_name
         self.fields["target_host"].choices = [(h, h) for h in inventory.hosts]
@@ -57,12 +63,21 @@ class StartFailbackForm(forms.Form):
                 choices=[("", "Disconnected")] + [(n, n) for n in inventory.networks],
                 initial=suggest_network(nic.network, inventory.networks))
             self.nic_fields.append((nic.network, name))
+        if placement is not None:  # vSphere: where in the inventory the VM goes
+            host = self.data.get("target_host") or self.fields["target_host"].initial
+            self.fields["resource_pool"] = forms.ChoiceField(
+                label="Resource pool", required=False,
+                choices=[("", "Default pool of the host or cluster")] + pools_for_host(placement, host))
+            self.fields["folder"] = forms.ChoiceField(
+                label="VM folder", required=False, choices=[("", "The datacenter's VM folder")] + sorted(placement.folders.items(), key=lambda kv: kv[1]))
 
     def clean(self):
         data = super().clean()
         if data.get("switch_mode") == SwitchMode.SCHEDULED and not data.get("switch_at"):
             self.add_error("switch_at", "A scheduled switch needs a date and time.")
         data["network_map"] = {source: (data.get(field) or None) for source, field in self.nic_fields if source}
+        data.setdefault("resource_pool", "")
+        data.setdefault("folder", "")
         return data
 
 
@@ -73,3 +88,57 @@ class ScheduleSwitchForm(forms.Form):
 
 class ReasonForm(forms.Form):
     reason = ReasonField()
+
+
+class ConnectionForm(forms.ModelForm):
+    password = forms.CharField(widget=forms.PasswordInput(render_value=False), required=False, max_length=500,
+                               help_text="Stored encrypted; never shown again. Leave blank to keep the current one.")
+    datastore_paths_text = forms.CharField(
+        label="Datastore mounts (direct transport)", required=False, widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="One per line: datastore name = local path on the worker host, e.g. ds-01 = /mnt/ds-01")
+
+    class Meta:
+        from .models import VCenterConnection
+
+        model = VCenterConnection
+        fields = ["name", "host", "port", "username", "tls_mode", "thumbprint", "transport", "replica_suffix", "sync_minutes"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["datastore_paths_text"].initial = "\n".join(f"{k} = {v}" for k, v in (self.instance.datastore_paths or {}).items())
+        if not self.instance.pk:
+            self.fields["password"].required = True
+            self.fields["password"].help_text = "Stored encrypted; never shown again."
+
+    def clean_port(self):
+        port = self.cleaned_data["port"]
+        if not 1 <= port <= 65535:
+            raise forms.ValidationError("A port is between 1 and 65535.")
+        return port
+
+    def clean_thumbprint(self):
+        value = self.cleaned_data["thumbprint"].strip().upper().replace("-", ":")
+        if value and (len(value.split(":")) != 32 or any(len(b) != 2 or any(c not in "0123456789ABCDEF" for c in b) for b in value.split(":"))):
+            raise forms.ValidationError("A SHA-256 thumbprint is 32 hexadecimal bytes separated by colons.")
+        return value
+
+    def clean_datastore_paths_text(self):
+        paths = {}
+        for number, line in enumerate(self.cleaned_data["datastore_paths_text"].splitlines(), 1):
+            if not line.strip():
+                continue
+            name, sep, path = line.partition("=")
+            if not sep or not name.strip() or not path.strip().startswith("/"):
+                raise forms.ValidationError(f"Line {number}: write 'datastore = /absolute/path'.")
+            paths[name.strip()] = path.strip()
+        return paths
+
+    def save(self, commit=False):
+        connection = super().save(commit=False)
+        connection.datastore_paths = self.cleaned_data["datastore_paths_text"]
+        return connection
+
+
+class PairReplicaForm(forms.Form):
+    vm_id = forms.CharField(label="Replica VM", max_length=100)
+    source_name = forms.CharField(label="Source workload name", max_length=200)

@@ -5,9 +5,11 @@ through the transfer engine, and changes state only through ``workflow.transitio
 step did, with its figures, goes to the audit trail.
 """
 
+import hashlib
 import logging
 import shutil
 import time
+from contextlib import closing
 
 from django.conf import settings
 from django.db import transaction
@@ -16,7 +18,7 @@ from django.utils import timezone
 from . import broadcast, workflow
 from .choices import Outcome, SessionStatus
 from .hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED
-from .hypervisors.registry import get_hypervisor
+from .hypervisors.registry import hypervisor_for
 from .models import FailbackSession, Replica, SessionDisk
 from .transfer import delta_copy, disk_digest, full_copy, verify_target
 
@@ -64,17 +66,26 @@ def run_phase1(session_id):
         session = workflow.transition(session_id, "begin_phase1", phase1_started_at=timezone.now(), heartbeat_at=timezone.now())
     except workflow.Refused:
         return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
+    with closing(hypervisor_for(session.replica)) as hv:
+        if _phase1(session, hv):
+            workflow.after_phase1(session.pk)
+
+
+def _phase1(session, hv):
     replica = session.replica
-    hv = get_hypervisor(replica.platform)
     try:
         if not session.production_vm_id:
             vm_id = hv.create_vm_like(replica.vm_id, name=session.vm_name, host=session.target_host,
-                                      datastore=session.target_datastore, network_map=session.network_map)
+                                      datastore=session.target_datastore, network_map=session.network_map,
+                                      resource_pool=session.resource_pool or None, folder=session.folder or None)
             _save(session, production_vm_id=vm_id)
             _note(session, "create_production_vm", f"Created production VM {session.vm_name} ({vm_id}) on {session.target_host}/{session.target_datastore} like {replica.name}",
                   data={"vm_id": vm_id})
         for disk in session.disks.all():
             change_id = hv.change_tracking(replica.vm_id, disk.key) or ""
+            if _network(hv):
+                _network_copy(hv, session, disk, phase=1)
+                continue
             _save(disk, phase=1, method="full", change_id=change_id,
                   method_reason="Phase 1 copies every allocated block; holes and zero blocks are skipped")
             result = full_copy(hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key),
@@ -89,14 +100,53 @@ def run_phase1(session_id):
         workflow.transition(session.pk, "finish_phase1", phase1_ended_at=timezone.now(),
                             detail="Production VM holds the replica's data as of now; the replica keeps running")
     except Exception as exc:
-        log.exception("phase 1 of session %s failed", session_id)
+        log.exception("phase 1 of session %s failed", session.pk)
         _discard_production_vm(session, hv)
         workflow.transition(session.pk, "fail_phase1", error=f"{type(exc).__name__}: {exc}",
                             detail=f"Phase 1 failed: {exc}. The replica is untouched and still running in Failover.",
                             data={"error": str(exc), "type": type(exc).__name__})
         _drop_state(session.pk)
+        return False
+    return True
+
+
+def _network(hv):
+    return getattr(hv, "transport", "direct") == "network"
+
+
+def _network_digest(hv, vm_id, disk_key, capacity, chunk=8 << 20):
+    digest = hashlib.sha256()
+    for offset in range(0, capacity, chunk):
+        digest.update(hv.download_range(vm_id, disk_key, offset, min(chunk, capacity - offset)))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _network_copy(hv, session, disk, *, phase):
+    """Network transport: the datastore HTTP interface reads ranges but writes whole files only, so
+    both phases stream the whole disk (a GET piped into a PUT). Phase 2 verifies by reading both disks
+    back over HTTP and comparing SHA-256 digests."""
+    replica = session.replica
+    why = ("Network transport: the whole disk is streamed through the datastore HTTP interface (GET piped into PUT)" if phase == 1 else
+           "Network transport cannot write ranges: the whole disk is sent again while the replica is off")
+    _save(disk, phase=phase, method="full", method_reason=why, bytes_total=disk.capacity_bytes, bytes_done=0, bytes_written=0)
+    broadcast.send_now(session.pk)
+    started = time.monotonic()
+    sent = hv.copy_disk_network(replica.vm_id, session.production_vm_id, disk.key)
+    seconds = time.monotonic() - started
+    fields = {"bytes_done": disk.capacity_bytes, "bytes_written": sent, "rate_bps": sent / seconds if seconds else 0, "eta_s": 0}
+    data = {"disk": disk.key, "method": "full", "transport": "network", "why": why, "bytes_written": sent, "seconds": round(seconds, 3)}
+    if phase == 1:
+        _save(disk, phase1_bytes_written=sent, **fields)
+        _note(session, "copy_disk", f"Disk {disk.key}: {_mib(sent)} sent over the network in {seconds:.1f} s (full copy)", data=data)
         return
-    workflow.after_phase1(session.pk)
+    source_digest = _network_digest(hv, replica.vm_id, disk.key, disk.capacity_bytes)
+    target_digest = _network_digest(hv, session.production_vm_id, disk.key, disk.capacity_bytes)
+    verified = source_digest == target_digest
+    _save(disk, phase2_bytes_written=sent, source_digest=source_digest, target_digest=target_digest, verified=verified, **fields)
+    data.update(source_digest=source_digest, target_digest=target_digest)
+    if not verified:
+        raise RuntimeError(f"Disk {disk.key} differs after the final copy: replica {source_digest}, production {target_digest}")
+    _note(session, "send_changes", f"Disk {disk.key}: {_mib(sent)} sent over the network (whole disk); production disk verified identical", data=data)
 
 
 def _discard_production_vm(session, hv):
@@ -145,14 +195,21 @@ def run_switch(session_id):
     if session.status != SessionStatus.SWITCHING:
         _note(session, "phase2", f"Phase 2 not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
         return
+    with closing(hypervisor_for(session.replica)) as hv:
+        _switch(session, hv)
+
+
+def _switch(session, hv):
     replica = session.replica
-    hv = get_hypervisor(replica.platform)
     try:
         _save(session, replica_stop_started_at=timezone.now())
         how = _stop_replica(session, hv)
         _save(session, replica_off_at=timezone.now(), stop_method=how, heartbeat_at=timezone.now())
         _note(session, "stop_replica", how)
         for disk in session.disks.all():
+            if _network(hv):
+                _network_copy(hv, session, disk, phase=2)
+                continue
             src, dst = hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
             extents = None
             if disk.change_id:
@@ -176,7 +233,7 @@ def run_switch(session_id):
             _note(session, "send_changes", f"Disk {disk.key}: {_mib(result.bytes_written)} of changes sent ({method}); production disk verified identical", data=data)
         session = workflow.transition(session.pk, "finish_switch", phase2_ended_at=timezone.now(), detail="The workload now belongs to the production VM")
     except Exception as exc:
-        log.exception("phase 2 of session %s failed", session_id)
+        log.exception("phase 2 of session %s failed", session.pk)
         _recover_replica(session, hv, exc)
         return
     if session.power_on_after:
@@ -232,7 +289,11 @@ def run_undo(session_id):
     if session.status != SessionStatus.UNDOING:
         _note(session, "undo", f"Undo step not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
         return
-    hv = get_hypervisor(session.replica.platform)
+    with closing(hypervisor_for(session.replica)) as hv:
+        _undo(session, hv)
+
+
+def _undo(session, hv):
     steps = []
     try:
         if session.production_vm_id:

@@ -15,12 +15,63 @@ from .choices import (
 )
 
 
+class VCenterConnection(models.Model):
+    """A vCenter the portal talks to. The password is stored encrypted and never rendered back."""
+
+    class TLS(models.TextChoices):
+        CA = "ca", "Verify against the system CA store"
+        THUMBPRINT = "thumbprint", "Pin the server's SHA-256 thumbprint"
+
+    class Transport(models.TextChoices):
+        DIRECT = "direct", "Direct (datastores mounted on the worker host)"
+        NETWORK = "network", "Network (datastore HTTP file interface)"
+
+    name = models.CharField(max_length=100, unique=True)
+    host = models.CharField(max_length=253)
+    port = models.PositiveIntegerField(default=443)
+    username = models.CharField(max_length=200)
+    password_encrypted = models.TextField(editable=False)
+    tls_mode = models.CharField(max_length=20, choices=TLS.choices, default=TLS.CA)
+    thumbprint = models.CharField(max_length=200, blank=True)  # SHA-256, AA:BB:... form
+    transport = models.CharField(max_length=20, choices=Transport.choices, default=Transport.DIRECT)
+    datastore_paths = models.JSONField(default=dict, blank=True)  # datastore name -> local mount path
+    replica_suffix = models.CharField(max_length=50, default="_replica", blank=True)
+    replica_attribute = models.CharField(max_length=100, blank=True)  # custom attribute holding the source name
+    sync_minutes = models.PositiveIntegerField(default=15)
+    inventory = models.JSONField(default=dict, blank=True, editable=False)  # last synced snapshot
+    synced_at = models.DateTimeField(null=True, blank=True, editable=False)
+    sync_error = models.TextField(blank=True, editable=False)
+    last_test_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_test_result = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def __repr__(self):  # never the password, not even encrypted
+        return f"<VCenterConnection {self.name} {self.username}@{self.host}:{self.port}>"
+
+    def set_password(self, raw):
+        from .credentials import encrypt
+
+        self.password_encrypted = encrypt(raw)
+
+    def reveal_password(self):
+        from .credentials import decrypt
+
+        return decrypt(self.password_encrypted)
+
+
 class Replica(models.Model):
     """A replica VM at the DR site and the source workload it protects."""
 
     name = models.CharField(max_length=200, unique=True)  # the replica VM's name
     source_name = models.CharField(max_length=200)  # the workload it protects
-    platform = models.CharField(max_length=20, default="lab")  # which hypervisor holds it
+    platform = models.CharField(max_length=20, default="lab")  # which hypervisor holds it: lab | vsphere
+    connection = models.ForeignKey(VCenterConnection, null=True, blank=True, on_delete=models.PROTECT, related_name="replicas")
     vm_id = models.CharField(max_length=100)  # the replica VM's id at the platform
     host = models.CharField(max_length=200)
     site = models.CharField(max_length=100, default="DR")
@@ -70,6 +121,8 @@ class FailbackSession(models.Model):
     target_host = models.CharField(max_length=200)
     target_datastore = models.CharField(max_length=200)
     network_map = models.JSONField(default=dict, blank=True)
+    resource_pool = models.CharField(max_length=200, blank=True)  # platform id; blank = the host's default
+    folder = models.CharField(max_length=200, blank=True)  # platform id; blank = the datacenter's VM folder
     production_vm_id = models.CharField(max_length=100, blank=True)
     # the switch moment
     switch_mode = models.CharField(max_length=20, choices=SwitchMode.choices, default=SwitchMode.MANUAL)

@@ -21,3 +21,9 @@ def undo(session_id):
 
 def scheduled_switch(session_id):
     workflow.scheduled_switch_due(int(session_id))
+
+
+def sync_inventory(connection_id):
+    from . import connections
+
+    connections.sync_inventory(int(connection_id))

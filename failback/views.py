@@ -1,5 +1,7 @@
 """Views: permission check, form, one call into the workflow, one template. No rules here."""
 
+from contextlib import closing
+
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import Prefetch
@@ -11,7 +13,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from . import workflow
 from .choices import ACTIVE
 from .forms import ReasonForm, ScheduleSwitchForm, StartFailbackForm
-from .hypervisors.registry import get_hypervisor
+from .hypervisors.registry import hypervisor_for
 from .models import AuditEvent, FailbackSession, Replica
 
 
@@ -25,11 +27,23 @@ def replica_list(request):
     return render(request, "failback/replica_list.html", {"replicas": replicas, "can_operate": _can_operate(request.user)})
 
 
+def _start_form(request, replica, data=None):
+    with closing(hypervisor_for(replica)) as hv:
+        placement = hv.placement() if hasattr(hv, "placement") else None
+        return StartFailbackForm(data, replica=replica, inventory=hv.inventory(), placement=placement)
+
+
+@require_GET
+def start_failback_pickers(request, pk):
+    """htmx: the resource pools that belong to the host just picked."""
+    form = _start_form(request, get_object_or_404(Replica, pk=pk), request.GET)
+    return render(request, "failback/partials/resource_pool_field.html", {"form": form})
+
+
 @require_http_methods(["GET", "POST"])
 def start_failback(request, pk):
     replica = get_object_or_404(Replica, pk=pk)
-    inventory = get_hypervisor(replica.platform).inventory()
-    form = StartFailbackForm(request.POST or None, replica=replica, inventory=inventory)
+    form = _start_form(request, replica, request.POST or None)
     error = None
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
@@ -37,7 +51,7 @@ def start_failback(request, pk):
             session = workflow.start_failback(
                 request.user, replica.pk, vm_name=data["vm_name"], target_host=data["target_host"], target_datastore=data["target_datastore"],
                 switch_mode=data["switch_mode"], switch_at=data["switch_at"], power_on_after=data["power_on_after"],
-                network_map=data["network_map"], reason=data["reason"],
+                network_map=data["network_map"], reason=data["reason"], resource_pool=data["resource_pool"], folder=data["folder"],
             )
         except workflow.Refused as refused:
             error = refused.message

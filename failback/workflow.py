@@ -10,6 +10,7 @@ audited in the same transaction. A refusal is audited too, in its own transactio
 
 import logging
 import re
+from contextlib import closing
 from datetime import timedelta
 
 from django.conf import settings
@@ -183,7 +184,7 @@ def validate_switch_time(switch_at, *, action, actor, **where):
 
 
 def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore, switch_mode=SwitchMode.MANUAL, switch_at=None,
-                   power_on_after=True, network_map=None, reason="", shutdown_timeout_s=None):
+                   power_on_after=True, network_map=None, reason="", shutdown_timeout_s=None, resource_pool="", folder=""):
     """Start a failback of one replica in Failover: queue phase 1 (create the production VM, copy the data)."""
     action = "start_failback"
     replica = Replica.objects.filter(pk=replica_id).first()
@@ -200,9 +201,15 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     vm_name = (vm_name or "").strip()
     if not VM_NAME_RE.match(vm_name):
         refuse("The production VM name must be 1-80 letters, digits, dots, dashes or underscores, starting with a letter or digit.", action=action, actor=actor, replica=replica)
-    from .hypervisors.registry import get_hypervisor  # the platform is asked outside any transaction
+    from .hypervisors.registry import hypervisor_for  # the platform is asked outside any transaction
 
-    inventory = get_hypervisor(replica.platform).inventory()
+    with closing(hypervisor_for(replica)) as hv:
+        inventory = hv.inventory()
+        placement = hv.placement() if hasattr(hv, "placement") and (resource_pool or folder) else None
+    if resource_pool and resource_pool not in placement.resource_pools:
+        refuse(f"Unknown resource pool {resource_pool!r}.", action=action, actor=actor, replica=replica)
+    if folder and folder not in placement.folders:
+        refuse(f"Unknown folder {folder!r}.", action=action, actor=actor, replica=replica)
     if target_host not in inventory.hosts:
         refuse(f"Unknown target host {target_host!r}.", action=action, actor=actor, replica=replica)
     if target_datastore not in inventory.datastores:
@@ -225,6 +232,7 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     timeout = shutdown_timeout_s or settings.FAILBACK_SHUTDOWN_TIMEOUT
     options = {
         "vm_name": vm_name, "target_host": target_host, "target_datastore": target_datastore, "network_map": network_map,
+        "resource_pool": resource_pool or "", "folder": folder or "",
         "switch_mode": switch_mode, "switch_at": switch_at.isoformat() if switch_at else None,
         "power_on_after": bool(power_on_after), "shutdown_timeout_s": timeout, "reason": reason,
     }
@@ -240,7 +248,8 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
             else:
                 session = FailbackSession.objects.create(
                     replica=replica, vm_name=vm_name, target_host=target_host, target_datastore=target_datastore,
-                    network_map=network_map, switch_mode=switch_mode, switch_at=switch_at, power_on_after=bool(power_on_after),
+                    network_map=network_map, resource_pool=resource_pool or "", folder=folder or "",
+                    switch_mode=switch_mode, switch_at=switch_at, power_on_after=bool(power_on_after),
                     shutdown_timeout_s=timeout, started_by=actor, reason=reason,
                 )
                 SessionDisk.objects.bulk_create(
@@ -310,6 +319,31 @@ def undo(actor, session_id, *, reason=""):
     _require_operator(actor, "undo", session=session_id)
     reason = _clean_reason(reason, action="undo", actor=actor, session=session_id)
     return transition(session_id, "undo", actor=actor, detail=reason, data={"reason": reason}, then=lambda s: _enqueue("undo", s.pk))
+
+
+def declare_failover(actor, replica_id, *, reason=""):
+    """Record that a replica now runs the workload (Ready -> Failover), so a failback may start later."""
+    action = "declare_failover"
+    replica = Replica.objects.filter(pk=replica_id).first()
+    if replica is None:
+        refuse(f"Declare failover refused: there is no replica #{replica_id}.", action=action, actor=actor)
+    _require_operator(actor, action, replica=replica)
+    reason = _clean_reason(reason, action=action, actor=actor, replica=replica)
+    from .hypervisors.base import POWERED_ON
+    from .hypervisors.registry import hypervisor_for
+
+    with closing(hypervisor_for(replica)) as hv:
+        power = hv.power_state(replica.vm_id)
+    if power != POWERED_ON:
+        refuse(f"Declare failover refused: {replica.name} is {power}; a replica in failover runs the workload, so power it on first.",
+               action=action, actor=actor, replica=replica)
+    with transaction.atomic():
+        if Replica.objects.filter(pk=replica.pk, state=ReplicaState.READY).update(state=ReplicaState.FAILOVER, updated_at=timezone.now()) == 1:
+            audit(action=action, actor=actor, replica=replica, from_state=ReplicaState.READY, to_state=ReplicaState.FAILOVER,
+                  detail=f"{replica.name} runs the workload of {replica.source_name}{': ' + reason if reason else ''}", data={"reason": reason})
+            return Replica.objects.get(pk=replica.pk)
+    refuse(f"Declare failover refused: {replica.name} is {Replica.objects.get(pk=replica.pk).get_state_display()}, not Ready.",
+           action=action, actor=actor, replica=replica)
 
 
 # -- called by the worker and the scheduler ----------------------------------------------------

@@ -10,9 +10,9 @@ def replica_named(part):
 
 
 def network_map(replica):
-    from failback.hypervisors.registry import get_hypervisor
+    from failback.hypervisors.registry import hypervisor_for
 
-    nics = get_hypervisor(replica.platform).vm_config(replica.vm_id).nics
+    nics = hypervisor_for(replica).vm_config(replica.vm_id).nics
     return {nic.network: nic.network.replace("dr-", "prod-") for nic in nics if nic.network}
 
 

@@ -93,8 +93,12 @@ class Hypervisor(Protocol):
         host: str,
         datastore: str,
         network_map: dict[str, str | None],
+        resource_pool: str | None = None,
+        folder: str | None = None,
     ) -> str:
         """Create and register an empty VM with the source's configuration; return its id.
+
+        ``resource_pool`` and ``folder`` are platform ids (vSphere); None means the host's defaults.
 
         Disks have the same sizes and hold no data (sparse). Raises InsufficientSpace when
         the datastore cannot hold the disks, NotFound for an unknown host/datastore/network.
@@ -128,4 +132,8 @@ class Hypervisor(Protocol):
 
     def changed_areas(self, vm_id: str, disk_key: str, since_change_id: str) -> ChangedAreas:
         """Extents written since ``since_change_id`` (from change_tracking())."""
+        ...
+
+    def close(self) -> None:
+        """Release the platform session (idempotent)."""
         ...

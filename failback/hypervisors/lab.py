@@ -413,8 +413,12 @@ class LabHypervisor:
         host: str,
         datastore: str,
         network_map: dict[str, str | None],
+        resource_pool: str | None = None,
+        folder: str | None = None,
     ) -> str:
-        """Same CPUs, memory, guest OS, firmware, tools and workload flag; empty sparse disks of the
+        """The lab has no resource pools or folders: ``resource_pool`` and ``folder`` are ignored.
+
+        Same CPUs, memory, guest OS, firmware, tools and workload flag; empty sparse disks of the
         same sizes on ``datastore``; NICs mapped through ``network_map``; powered off.
 
         A source NIC whose network is missing from ``network_map`` is refused (HypervisorError):
@@ -443,6 +447,9 @@ class LabHypervisor:
             "created_from": source_vm_id,
         }
         return self._create(vm)
+
+    def close(self) -> None:
+        """Nothing to release: the lab keeps no session."""
 
     def delete_vm(self, vm_id: str) -> None:
         """Unregister the VM and delete its disks; refused unless it is powered off."""

@@ -1,11 +1,32 @@
-"""Which hypervisor implementation serves a replica's platform."""
+"""Which hypervisor implementation serves a replica (the lab, or the vCenter it was found on)."""
 
 from django.conf import settings
 
 
-def get_hypervisor(platform="lab"):
-    if platform == "lab":
-        from .lab import LabHypervisor
+def lab():
+    from .lab import LabHypervisor
 
-        return LabHypervisor(settings.LAB_ROOT)
-    raise LookupError(f"No hypervisor for platform {platform!r}")
+    return LabHypervisor(settings.LAB_ROOT)
+
+
+def for_connection(connection):
+    from .vsphere import VSphereHypervisor
+
+    return VSphereHypervisor(
+        connection.host,
+        port=connection.port,
+        user=connection.username,
+        password=connection.reveal_password(),
+        thumbprint=connection.thumbprint if connection.tls_mode == connection.TLS.THUMBPRINT else None,
+        verify=True,
+        datastore_paths=connection.datastore_paths or None,
+        transport=connection.transport,
+    )
+
+
+def hypervisor_for(replica):
+    if replica.platform == "lab":
+        return lab()
+    if replica.platform == "vsphere" and replica.connection_id:
+        return for_connection(replica.connection)
+    raise LookupError(f"No hypervisor for replica {replica.name} (platform {replica.platform!r})")
