@@ -443,6 +443,29 @@ def _extent_block_ranges(extents: Sequence[tuple[int, int]], size: int, bs: int)
     return _merge_block_ranges(ranges)
 
 
+def _extents_by_block(extents: Sequence[tuple[int, int]], size: int, bs: int) -> dict[int, list[tuple[int, int]]]:
+    """Changed extents cut at block boundaries: block index -> [(offset within block, length)], merged."""
+    parts: dict[int, list[tuple[int, int]]] = {}
+    for offset, length in extents:
+        end = min(offset + length, size)
+        while offset < end:
+            i = offset // bs
+            stop = min(end, (i + 1) * bs)
+            parts.setdefault(i, []).append((offset - i * bs, stop - offset))
+            offset = stop
+    for i, pieces in parts.items():
+        pieces.sort()
+        merged = [list(pieces[0])]
+        for o, n in pieces[1:]:
+            last = merged[-1]
+            if o <= last[0] + last[1]:
+                last[1] = max(last[1], o + n - last[0])
+            else:
+                merged.append([o, n])
+        parts[i] = [(o, n) for o, n in merged]
+    return parts
+
+
 def _load_state(state_dir: str, size: int, block_size: int | None) -> DiskState:
     state = DiskState.load(state_dir)
     if state is None or not state.complete:
@@ -645,8 +668,14 @@ def delta_copy(
         )
         with BlockMap(state_dir, block_count(size, bs), fresh=False) as bmap:
             jobs: Iterable[_Job]
+            # Tracked: a changed block gets only its changed extents written (the rest of it already
+            # matches the map, which is what change tracking promises); blocks left over from an
+            # interrupted pass are rewritten whole, since their extents are no longer known.
+            pieces: dict[int, list[tuple[int, int]]] = {}
             if changed_extents is not None:
                 method = "tracked"
+                leftover = {i for lo, hi in state.pending for i in range(lo, hi)}
+                pieces = {i: v for i, v in _extents_by_block(changed_extents, size, bs).items() if i not in leftover}
                 touched = _extent_block_ranges(changed_extents, size, bs)
                 ranges = _merge_block_ranges([*touched, *state.pending])
                 state.pending = ranges
@@ -677,7 +706,8 @@ def delta_copy(
                         bmap.put(job.index, ZERO_RECORD)
                     else:
                         assert h.strong is not None
-                        p.write(memoryview(buf)[: job.length], job.offset)
+                        for o, n in pieces.get(job.index) or [(0, job.length)]:
+                            p.write(memoryview(buf)[o : o + n], job.offset + o)
                         bmap.put(job.index, h.xxh + h.strong)
                 p.reporter.done += job.work
 
