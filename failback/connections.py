@@ -4,10 +4,12 @@ Passwords never appear in audit rows, logs, pages or exceptions raised from here
 
 import dataclasses
 import logging
+from contextlib import closing
 
 from django.db import transaction
 from django.utils import timezone
 from django_q.models import Schedule
+from django_q.tasks import async_task
 
 from .choices import Outcome, ReplicaState
 from .hypervisors.base import HypervisorError
@@ -78,7 +80,8 @@ def test_connection(actor, connection_id):
     connection = VCenterConnection.objects.get(pk=connection_id)
     _require_admin(actor, "test_connection", connection)
     try:
-        result, outcome = f"Connected: {for_connection(connection).about()}", Outcome.OK
+        with closing(for_connection(connection)) as hv:
+            result, outcome = f"Connected: {hv.about()}", Outcome.OK
     except Exception as exc:  # the message is the platform's own, shown to the administrator as is
         result, outcome = f"Failed: {exc}", Outcome.FAILED
     with transaction.atomic():
@@ -91,7 +94,9 @@ def sync_inventory(connection_id, actor=None):
     """Fetch the inventory (one round trip per object type) and discover replicas by the naming rule."""
     connection = VCenterConnection.objects.get(pk=connection_id)
     try:
-        inventory = for_connection(connection).inventory()
+        with closing(for_connection(connection)) as hv:
+            inventory = hv.inventory()
+            by_attribute = hv.custom_attribute_values(connection.replica_attribute) if connection.replica_attribute else {}
     except Exception as exc:
         with transaction.atomic():
             VCenterConnection.objects.filter(pk=connection.pk).update(sync_error=str(exc))
@@ -102,14 +107,31 @@ def sync_inventory(connection_id, actor=None):
     with transaction.atomic():
         VCenterConnection.objects.filter(pk=connection.pk).update(inventory=snapshot, synced_at=timezone.now(), sync_error="")
         suffix = connection.replica_suffix
+        known = set(Replica.objects.filter(connection=connection).values_list("vm_id", flat=True))
         for vm in inventory.vms:
-            if not suffix or not vm.name.endswith(suffix) or Replica.objects.filter(connection=connection, vm_id=vm.vm_id).exists():
+            if vm.vm_id in known:
                 continue
-            _add_replica(connection, vm, source_name=vm.name.removesuffix(suffix))
+            if vm.vm_id in by_attribute:  # the custom attribute names the source workload
+                source = by_attribute[vm.vm_id]
+            elif suffix and vm.name.endswith(suffix):
+                source = vm.name.removesuffix(suffix)
+            else:
+                continue
+            _add_replica(connection, vm, source_name=source)
             found += 1
         audit(action="sync_inventory", actor=actor, detail=f"{connection.name}: {len(inventory.vms)} VMs, {len(inventory.hosts)} hosts, "
               f"{len(inventory.datastores)} datastores; {found} new replica(s) found", data={"connection": connection.name, "new_replicas": found})
     return found
+
+
+def request_sync(actor, connection_id):
+    """Queue an inventory sync for a worker (the same task the schedule runs)."""
+    connection = VCenterConnection.objects.get(pk=connection_id)
+    _require_admin(actor, "sync_inventory", connection)
+    with transaction.atomic():
+        audit(action="sync_inventory", actor=actor, outcome=Outcome.INFO, detail=f"{connection.name}: inventory sync requested",
+              data={"connection": connection.name})
+        transaction.on_commit(lambda: async_task("failback.tasks.sync_inventory", connection.pk, task_name=f"sync-{connection.pk}-{timezone.now():%H%M%S%f}"))
 
 
 def _add_replica(connection, vm, *, source_name):
@@ -127,7 +149,8 @@ def pair_replica(actor, connection_id, vm_id, source_name):
     source_name = (source_name or "").strip()
     if not source_name or len(source_name) > 200:
         refuse("Name the source workload (1-200 characters).", action="pair_replica", actor=actor, data={"connection": connection.name})
-    vm = next((v for v in for_connection(connection).inventory().vms if v.vm_id == vm_id), None)
+    with closing(for_connection(connection)) as hv:
+        vm = next((v for v in hv.inventory().vms if v.vm_id == vm_id), None)
     if vm is None:
         refuse(f"There is no VM {vm_id!r} on {connection.name}.", action="pair_replica", actor=actor, data={"connection": connection.name})
     if Replica.objects.filter(connection=connection, vm_id=vm_id).exists() or Replica.objects.filter(name=vm.name).exists():
@@ -139,4 +162,4 @@ def pair_replica(actor, connection_id, vm_id, source_name):
     return replica
 
 
-__all__ = ["Refused", "save_connection", "fetch_thumbprint", "test_connection", "sync_inventory", "pair_replica"]
+__all__ = ["Refused", "save_connection", "fetch_thumbprint", "test_connection", "request_sync", "sync_inventory", "pair_replica"]

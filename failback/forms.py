@@ -101,7 +101,9 @@ class ConnectionForm(forms.ModelForm):
         from .models import VCenterConnection
 
         model = VCenterConnection
-        fields = ["name", "host", "port", "username", "tls_mode", "thumbprint", "transport", "replica_suffix", "sync_minutes"]
+        fields = ["name", "host", "port", "username", "tls_mode", "thumbprint", "transport", "replica_suffix", "replica_attribute", "sync_minutes"]
+        labels = {"replica_suffix": "Replica name suffix", "replica_attribute": "Replica custom attribute"}
+        help_texts = {"replica_attribute": "Optional: a VM custom attribute whose value names the source workload."}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -21,10 +21,29 @@ def _can_operate(user):
     return user.has_perm(workflow.OPERATE_PERMISSION)
 
 
+def _attach_power_states(replicas):
+    """The VM's live power state beside our replica state: one platform call per lab/vCenter."""
+    platforms = {}
+    for replica in replicas:
+        platforms.setdefault((replica.platform, replica.connection_id), replica)
+    states = {}
+    for key, sample in platforms.items():
+        try:
+            with closing(hypervisor_for(sample)) as hv:
+                states[key] = hv.power_states()
+        except Exception as exc:  # an unreachable vCenter must not take the page down
+            states[key] = exc
+    for replica in replicas:
+        found = states[(replica.platform, replica.connection_id)]
+        replica.power = f"unknown ({found})" if isinstance(found, Exception) else found.get(replica.vm_id, "not found")
+    return replicas
+
+
 @require_GET
 def replica_list(request):
-    replicas = Replica.objects.prefetch_related(Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
-    return render(request, "failback/replica_list.html", {"replicas": replicas, "can_operate": _can_operate(request.user)})
+    replicas = list(Replica.objects.select_related("connection")
+                    .prefetch_related(Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks"))
+    return render(request, "failback/replica_list.html", {"replicas": _attach_power_states(replicas), "can_operate": _can_operate(request.user)})
 
 
 def _start_form(request, replica, data=None):

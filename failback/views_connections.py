@@ -59,12 +59,8 @@ def connection_action(request, pk, action):
             messages.info(request, f"{connection.host}:{connection.port} presents the SHA-256 thumbprint {thumbprint}. "
                                    "Compare it with the one vCenter shows, then pin it by editing the connection.")
         elif action == "sync":
-            found = connections.sync_inventory(pk, actor=request.user)
-            connection.refresh_from_db()
-            if connection.sync_error:
-                messages.error(request, f"Inventory sync failed: {connection.sync_error}")
-            else:
-                messages.success(request, f"Inventory synced; {found} new replica(s) found.")
+            connections.request_sync(request.user, pk)
+            messages.info(request, "Inventory sync queued; reload this page to see its result.")
         elif action == "pair":
             form = PairReplicaForm(request.POST)
             if not form.is_valid():

@@ -163,3 +163,11 @@ def test_it_escapes_untrusted_names(lab, operator):
     type(replica).objects.filter(pk=replica.pk).update(source_name="<script>alert(1)</script>")
     page = logged_in(operator).get(reverse("failback:replicas")).content.decode()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+
+
+def test_it_shows_the_vms_live_power_state_beside_the_replica_state(lab, operator):
+    replica = replica_named("app-crm")
+    lab.power_off(replica.vm_id)
+    page = logged_in(operator).get(reverse("failback:replicas")).content.decode()
+    row = page.split(f'id="replica-{replica.pk}"')[1].split("</tr>")[0]
+    assert "Failover" in row and "poweredOff" in row

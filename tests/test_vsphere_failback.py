@@ -209,3 +209,30 @@ def test_it_lets_only_administrators_manage_connections(connection, operator):
     assert client.get(reverse("failback:connections")).status_code == 403
     with pytest.raises(workflow.Refused, match="Administrator role"):
         connections.test_connection(operator, connection.pk)
+
+
+def test_it_discovers_replicas_by_custom_attribute(vcsim, connection):
+    from pyVmomi import vim
+
+    hv = vcsim.hypervisor()
+    hv.about()  # logs in
+    manager = hv._content.customFieldsManager
+    field = manager.AddCustomFieldDef(name="failback.source", moType=vim.VirtualMachine)
+    vm = next(v for v in hv.inventory().vms if v.name == "DC0_H0_VM1")
+    manager.SetField(entity=vim.VirtualMachine(vm.vm_id, hv._stub), key=field.key, value="erp-01")
+    hv.close()
+    VCenterConnection.objects.filter(pk=connection.pk).update(replica_attribute="failback.source")
+    assert connections.sync_inventory(connection.pk) == 1
+    replica = Replica.objects.get(connection=connection, vm_id=vm.vm_id)
+    assert (replica.name, replica.source_name) == ("DC0_H0_VM1", "erp-01")
+
+
+def test_it_syncs_on_demand_through_a_worker_task_and_shows_live_power(vcsim, connection, admin_user, replica):
+    client = Client()
+    client.force_login(admin_user)
+    page = client.post(reverse("failback:connection_action", args=[connection.pk, "sync"]), follow=True).content.decode()
+    assert "Inventory sync queued" in page
+    assert AuditEvent.objects.filter(action="sync_inventory", outcome=Outcome.INFO, actor=admin_user).exists()
+    assert AuditEvent.objects.filter(action="sync_inventory", outcome=Outcome.OK).count() >= 2  # fixture's and this one
+    listing = client.get(reverse("failback:replicas")).content.decode()
+    assert "web-01_replica" in listing and "poweredOn" in listing

@@ -109,6 +109,10 @@ class Hypervisor(Protocol):
 
     def power_state(self, vm_id: str) -> str: ...
 
+    def power_states(self) -> dict[str, str]:
+        """Every VM's power state at once (vm id -> state), for lists."""
+        ...
+
     def power_on(self, vm_id: str) -> None: ...
 
     def power_off(self, vm_id: str) -> None:

@@ -451,6 +451,10 @@ class LabHypervisor:
     def close(self) -> None:
         """Nothing to release: the lab keeps no session."""
 
+    def power_states(self) -> dict[str, str]:
+        """Every VM's power state (vm id -> state), read in one pass."""
+        return {vm["vm_id"]: _settle(vm)["power"] for vm in self._vms()}
+
     def delete_vm(self, vm_id: str) -> None:
         """Unregister the VM and delete its disks; refused unless it is powered off."""
         with self._locked():

@@ -609,6 +609,26 @@ class VSphereHypervisor:
             vms=tuple(vms),
         )
 
+    def power_states(self) -> dict[str, str]:
+        """Every VM's power state (vm id -> poweredOn/poweredOff/suspended), in one round trip."""
+        world = self._call(f"Read the power states in {self.where}",
+                           lambda: self._collect_all({vim.VirtualMachine: ["runtime.powerState"]}))
+        return {o.id: str(o.get("runtime.powerState")) for o in world[vim.VirtualMachine]}
+
+    def custom_attribute_values(self, attribute: str) -> dict[str, str]:
+        """vm id -> value of the custom attribute named ``attribute`` (for replica discovery: the value
+        names the source workload); VMs without a value are left out. One round trip for all VMs."""
+        def read() -> dict[str, str]:
+            fields = self._content.customFieldsManager.field if self._content.customFieldsManager else []
+            key = next((f.key for f in fields or () if f.name == attribute), None)
+            if key is None:
+                return {}
+            world = self._collect_all({vim.VirtualMachine: ["customValue"]})
+            return {o.id: v.value for o in world[vim.VirtualMachine] for v in (o.get("customValue") or ())
+                    if v.key == key and getattr(v, "value", "")}
+
+        return self._call(f"Read custom attribute {attribute!r} in {self.where}", read)
+
     def placement(self) -> Placement:
         """Datacenters, clusters with their hosts, resource pools and VM folders, in one round trip."""
         world = self._call(f"Read the inventory of {self.where}", lambda: self._collect_all({
