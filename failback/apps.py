@@ -11,7 +11,9 @@ ROLES = {
 }
 
 
-def ensure_roles(sender, **kwargs):
+def ensure_roles(sender, using="default", **kwargs):
+    if using != "default":
+        return
     from django.contrib.auth.models import Group, Permission
 
     for role, perms in ROLES.items():
@@ -23,9 +25,20 @@ def ensure_roles(sender, **kwargs):
                 group.permissions.add(permission)
 
 
+def ensure_schedules(sender, using="default", **kwargs):
+    if using != "default":
+        return
+    from django_q.models import Schedule
+
+    # Every minute: queue again any step whose worker died (see workflow.recover_stalled).
+    Schedule.objects.update_or_create(name="failback-watchdog", defaults={
+        "func": "failback.tasks.watchdog", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1})
+
+
 class FailbackConfig(AppConfig):
     name = "failback"
     verbose_name = "Failback"
 
     def ready(self):
         post_migrate.connect(ensure_roles, sender=self)
+        post_migrate.connect(ensure_schedules, sender=self)

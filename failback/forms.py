@@ -43,6 +43,8 @@ class StartFailbackForm(forms.Form):
     switch_mode = forms.ChoiceField(label="Switch", choices=SwitchMode.choices, initial=SwitchMode.MANUAL, widget=forms.RadioSelect)
     switch_at = SwitchTimeField(label="Switch at", required=False)
     power_on_after = forms.BooleanField(label="Power on the production VM after the switch", required=False, initial=True)
+    bandwidth_mbps = forms.IntegerField(label="Bandwidth limit, MB/s (optional)", required=False, min_value=1, max_value=100_000,
+                                        help_text="Leave empty to copy as fast as the disks allow.")
     reason = ReasonField()
 
     def __init__(self, *args, replica, inventory, placement=None, **kwargs):

@@ -61,11 +61,21 @@ def _mib(n):
 
 # -- phase 1 -----------------------------------------------------------------------------------
 
-def run_phase1(session_id):
-    try:
-        session = workflow.transition(session_id, "begin_phase1", phase1_started_at=timezone.now(), heartbeat_at=timezone.now())
-    except workflow.Refused:
-        return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
+def _beat(session_id, *_):
+    FailbackSession.objects.filter(pk=session_id).update(heartbeat_at=timezone.now())
+
+
+def run_phase1(session_id, resume=False):
+    if resume:  # the watchdog found phase 1 without a worker: carry on from the checkpoints
+        session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+        if session.status != SessionStatus.PHASE1:
+            _note(session, "resume", f"Phase 1 not resumed: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
+            return
+    else:
+        try:
+            session = workflow.transition(session_id, "begin_phase1", phase1_started_at=timezone.now(), heartbeat_at=timezone.now())
+        except workflow.Refused:
+            return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
     with closing(hypervisor_for(session.replica)) as hv:
         if _phase1(session, hv):
             workflow.after_phase1(session.pk)
@@ -81,8 +91,10 @@ def _phase1(session, hv):
             _save(session, production_vm_id=vm_id)
             _note(session, "create_production_vm", f"Created production VM {session.vm_name} ({vm_id}) on {session.target_host}/{session.target_datastore} like {replica.name}",
                   data={"vm_id": vm_id})
+        limit = session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
         for disk in session.disks.all():
-            change_id = hv.change_tracking(replica.vm_id, disk.key) or ""
+            # On a resume the first change id stays: it covers every write since the copy began.
+            change_id = disk.change_id or hv.change_tracking(replica.vm_id, disk.key) or ""
             if _network(hv):
                 _network_copy(hv, session, disk, phase=1)
                 continue
@@ -90,7 +102,7 @@ def _phase1(session, hv):
                   method_reason="Phase 1 copies every allocated block; holes and zero blocks are skipped")
             result = full_copy(hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key),
                                state_dir=_state_dir(session.pk, disk.key), progress=ProgressSink(disk),
-                               progress_interval=settings.FAILBACK_PROGRESS_INTERVAL)
+                               progress_interval=settings.FAILBACK_PROGRESS_INTERVAL, bandwidth_limit_bps=limit)
             _save(disk, bytes_total=result.bytes_total, bytes_done=result.bytes_total, bytes_written=result.bytes_written,
                   phase1_bytes_written=result.bytes_written, phase1_digest=result.digest, eta_s=0)
             _note(session, "copy_disk", f"Disk {disk.key}: {_mib(result.bytes_read)} read, {_mib(result.bytes_written)} written in {result.seconds:.1f} s (full copy)",
@@ -185,6 +197,7 @@ def _stop_replica(session, hv):
     while time.monotonic() < deadline:
         if hv.power_state(vm) == POWERED_OFF:
             return "Guest OS shut down"
+        _beat(session.pk)
         time.sleep(pause)
     hv.power_off(vm)
     return f"Guest OS did not shut down within {session.shutdown_timeout_s} s: powered off"
@@ -202,10 +215,12 @@ def run_switch(session_id):
 def _switch(session, hv):
     replica = session.replica
     try:
-        _save(session, replica_stop_started_at=timezone.now())
-        how = _stop_replica(session, hv)
-        _save(session, replica_off_at=timezone.now(), stop_method=how, heartbeat_at=timezone.now())
-        _note(session, "stop_replica", how)
+        if session.replica_off_at is None:  # on a resume after the replica went off, it stays off
+            if session.replica_stop_started_at is None:
+                _save(session, replica_stop_started_at=timezone.now())
+            how = _stop_replica(session, hv)
+            _save(session, replica_off_at=timezone.now(), stop_method=how, heartbeat_at=timezone.now())
+            _note(session, "stop_replica", how)
         for disk in session.disks.all():
             if _network(hv):
                 _network_copy(hv, session, disk, phase=2)
@@ -221,8 +236,9 @@ def _switch(session, hv):
             _save(disk, phase=2, method=method, method_reason=why, bytes_done=0, bytes_total=0, bytes_written=0)
             result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents,
                                 progress=ProgressSink(disk), progress_interval=settings.FAILBACK_PROGRESS_INTERVAL)
-            source_digest = disk_digest(src)
-            target_digest = verify_target(dst, state_dir=_state_dir(session.pk, disk.key))
+            beat = lambda *_: _beat(session.pk)  # noqa: E731  reading whole disks can take a while
+            source_digest = disk_digest(src, progress=beat, progress_interval=5)
+            target_digest = verify_target(dst, state_dir=_state_dir(session.pk, disk.key), progress=beat, progress_interval=5)
             verified = source_digest == target_digest == result.digest
             _save(disk, bytes_total=result.bytes_total, bytes_done=result.bytes_total, bytes_written=result.bytes_written, eta_s=0,
                   phase2_bytes_written=result.bytes_written, source_digest=source_digest, target_digest=target_digest, verified=verified)

@@ -129,6 +129,7 @@ class FailbackSession(models.Model):
     switch_at = models.DateTimeField(null=True, blank=True)
     power_on_after = models.BooleanField(default=True)
     shutdown_timeout_s = models.PositiveIntegerField()
+    bandwidth_mbps = models.PositiveIntegerField(null=True, blank=True)  # per-session transfer limit, MB/s
     # who and when
     started_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     reason = models.CharField(max_length=500, blank=True)

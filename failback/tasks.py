@@ -3,20 +3,24 @@
 from . import jobs, workflow
 
 
-def phase1(session_id):
-    jobs.run_phase1(session_id)
+def phase1(session_id, resume=False):
+    jobs.run_phase1(session_id, resume=resume)
 
 
-def phase2(session_id):
+def phase2(session_id, resume=False):
     jobs.run_switch(session_id)
 
 
-def commit(session_id):
+def commit(session_id, resume=False):
     jobs.run_commit(session_id)
 
 
-def undo(session_id):
+def undo(session_id, resume=False):
     jobs.run_undo(session_id)
+
+
+def watchdog():
+    workflow.recover_stalled()
 
 
 def scheduled_switch(session_id):

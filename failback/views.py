@@ -71,6 +71,7 @@ def start_failback(request, pk):
                 request.user, replica.pk, vm_name=data["vm_name"], target_host=data["target_host"], target_datastore=data["target_datastore"],
                 switch_mode=data["switch_mode"], switch_at=data["switch_at"], power_on_after=data["power_on_after"],
                 network_map=data["network_map"], reason=data["reason"], resource_pool=data["resource_pool"], folder=data["folder"],
+                bandwidth_mbps=data["bandwidth_mbps"],
             )
         except workflow.Refused as refused:
             error = refused.message

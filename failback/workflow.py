@@ -143,9 +143,38 @@ def transition(session_id, action, *, actor=None, detail="", data=None, then=Non
 
 # -- background work ---------------------------------------------------------------------------
 
-def _enqueue(task, session_id):
+def _enqueue(task, session_id, **kwargs):
     """Queue a step for a worker once the current transaction has committed (primary key only)."""
-    transaction.on_commit(lambda: async_task(f"failback.tasks.{task}", session_id, task_name=f"{task}-{session_id}-{timezone.now():%H%M%S%f}", group=f"session-{session_id}"))
+    transaction.on_commit(lambda: async_task(f"failback.tasks.{task}", session_id, **kwargs,
+                                             task_name=f"{task}-{session_id}-{timezone.now():%H%M%S%f}", group=f"session-{session_id}"))
+
+
+# Which step a running status belongs to, for the watchdog.
+STEP_OF = {SessionStatus.PHASE1: "phase1", SessionStatus.SWITCHING: "phase2", SessionStatus.COMMITTING: "commit", SessionStatus.UNDOING: "undo"}
+
+
+def recover_stalled():
+    """Queue again every step whose worker stopped showing signs of life (killed, machine lost).
+
+    The heartbeat is claimed with a compare-and-swap, so two watchdogs (or two web processes) resume a
+    session once. Steps are written to resume: phase 1 continues from its checkpoints, phase 2 from
+    where it stopped (a replica already off stays off; the delta is sent again)."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.FAILBACK_STALL_SECONDS)
+    resumed = []
+    for session in FailbackSession.objects.filter(status__in=list(STEP_OF), heartbeat_at__lt=cutoff):
+        with transaction.atomic():
+            claimed = FailbackSession.objects.filter(pk=session.pk, status=session.status, heartbeat_at=session.heartbeat_at).update(heartbeat_at=now)
+            if claimed != 1:
+                continue
+            silent = (now - session.heartbeat_at).total_seconds()
+            audit(action="resume", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
+                  detail=f"No sign of life from the worker for {silent:.0f} s while {session.get_status_display().lower()}: the step is queued again and resumes where it stopped",
+                  data={"silent_s": round(silent, 1), "step": STEP_OF[session.status]})
+            _enqueue(STEP_OF[session.status], session.pk, resume=True)
+            broadcast.session_changed(session.pk)
+        resumed.append(session.pk)
+    return resumed
 
 
 def _schedule_name(session_id):
@@ -184,7 +213,8 @@ def validate_switch_time(switch_at, *, action, actor, **where):
 
 
 def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore, switch_mode=SwitchMode.MANUAL, switch_at=None,
-                   power_on_after=True, network_map=None, reason="", shutdown_timeout_s=None, resource_pool="", folder=""):
+                   power_on_after=True, network_map=None, reason="", shutdown_timeout_s=None, resource_pool="", folder="",
+                   bandwidth_mbps=None):
     """Start a failback of one replica in Failover: queue phase 1 (create the production VM, copy the data)."""
     action = "start_failback"
     replica = Replica.objects.filter(pk=replica_id).first()
@@ -229,12 +259,14 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     for target in network_map.values():
         if target is not None and target not in inventory.networks:
             refuse(f"Unknown target network {target!r}.", action=action, actor=actor, replica=replica)
+    if bandwidth_mbps is not None and not 1 <= int(bandwidth_mbps) <= 100_000:
+        refuse("The bandwidth limit must be between 1 and 100000 MB/s (or none).", action=action, actor=actor, replica=replica)
     timeout = shutdown_timeout_s or settings.FAILBACK_SHUTDOWN_TIMEOUT
     options = {
         "vm_name": vm_name, "target_host": target_host, "target_datastore": target_datastore, "network_map": network_map,
         "resource_pool": resource_pool or "", "folder": folder or "",
         "switch_mode": switch_mode, "switch_at": switch_at.isoformat() if switch_at else None,
-        "power_on_after": bool(power_on_after), "shutdown_timeout_s": timeout, "reason": reason,
+        "power_on_after": bool(power_on_after), "shutdown_timeout_s": timeout, "reason": reason, "bandwidth_mbps": bandwidth_mbps,
     }
     message = None
     try:
@@ -250,7 +282,7 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                     replica=replica, vm_name=vm_name, target_host=target_host, target_datastore=target_datastore,
                     network_map=network_map, resource_pool=resource_pool or "", folder=folder or "",
                     switch_mode=switch_mode, switch_at=switch_at, power_on_after=bool(power_on_after),
-                    shutdown_timeout_s=timeout, started_by=actor, reason=reason,
+                    shutdown_timeout_s=timeout, started_by=actor, reason=reason, bandwidth_mbps=bandwidth_mbps,
                 )
                 SessionDisk.objects.bulk_create(
                     SessionDisk(session=session, key=d.key, capacity_bytes=d.capacity_bytes) for d in replica.disks.all()

@@ -187,3 +187,22 @@ def test_it_switches_when_phase1_ends_after_the_scheduled_time(lab, operator, dj
     session = reload(session)
     assert session.status == SessionStatus.FAILBACK
     assert "started when phase 1 ended" in AuditEvent.objects.get(session=session, action="switch").detail
+
+
+def test_it_finishes_a_switch_whose_worker_died_after_the_replica_went_down(lab, operator, settings):
+    settings.FAILBACK_STALL_SECONDS = 2
+    replica = replica_named("app-crm")
+    session = reload(start(operator, replica))
+    assert session.status == SessionStatus.READY_TO_SWITCH
+    lab.guest_write(replica.vm_id, session.disks.first().key, 0, b"last words" * 100)
+    # The worker took the switch, stopped the replica, and died before sending the changes.
+    workflow.transition(session.pk, "switch", actor=operator, switch_started_at=timezone.now())
+    lab.power_off(replica.vm_id)
+    stale = timezone.now() - timedelta(seconds=30)
+    FailbackSession.objects.filter(pk=session.pk).update(replica_stop_started_at=stale, replica_off_at=stale, stop_method="powered off", heartbeat_at=stale)
+    assert workflow.recover_stalled() == [session.pk]
+    session = reload(session)
+    assert session.status == SessionStatus.FAILBACK and session.stop_method == "powered off"
+    assert lab.power_state(session.production_vm_id) == POWERED_ON  # not both down
+    assert_disks_identical(lab, session)
+    assert AuditEvent.objects.get(session=session, action="resume").data["step"] == "phase2"
