@@ -208,6 +208,8 @@ LAB_ROOT = Path(os.environ.get("LAB_ROOT") or VAR_DIR / "lab")
 FAILBACK_STATE_DIR = Path(os.environ.get("FAILBACK_STATE_DIR") or VAR_DIR / "sessions")
 # Phase 2: how long a guest may take to shut down before it is powered off (DOMAIN: 15 minutes).
 FAILBACK_SHUTDOWN_TIMEOUT = envint("FAILBACK_SHUTDOWN_TIMEOUT", 15 * 60, minimum=1)
+# A running step that shows no sign of life for this long is queued again (it resumes from its checkpoint).
+FAILBACK_STALL_SECONDS = envint("FAILBACK_STALL_SECONDS", 120, minimum=2)
 # Progress is saved and broadcast at most this often per session (seconds).
 FAILBACK_PROGRESS_INTERVAL = float(os.environ.get("FAILBACK_PROGRESS_INTERVAL", "0.5"))
 
