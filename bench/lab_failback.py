@@ -11,6 +11,7 @@ Last line: phase1_s=<s> switch_window_s=<s> window_vs_phase1=<window/phase1> lar
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -89,6 +90,7 @@ def main():
         print(f"  disk {d.key}: phase 1 wrote {d.phase1_bytes_written / 2**20:.1f} MiB; phase 2 ({d.method}) wrote {d.phase2_bytes_written / 2**20:.2f} MiB; verified={d.verified}")
     print(f"phase 1 {phase1:.2f} s; switch window {window:.2f} s = replica stop {stop_s:.2f} s ({session.stop_method}) "
           f"+ final delta and verify {delta_s:.2f} s + power on {on_s:.2f} s")
+    shutil.rmtree(var, ignore_errors=True)
     print(f"phase1_s={phase1:.2f} switch_window_s={window:.2f} window_vs_phase1={window / phase1:.3f} largest={replica.name} allocated_mib={alloc / 2**20:.0f}")
 
 
