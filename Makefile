@@ -27,6 +27,7 @@ run: setup
 test: test-embedded test-production
 
 test-embedded: $(STAMP)
+	sh tests/apt.sh chromium
 	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest
 
 test-production: $(STAMP) services

@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
-from .broadcast import session_group
+from .broadcast import SESSIONS_GROUP, session_group
 from .models import FailbackSession
 
 
@@ -61,3 +61,45 @@ class SessionConsumer(AsyncWebsocketConsumer):
             self.last_status = session.status
             parts.append(render_to_string("failback/partials/session_actions.html", context))
         return "".join(parts)
+
+
+class DashboardConsumer(AsyncWebsocketConsumer):
+    """The dashboard: any session's nudge re-renders it from the database (at most every THROTTLE s)."""
+
+    THROTTLE = 1.0
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        self.joined = True
+        self.last_sent = 0.0
+        await self.channel_layer.group_add(SESSIONS_GROUP, self.channel_name)
+        await self.accept()
+        await self.push()
+
+    async def disconnect(self, code):
+        if getattr(self, "joined", False):
+            await self.channel_layer.group_discard(SESSIONS_GROUP, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        pass
+
+    async def session_changed(self, event):
+        import time
+
+        if time.monotonic() - self.last_sent >= self.THROTTLE:
+            await self.push()
+
+    async def push(self):
+        import time
+
+        self.last_sent = time.monotonic()
+        await self.send(text_data=await self._render())
+
+    @database_sync_to_async
+    def _render(self):
+        from .views import dashboard_context
+
+        return render_to_string("failback/partials/dashboard_live.html", {**dashboard_context(), "oob": True})

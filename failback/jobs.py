@@ -43,15 +43,27 @@ def _save(obj, **fields):
     obj.save(update_fields=list(fields))
 
 
+SAMPLE_EVERY = 1.0  # seconds between throughput samples kept for the chart
+MAX_SAMPLES = 2000
+
+
 class ProgressSink:
     """Receives the engine's (already rate-bounded) progress; saves the fields it changes and nudges."""
 
     def __init__(self, disk):
         self.disk = disk
+        self.samples = list(FailbackSession.objects.filter(pk=disk.session_id).values_list("throughput", flat=True).first() or [])
+        self.last_sample = 0.0
 
     def __call__(self, p):
         _save(self.disk, bytes_total=p.bytes_total, bytes_done=p.bytes_done, bytes_written=p.bytes_written, rate_bps=p.rate_bps, eta_s=p.eta_seconds)
-        FailbackSession.objects.filter(pk=self.disk.session_id).update(heartbeat_at=timezone.now())
+        fields = {"heartbeat_at": timezone.now()}
+        now = time.time()
+        if now - self.last_sample >= SAMPLE_EVERY:
+            self.last_sample = now
+            self.samples = (self.samples + [[round(now, 1), round(p.rate_bps), self.disk.phase]])[-MAX_SAMPLES:]
+            fields["throughput"] = self.samples
+        FailbackSession.objects.filter(pk=self.disk.session_id).update(**fields)
         broadcast.send_now(self.disk.session_id)
 
 

@@ -145,6 +145,7 @@ class FailbackSession(models.Model):
     stop_method = models.CharField(max_length=200, blank=True)  # how the replica was stopped, and why
     error = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)  # last sign of life from the worker
+    throughput = models.JSONField(default=list, blank=True)  # [[unix seconds, bytes/s, phase], ...] for the chart
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -1,7 +1,8 @@
 from django.urls import path
 
-from .consumers import SessionConsumer
+from .consumers import DashboardConsumer, SessionConsumer
 
 websocket_urlpatterns = [
+    path("ws/dashboard/", DashboardConsumer.as_asgi()),
     path("ws/sessions/<int:pk>/", SessionConsumer.as_asgi()),
 ]

@@ -4,13 +4,16 @@ from . import views, views_connections
 
 app_name = "failback"
 urlpatterns = [
-    path("", views.replica_list, name="replicas"),
+    path("", views.dashboard, name="dashboard"),
+    path("replicas/", views.replica_list, name="replicas"),
     path("replicas/<int:pk>/failback/", views.start_failback, name="start"),
     path("replicas/<int:pk>/failback/pickers/", views.start_failback_pickers, name="start_pickers"),
     path("sessions/", views.session_list, name="sessions"),
     path("sessions/<int:pk>/", views.session_detail, name="session"),
+    path("sessions/<int:pk>/report/", views.session_report, name="report"),
     path("sessions/<int:pk>/<str:action>/", views.session_action, name="action"),
     path("audit/", views.audit_list, name="audit"),
+    path("audit/export.<str:fmt>", views.audit_export, name="audit_export"),
     path("replicas/<int:pk>/failover/", views_connections.declare_failover, name="declare_failover"),
     path("connections/", views_connections.connection_list, name="connections"),
     path("connections/new/", views_connections.connection_edit, name="connection_new"),

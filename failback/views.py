@@ -1,19 +1,23 @@
 """Views: permission check, form, one call into the workflow, one template. No rules here."""
 
+import csv
+import json
 from contextlib import closing
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import Prefetch
-from django.http import Http404, HttpResponseNotAllowed
+from django.db.models import Count, Prefetch, Q
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import Http404, HttpResponseNotAllowed, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import workflow
-from .choices import ACTIVE
+from .choices import ACTIVE, REPLICA_COLOURS, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
 from .forms import ReasonForm, ScheduleSwitchForm, StartFailbackForm
 from .hypervisors.registry import hypervisor_for
+from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filtered_events
 from .models import AuditEvent, FailbackSession, Replica
 
 
@@ -39,11 +43,56 @@ def _attach_power_states(replicas):
     return replicas
 
 
+REPLICA_SORTS = {"name": "name", "-name": "-name", "state": "state", "host": "host", "site": "site", "updated": "-updated_at"}
+
+
 @require_GET
 def replica_list(request):
-    replicas = list(Replica.objects.select_related("connection")
-                    .prefetch_related(Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks"))
-    return render(request, "failback/replica_list.html", {"replicas": _attach_power_states(replicas), "can_operate": _can_operate(request.user)})
+    replicas = Replica.objects.select_related("connection").prefetch_related(
+        Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
+    q, state, site, host = (request.GET.get(k, "").strip() for k in ("q", "state", "site", "host"))
+    if q:
+        replicas = replicas.filter(Q(name__icontains=q) | Q(source_name__icontains=q))
+    if state in ReplicaState.values:
+        replicas = replicas.filter(state=state)
+    if site:
+        replicas = replicas.filter(site=site)
+    if host:
+        replicas = replicas.filter(host=host)
+    sort = request.GET.get("sort", "name")
+    replicas = replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk")
+    page = Paginator(replicas, 50).get_page(request.GET.get("page"))
+    _attach_power_states(page.object_list)
+    query = request.GET.copy()
+    query.pop("page", None)
+    facets = Replica.objects.order_by()
+    return render(request, "failback/replica_list.html", {
+        "page": page, "replicas": page.object_list, "can_operate": _can_operate(request.user), "query": query.urlencode(),
+        "filters": {"q": q, "state": state, "site": site, "host": host, "sort": sort}, "states": ReplicaState.choices,
+        "sites": facets.values_list("site", flat=True).distinct(), "hosts": facets.values_list("host", flat=True).distinct(),
+    })
+
+
+@require_GET
+def dashboard(request):
+    return render(request, "failback/dashboard.html", dashboard_context())
+
+
+def dashboard_context():
+    """What the DR admin watches: states, running work, switches to come, decisions waiting, failures."""
+    now = timezone.now()
+    counts = dict(Replica.objects.order_by().values_list("state").annotate(n=Count("pk")))
+    sessions = FailbackSession.objects.select_related("replica").prefetch_related("disks")
+    running = list(sessions.filter(status__in=[SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.SWITCHING,
+                                               SessionStatus.COMMITTING, SessionStatus.UNDOING]).order_by("created_at")[:50])
+    scheduled = list(sessions.filter(status__in=SCHEDULABLE, switch_mode=SwitchMode.SCHEDULED).order_by("switch_at")[:50])
+    waiting = list(sessions.filter(status=SessionStatus.FAILBACK).order_by("phase2_ended_at")[:50])
+    failures = list(sessions.filter(status=SessionStatus.FAILED).order_by("-ended_at")[:10])
+    return {
+        "states": [(value, label, counts.get(value, 0), REPLICA_COLOURS[value]) for value, label in ReplicaState.choices],
+        "running": running, "scheduled": scheduled, "waiting": waiting, "failures": failures, "now": now,
+        "ready_to_switch": sessions.filter(status=SessionStatus.READY_TO_SWITCH).count(),
+    }
 
 
 def _start_form(request, replica, data=None):
@@ -109,6 +158,18 @@ def session_context(session, user, **extra):
 
 
 @require_GET
+def session_report(request, pk):
+    """The printable record of one session, for the auditor."""
+    session = get_object_or_404(FailbackSession.objects.select_related("replica", "started_by"), pk=pk)
+    events = list(session.events.order_by("at", "id"))
+    started = next((e for e in events if e.action == "start_failback" and e.outcome == "ok"), None)
+    deciders = [e for e in events if e.action in ("switch", "commit", "undo") and e.outcome == "ok"]
+    return render(request, "failback/session_report.html", {"session": session, "events": events, "disks": list(session.disks.all()),
+                                                            "options": started.data if started else {}, "deciders": deciders,
+                                                            "refused": [e for e in events if e.outcome == "refused"], "now": timezone.now()})
+
+
+@require_GET
 def session_detail(request, pk):
     session = get_object_or_404(FailbackSession.objects.select_related("replica", "started_by"), pk=pk)
     return render(request, "failback/session_detail.html", session_context(session, request.user))
@@ -154,8 +215,44 @@ def session_action(request, pk, action):
 
 @require_GET
 def audit_list(request):
-    events = AuditEvent.objects.select_related("session", "replica").order_by("-at", "-id")
-    if request.GET.get("session"):
-        events = events.filter(session_id=request.GET["session"]) if request.GET["session"].isdigit() else events.none()
+    form, events = filtered_events(request.GET)
     page = Paginator(events, 100).get_page(request.GET.get("page"))
-    return render(request, "failback/audit_list.html", {"page": page})
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "failback/audit_list.html", {"page": page, "form": form, "query": query.urlencode(),
+                                                        "actions": AuditEvent.objects.order_by().values_list("action", flat=True).distinct()})
+
+
+@require_GET
+def audit_export(request, fmt):
+    """The filtered set, whole, as CSV (formula-safe) or JSON; streamed, so big exports stay small in memory."""
+    if fmt not in ("csv", "json"):
+        raise Http404("Export as csv or json")
+    _, events = filtered_events(request.GET)
+    rows = (export_row(e) for e in events.iterator(chunk_size=2000))
+    stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+    if fmt == "csv":
+        buffer = Echo()
+        writer = csv.writer(buffer)
+
+        def lines():
+            yield writer.writerow(EXPORT_FIELDS)
+            for row in rows:
+                yield writer.writerow([csv_safe(json.dumps(row[f]) if f == "data" else row[f]) for f in EXPORT_FIELDS])
+
+        response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
+    else:
+        def items():
+            yield "["
+            for i, row in enumerate(rows):
+                yield ("," if i else "") + json.dumps(row, cls=DjangoJSONEncoder)
+            yield "]"
+
+        response = StreamingHttpResponse(items(), content_type="application/json")
+    response["Content-Disposition"] = f'attachment; filename="audit-{stamp}.{fmt}"'
+    return response
+
+
+class Echo:
+    def write(self, value):
+        return value

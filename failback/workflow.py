@@ -288,7 +288,8 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                     SessionDisk(session=session, key=d.key, capacity_bytes=d.capacity_bytes) for d in replica.disks.all()
                 )
                 audit(action=action, actor=actor, session=session, to_state=SessionStatus.QUEUED,
-                      detail=f"Failback of {replica.name} to {vm_name} on {target_host}/{target_datastore}; switch {SwitchMode(switch_mode).label.lower()}", data=options)
+                      detail=f"Failback of {replica.name} to {vm_name} on {target_host}/{target_datastore}; switch {SwitchMode(switch_mode).label.lower()}"
+                      + (f"; reason: {reason}" if reason else ""), data=options)
                 if switch_mode == SwitchMode.SCHEDULED:
                     _set_switch_schedule(session)
                 _enqueue("phase1", session.pk)

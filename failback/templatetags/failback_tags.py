@@ -26,3 +26,30 @@ def rate(bps):
     if not bps:
         return "—"
     return f"{bps / 2**20:,.1f} MiB/s"
+
+
+@register.simple_tag
+def throughput_chart(samples, width=640, height=140):
+    """Server-rendered SVG of transfer rate over time (numbers only, so nothing to escape)."""
+    from django.utils.safestring import mark_safe
+
+    if not samples or len(samples) < 2:
+        return mark_safe('<p class="muted">The chart appears once data is moving.</p>')
+    t0 = samples[0][0]
+    span = max(s[0] - t0 for s in samples) or 1
+    top = max(s[1] for s in samples) or 1
+    pad, w, h = 40, width - 50, height - 30
+    points = " ".join(f"{pad + (s[0] - t0) / span * w:.1f},{10 + h - s[1] / top * h:.1f}" for s in samples)
+    return mark_safe(
+        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="Throughput over time, peak {top / 2**20:.1f} MiB/s over {span:.0f} s">'
+        f'<line x1="{pad}" y1="{10 + h}" x2="{pad + w}" y2="{10 + h}" class="axis"/><line x1="{pad}" y1="10" x2="{pad}" y2="{10 + h}" class="axis"/>'
+        f'<text x="2" y="16">{top / 2**20:.0f}</text><text x="2" y="{10 + h}">0</text>'
+        f'<text x="{pad}" y="{height - 4}">0 s</text><text x="{pad + w - 40}" y="{height - 4}">{span:.0f} s</text>'
+        f'<text x="{pad + 6}" y="22">MiB/s</text><polyline points="{points}" class="rate"/></svg>'
+    )
+
+
+@register.filter
+def split_pairs(text):
+    """'a:A,b:B' -> [('a', 'A'), ('b', 'B')] for small fixed option lists in templates."""
+    return [tuple(item.split(":", 1)) for item in text.split(",")]
