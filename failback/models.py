@@ -149,6 +149,10 @@ class FailbackSession(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["-created_at", "-id"], name="session_newest_first"),  # the sessions list, deep pages too
+            models.Index(fields=["status"], name="session_status"),  # the dashboard's sections
+        ]
         constraints = [
             # A second failback on the same replica is impossible, whatever races the application loses.
             models.UniqueConstraint(
@@ -265,6 +269,11 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["at", "id"]
+        indexes = [
+            models.Index(fields=["-at", "-id"], name="audit_newest_first"),  # the audit page, deep pages too
+            models.Index(fields=["actor_name", "-at"], name="audit_by_user"),
+            models.Index(fields=["action", "-at"], name="audit_by_action"),
+        ]
 
     def __str__(self):
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action} {self.outcome}"
