@@ -153,7 +153,8 @@ else:
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {**SQLITE_OPTIONS, **DATABASES["default"].get("OPTIONS", {})}
     # Tests share the database with real worker processes, so it must be a file, not :memory:.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
+    # One file per test run (process), so two runs on one machine do not share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-db-{os.getpid()}.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -174,7 +175,7 @@ else:
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": Path(os.environ.get("CHANNELS_DB_PATH") or VAR_DIR / "channels.sqlite3"),
         "OPTIONS": dict(SQLITE_OPTIONS),
-        "TEST": {"NAME": str(VAR_DIR / "test-channels.sqlite3")},
+        "TEST": {"NAME": str(VAR_DIR / f"test-channels-{os.getpid()}.sqlite3")},
     }
     DATABASE_ROUTERS = ["channels_lite.router.ChannelsRouter"]
     INSTALLED_APPS.append("channels_lite")

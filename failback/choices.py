@@ -102,6 +102,8 @@ TRANSITIONS = {
     "finish_commit": Transition("Finish commit", frozenset({S.COMMITTING}), S.COMMITTED, R.FAILBACK, R.READY),
     "undo": Transition("Undo", frozenset({S.FAILBACK}), S.UNDOING, user_action=True),
     "finish_undo": Transition("Finish undo", frozenset({S.UNDOING}), S.UNDONE, R.FAILBACK, R.FAILOVER),
+    # Before any work started (a plan that could not start all its members withdraws the others).
+    "cancel": Transition("Cancel", frozenset({S.QUEUED}), S.CANCELLED),
 }
 # Schedule switch changes the switch moment without changing status; legal until the switch begins.
 SCHEDULABLE = frozenset({S.QUEUED, S.PHASE1, S.READY_TO_SWITCH})

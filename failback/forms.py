@@ -146,3 +146,51 @@ class ConnectionForm(forms.ModelForm):
 class PairReplicaForm(forms.Form):
     vm_id = forms.CharField(label="Replica VM", max_length=100)
     source_name = forms.CharField(label="Source workload name", max_length=200)
+
+
+class PlanForm(forms.Form):
+    name = forms.CharField(label="Plan name", max_length=100)
+    concurrency = forms.IntegerField(label="Phase 1 copies at once", min_value=1, max_value=20, initial=2)
+    switch_mode = forms.ChoiceField(label="Switch (all members together)", choices=SwitchMode.choices, initial=SwitchMode.MANUAL, widget=forms.RadioSelect)
+    switch_at = SwitchTimeField(label="Switch at", required=False)
+    power_on_after = forms.BooleanField(label="Power on the production VMs after the switch", required=False, initial=True)
+    power_on_delay_s = forms.IntegerField(label="Seconds between power-ons", min_value=0, max_value=3600, initial=0)
+    reason = ReasonField()
+
+    def __init__(self, *args, replicas, inventory, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows = []
+        hosts = [(h, h) for h in inventory.hosts]
+        stores = [(name, f"{name} ({free / 2**30:,.0f} GiB free)") for name, free in inventory.datastores.items()]
+        configs = {vm.vm_id: vm for vm in inventory.vms}
+        for position, replica in enumerate(replicas, 1):
+            prefix = f"m{replica.pk}"
+            replica_stores = {d.datastore for d in replica.disks.all()}
+            self.fields[f"{prefix}_order"] = forms.IntegerField(label=f"Boot order of {replica.name}", min_value=1, max_value=999, initial=position)
+            self.fields[f"{prefix}_vm_name"] = forms.CharField(label=f"Production VM name for {replica.name}", max_length=80, initial=replica.source_name)
+            self.fields[f"{prefix}_host"] = forms.ChoiceField(label=f"Target host for {replica.name}", choices=hosts,
+                                                              initial=next((h for h in inventory.hosts if h != replica.host), None))
+            self.fields[f"{prefix}_datastore"] = forms.ChoiceField(label=f"Datastore for {replica.name}", choices=stores,
+                                                                   initial=next((d for d in inventory.datastores if d not in replica_stores), None))
+            config = configs.get(replica.vm_id)
+            networks = {nic.network: suggest_network(nic.network, inventory.networks) or None for nic in (config.nics if config else ()) if nic.network}
+            self.rows.append({"replica": replica, "prefix": prefix, "networks": networks,
+                              "fields": [self[f"{prefix}_{n}"] for n in ("order", "vm_name", "host", "datastore")]})
+
+    def clean(self):
+        data = super().clean()
+        if data.get("switch_mode") == SwitchMode.SCHEDULED and not data.get("switch_at"):
+            self.add_error("switch_at", "A scheduled switch needs a date and time.")
+        return data
+
+    BASE = ("name", "concurrency", "switch_mode", "switch_at", "power_on_after", "power_on_delay_s", "reason")
+
+    def plan_fields(self):
+        return [self[name] for name in self.BASE]
+
+    def members(self):
+        """The members in boot order, as plans.start_plan wants them."""
+        data = self.cleaned_data
+        rows = sorted(self.rows, key=lambda r: (data[f"{r['prefix']}_order"], r["replica"].name))
+        return [{"replica_id": r["replica"].pk, "vm_name": data[f"{r['prefix']}_vm_name"], "target_host": data[f"{r['prefix']}_host"],
+                 "target_datastore": data[f"{r['prefix']}_datastore"], "network_map": r["networks"]} for r in rows]

@@ -8,11 +8,12 @@ step did, with its figures, goes to the audit trail.
 import hashlib
 import logging
 import shutil
+import threading
 import time
 from contextlib import closing
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from . import broadcast, workflow
@@ -89,8 +90,8 @@ def run_phase1(session_id, resume=False):
         except workflow.Refused:
             return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
     with closing(hypervisor_for(session.replica)) as hv:
-        if _phase1(session, hv):
-            workflow.after_phase1(session.pk)
+        _phase1(session, hv)
+    workflow.after_phase1(session.pk)
 
 
 def _phase1(session, hv):
@@ -340,3 +341,33 @@ def _undo(session, hv):
         raise
     workflow.transition(session.pk, "finish_undo", detail="; ".join(steps).capitalize(), data={"steps": steps})
     _drop_state(session.pk)
+
+
+# -- plans -------------------------------------------------------------------------------------
+
+def run_plan_switch(plan_id):
+    """Phase 2 of a plan's members, in boot order, with the plan's delay between power-ons."""
+    from . import plans
+    from .models import FailbackPlan
+
+    plan = FailbackPlan.objects.get(pk=plan_id)
+    members = list(plan.sessions.filter(status=SessionStatus.SWITCHING).order_by("plan_order", "pk").values_list("pk", flat=True))
+    pending = list(members)
+    stop = threading.Event()
+
+    def keep_waiting_members_alive():  # so the watchdog does not start them out of order
+        while not stop.wait(5):
+            FailbackSession.objects.filter(pk__in=list(pending)).update(heartbeat_at=timezone.now())
+        connection.close()
+
+    beater = threading.Thread(target=keep_waiting_members_alive, daemon=True)
+    beater.start()
+    try:
+        for i, session_id in enumerate(members):
+            if i and plan.power_on_delay_s:
+                plans.wait_between_power_ons(plan, pending)
+            pending.remove(session_id)
+            run_switch(session_id)
+    finally:
+        stop.set()
+        beater.join()

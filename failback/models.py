@@ -111,6 +111,43 @@ class ReplicaDisk(models.Model):
         constraints = [models.UniqueConstraint(fields=["replica", "key"], name="unique_disk_key_per_replica")]
 
 
+class FailbackPlan(models.Model):
+    """A named, ordered group of replicas failed back together: phase 1 with a concurrency limit,
+    one switch moment for all, production VMs powered on in order with a delay between them."""
+
+    name = models.CharField(max_length=100, unique=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    reason = models.CharField(max_length=500, blank=True)
+    concurrency = models.PositiveSmallIntegerField(default=2)  # phase 1 copies running at once
+    switch_mode = models.CharField(max_length=20, choices=SwitchMode.choices, default=SwitchMode.MANUAL)
+    switch_at = models.DateTimeField(null=True, blank=True)
+    power_on_after = models.BooleanField(default=True)
+    power_on_delay_s = models.PositiveIntegerField(default=0)  # between one production VM's power-on and the next
+    switch_started_at = models.DateTimeField(null=True, blank=True)  # set once: the plan switches once
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return self.name
+
+    def members(self):
+        return self.sessions.select_related("replica").prefetch_related("disks").order_by("plan_order", "pk")
+
+    @staticmethod
+    def summary(members):
+        """Counts per status and the bytes progress of the plan as a whole."""
+        counts = {}
+        done = total = 0
+        for s in members:
+            counts[s.get_status_display()] = counts.get(s.get_status_display(), 0) + 1
+            for d in s.disks.all():
+                done += d.bytes_done
+                total += d.bytes_total
+        return {"counts": counts, "percent": round(100 * done / total) if total else 0, "done": done, "total": total}
+
+
 class FailbackSession(models.Model):
     """One attempt to move a replica's workload back to production; keeps every step for audit."""
 
@@ -145,6 +182,9 @@ class FailbackSession(models.Model):
     stop_method = models.CharField(max_length=200, blank=True)  # how the replica was stopped, and why
     error = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)  # last sign of life from the worker
+    plan = models.ForeignKey(FailbackPlan, null=True, blank=True, on_delete=models.PROTECT, related_name="sessions")
+    plan_order = models.PositiveSmallIntegerField(default=0)  # boot priority within the plan
+    enqueued_at = models.DateTimeField(null=True, blank=True)  # phase 1 handed to a worker (plans queue within their limit)
     throughput = models.JSONField(default=list, blank=True)  # [[unix seconds, bytes/s, phase], ...] for the chart
 
     class Meta:

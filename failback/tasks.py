@@ -31,3 +31,13 @@ def sync_inventory(connection_id):
     from . import connections
 
     connections.sync_inventory(int(connection_id))
+
+
+def plan_switch(plan_id):
+    jobs.run_plan_switch(int(plan_id))
+
+
+def plan_scheduled_switch(plan_id):
+    from . import plans
+
+    plans.scheduled_switch_due(int(plan_id))

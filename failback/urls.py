@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_connections
+from . import views, views_connections, views_plans
 
 app_name = "failback"
 urlpatterns = [
@@ -12,6 +12,10 @@ urlpatterns = [
     path("sessions/<int:pk>/", views.session_detail, name="session"),
     path("sessions/<int:pk>/report/", views.session_report, name="report"),
     path("sessions/<int:pk>/<str:action>/", views.session_action, name="action"),
+    path("plans/", views_plans.plan_list, name="plans"),
+    path("plans/new/", views_plans.plan_new, name="plan_new"),
+    path("plans/<int:pk>/", views_plans.plan_detail, name="plan"),
+    path("plans/<int:pk>/<str:action>/", views_plans.plan_action, name="plan_action"),
     path("audit/", views.audit_list, name="audit"),
     path("audit/export.<str:fmt>", views.audit_export, name="audit_export"),
     path("replicas/<int:pk>/failover/", views_connections.declare_failover, name="declare_failover"),

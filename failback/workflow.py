@@ -19,7 +19,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
-from . import broadcast
+from . import broadcast, plans
 from .choices import ACTIVE, SCHEDULABLE, TERMINAL, TRANSITIONS, Outcome, ReplicaState, SessionStatus, SwitchMode
 from .models import AuditEvent, FailbackSession, Replica, SessionDisk
 
@@ -214,7 +214,7 @@ def validate_switch_time(switch_at, *, action, actor, **where):
 
 def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore, switch_mode=SwitchMode.MANUAL, switch_at=None,
                    power_on_after=True, network_map=None, reason="", shutdown_timeout_s=None, resource_pool="", folder="",
-                   bandwidth_mbps=None):
+                   bandwidth_mbps=None, plan=None, plan_order=0):
     """Start a failback of one replica in Failover: queue phase 1 (create the production VM, copy the data)."""
     action = "start_failback"
     replica = Replica.objects.filter(pk=replica_id).first()
@@ -224,9 +224,9 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     reason = _clean_reason(reason, action=action, actor=actor, replica=replica)
     if switch_mode not in SwitchMode.values:
         refuse(f"Unknown switch mode {switch_mode!r}; choose one of {', '.join(SwitchMode.values)}.", action=action, actor=actor, replica=replica)
-    if switch_mode == SwitchMode.SCHEDULED:
+    if switch_mode == SwitchMode.SCHEDULED and plan is None:  # a plan's members follow the plan's (validated) time
         validate_switch_time(switch_at, action=action, actor=actor, replica=replica)
-    else:
+    elif switch_mode != SwitchMode.SCHEDULED:
         switch_at = None
     vm_name = (vm_name or "").strip()
     if not VM_NAME_RE.match(vm_name):
@@ -283,6 +283,7 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                     network_map=network_map, resource_pool=resource_pool or "", folder=folder or "",
                     switch_mode=switch_mode, switch_at=switch_at, power_on_after=bool(power_on_after),
                     shutdown_timeout_s=timeout, started_by=actor, reason=reason, bandwidth_mbps=bandwidth_mbps,
+                    plan=plan, plan_order=plan_order,
                 )
                 SessionDisk.objects.bulk_create(
                     SessionDisk(session=session, key=d.key, capacity_bytes=d.capacity_bytes) for d in replica.disks.all()
@@ -290,9 +291,12 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                 audit(action=action, actor=actor, session=session, to_state=SessionStatus.QUEUED,
                       detail=f"Failback of {replica.name} to {vm_name} on {target_host}/{target_datastore}; switch {SwitchMode(switch_mode).label.lower()}"
                       + (f"; reason: {reason}" if reason else ""), data=options)
-                if switch_mode == SwitchMode.SCHEDULED:
-                    _set_switch_schedule(session)
-                _enqueue("phase1", session.pk)
+                if plan is None:  # a plan queues its members itself, within its concurrency limit
+                    if switch_mode == SwitchMode.SCHEDULED:
+                        _set_switch_schedule(session)
+                    session.enqueued_at = timezone.now()
+                    session.save(update_fields=["enqueued_at"])
+                    _enqueue("phase1", session.pk)
                 broadcast.session_changed(session.pk)
                 return session
     except IntegrityError:
@@ -301,9 +305,18 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     refuse(message, action=action, actor=actor, replica=replica, data=options)
 
 
+def _refuse_plan_member(actor, action, session_id):
+    session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
+    if session is not None and session.plan_id:
+        refuse(f"{TRANSITIONS['switch'].label if action == 'switch' else 'Schedule switch'} refused: failback #{session.pk} belongs to plan "
+               f"{session.plan.name}, which switches its members together and in order; use the plan's buttons.",
+               action=action, actor=actor, session=session, from_state=session.status)
+
+
 def switch_now(actor, session_id, *, reason=""):
     """Start phase 2 at once: stop the replica, send the last changes, power on production."""
     _require_operator(actor, "switch", session=session_id)
+    _refuse_plan_member(actor, "switch", session_id)
     reason = _clean_reason(reason, action="switch", actor=actor, session=session_id)
     return _begin_switch(session_id, actor=actor, detail=f"Switch now{': ' + reason if reason else ''}", data={"reason": reason, "trigger": "manual"})
 
@@ -320,6 +333,7 @@ def schedule_switch(actor, session_id, switch_at, *, reason=""):
     """Set or change the switch moment to a time in the future (legal until the switch begins)."""
     action = "schedule_switch"
     _require_operator(actor, action, session=session_id)
+    _refuse_plan_member(actor, action, session_id)
     reason = _clean_reason(reason, action=action, actor=actor, session=session_id)
     validate_switch_time(switch_at, action=action, actor=actor, session=session_id)
     with transaction.atomic():
@@ -382,8 +396,14 @@ def declare_failover(actor, replica_id, *, reason=""):
 # -- called by the worker and the scheduler ----------------------------------------------------
 
 def after_phase1(session_id):
-    """Phase 1 is done: switch now if the chosen moment says so."""
+    """Phase 1 is done (or failed): switch now if the chosen moment says so; plans go on with the next member."""
     session = FailbackSession.objects.get(pk=session_id)
+    if session.plan_id:
+        plans.queue_next(session.plan_id)
+        plans.switch_if_due(session.plan_id)
+        return
+    if session.status != SessionStatus.READY_TO_SWITCH:
+        return
     if session.switch_mode == SwitchMode.AUTO:
         _begin_switch(session_id, actor=None, detail="Automatic switch after phase 1", data={"trigger": "auto"})
     elif session.switch_mode == SwitchMode.SCHEDULED and session.switch_at and session.switch_at <= timezone.now():

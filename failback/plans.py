@@ -1,0 +1,204 @@
+"""Failback plans: a named, ordered group of replicas failed back together (service layer).
+
+Phase 1 of the members runs in plan order, at most ``concurrency`` at once. The plan has one switch
+moment (auto: when every member is Ready to switch; scheduled; manual), switches all members at once,
+and runs their phase 2 in order, powering production VMs on one after the other with a delay between
+them. Members that failed in phase 1 are left out (their replicas keep running). Commit and undo
+apply to every member in Failback, or to single members from their own session page.
+"""
+
+import time
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+from django_q.models import Schedule
+from django_q.tasks import async_task
+
+from . import broadcast, workflow
+from .choices import Outcome, SessionStatus, SwitchMode
+from .models import FailbackPlan, FailbackSession
+
+ACTION_START = "start_plan"
+OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
+
+
+def _audit(action, actor, plan, detail, outcome=Outcome.OK, **data):
+    with transaction.atomic():
+        workflow.audit(action=action, outcome=outcome, actor=actor, detail=detail, data={"plan": plan.name, "plan_id": plan.pk, **data})
+
+
+def _refuse(message, action, actor, plan=None, **data):
+    workflow.refuse(message, action=action, actor=actor, data={"plan": getattr(plan, "name", None), "plan_id": getattr(plan, "pk", None), **data})
+
+
+def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MANUAL, switch_at=None, power_on_after=True,
+               power_on_delay_s=0, reason=""):
+    """members: [{"replica_id", "vm_name", "target_host", "target_datastore", "network_map"}] in boot order."""
+    workflow._require_operator(actor, ACTION_START)
+    reason = workflow._clean_reason(reason, action=ACTION_START, actor=actor)
+    name = (name or "").strip()
+    if not 1 <= len(name) <= 100:
+        _refuse("Name the plan (1-100 characters).", ACTION_START, actor)
+    if FailbackPlan.objects.filter(name=name).exists():
+        _refuse(f"A plan named {name!r} already exists; pick another name.", ACTION_START, actor)
+    if not members:
+        _refuse("Pick at least one replica for the plan.", ACTION_START, actor)
+    if len({m["replica_id"] for m in members}) != len(members):
+        _refuse("A replica appears twice in the plan.", ACTION_START, actor)
+    if not 1 <= int(concurrency) <= 20:
+        _refuse("Phase 1 concurrency must be between 1 and 20.", ACTION_START, actor)
+    if not 0 <= int(power_on_delay_s) <= 3600:
+        _refuse("The delay between power-ons must be between 0 and 3600 s.", ACTION_START, actor)
+    if switch_mode not in SwitchMode.values:
+        _refuse(f"Unknown switch mode {switch_mode!r}.", ACTION_START, actor)
+    if switch_mode == SwitchMode.SCHEDULED:
+        workflow.validate_switch_time(switch_at, action=ACTION_START, actor=actor)
+    else:
+        switch_at = None
+    with transaction.atomic():
+        plan = FailbackPlan.objects.create(name=name, created_by=actor, reason=reason, concurrency=concurrency, switch_mode=switch_mode,
+                                           switch_at=switch_at, power_on_after=power_on_after, power_on_delay_s=power_on_delay_s)
+        workflow.audit(action=ACTION_START, actor=actor, detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
+                       f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s" + (f"; reason: {reason}" if reason else ""),
+                       data={"plan": name, "plan_id": plan.pk, "members": members, "concurrency": concurrency, "switch_mode": switch_mode,
+                             "switch_at": switch_at.isoformat() if switch_at else None, "power_on_after": power_on_after,
+                             "power_on_delay_s": power_on_delay_s, "reason": reason})
+    started = []
+    try:
+        for order, m in enumerate(members, 1):
+            started.append(workflow.start_failback(
+                actor, m["replica_id"], vm_name=m["vm_name"], target_host=m["target_host"], target_datastore=m["target_datastore"],
+                network_map=m.get("network_map") or {}, switch_mode=switch_mode, switch_at=switch_at, power_on_after=power_on_after,
+                reason=reason, plan=plan, plan_order=order))
+    except workflow.Refused as refused:
+        for session in started:  # all or nothing: withdraw the members already accepted
+            workflow.transition(session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member")
+        _refuse(f"Plan {name} not started: {refused.message}", ACTION_START, actor, plan)
+    if switch_mode == SwitchMode.SCHEDULED:
+        _set_schedule(plan)
+    queue_next(plan.pk)
+    return plan
+
+
+def queue_next(plan_id):
+    """Hand the next members' phase 1 to workers, in plan order, within the concurrency limit."""
+    with transaction.atomic():
+        plan = FailbackPlan.objects.select_for_update().get(pk=plan_id)
+        busy = plan.sessions.filter(Q(status=SessionStatus.PHASE1) | Q(status=SessionStatus.QUEUED, enqueued_at__isnull=False)).count()
+        waiting = plan.sessions.filter(status=SessionStatus.QUEUED, enqueued_at__isnull=True).order_by("plan_order", "pk")
+        for session in waiting[: max(0, plan.concurrency - busy)]:
+            FailbackSession.objects.filter(pk=session.pk).update(enqueued_at=timezone.now())
+            workflow._enqueue("phase1", session.pk)
+
+
+def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
+    """Switch every member at once when all are Ready to switch and the plan's moment has come."""
+    plan = FailbackPlan.objects.get(pk=plan_id)
+    if plan.switch_started_at is not None:
+        if trigger == "manual":
+            _refuse(f"Switch refused: plan {plan.name} has already switched (at {plan.switch_started_at:%Y-%m-%d %H:%M:%S %Z}).", "switch_plan", actor, plan)
+        return False
+    live = [s for s in plan.sessions.order_by("plan_order", "pk") if s.status not in OUT_OF_PLAY]
+    ready = [s for s in live if s.status == SessionStatus.READY_TO_SWITCH]
+    if trigger == "auto" and (plan.switch_mode == SwitchMode.MANUAL or
+                              (plan.switch_mode == SwitchMode.SCHEDULED and (not plan.switch_at or plan.switch_at > timezone.now()))):
+        return False
+    if not live or len(ready) != len(live):
+        if trigger == "manual":
+            _refuse(f"Switch refused: plan {plan.name} is not ready: {len(ready)} of {len(live)} member(s) are Ready to switch.", "switch_plan", actor, plan)
+        if trigger == "scheduled":
+            _audit("switch_plan", None, plan, f"Plan {plan.name}: the scheduled switch is due; it starts when every member is Ready to switch "
+                   f"({len(ready)} of {len(live)} now).", Outcome.INFO)
+        return False
+    now = timezone.now()
+    if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_started_at=now) != 1:
+        if trigger == "manual":
+            _refuse(f"Switch refused: plan {plan.name} has already switched.", "switch_plan", actor, plan)
+        return False
+    late = (now - plan.switch_at).total_seconds() if trigger != "manual" and plan.switch_at else 0
+    _audit("switch_plan", actor, plan, f"Plan {plan.name} switches {len(live)} member(s) in order ({trigger}"
+           + (f", {late:.0f} s late" if late > 60 else "") + ")" + (f": {reason}" if reason else ""), trigger=trigger, reason=reason)
+    for s in live:
+        try:
+            workflow.transition(s.pk, "switch", actor=actor, detail=f"Plan {plan.name} switch ({trigger})", switch_started_at=now,
+                                heartbeat_at=now, data={"plan": plan.name, "trigger": trigger})
+        except workflow.Refused:
+            pass  # audited; the others go on
+    Schedule.objects.filter(name=_schedule_name(plan.pk)).delete()
+    transaction.on_commit(lambda: async_task("failback.tasks.plan_switch", plan.pk, task_name=f"plan-switch-{plan.pk}-{now:%H%M%S%f}"))
+    return True
+
+
+def switch_now(actor, plan_id, *, reason=""):
+    workflow._require_operator(actor, "switch_plan")
+    reason = workflow._clean_reason(reason, action="switch_plan", actor=actor)
+    return switch_if_due(plan_id, trigger="manual", actor=actor, reason=reason)
+
+
+def scheduled_switch_due(plan_id):
+    plan = FailbackPlan.objects.filter(pk=plan_id).first()
+    if plan is not None and plan.switch_mode == SwitchMode.SCHEDULED and plan.switch_at and plan.switch_at <= timezone.now() + timedelta(seconds=1):
+        switch_if_due(plan_id, trigger="scheduled")
+
+
+def schedule_switch(actor, plan_id, switch_at, *, reason=""):
+    action = "schedule_plan_switch"
+    workflow._require_operator(actor, action)
+    reason = workflow._clean_reason(reason, action=action, actor=actor)
+    workflow.validate_switch_time(switch_at, action=action, actor=actor)
+    plan = FailbackPlan.objects.get(pk=plan_id)
+    with transaction.atomic():
+        if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at) == 1:
+            plan.sessions.exclude(status__in=OUT_OF_PLAY).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at)
+            plan.refresh_from_db()
+            _set_schedule(plan)
+            workflow.audit(action=action, actor=actor, detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
+                           + (f": {reason}" if reason else ""), data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat()})
+            return plan
+    _refuse(f"Schedule switch refused: plan {plan.name} has already switched.", action, actor, plan)
+
+
+def _finalise(actor, plan_id, action, reason):
+    workflow._require_operator(actor, f"{action}_plan")
+    plan = FailbackPlan.objects.get(pk=plan_id)
+    done, refused = [], []
+    for s in plan.sessions.filter(status=SessionStatus.FAILBACK).order_by("plan_order"):
+        try:
+            getattr(workflow, action)(actor, s.pk, reason=reason)
+            done.append(s.pk)
+        except workflow.Refused as exc:
+            refused.append(exc.message)
+    if not done:
+        _refuse(f"{action.capitalize()} refused: no member of plan {plan.name} is in Failback.", f"{action}_plan", actor, plan)
+    _audit(f"{action}_plan", actor, plan, f"Plan {plan.name}: {action} of {len(done)} member(s)" + (f"; {len(refused)} refused" if refused else ""),
+           sessions=done, refused=refused)
+    return done
+
+
+def commit(actor, plan_id, *, reason=""):
+    return _finalise(actor, plan_id, "commit", reason)
+
+
+def undo(actor, plan_id, *, reason=""):
+    return _finalise(actor, plan_id, "undo", reason)
+
+
+def _schedule_name(plan_id):
+    return f"failback-plan-switch-{plan_id}"
+
+
+def _set_schedule(plan):
+    Schedule.objects.update_or_create(name=_schedule_name(plan.pk), defaults={
+        "func": "failback.tasks.plan_scheduled_switch", "args": str(plan.pk), "schedule_type": Schedule.ONCE, "repeats": 1,
+        "next_run": plan.switch_at})
+
+
+def wait_between_power_ons(plan, pending_ids):
+    """The delay between two members' power-ons; the waiting members keep beating their heartbeat."""
+    deadline = time.monotonic() + plan.power_on_delay_s
+    while time.monotonic() < deadline:
+        FailbackSession.objects.filter(pk__in=pending_ids).update(heartbeat_at=timezone.now())
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    broadcast.session_changed(pending_ids[0]) if pending_ids else None

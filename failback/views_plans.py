@@ -1,0 +1,89 @@
+"""Failback plan pages: one view per step, rules in failback.plans."""
+
+from contextlib import closing
+
+from django.contrib import messages
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from . import plans
+from .forms import PlanForm, ReasonForm, ScheduleSwitchForm
+from .hypervisors.registry import hypervisor_for
+from .models import FailbackPlan, Replica
+from .views import _can_operate
+from .workflow import Refused
+
+
+@require_GET
+def plan_list(request):
+    return render(request, "failback/plan_list.html", {"plans": FailbackPlan.objects.select_related("created_by")[:200]})
+
+
+@require_http_methods(["GET", "POST"])
+def plan_new(request):
+    ids = [int(i) for i in request.GET.getlist("replica") + request.POST.getlist("replica") if str(i).isdigit()]
+    replicas = list(Replica.objects.filter(pk__in=ids).prefetch_related("disks").order_by("name"))
+    if not replicas:
+        messages.error(request, "Select one or more replicas in Failover, then press “Fail back selected as a plan”.")
+        return redirect("failback:replicas")
+    platforms = {(r.platform, r.connection_id) for r in replicas}
+    if len(platforms) > 1:
+        messages.error(request, "A plan's replicas must be on one platform (the lab or one vCenter).")
+        return redirect("failback:replicas")
+    with closing(hypervisor_for(replicas[0])) as hv:
+        inventory = hv.inventory()
+    form = PlanForm(request.POST or None, replicas=replicas, inventory=inventory)
+    error = None
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            plan = plans.start_plan(request.user, name=data["name"], members=form.members(), concurrency=data["concurrency"],
+                                    switch_mode=data["switch_mode"], switch_at=data["switch_at"], power_on_after=data["power_on_after"],
+                                    power_on_delay_s=data["power_on_delay_s"], reason=data["reason"])
+        except Refused as refused:
+            error = refused.message
+        else:
+            messages.success(request, f"Plan {plan.name} started with {len(replicas)} replica(s).")
+            return redirect("failback:plan", pk=plan.pk)
+    elif request.method == "POST":
+        error = "Please correct the fields marked below."
+    return render(request, "failback/plan_form.html", {"form": form, "replicas": replicas, "error": error, "can_operate": _can_operate(request.user)},
+                  status=400 if request.method == "POST" else 200)
+
+
+def _plan_context(plan, user, **extra):
+    members = list(plan.members())
+    return {"plan": plan, "members": members, "summary": plan.summary(members), "can_operate": _can_operate(user),
+            "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}), "reason_form": ReasonForm(), **extra}
+
+
+@require_GET
+def plan_detail(request, pk):
+    plan = get_object_or_404(FailbackPlan, pk=pk)
+    template = "failback/partials/plan_members.html" if request.htmx else "failback/plan_detail.html"
+    return render(request, template, _plan_context(plan, request.user))
+
+
+@require_POST
+def plan_action(request, pk, action):
+    plan = get_object_or_404(FailbackPlan, pk=pk)
+    form = (ScheduleSwitchForm if action == "schedule" else ReasonForm)(request.POST)
+    try:
+        if not form.is_valid():
+            raise Refused("; ".join(" ".join(e) for e in form.errors.values()))
+        reason = form.cleaned_data["reason"]
+        if action == "switch":
+            plans.switch_now(request.user, plan.pk, reason=reason)
+            messages.success(request, f"Plan {plan.name} is switching, member by member.")
+        elif action == "schedule":
+            plans.schedule_switch(request.user, plan.pk, form.cleaned_data["switch_at"], reason=reason)
+            messages.success(request, f"Plan {plan.name} will switch at {form.cleaned_data['switch_at']:%Y-%m-%d %H:%M %Z}.")
+        elif action in ("commit", "undo"):
+            done = getattr(plans, action)(request.user, plan.pk, reason=reason)
+            messages.success(request, f"{action.capitalize()} started for {len(done)} member(s).")
+        else:
+            raise Http404("No such action")
+    except Refused as refused:
+        messages.error(request, refused.message)
+    return redirect("failback:plan", pk=plan.pk)
