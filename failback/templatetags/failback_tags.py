@@ -53,3 +53,11 @@ def throughput_chart(samples, width=640, height=140):
 def split_pairs(text):
     """'a:A,b:B' -> [('a', 'A'), ('b', 'B')] for small fixed option lists in templates."""
     return [tuple(item.split(":", 1)) for item in text.split(",")]
+
+
+@register.filter
+def since(end, start):
+    """{{ end|since:start }}: the duration between two datetimes, or — when either is missing."""
+    if not end or not start:
+        return "—"
+    return duration(end - start)
