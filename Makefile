@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/dr_portal
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/7
 
-.PHONY: run setup test test-embedded test-production services bench clean
+.PHONY: run setup test test-embedded test-production services bench screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { sh tests/apt.sh python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -38,6 +38,10 @@ services:
 
 bench: $(STAMP)
 	$(BIN)/python bench/transfer.py
+
+screenshots: $(STAMP)
+	sh tests/apt.sh chromium
+	$(BIN)/python tests/screenshots.py
 
 clean:
 	rm -rf $(VENV) var
