@@ -4,7 +4,7 @@ from django.utils import timezone
 from .choices import SwitchMode
 from .workflow import REASON_MAX
 
-DATETIME_HELP = "Server time zone ({tz})."
+DATETIME_HELP = "{tz} time"
 
 
 class ReasonField(forms.CharField):

@@ -1,0 +1,186 @@
+"""Screenshots of the portal with realistic data, for docs/screenshots/ (1280 px wide, full page).
+
+Seeds the demo lab (12 replicas, scale 1) in a temporary DR_PORTAL_VAR, creates users, starts Daphne
+and a qcluster, and drives failbacks into different states through the workflow (the worker does the
+work): one committed, one waiting in Failback, one scheduled, one in phase 1 under a bandwidth limit
+(photographed mid-way), plus a refused attempt for the audit trail. Then Debian's Chromium
+(/usr/bin/chromium, through Playwright) saves the pages. Nothing of the real var/ is touched.
+
+Usage: .venv/bin/python tests/screenshots.py [--out docs/screenshots] [--keep]
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PAGES = ["dashboard", "replicas", "start-failback", "session-phase1", "session-failback", "sessions", "audit", "report"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
+    parser.add_argument("--keep", action="store_true", help="keep the temporary var directory (printed)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    var = tempfile.mkdtemp(prefix="dr-shots-")
+    os.environ.update({"DR_PORTAL_VAR": var, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING",
+                       "FAILBACK_SHUTDOWN_TIMEOUT": "30", "FAILBACK_PROGRESS_INTERVAL": "0.5", "TIME_ZONE": "Europe/Berlin"})
+    for name in ("DATABASE_URL", "REDIS_URL", "LAB_ROOT", "FAILBACK_STATE_DIR", "CHANNELS_DB_PATH", "DJANGO_ALLOW_ASYNC_UNSAFE"):
+        os.environ.pop(name, None)  # the embedded profile, all of it under the temporary var
+    import django
+
+    django.setup()
+    portal = None
+    try:
+        portal = run(out, var)
+    finally:
+        if portal is not None:
+            portal.stop()
+        if args.keep:
+            print(f"kept {var}")
+        else:
+            shutil.rmtree(var, ignore_errors=True)
+
+
+def wait_status(pk, *statuses, timeout=300):
+    from failback.models import FailbackSession
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        session = FailbackSession.objects.get(pk=pk)
+        if session.status in statuses:
+            return session
+        time.sleep(0.3)
+    raise SystemExit(f"session {pk} did not reach {statuses} in {timeout} s (it is {session.status}: {session.error})")
+
+
+def run(out, var):
+    import random
+
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from failback import workflow
+    from failback.choices import SessionStatus, SwitchMode
+    from failback.hypervisors.lab import LabHypervisor
+    from failback.models import FailbackSession
+    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, INIT_SCRIPT, Portal
+    from tests.conftest import make_user
+    from tests.helpers import replica_named, start
+
+    quiet = open(os.devnull, "w")
+    call_command("migrate", "--noinput", verbosity=0)
+    call_command("migrate", "--database", "channels", "--noinput", verbosity=0)
+    call_command("seed_lab", "--count", "12", "--scale", "1", "--no-user", stdout=quiet)
+    olivia, victor = make_user("olivia", "Operator"), make_user("victor", "Viewer")
+    make_user("ada", "Administrator")
+    lab = LabHypervisor(settings.LAB_ROOT)
+
+    env = dict(os.environ, DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost")
+    log_dir = Path(var) / "logs"
+    log_dir.mkdir()
+    portal = Portal(env=env, log_dir=log_dir)
+    portal.start_worker()
+    portal.start_web()
+    print(f"portal at {portal.url}, logs in {log_dir}")
+
+    def users_keep_working(replica, mib=6):
+        rng = random.Random(replica.pk)
+        for disk in replica.disks.all():
+            for _ in range(mib):
+                lab.guest_write(replica.vm_id, disk.key, rng.randrange(0, disk.capacity_bytes - 2**20), rng.randbytes(2**20))
+
+    # Committed: the whole way, with users writing while it was Ready to switch.
+    erp = replica_named("app-erp-01")
+    committed = start(olivia, erp, reason="CHG-4711 return ERP to production").pk
+    wait_status(committed, SessionStatus.READY_TO_SWITCH)
+    users_keep_working(erp)
+    workflow.switch_now(olivia, committed, reason="CHG-4711 maintenance window")
+    wait_status(committed, SessionStatus.FAILBACK)
+    workflow.commit(olivia, committed, reason="App owners confirmed ERP works")
+    wait_status(committed, SessionStatus.COMMITTED)
+    print(f"#{committed} committed")
+
+    # Waiting in Failback for commit or undo; and a Viewer's forged commit, refused and on the record.
+    web = replica_named("web-01")
+    waiting = start(olivia, web, target_host="esx-prod-02", target_datastore="prod-ds-02", reason="CHG-4712").pk
+    wait_status(waiting, SessionStatus.READY_TO_SWITCH)
+    users_keep_working(web, mib=3)
+    workflow.switch_now(olivia, waiting, reason="CHG-4712")
+    wait_status(waiting, SessionStatus.FAILBACK)
+    try:
+        workflow.commit(victor, waiting)
+    except workflow.Refused:
+        pass
+    print(f"#{waiting} in Failback")
+
+    # Ready to switch, the switch scheduled for the night.
+    switch_at = (timezone.localtime() + timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)
+    scheduled = start(olivia, replica_named("file-01"), switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at, reason="CHG-4713").pk
+    wait_status(scheduled, SessionStatus.READY_TO_SWITCH)
+    print(f"#{scheduled} scheduled for {switch_at}")
+
+    # Phase 1 under a bandwidth limit: about a minute for the lab's largest replica.
+    running = start(olivia, replica_named("ad-dc-01"), bandwidth_mbps=8, reason="CHG-4714 domain controller, WAN limit").pk
+    print(f"#{running} in phase 1 at 8 MB/s")
+
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop runs in this thread; the servers never see this
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(base_url=portal.url, viewport={"width": 1280, "height": 800})
+        context.add_init_script(INIT_SCRIPT)
+        page = context.new_page()
+        page.on("dialog", lambda d: d.accept())
+        page.goto("/accounts/login/")
+        page.fill("#id_username", "olivia")
+        page.fill("#id_password", "olivia-pass-1234")
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(lambda url: "/accounts/login/" not in url)
+
+        def shot(name, path=None, settle=True):
+            if path:
+                page.goto(path)
+            page.wait_for_load_state("networkidle" if settle else "load")
+            target = out / f"{name}.png"
+            page.screenshot(path=str(target), full_page=True)
+            print(f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {target.stat().st_size // 1024} KiB")
+
+        def first_disk_percent():
+            return FailbackSession.objects.get(pk=running).disks.order_by("key").first().percent
+
+        deadline = time.monotonic() + 240
+        while first_disk_percent() < 45 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        page.goto(f"/sessions/{running}/")
+        page.wait_for_function("window.__ws.messages >= 2")  # live figures (rate, time left) have arrived
+        shot("session-phase1", settle=False)
+        page.goto("/")
+        page.wait_for_function("window.__ws.messages >= 1")
+        shot("dashboard", settle=False)
+        shot("replicas", "/replicas/")
+        shot("start-failback", f"/replicas/{replica_named('app-hr-01').pk}/failback/")
+        shot("session-failback", f"/sessions/{waiting}/")
+        shot("sessions", "/sessions/")
+        shot("audit", f"/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
+        page.emulate_media(media="print")  # the report as it prints (no navigation bar, compact tables)
+        shot("report", f"/sessions/{committed}/report/")
+        browser.close()
+    os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE")
+    return portal
+
+
+if __name__ == "__main__":
+    main()
