@@ -172,6 +172,8 @@ class PlanForm(forms.Form):
                                                               initial=next((h for h in inventory.hosts if h != replica.host), None))
             self.fields[f"{prefix}_datastore"] = forms.ChoiceField(label=f"Datastore for {replica.name}", choices=stores,
                                                                    initial=next((d for d in inventory.datastores if d not in replica_stores), None))
+            for field in ("order", "vm_name", "host", "datastore"):  # the table shows no <label>: name each control
+                self.fields[f"{prefix}_{field}"].widget.attrs["aria-label"] = self.fields[f"{prefix}_{field}"].label
             config = configs.get(replica.vm_id)
             networks = {nic.network: suggest_network(nic.network, inventory.networks) or None for nic in (config.nics if config else ()) if nic.network}
             self.rows.append({"replica": replica, "prefix": prefix, "networks": networks,

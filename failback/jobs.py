@@ -111,7 +111,7 @@ def _phase1(session, hv):
             if _network(hv):
                 _network_copy(hv, session, disk, phase=1)
                 continue
-            _save(disk, phase=1, method="full", change_id=change_id,
+            _save(disk, phase=1, method="full", change_id=change_id, eta_s=None,
                   method_reason="Phase 1 copies every allocated block; holes and zero blocks are skipped")
             result = full_copy(hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key),
                                state_dir=_state_dir(session.pk, disk.key), progress=ProgressSink(disk),
@@ -153,7 +153,7 @@ def _network_copy(hv, session, disk, *, phase):
     replica = session.replica
     why = ("Network transport: the whole disk is streamed through the datastore HTTP interface (GET piped into PUT)" if phase == 1 else
            "Network transport cannot write ranges: the whole disk is sent again while the replica is off")
-    _save(disk, phase=phase, method="full", method_reason=why, bytes_total=disk.capacity_bytes, bytes_done=0, bytes_written=0)
+    _save(disk, phase=phase, method="full", method_reason=why, bytes_total=disk.capacity_bytes, bytes_done=0, bytes_written=0, eta_s=None)
     broadcast.send_now(session.pk)
     started = time.monotonic()
     sent = hv.copy_disk_network(replica.vm_id, session.production_vm_id, disk.key)
@@ -246,7 +246,7 @@ def _switch(session, hv):
                 method, why = "tracked", f"Change tracking: {len(extents)} extents ({_mib(sum(n for _, n in extents))}) changed since phase 1 began"
             else:
                 method, why = "digest", "Change tracking unavailable on this VM: reading the replica once and comparing block digests"
-            _save(disk, phase=2, method=method, method_reason=why, bytes_done=0, bytes_total=0, bytes_written=0)
+            _save(disk, phase=2, method=method, method_reason=why, bytes_done=0, bytes_total=0, bytes_written=0, eta_s=None)
             result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents,
                                 progress=ProgressSink(disk), progress_interval=settings.FAILBACK_PROGRESS_INTERVAL)
             beat = lambda *_: _beat(session.pk)  # noqa: E731  reading whole disks can take a while

@@ -277,9 +277,13 @@ class SessionDisk(models.Model):
 
     @property
     def percent(self):
-        if not self.bytes_total:
-            return 100 if self.bytes_done or self.method else 0
+        if not self.bytes_total:  # nothing to copy yet known: done only once the step said it finished
+            return 100 if self.finished else 0
         return min(100, round(100 * self.bytes_done / self.bytes_total))
+
+    @property
+    def finished(self):
+        return bool(self.method) and self.eta_s == 0 and self.bytes_done >= self.bytes_total
 
 
 class AppendOnlyQuerySet(models.QuerySet):

@@ -75,9 +75,14 @@ def is_zero(buf: bytearray, start: int = 0, end: int | None = None) -> bool:
     if buf[start] or buf[end - 1]:
         return False
     if _libc is not None:
-        a = ctypes.addressof(ctypes.c_char.from_buffer(buf, start))
-        z = ctypes.addressof(ctypes.c_char.from_buffer(_zeros(n)))
-        return _memcmp(a, z, n) == 0
+        # Hold the buffers (and their ctypes views) until memcmp returns: memcmp runs without the GIL,
+        # and another thread may replace _zero_buf meanwhile; a bare address would then dangle.
+        zero = _zeros(n)
+        a_view = ctypes.c_char.from_buffer(buf, start)
+        z_view = ctypes.c_char.from_buffer(zero)
+        same = _memcmp(ctypes.addressof(a_view), ctypes.addressof(z_view), n) == 0
+        del a_view, z_view
+        return same
     return memoryview(buf)[start:end].tobytes() == bytes(n)  # pragma: no cover
 
 

@@ -1,0 +1,55 @@
+"""A failback plan of three replicas, started and finished in a real browser."""
+
+import pytest
+from django.conf import settings
+
+from failback.choices import ReplicaState, SessionStatus
+from failback.hypervisors.lab import LabHypervisor
+from failback.models import FailbackPlan, FailbackSession, Replica
+
+from .browser_support import browser, login, page, portal  # noqa: F401
+
+pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extras)")
+from playwright.sync_api import expect  # noqa: E402
+
+pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.browser]
+
+LONG = 60_000  # ms: generous waits for worker steps on a busy machine (not a speed assertion)
+
+
+def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(page, portal):
+    lab = LabHypervisor(settings.LAB_ROOT)
+    names = ["app-crm-01_replica", "web-01_replica", "app-erp-01_replica"]
+    replicas = [Replica.objects.get(name=n) for n in names]
+    for r in replicas:
+        lab.set_vm_options(r.vm_id, shutdown_seconds=0.2, shutdown_hangs=False)
+    login(page, "olivia")
+    page.goto("/replicas/")
+    for r in replicas:
+        page.get_by_label(f"Select {r.name}").check()
+    page.get_by_role("button", name="Fail back selected as a plan").click()
+    expect(page.get_by_role("heading", name="Fail back 3 replicas as a plan")).to_be_visible()
+    page.get_by_label("Plan name").fill("wave A")
+    page.get_by_label("Phase 1 copies at once").fill("1")
+    page.get_by_label("Seconds between power-ons").fill("1")
+    for order, r in enumerate(replicas, 1):
+        page.get_by_label(f"Boot order of {r.name}").fill(str(order))
+        page.get_by_label(f"Production VM name for {r.name}").fill(f"{r.source_name}-prod")
+        page.get_by_label(f"Target host for {r.name}").select_option("esx-prod-01")
+        page.get_by_label(f"Datastore for {r.name}").select_option("prod-ds-01")
+    page.get_by_role("button", name="Start plan").click()
+    expect(page.get_by_role("heading", name="Plan wave A")).to_be_visible()
+    members = page.locator("#plan-members")
+    expect(members).to_contain_text("3 Ready to switch", timeout=LONG)  # the page refreshes itself
+    page.get_by_role("button", name="Switch now").click()
+    expect(members).to_contain_text("3 Failback", timeout=LONG)
+    page.get_by_role("button", name="Commit").click()
+    expect(members).to_contain_text("3 Committed", timeout=LONG)
+
+    plan = FailbackPlan.objects.get(name="wave A")
+    sessions = list(FailbackSession.objects.filter(plan=plan).order_by("plan_order"))
+    assert [s.replica.name for s in sessions] == names
+    assert all(s.status == SessionStatus.COMMITTED and s.replica.state == ReplicaState.READY for s in sessions)
+    for before, after in zip(sessions, sessions[1:]):
+        assert before.phase1_ended_at <= after.phase1_started_at  # one at a time, in order
+        assert (after.production_on_at - before.production_on_at).total_seconds() >= 1  # powered on in order, 1 s apart
