@@ -10,6 +10,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from . import plans
 from .forms import PlanForm, ReasonForm, ScheduleSwitchForm
 from .hypervisors.registry import hypervisor_for
+from .choices import SessionStatus
 from .models import FailbackPlan, Replica
 from .views import _can_operate
 from .workflow import Refused
@@ -55,6 +56,7 @@ def plan_new(request):
 def _plan_context(plan, user, **extra):
     members = list(plan.members())
     return {"plan": plan, "members": members, "summary": plan.summary(members), "can_operate": _can_operate(user),
+            "in_failback": any(s.status == SessionStatus.FAILBACK for s in members),
             "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}), "reason_form": ReasonForm(), **extra}
 
 

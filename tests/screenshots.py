@@ -135,6 +135,18 @@ def run(out, var):
     running = start(olivia, replica_named("ad-dc-01"), bandwidth_mbps=8, reason="CHG-4714 domain controller, WAN limit").pk
     print(f"#{running} in phase 1 at 8 MB/s")
 
+    # A plan of three replicas, one phase 1 at a time: the first ready, the next copying, the last queued.
+    from failback import plans
+    from tests.helpers import network_map
+
+    wave = [replica_named(n) for n in ("db-pg-01", "app-bi-01", "mail-01")]
+    plan = plans.start_plan(olivia, name="Wave 2: back office", concurrency=1, power_on_delay_s=30, reason="CHG-4720", members=[
+        {"replica_id": r.pk, "vm_name": r.source_name, "target_host": "esx-prod-02", "target_datastore": "prod-ds-02", "network_map": network_map(r)}
+        for r in wave])
+    first = FailbackSession.objects.filter(plan=plan).order_by("plan_order").first().pk
+    wait_status(first, SessionStatus.READY_TO_SWITCH)
+    print(f"plan {plan.name} under way")
+
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop runs in this thread; the servers never see this
     from playwright.sync_api import sync_playwright
 
@@ -174,6 +186,7 @@ def run(out, var):
         shot("start-failback", f"/replicas/{replica_named('app-hr-01').pk}/failback/")
         shot("session-failback", f"/sessions/{waiting}/")
         shot("sessions", "/sessions/")
+        shot("plan", f"/plans/{plan.pk}/")
         shot("audit", f"/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
         page.emulate_media(media="print")  # the report as it prints (no navigation bar, compact tables)
         shot("report", f"/sessions/{committed}/report/")
