@@ -40,5 +40,7 @@ class FailbackConfig(AppConfig):
     verbose_name = "Failback"
 
     def ready(self):
+        from . import signals  # noqa: F401  (login events into the audit trail)
+
         post_migrate.connect(ensure_roles, sender=self)
         post_migrate.connect(ensure_schedules, sender=self)

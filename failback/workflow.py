@@ -42,14 +42,14 @@ def actor_name(actor):
     return actor.get_username() if actor is not None else "system"
 
 
-def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None, from_state="", to_state="", detail="", data=None):
+def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None, from_state="", to_state="", detail="", data=None, name=None):
     if isinstance(session, int):
         session = FailbackSession.objects.filter(pk=session).first() or None
     if replica is None and session is not None:
         replica = session.replica_id
     return AuditEvent.objects.create(
         actor=actor,
-        actor_name=actor_name(actor),
+        actor_name=name or actor_name(actor),  # name: who it claimed to be, when nobody is logged in
         action=action,
         session_id=getattr(session, "pk", session),
         replica_id=getattr(replica, "pk", replica),

@@ -71,7 +71,7 @@ def test_it_refuses_a_failback_of_a_replica_not_in_failover(lab, operator):
 def test_it_refuses_a_viewer_and_audits_it(lab, viewer):
     with pytest.raises(workflow.Refused, match="Operator role"):
         start(viewer, replica_named(""))
-    row = AuditEvent.objects.get()
+    row = AuditEvent.objects.get(action="start_failback")
     assert (row.actor, row.action, row.outcome) == (viewer, "start_failback", Outcome.REFUSED)
     assert not FailbackSession.objects.exists()
 
@@ -92,7 +92,7 @@ def test_it_refuses_bad_input_with_a_clear_message(lab, operator, overrides, mes
     with pytest.raises(workflow.Refused, match=message):
         start(operator, replica_named(""), **overrides)
     assert not FailbackSession.objects.exists()
-    assert AuditEvent.objects.get().outcome == Outcome.REFUSED
+    assert AuditEvent.objects.get(action="start_failback").outcome == Outcome.REFUSED
 
 
 def test_it_refuses_a_duplicate_production_vm_name(lab, operator):

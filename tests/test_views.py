@@ -74,7 +74,7 @@ def test_it_refuses_a_viewer_posting_the_start_form(lab, viewer):
     response = logged_in(viewer).post(reverse("failback:start", args=[replica.pk]), form)
     assert response.status_code == 400 and "Operator role" in response.content.decode()
     assert not FailbackSession.objects.exists()
-    assert AuditEvent.objects.get().outcome == Outcome.REFUSED
+    assert AuditEvent.objects.get(action="start_failback").outcome == Outcome.REFUSED
 
 
 def test_it_shows_a_scheduled_switch_without_a_time_as_a_field_error(lab, operator):
