@@ -86,7 +86,6 @@ class Transition:
     target: str  # session status it leads to
     replica_from: str | None = None  # replica state required (and changed) ...
     replica_to: str | None = None  # ... to this one, in the same transaction
-    user_action: bool = False  # started by a person (vs the worker or the scheduler)
 
 
 S, R = SessionStatus, ReplicaState
@@ -94,13 +93,13 @@ TRANSITIONS = {
     "begin_phase1": Transition("Begin phase 1", frozenset({S.QUEUED}), S.PHASE1),
     "finish_phase1": Transition("Finish phase 1", frozenset({S.PHASE1}), S.READY_TO_SWITCH, R.FAILOVER, R.READY_TO_SWITCH),
     "fail_phase1": Transition("Fail phase 1", frozenset({S.QUEUED, S.PHASE1}), S.FAILED),
-    "switch": Transition("Switch now", frozenset({S.READY_TO_SWITCH}), S.SWITCHING, user_action=True),
+    "switch": Transition("Switch now", frozenset({S.READY_TO_SWITCH}), S.SWITCHING),
     "finish_switch": Transition("Finish switch", frozenset({S.SWITCHING}), S.FAILBACK, R.READY_TO_SWITCH, R.FAILBACK),
     # A failed switch brings the replica back up: it runs the workload again, a new failback may start.
     "fail_switch": Transition("Fail switch", frozenset({S.SWITCHING}), S.FAILED, R.READY_TO_SWITCH, R.FAILOVER),
-    "commit": Transition("Commit", frozenset({S.FAILBACK}), S.COMMITTING, user_action=True),
+    "commit": Transition("Commit", frozenset({S.FAILBACK}), S.COMMITTING),
     "finish_commit": Transition("Finish commit", frozenset({S.COMMITTING}), S.COMMITTED, R.FAILBACK, R.READY),
-    "undo": Transition("Undo", frozenset({S.FAILBACK}), S.UNDOING, user_action=True),
+    "undo": Transition("Undo", frozenset({S.FAILBACK}), S.UNDOING),
     "finish_undo": Transition("Finish undo", frozenset({S.UNDOING}), S.UNDONE, R.FAILBACK, R.FAILOVER),
     # Before any work started (a plan that could not start all its members withdraws the others).
     "cancel": Transition("Cancel", frozenset({S.QUEUED}), S.CANCELLED),
