@@ -16,7 +16,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
-from . import broadcast, workflow
+from . import workflow
 from .choices import Outcome, SessionStatus, SwitchMode
 from .models import FailbackPlan, FailbackSession
 
@@ -201,4 +201,3 @@ def wait_between_power_ons(plan, pending_ids):
     while time.monotonic() < deadline:
         FailbackSession.objects.filter(pk__in=pending_ids).update(heartbeat_at=timezone.now())
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    broadcast.session_changed(pending_ids[0]) if pending_ids else None
