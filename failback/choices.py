@@ -27,6 +27,7 @@ class SessionStatus(models.TextChoices):
     COMMITTED = "committed", "Committed"  # ending: production kept
     UNDONE = "undone", "Undone"  # ending: back on the replica
     FAILED = "failed", "Failed"  # ending: see the error; the replica runs
+    CANCELLING = "cancelling", "Cancelling"  # stopping phase 1 or catch-up before the switch
     CANCELLED = "cancelled", "Cancelled"  # ending: stopped before the switch
 
 
@@ -39,11 +40,13 @@ ACTIVE = frozenset(
         SessionStatus.FAILBACK,
         SessionStatus.COMMITTING,
         SessionStatus.UNDOING,
+        SessionStatus.CANCELLING,
     }
 )
 TERMINAL = frozenset(set(SessionStatus) - ACTIVE)
 # Statuses in which a worker is (or should be) doing something.
-RUNNING = frozenset({SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.SWITCHING, SessionStatus.COMMITTING, SessionStatus.UNDOING})
+RUNNING = frozenset({SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.SWITCHING, SessionStatus.COMMITTING, SessionStatus.UNDOING,
+                     SessionStatus.CANCELLING})
 
 STATUS_COLOURS = {
     SessionStatus.QUEUED: "grey",
@@ -56,6 +59,7 @@ STATUS_COLOURS = {
     SessionStatus.COMMITTED: "green",
     SessionStatus.UNDONE: "grey",
     SessionStatus.FAILED: "red",
+    SessionStatus.CANCELLING: "orange",
     SessionStatus.CANCELLED: "grey",
 }
 REPLICA_COLOURS = {
@@ -70,6 +74,12 @@ class SwitchMode(models.TextChoices):
     AUTO = "auto", "Automatically after phase 1"
     SCHEDULED = "scheduled", "At a scheduled time"
     MANUAL = "manual", "Manually (Switch now)"
+
+
+class CommitPolicy(models.TextChoices):
+    NONE = "none", "None (an operator commits or undoes)"
+    AUTO_COMMIT = "auto_commit", "Commit automatically after N minutes in Failback"
+    AUTO_UNDO = "auto_undo", "Undo automatically after N minutes in Failback"
 
 
 class Outcome(models.TextChoices):
@@ -101,9 +111,15 @@ TRANSITIONS = {
     "finish_commit": Transition("Finish commit", frozenset({S.COMMITTING}), S.COMMITTED, R.FAILBACK, R.READY),
     "undo": Transition("Undo", frozenset({S.FAILBACK}), S.UNDOING),
     "finish_undo": Transition("Finish undo", frozenset({S.UNDOING}), S.UNDONE, R.FAILBACK, R.FAILOVER),
-    # Before any work started (a plan that could not start all its members withdraws the others).
+    # Cancel before any work started: nothing to clean up (also how a plan withdraws its other members).
     "cancel": Transition("Cancel", frozenset({S.QUEUED}), S.CANCELLED),
+    # Cancel while phase 1 copies: the worker stops at its next progress tick and cleans up.
+    "cancel_phase1": Transition("Cancel", frozenset({S.PHASE1}), S.CANCELLING),
+    # Cancel while ready to switch: the replica never stopped, so it simply goes on running in Failover.
+    "cancel_ready": Transition("Cancel", frozenset({S.READY_TO_SWITCH}), S.CANCELLING, R.READY_TO_SWITCH, R.FAILOVER),
+    "finish_cancel": Transition("Finish cancel", frozenset({S.CANCELLING}), S.CANCELLED),
 }
+CANCELLABLE = frozenset({S.QUEUED, S.PHASE1, S.READY_TO_SWITCH})
 # Schedule switch changes the switch moment without changing status; legal until the switch begins.
 SCHEDULABLE = frozenset({S.QUEUED, S.PHASE1, S.READY_TO_SWITCH})
 del S, R

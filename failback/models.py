@@ -8,6 +8,7 @@ from .choices import (
     SCHEDULABLE,
     STATUS_COLOURS,
     TRANSITIONS,
+    CommitPolicy,
     Outcome,
     ReplicaState,
     SessionStatus,
@@ -77,6 +78,10 @@ class Replica(models.Model):
     site = models.CharField(max_length=100, default="DR")
     state = models.CharField(max_length=20, choices=ReplicaState.choices, default=ReplicaState.FAILOVER)
     production_vm_id = models.CharField(max_length=100, blank=True)  # set by commit
+    # Measured on this VM's last switch; the prediction of the next switch window uses them.
+    measured_shutdown_s = models.FloatField(null=True, blank=True)
+    measured_power_on_s = models.FloatField(null=True, blank=True)
+    measured_delta_bps = models.FloatField(null=True, blank=True)  # final delta + verification, bytes/s
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -186,6 +191,18 @@ class FailbackSession(models.Model):
     plan_order = models.PositiveSmallIntegerField(default=0)  # boot priority within the plan
     enqueued_at = models.DateTimeField(null=True, blank=True)  # phase 1 handed to a worker (plans queue within their limit)
     throughput = models.JSONField(default=list, blank=True)  # [[unix seconds, bytes/s, phase], ...] for the chart
+    # Commit policy: what happens after N minutes in Failback unless an operator acts (or stops the countdown).
+    commit_policy = models.CharField(max_length=20, choices=CommitPolicy.choices, default=CommitPolicy.NONE)
+    commit_after_min = models.PositiveIntegerField(null=True, blank=True)
+    policy_due_at = models.DateTimeField(null=True, blank=True)  # set when Failback is reached
+    policy_stopped_at = models.DateTimeField(null=True, blank=True)
+    # Cancel: keep the half-built production VM for a later retry (which then sends only what differs).
+    keep_production_vm = models.BooleanField(default=False)
+    reused_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Predicted switch window while Ready to switch: seconds, and its parts (see prediction.py).
+    predicted_window_s = models.FloatField(null=True, blank=True)
+    prediction = models.JSONField(default=dict, blank=True)
+    catchup_at = models.DateTimeField(null=True, blank=True)  # last background catch-up sync
 
     class Meta:
         ordering = ["-created_at", "-id"]
