@@ -6,7 +6,7 @@ from django.db.models.signals import post_migrate
 ROLES = {
     "Viewer": [],
     "Operator": ["failback.operate_failback"],
-    "Administrator": ["failback.operate_failback", "failback.add_vcenterconnection", "failback.change_vcenterconnection",
+    "Administrator": ["failback.operate_failback", "failback.override_checks", "failback.add_vcenterconnection", "failback.change_vcenterconnection",
                       "failback.view_vcenterconnection"],
 }
 

@@ -86,7 +86,8 @@ class Replica(models.Model):
 
     class Meta:
         ordering = ["name"]
-        permissions = [("operate_failback", "Can start, switch, schedule, commit and undo failbacks")]
+        permissions = [("operate_failback", "Can start, switch, schedule, commit and undo failbacks"),
+                       ("override_checks", "Can start or switch despite a failed pre-failback check (with a reason)")]
 
     def __str__(self):
         return self.name
@@ -301,6 +302,18 @@ class SessionDisk(models.Model):
     @property
     def finished(self):
         return bool(self.method) and self.eta_s == 0 and self.bytes_done >= self.bytes_total
+
+
+class SchedulerClock(models.Model):
+    """The worker's clock next to the database's, written by the watchdog every minute: the clock-skew check."""
+
+    name = models.CharField(max_length=100, primary_key=True)  # the cluster's name
+    worker_time = models.DateTimeField()
+    db_time = models.DateTimeField()
+
+    @property
+    def skew_s(self):
+        return (self.worker_time - self.db_time).total_seconds()
 
 
 class AppendOnlyQuerySet(models.QuerySet):
