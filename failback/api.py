@@ -1,0 +1,348 @@
+"""The /api/v1/ automation API (django-ninja): the portal's reads and actions for scripts.
+
+Authentication is a personal bearer token (``Authorization: Bearer drp_…``, see failback.tokens); the
+session cookie is not accepted, so the API needs no CSRF token. The request acts as the token's user, with
+that user's role. Every action calls the same service function as the page's button (workflow.py,
+plans.py), which checks the role and the state and writes the audit trail; a refusal becomes 403 (role)
+or 409 (state), with the message the page would show. Unknown ids are 404, malformed input 422.
+
+Lists take the pages' filters and ``limit``/``offset`` (newest first, or the page's sort). A page's rows
+are fetched by primary key after slicing the ids, as the pages do, so deep offsets stay cheap.
+"""
+
+from contextlib import closing
+from typing import Annotated, Literal
+
+from django.contrib.auth.decorators import login_not_required
+from django.db.models import Prefetch
+from ninja import NinjaAPI, Path, Query, Status
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.security import HttpBearer
+
+from . import plans, tokens, workflow
+from .api_schemas import (
+    DB_INT_MAX,
+    AuditFilters,
+    AuditPage,
+    CancelIn,
+    Error,
+    PlanOut,
+    PlanPage,
+    ReasonIn,
+    ReplicaOut,
+    ReplicaPage,
+    ScheduleIn,
+    SessionOut,
+    SessionPage,
+    StartFailbackIn,
+    StartPlanIn,
+    SwitchIn,
+    TargetsOut,
+    ValidationProblem,
+)
+from .audit_filters import export_row, filtered_events
+from .choices import CANCELLABLE, ReplicaState, SessionStatus
+from .forms import suggest_network
+from .hypervisors.base import HypervisorError
+from .hypervisors.registry import hypervisor_for
+from .models import FailbackPlan, FailbackSession, Replica
+from .views import REPLICA_SORTS, _attach_power_states, filtered_replicas, filtered_sessions
+
+
+class BearerToken(HttpBearer):
+    def authenticate(self, request, token):
+        user = tokens.authenticate(token)
+        if user is not None:
+            request.user = user  # the session cookie's user, if any, is ignored
+        return user
+
+
+class PortalAPI(NinjaAPI):
+    def get_openapi_operation_id(self, operation):
+        return operation.view_func.__name__  # "switch_now", not "failback_api_switch_now"
+
+
+api = PortalAPI(
+    title="DR portal automation API",
+    version="1",
+    description="Failback of DR replicas: list and read replicas, sessions, plans and the audit trail; start, switch, "
+                "schedule, cancel, commit and undo. Authenticate with a personal token: `Authorization: Bearer drp_…` "
+                "(create one on the portal's API tokens page or with `manage.py create_api_token`).",
+    urls_namespace="api-v1",
+    openapi_url="/schema/",
+    docs_url="/docs",
+    auth=BearerToken(),
+)
+
+READ = {401: Error, 422: ValidationProblem}
+ONE = {**READ, 404: Error}
+ACT = {**ONE, 400: Error, 403: Error, 409: Error}  # 400: the body is not JSON
+Limit = Query(50, ge=1, le=500, description="Rows per page (at most 500)")
+Offset = Query(0, ge=0, le=DB_INT_MAX, description="Rows to skip")
+PathId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An id (404 when there is none)")]
+
+
+@api.exception_handler(workflow.Refused)
+def refused(request, exc):
+    """The service layer said no (and audited it): the role is 403, anything else a conflict with the state."""
+    return api.create_response(request, {"detail": exc.message}, status=403 if exc.forbidden else 409)
+
+
+@api.exception_handler(HypervisorError)
+def platform_failed(request, exc):
+    """The lab or vCenter failed or refused; its own message says why."""
+    return api.create_response(request, {"detail": f"The platform failed: {exc}"}, status=502)
+
+
+@api.exception_handler(AuthenticationError)
+def unauthenticated(request, exc):
+    response = api.create_response(request, {"detail": "A valid API token is needed: Authorization: Bearer <token>."}, status=401)
+    response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+def _page(queryset, limit, offset, render):
+    ids = list(queryset.values_list("pk", flat=True)[offset:offset + limit])
+    rows = queryset.in_bulk(ids)
+    return {"count": queryset.count(), "limit": limit, "offset": offset, "items": render([rows[pk] for pk in ids])}
+
+
+def _one(queryset, pk, what):
+    row = queryset.filter(pk=pk).first()
+    if row is None:
+        raise HttpError(404, f"There is no {what} #{pk}.")
+    return row
+
+
+# -- rendering ---------------------------------------------------------------------------------------
+
+def _replicas(rows):
+    _attach_power_states(rows)
+    return [{
+        "id": r.pk, "name": r.name, "source_name": r.source_name, "platform": r.platform, "vm_id": r.vm_id, "host": r.host, "site": r.site,
+        "state": r.state, "state_label": r.get_state_display(), "power": r.power, "production_vm_id": r.production_vm_id,
+        "active_session_id": getattr(r.active_session, "pk", None), "can_start_failback": r.can_start_failback, "updated_at": r.updated_at,
+        "disks": [{"key": d.key, "capacity_bytes": d.capacity_bytes, "datastore": d.datastore} for d in r.disks.all()],
+    } for r in rows]
+
+
+def _allowed_actions(s):
+    allowed = {"switch": s.can_switch_now, "schedule": s.can_schedule_switch, "cancel": s.status in CANCELLABLE,
+               "commit": s.can_commit, "undo": s.can_undo,
+               "stop_commit_policy": s.status == SessionStatus.FAILBACK and s.policy_due_at is not None and s.policy_stopped_at is None}
+    return [action for action, ok in allowed.items() if ok]
+
+
+def _session(s):
+    window = s.switch_window
+    return {
+        "id": s.pk, "replica_id": s.replica_id, "replica_name": s.replica.name, "plan_id": s.plan_id, "plan_order": s.plan_order,
+        "status": s.status, "status_label": s.get_status_display(), "allowed_actions": _allowed_actions(s),
+        **{f: getattr(s, f) for f in (
+            "vm_name", "target_host", "target_datastore", "network_map", "resource_pool", "folder", "production_vm_id", "switch_mode",
+            "switch_at", "power_on_after", "shutdown_timeout_s", "bandwidth_mbps", "commit_policy", "commit_after_min", "policy_due_at",
+            "policy_stopped_at",
+            "reason", "created_at", "phase1_started_at", "phase1_ended_at", "switch_started_at", "replica_off_at", "phase2_ended_at",
+            "production_on_at", "ended_at", "predicted_window_s", "stop_method", "error")},
+        "started_by": s.started_by.get_username(),
+        "switch_window_s": window.total_seconds() if window is not None else None,
+        "disks": [{**{f: getattr(d, f) for f in (
+            "key", "capacity_bytes", "phase", "method", "method_reason", "bytes_total", "bytes_done", "bytes_written", "rate_bps", "eta_s",
+            "phase1_digest", "source_digest", "target_digest", "verified")}, "percent": d.percent} for d in s.disks.all()],
+    }
+
+
+def _sessions(rows):
+    return [_session(s) for s in rows]
+
+
+def _plans(rows):
+    out = []
+    for plan in rows:
+        members = list(plan.sessions.all())
+        out.append({
+            **{f: getattr(plan, f) for f in ("id", "name", "created_at", "reason", "concurrency", "switch_mode", "switch_at", "power_on_after",
+                                             "power_on_delay_s", "switch_started_at")},
+            "created_by": plan.created_by.get_username(), "percent": FailbackPlan.summary(members)["percent"],
+            "members": [{"session_id": s.pk, "plan_order": s.plan_order, "replica_id": s.replica_id, "replica_name": s.replica.name,
+                         "status": s.status, "status_label": s.get_status_display()} for s in members],
+        })
+    return out
+
+
+def _session_rows():
+    return FailbackSession.objects.select_related("replica", "started_by").prefetch_related("disks")
+
+
+def _plan_rows():
+    members = FailbackSession.objects.select_related("replica").prefetch_related("disks").order_by("plan_order", "pk")
+    return FailbackPlan.objects.select_related("created_by").prefetch_related(Prefetch("sessions", queryset=members))
+
+
+def _fresh_session(pk):
+    return _session(_session_rows().get(pk=pk))
+
+
+def _fresh_plan(pk):
+    return _plans([_plan_rows().get(pk=pk)])[0]
+
+
+# -- reads -------------------------------------------------------------------------------------------
+
+@api.get("/replicas", response={200: ReplicaPage, **READ}, tags=["replicas"], summary="List replicas (the replica page's search, filters and sort)")
+def list_replicas(request, q: str = Query("", max_length=200, pattern=r"^[^\x00]*$", description="Name or source name contains"),
+                  state: ReplicaState | None = None, site: str = Query("", max_length=100, pattern=r"^[^\x00]*$"),
+                  host: str = Query("", max_length=200, pattern=r"^[^\x00]*$"),
+                  sort: Literal[tuple(REPLICA_SORTS)] = "name", limit: int = Limit, offset: int = Offset):
+    replicas, _ = filtered_replicas({"q": q, "state": state or "", "site": site, "host": host, "sort": sort})
+    return _page(replicas, limit, offset, _replicas)
+
+
+@api.get("/replicas/{replica_id}", response={200: ReplicaOut, **ONE}, tags=["replicas"], summary="One replica")
+def get_replica(request, replica_id: PathId):
+    return _replicas([_one(filtered_replicas({})[0], replica_id, "replica")])[0]
+
+
+@api.get("/replicas/{replica_id}/targets", response={200: TargetsOut, **ONE, 502: Error}, tags=["replicas"],
+         summary="Where the replica can fail back to: hosts, datastores, networks, and the network map the start form suggests")
+def replica_targets(request, replica_id: PathId):
+    replica = _one(Replica.objects, replica_id, "replica")
+    with closing(hypervisor_for(replica)) as hv:
+        inventory = hv.inventory()
+        placement = hv.placement() if hasattr(hv, "placement") else None
+    config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
+    nics = [{"key": n.key, "network": n.network, "suggested": suggest_network(n.network, inventory.networks) or None}
+            for n in (config.nics if config else ())]
+    return {"hosts": list(inventory.hosts), "datastores": [{"name": n, "free_bytes": free} for n, free in inventory.datastores.items()],
+            "networks": list(inventory.networks), "nics": nics,
+            "suggested_network_map": {n["network"]: n["suggested"] for n in nics if n["network"]},
+            "resource_pools": dict(placement.resource_pools) if placement else {}, "folders": dict(placement.folders) if placement else {}}
+
+
+@api.get("/sessions", response={200: SessionPage, **READ}, tags=["sessions"], summary="List failback sessions, newest first")
+def list_sessions(request, status: SessionStatus | None = None, replica: int | None = Query(None, ge=1, le=DB_INT_MAX),
+                  plan: int | None = Query(None, ge=1, le=DB_INT_MAX), limit: int = Limit, offset: int = Offset):
+    sessions = filtered_sessions({"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")}).prefetch_related("disks")
+    return _page(sessions, limit, offset, _sessions)
+
+
+@api.get("/sessions/{session_id}", response={200: SessionOut, **ONE}, tags=["sessions"], summary="One failback session, with its disks")
+def get_session(request, session_id: PathId):
+    return _session(_one(_session_rows(), session_id, "failback"))
+
+
+@api.get("/plans", response={200: PlanPage, **READ}, tags=["plans"], summary="List failback plans, newest first")
+def list_plans(request, limit: int = Limit, offset: int = Offset):
+    return _page(_plan_rows(), limit, offset, _plans)
+
+
+@api.get("/plans/{plan_id}", response={200: PlanOut, **ONE}, tags=["plans"], summary="One plan, with its members in boot order")
+def get_plan(request, plan_id: PathId):
+    return _plans([_one(_plan_rows(), plan_id, "plan")])[0]
+
+
+@api.get("/audit", response={200: AuditPage, **READ}, tags=["audit"], summary="The audit trail, newest first (the audit page's filters)")
+def list_audit(request, filters: Query[AuditFilters], limit: int = Limit, offset: int = Offset):
+    params = {k: str(v) for k, v in filters.dict().items() if v not in (None, "")}
+    form, events = filtered_events(params)
+    if form.is_bound and not form.is_valid():
+        raise ValidationError([{"loc": ["query", field], "msg": " ".join(messages), "type": "value_error"} for field, messages in form.errors.items()])
+    return _page(events, limit, offset, lambda rows: [{"id": e.pk, **export_row(e)} for e in rows])
+
+
+# -- actions: each one service call --------------------------------------------------------------------
+
+@api.post("/replicas/{replica_id}/failback", response={201: SessionOut, **ACT, 502: Error}, tags=["actions"],
+          summary="Start a failback of one replica in Failover (phase 1 is queued)")
+def start_failback(request, replica_id: PathId, body: StartFailbackIn):
+    _one(Replica.objects, replica_id, "replica")
+    session = workflow.start_failback(request.auth, replica_id, **body.dict())
+    return Status(201, _fresh_session(session.pk))
+
+
+@api.post("/sessions/{session_id}/switch", response={200: SessionOut, **ACT}, tags=["actions"], summary="Switch now (phase 2)")
+def switch_now(request, session_id: PathId, body: SwitchIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    workflow.switch_now(request.auth, session_id, reason=body.reason, override_checks=body.override_checks)
+    return _fresh_session(session_id)
+
+
+@api.post("/sessions/{session_id}/schedule", response={200: SessionOut, **ACT}, tags=["actions"], summary="Schedule or change the switch time")
+def schedule_switch(request, session_id: PathId, body: ScheduleIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    workflow.schedule_switch(request.auth, session_id, body.switch_at, reason=body.reason)
+    return _fresh_session(session_id)
+
+
+@api.post("/sessions/{session_id}/cancel", response={200: SessionOut, **ACT}, tags=["actions"],
+          summary="Cancel before the switch (the replica keeps running)")
+def cancel(request, session_id: PathId, body: CancelIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    workflow.cancel(request.auth, session_id, keep_production_vm=body.keep_production_vm, reason=body.reason)
+    return _fresh_session(session_id)
+
+
+@api.post("/sessions/{session_id}/stop-commit-policy", response={200: SessionOut, **ACT}, tags=["actions"],
+          summary="Stop the automatic commit or undo countdown")
+def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    workflow.stop_commit_policy(request.auth, session_id, reason=body.reason)
+    return _fresh_session(session_id)
+
+
+@api.post("/sessions/{session_id}/commit", response={200: SessionOut, **ACT}, tags=["actions"], summary="Commit: keep production")
+def commit(request, session_id: PathId, body: ReasonIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    workflow.commit(request.auth, session_id, reason=body.reason)
+    return _fresh_session(session_id)
+
+
+@api.post("/sessions/{session_id}/undo", response={200: SessionOut, **ACT}, tags=["actions"],
+          summary="Undo: back to the replica (production's changes since the switch are discarded)")
+def undo(request, session_id: PathId, body: ReasonIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    workflow.undo(request.auth, session_id, reason=body.reason)
+    return _fresh_session(session_id)
+
+
+@api.post("/plans", response={201: PlanOut, **ACT, 502: Error}, tags=["actions"], summary="Start a plan: several replicas, one switch, power-on in order")
+def start_plan(request, body: StartPlanIn):
+    plan = plans.start_plan(request.auth, **body.dict())
+    return Status(201, _fresh_plan(plan.pk))
+
+
+@api.post("/plans/{plan_id}/switch", response={200: PlanOut, **ACT}, tags=["actions"],
+          summary="Switch every member now (when all are Ready to switch), in boot order")
+def switch_plan(request, plan_id: PathId, body: ReasonIn):
+    _one(FailbackPlan.objects, plan_id, "plan")
+    plans.switch_now(request.auth, plan_id, reason=body.reason)
+    return _fresh_plan(plan_id)
+
+
+@api.post("/plans/{plan_id}/commit", response={200: PlanOut, **ACT}, tags=["actions"], summary="Commit every member in Failback")
+def commit_plan(request, plan_id: PathId, body: ReasonIn):
+    _one(FailbackPlan.objects, plan_id, "plan")
+    plans.commit(request.auth, plan_id, reason=body.reason)
+    return _fresh_plan(plan_id)
+
+
+@api.post("/plans/{plan_id}/undo", response={200: PlanOut, **ACT}, tags=["actions"], summary="Undo every member in Failback")
+def undo_plan(request, plan_id: PathId, body: ReasonIn):
+    _one(FailbackPlan.objects, plan_id, "plan")
+    plans.undo(request.auth, plan_id, reason=body.reason)
+    return _fresh_plan(plan_id)
+
+
+@api.post("/plans/{plan_id}/schedule", response={200: PlanOut, **ACT}, tags=["actions"], summary="Schedule or change the plan's switch time")
+def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
+    _one(FailbackPlan.objects, plan_id, "plan")
+    plans.schedule_switch(request.auth, plan_id, body.switch_at, reason=body.reason)
+    return _fresh_plan(plan_id)
+
+
+def urls():
+    """The API's URL patterns. Token auth replaces the login redirect of LoginRequiredMiddleware here."""
+    patterns, app_name, namespace = api.urls
+    for pattern in patterns:
+        login_not_required(pattern.callback)
+    return patterns, app_name, namespace

@@ -1,0 +1,269 @@
+"""Request and response shapes of the /api/v1/ automation API (they generate its OpenAPI schema).
+
+Inputs are typed and bounded here, so malformed requests get a 422 before any service call; whether an
+action is allowed is decided by the service layer (workflow.py, plans.py) alone.
+"""
+
+from datetime import date, datetime
+from typing import Annotated, Any
+
+from ninja import Schema
+from pydantic import AwareDatetime, Field, StringConstraints
+
+from .choices import CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
+from .workflow import REASON_MAX
+
+DB_INT_MAX = 2**31 - 1  # ids and counts fit a 32-bit column on every database we support
+
+
+def Text(max_length, min_length=0):
+    """A string without NUL characters (PostgreSQL cannot store them)."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length, pattern=r"^[^\x00]*$")]
+
+
+Reason = Annotated[Text(REASON_MAX), Field(description="Reason or ticket, recorded in the audit trail")]
+Id = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
+
+
+class Error(Schema):
+    detail: str = Field(description="What went wrong, in the words the portal shows people")
+
+
+class ValidationProblem(Schema):
+    detail: list[dict[str, Any]] = Field(description="One entry per invalid field (pydantic's format)")
+
+
+# -- reads -----------------------------------------------------------------------------------------
+
+class Page(Schema):
+    count: int = Field(description="Rows matching the filters, all pages together")
+    limit: int
+    offset: int
+
+
+class DiskOut(Schema):
+    key: str
+    capacity_bytes: int
+    datastore: str
+
+
+class ReplicaOut(Schema):
+    id: int
+    name: str
+    source_name: str
+    platform: str
+    vm_id: str
+    host: str
+    site: str
+    state: ReplicaState
+    state_label: str
+    power: str = Field(description="The VM's live power state at the platform, or why it is unknown")
+    production_vm_id: str
+    active_session_id: int | None
+    can_start_failback: bool
+    updated_at: datetime
+    disks: list[DiskOut]
+
+
+class ReplicaPage(Page):
+    items: list[ReplicaOut]
+
+
+class DatastoreOut(Schema):
+    name: str
+    free_bytes: int
+
+
+class NicOut(Schema):
+    key: str
+    network: str | None = Field(description="The replica's network (null: disconnected)")
+    suggested: str | None = Field(description="The production twin the start form pre-selects (dr-net -> prod-net), if any")
+
+
+class TargetsOut(Schema):
+    hosts: list[str]
+    datastores: list[DatastoreOut]
+    networks: list[str]
+    nics: list[NicOut]
+    suggested_network_map: dict[str, str | None] = Field(description="Ready to pass as network_map when starting a failback")
+    resource_pools: dict[str, str] = Field(description="vSphere: id -> path (empty on the lab)")
+    folders: dict[str, str] = Field(description="vSphere: id -> path (empty on the lab)")
+
+
+class SessionDiskOut(Schema):
+    key: str
+    capacity_bytes: int
+    phase: int
+    method: str = Field(description="full | tracked | digest (empty before the step starts)")
+    method_reason: str
+    bytes_total: int
+    bytes_done: int
+    bytes_written: int
+    percent: int
+    rate_bps: float
+    eta_s: float | None
+    phase1_digest: str
+    source_digest: str
+    target_digest: str
+    verified: bool
+
+
+class SessionOut(Schema):
+    id: int
+    replica_id: int
+    replica_name: str
+    plan_id: int | None
+    plan_order: int
+    status: SessionStatus
+    status_label: str
+    allowed_actions: list[str] = Field(description="Actions the session's status allows now (the caller's role aside)")
+    vm_name: str
+    target_host: str
+    target_datastore: str
+    network_map: dict[str, str | None]
+    resource_pool: str
+    folder: str
+    production_vm_id: str
+    switch_mode: SwitchMode
+    switch_at: datetime | None
+    power_on_after: bool
+    shutdown_timeout_s: int
+    bandwidth_mbps: int | None
+    commit_policy: CommitPolicy
+    commit_after_min: int | None
+    policy_due_at: datetime | None = Field(description="When the commit policy acts, unless stopped")
+    policy_stopped_at: datetime | None
+    started_by: str
+    reason: str
+    created_at: datetime
+    phase1_started_at: datetime | None
+    phase1_ended_at: datetime | None
+    switch_started_at: datetime | None
+    replica_off_at: datetime | None
+    phase2_ended_at: datetime | None
+    production_on_at: datetime | None
+    ended_at: datetime | None
+    switch_window_s: float | None = Field(description="Downtime users felt: replica going down to production on")
+    predicted_window_s: float | None
+    stop_method: str
+    error: str
+    disks: list[SessionDiskOut]
+
+
+class SessionPage(Page):
+    items: list[SessionOut]
+
+
+class PlanMemberOut(Schema):
+    session_id: int
+    plan_order: int
+    replica_id: int
+    replica_name: str
+    status: SessionStatus
+    status_label: str
+
+
+class PlanOut(Schema):
+    id: int
+    name: str
+    created_by: str
+    created_at: datetime
+    reason: str
+    concurrency: int
+    switch_mode: SwitchMode
+    switch_at: datetime | None
+    power_on_after: bool
+    power_on_delay_s: int
+    switch_started_at: datetime | None
+    percent: int = Field(description="Bytes copied of all members' disks, in percent")
+    members: list[PlanMemberOut]
+
+
+class PlanPage(Page):
+    items: list[PlanOut]
+
+
+class AuditEventOut(Schema):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    outcome: Outcome
+    from_state: str
+    to_state: str
+    replica: str
+    session: int | None
+    detail: str
+    data: dict[str, Any]
+
+
+class AuditPage(Page):
+    items: list[AuditEventOut]
+
+
+class AuditFilters(Schema):
+    """The audit page's filters (failback.audit_filters.AuditFilterForm)."""
+
+    q: Text(200) = ""
+    user: Text(150) = ""
+    replica: Text(200) = ""
+    session: Id | None = None
+    action: Text(50) = ""
+    outcome: Outcome | None = None
+    since: date | None = None
+    until: date | None = Field(None, description="Inclusive")
+
+
+# -- actions ---------------------------------------------------------------------------------------
+
+class StartFailbackIn(Schema):
+    vm_name: Text(80, 1) = Field(description="Name of the production VM to build")
+    target_host: Text(200, 1)
+    target_datastore: Text(200, 1)
+    network_map: dict[Text(200, 1), Text(200, 1) | None] = Field(
+        default_factory=dict, description="Every replica network -> a target network, or null for disconnected")
+    resource_pool: Text(200) = ""
+    folder: Text(200) = ""
+    switch_mode: SwitchMode = SwitchMode.MANUAL
+    switch_at: AwareDatetime | None = Field(None, description="With a time zone offset; required when switch_mode is scheduled")
+    power_on_after: bool = True
+    bandwidth_mbps: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    commit_policy: CommitPolicy = CommitPolicy.NONE
+    commit_after_min: Annotated[int, Field(ge=1, le=DB_INT_MAX)] | None = None
+    override_checks: bool = Field(False, description="Start despite a failed pre-failback check (needs the permission; give a reason)")
+    reason: Reason = ""
+
+
+class PlanMemberIn(Schema):
+    replica_id: Id
+    vm_name: Text(80, 1)
+    target_host: Text(200, 1)
+    target_datastore: Text(200, 1)
+    network_map: dict[Text(200, 1), Text(200, 1) | None] = Field(default_factory=dict)
+
+
+class StartPlanIn(Schema):
+    name: Text(100, 1)
+    members: list[PlanMemberIn] = Field(min_length=1, max_length=500, description="In boot order")
+    concurrency: Annotated[int, Field(ge=1, le=20)] = 2
+    switch_mode: SwitchMode = SwitchMode.MANUAL
+    switch_at: AwareDatetime | None = None
+    power_on_after: bool = True
+    power_on_delay_s: Annotated[int, Field(ge=0, le=3600)] = 0
+    reason: Reason = ""
+
+
+class ReasonIn(Schema):
+    reason: Reason = ""
+
+
+class SwitchIn(ReasonIn):
+    override_checks: bool = Field(False, description="Switch despite a failed pre-switch check (needs the permission; give a reason)")
+
+
+class ScheduleIn(ReasonIn):
+    switch_at: AwareDatetime = Field(description="With a time zone offset, more than 5 s and less than a year ahead")
+
+
+class CancelIn(ReasonIn):
+    keep_production_vm: bool = Field(False, description="Keep the half-built production VM so that a later failback sends only what differs")
