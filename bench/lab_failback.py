@@ -6,7 +6,8 @@ the most allocated data (manual switch, power on after), lets the lab workload w
 window (replica going down -> production on). Steps run inline, as django-q2's sync mode runs them.
 
 Usage: .venv/bin/python bench/lab_failback.py [--busy-seconds 10] [--rate 1.0]
-Last line: phase1_s=<s> switch_window_s=<s> window_vs_phase1=<window/phase1> largest=<name> allocated_mib=<n>
+Before the switch it also reads the predicted switch window, as the page shows it.
+Last line: phase1_s=<s> switch_window_s=<s> window_vs_phase1=<window/phase1> predicted_s=<s> predicted_vs_actual=<ratio> largest=<name> allocated_mib=<n>
 """
 
 import argparse
@@ -40,7 +41,7 @@ def main():
     from django.core.management import call_command
     from django_q.conf import Conf
 
-    from failback import workflow
+    from failback import jobs, workflow
     from failback.hypervisors.lab import LabHypervisor, run_workload
     from failback.models import FailbackSession, Replica
 
@@ -78,6 +79,7 @@ def main():
     time.sleep(args.busy_seconds)
     stop.set()
     writer.join()
+    predicted = jobs.run_readiness(session.pk, catch_up=False)["window_s"]
     workflow.switch_now(user, session.pk)
     session = FailbackSession.objects.get(pk=session.pk)
     assert session.status == "failback", (session.status, session.error)
@@ -91,7 +93,9 @@ def main():
     print(f"phase 1 {phase1:.2f} s; switch window {window:.2f} s = replica stop {stop_s:.2f} s ({session.stop_method}) "
           f"+ final delta and verify {delta_s:.2f} s + power on {on_s:.2f} s")
     shutil.rmtree(var, ignore_errors=True)
-    print(f"phase1_s={phase1:.2f} switch_window_s={window:.2f} window_vs_phase1={window / phase1:.3f} largest={replica.name} allocated_mib={alloc / 2**20:.0f}")
+    print(f"predicted before the switch: {predicted:.2f} s")
+    print(f"phase1_s={phase1:.2f} switch_window_s={window:.2f} window_vs_phase1={window / phase1:.3f} predicted_s={predicted:.2f} "
+          f"predicted_vs_actual={predicted / window:.3f} largest={replica.name} allocated_mib={alloc / 2**20:.0f}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "django_q",
     "axes",
+    "ninja",  # the API docs page serves its Swagger UI from ninja's static files, not a CDN
     "failback",
 ]
 
@@ -168,7 +169,9 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 500, "expiry": 30},
+            # redis-py 8 reads with a 5 s socket timeout by default, as long as the layer's blocking
+            # receive waits (BZPOPMIN, 5 s): every websocket idle for 5 s was closed with 1011.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "capacity": 500, "expiry": 30},
         }
     }
 else:
@@ -213,8 +216,18 @@ FAILBACK_STATE_DIR = Path(os.environ.get("FAILBACK_STATE_DIR") or VAR_DIR / "ses
 FAILBACK_SHUTDOWN_TIMEOUT = envint("FAILBACK_SHUTDOWN_TIMEOUT", 15 * 60, minimum=1)
 # A running step that shows no sign of life for this long is queued again (it resumes from its checkpoint).
 FAILBACK_STALL_SECONDS = envint("FAILBACK_STALL_SECONDS", 120, minimum=2)
+# vCenter calls: socket timeout (seconds) and retries of a call that failed on the network (see vsphere.py).
+FAILBACK_VSPHERE_TIMEOUT = envint("FAILBACK_VSPHERE_TIMEOUT", 30, minimum=1)
+FAILBACK_VSPHERE_RETRIES = envint("FAILBACK_VSPHERE_RETRIES", 3)
 # Progress is saved and broadcast at most this often per session (seconds).
 FAILBACK_PROGRESS_INTERVAL = float(os.environ.get("FAILBACK_PROGRESS_INTERVAL", "0.5"))
+# Ready to switch: a background catch-up sync this often keeps the pending delta (and the switch window) small.
+FAILBACK_CATCHUP_MINUTES = envint("FAILBACK_CATCHUP_MINUTES", 5, minimum=1)
+# Switch window prediction before this VM's first switch measured them (vSphere; the lab knows its guests).
+FAILBACK_PREDICT_SHUTDOWN_S = envint("FAILBACK_PREDICT_SHUTDOWN_S", 60, minimum=0)
+FAILBACK_PREDICT_POWER_ON_S = envint("FAILBACK_PREDICT_POWER_ON_S", 5, minimum=0)
+# Pre-failback check: the scheduler's clock may differ from the web server's by at most this.
+FAILBACK_MAX_CLOCK_SKEW_S = envint("FAILBACK_MAX_CLOCK_SKEW_S", 30, minimum=1)
 
 # -- auth and security -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -33,6 +33,9 @@ def ensure_schedules(sender, using="default", **kwargs):
     # Every minute: queue again any step whose worker died (see workflow.recover_stalled).
     Schedule.objects.update_or_create(name="failback-watchdog", defaults={
         "func": "failback.tasks.watchdog", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1})
+    # Every minute: catch-up syncs (when due) and fresh switch-window predictions for Ready-to-switch sessions.
+    Schedule.objects.update_or_create(name="failback-readiness", defaults={
+        "func": "failback.tasks.readiness", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1})
 
 
 class FailbackConfig(AppConfig):

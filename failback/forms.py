@@ -1,7 +1,7 @@
 from django import forms
 from django.utils import timezone
 
-from .choices import SwitchMode
+from .choices import CommitPolicy, SwitchMode
 from .workflow import REASON_MAX
 
 DATETIME_HELP = "{tz} time"
@@ -45,6 +45,11 @@ class StartFailbackForm(forms.Form):
     power_on_after = forms.BooleanField(label="Power on the production VM after the switch", required=False, initial=True)
     bandwidth_mbps = forms.IntegerField(label="Bandwidth limit, MB/s (optional)", required=False, min_value=1, max_value=100_000,
                                         help_text="Leave empty to copy as fast as the disks allow.")
+    commit_policy = forms.ChoiceField(label="After the switch", choices=CommitPolicy.choices, initial=CommitPolicy.NONE, required=False,
+                                      widget=forms.RadioSelect)
+    commit_after_min = forms.IntegerField(label="Minutes in Failback before the automatic action", required=False, min_value=1, max_value=7 * 24 * 60,
+                                          help_text="The countdown is shown on the session and the dashboard, and can be stopped.")
+    override_checks = forms.BooleanField(required=False, label="Override failed checks (Administrator; the reason is required)")
     reason = ReasonField()
 
     def __init__(self, *args, replica, inventory, placement=None, **kwargs):
@@ -77,6 +82,9 @@ class StartFailbackForm(forms.Form):
         data = super().clean()
         if data.get("switch_mode") == SwitchMode.SCHEDULED and not data.get("switch_at"):
             self.add_error("switch_at", "A scheduled switch needs a date and time.")
+        data["commit_policy"] = data.get("commit_policy") or CommitPolicy.NONE
+        if data["commit_policy"] != CommitPolicy.NONE and not data.get("commit_after_min"):
+            self.add_error("commit_after_min", "An automatic commit or undo needs a number of minutes.")
         data["network_map"] = {source: (data.get(field) or None) for source, field in self.nic_fields if source}
         data.setdefault("resource_pool", "")
         data.setdefault("folder", "")
@@ -90,6 +98,14 @@ class ScheduleSwitchForm(forms.Form):
 
 class ReasonForm(forms.Form):
     reason = ReasonField()
+
+
+class SwitchForm(ReasonForm):
+    override_checks = forms.BooleanField(required=False, label="Override failed checks (Administrator; the reason is required)")
+
+
+class CancelForm(ReasonForm):
+    keep_production_vm = forms.BooleanField(required=False, label="Keep the production VM for a retry (the next failback sends only what differs)")
 
 
 class ConnectionForm(forms.ModelForm):
@@ -183,6 +199,9 @@ class PlanForm(forms.Form):
         data = super().clean()
         if data.get("switch_mode") == SwitchMode.SCHEDULED and not data.get("switch_at"):
             self.add_error("switch_at", "A scheduled switch needs a date and time.")
+        data["commit_policy"] = data.get("commit_policy") or CommitPolicy.NONE
+        if data["commit_policy"] != CommitPolicy.NONE and not data.get("commit_after_min"):
+            self.add_error("commit_after_min", "An automatic commit or undo needs a number of minutes.")
         return data
 
     BASE = ("name", "concurrency", "switch_mode", "switch_at", "power_on_after", "power_on_delay_s", "reason")

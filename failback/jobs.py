@@ -5,23 +5,29 @@ through the transfer engine, and changes state only through ``workflow.transitio
 step did, with its figures, goes to the audit trail.
 """
 
+import errno
+import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import broadcast, workflow
+from . import broadcast, prediction, workflow
+from . import checks as prechecks
 from .choices import Outcome, SessionStatus
 from .hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED
 from .hypervisors.registry import hypervisor_for
-from .models import FailbackSession, Replica, SessionDisk
-from .transfer import delta_copy, disk_digest, full_copy, verify_target
+from .models import AuditEvent, FailbackSession, Replica, SessionDisk
+from .transfer import TransferCancelled, delta_copy, disk_digest, full_copy, verify_target
+from .transfer.sparse import allocated_bytes
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,26 @@ def _state_dir(session_id, disk_key):
     path = settings.FAILBACK_STATE_DIR / str(session_id) / disk_key.replace(":", "_").replace("/", "_")
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+@contextmanager
+def session_lock(session_id, *, wait=True):
+    """One worker touches a session's production disks at a time (phase 1, catch-up, switch, cancel).
+
+    An flock: the kernel releases it when a worker dies, so a resumed step never waits for a corpse.
+    Yields False when ``wait`` is off and another worker holds it."""
+    folder = settings.FAILBACK_STATE_DIR / str(session_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _note(session, action, detail, *, outcome=Outcome.OK, data=None):
@@ -49,23 +75,29 @@ MAX_SAMPLES = 2000
 
 
 class ProgressSink:
-    """Receives the engine's (already rate-bounded) progress; saves the fields it changes and nudges."""
+    """Receives the engine's (already rate-bounded) progress; saves the fields it changes and nudges.
 
-    def __init__(self, disk):
-        self.disk = disk
+    It also notices a cancel or a switch: when the session has left ``expect``, it sets ``cancel``
+    and the engine stops at once, its checkpoint intact."""
+
+    def __init__(self, disk, *, expect, cancel, show=True):
+        self.disk, self.expect, self.cancel, self.show = disk, expect, cancel, show
         self.samples = list(FailbackSession.objects.filter(pk=disk.session_id).values_list("throughput", flat=True).first() or [])
         self.last_sample = 0.0
 
     def __call__(self, p):
-        _save(self.disk, bytes_total=p.bytes_total, bytes_done=p.bytes_done, bytes_written=p.bytes_written, rate_bps=p.rate_bps, eta_s=p.eta_seconds)
         fields = {"heartbeat_at": timezone.now()}
-        now = time.time()
-        if now - self.last_sample >= SAMPLE_EVERY:
-            self.last_sample = now
-            self.samples = (self.samples + [[round(now, 1), round(p.rate_bps), self.disk.phase]])[-MAX_SAMPLES:]
-            fields["throughput"] = self.samples
-        FailbackSession.objects.filter(pk=self.disk.session_id).update(**fields)
-        broadcast.send_now(self.disk.session_id)
+        if self.show:
+            _save(self.disk, bytes_total=p.bytes_total, bytes_done=p.bytes_done, bytes_written=p.bytes_written, rate_bps=p.rate_bps, eta_s=p.eta_seconds)
+            now = time.time()
+            if now - self.last_sample >= SAMPLE_EVERY:
+                self.last_sample = now
+                self.samples = (self.samples + [[round(now, 1), round(p.rate_bps), self.disk.phase]])[-MAX_SAMPLES:]
+                fields["throughput"] = self.samples
+        if not FailbackSession.objects.filter(pk=self.disk.session_id, status=self.expect).update(**fields):
+            self.cancel.set()
+        if self.show:
+            broadcast.send_now(self.disk.session_id)
 
 
 def _mib(n):
@@ -89,13 +121,45 @@ def run_phase1(session_id, resume=False):
             session = workflow.transition(session_id, "begin_phase1", phase1_started_at=timezone.now(), heartbeat_at=timezone.now())
         except workflow.Refused:
             return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
-    with closing(hypervisor_for(session.replica)) as hv:
-        _phase1(session, hv)
+    with session_lock(session.pk), closing(hypervisor_for(session.replica)) as hv:
+        if _phase1(session, hv):
+            _refresh_readiness(FailbackSession.objects.select_related("replica").get(pk=session.pk), hv)
     workflow.after_phase1(session.pk)
+
+
+def _reusable_state(session, disk):
+    """A retry of a cancelled failback that kept its VM: the copy map of what that VM's disk holds."""
+    if not session.reused_from_id:
+        return False
+    old = settings.FAILBACK_STATE_DIR / str(session.reused_from_id) / disk.key.replace(":", "_").replace("/", "_")
+    new = _state_dir(session.pk, disk.key)
+    if old.is_dir() and not os.listdir(new):
+        shutil.copytree(old, new, dirs_exist_ok=True)
+    return bool(os.listdir(new))
+
+
+def _announce_phase1(session, hv, disks):
+    """Say, before any byte moves, which method each disk uses and why, and how much it holds."""
+    for disk in disks:
+        if _network(hv):
+            continue
+        with open(hv.disk_path(session.replica.vm_id, disk.key), "rb") as f:
+            allocated = allocated_bytes(f.fileno(), 0, disk.capacity_bytes)
+        if disk.method:  # a resume: the method is already stated
+            continue
+        if _reusable_state(session, disk):
+            method, why = "digest", (f"Retry: the production VM kept by failback #{session.reused_from_id} already holds most data; "
+                                     "block digests are compared and only blocks that differ are sent")
+        else:
+            method, why = "full", "Phase 1 copies every allocated block; holes and zero blocks are skipped"
+        _save(disk, phase=1, method=method, method_reason=why, bytes_total=allocated, bytes_done=0, eta_s=None)
+    broadcast.send_now(session.pk)
 
 
 def _phase1(session, hv):
     replica = session.replica
+    cancel = threading.Event()
+    results = []
     try:
         if not session.production_vm_id:
             vm_id = hv.create_vm_like(replica.vm_id, name=session.vm_name, host=session.target_host,
@@ -105,34 +169,58 @@ def _phase1(session, hv):
             _note(session, "create_production_vm", f"Created production VM {session.vm_name} ({vm_id}) on {session.target_host}/{session.target_datastore} like {replica.name}",
                   data={"vm_id": vm_id})
         limit = session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
-        for disk in session.disks.all():
+        disks = list(session.disks.all())
+        _announce_phase1(session, hv, disks)
+        for disk in disks:
+            disk.refresh_from_db()
             # On a resume the first change id stays: it covers every write since the copy began.
             change_id = disk.change_id or hv.change_tracking(replica.vm_id, disk.key) or ""
             if _network(hv):
                 _network_copy(hv, session, disk, phase=1)
                 continue
-            _save(disk, phase=1, method="full", change_id=change_id, eta_s=None,
-                  method_reason="Phase 1 copies every allocated block; holes and zero blocks are skipped")
-            result = full_copy(hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key),
-                               state_dir=_state_dir(session.pk, disk.key), progress=ProgressSink(disk),
-                               progress_interval=settings.FAILBACK_PROGRESS_INTERVAL, bandwidth_limit_bps=limit)
+            _save(disk, change_id=change_id)
+            src, dst, state = hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key), _state_dir(session.pk, disk.key)
+            sink = ProgressSink(disk, expect=SessionStatus.PHASE1, cancel=cancel)
+            copy_args = {"state_dir": state, "progress": sink, "progress_interval": settings.FAILBACK_PROGRESS_INTERVAL,
+                         "bandwidth_limit_bps": limit, "cancel": cancel}
+            if disk.method == "digest":  # a retry onto the kept VM: only what differs
+                result = delta_copy(src, dst, changed_extents=None, **copy_args)
+            else:
+                result = full_copy(src, dst, **copy_args)
+            results.append(result)
             _save(disk, bytes_total=result.bytes_total, bytes_done=result.bytes_total, bytes_written=result.bytes_written,
                   phase1_bytes_written=result.bytes_written, phase1_digest=result.digest, eta_s=0)
-            _note(session, "copy_disk", f"Disk {disk.key}: {_mib(result.bytes_read)} read, {_mib(result.bytes_written)} written in {result.seconds:.1f} s (full copy)",
-                  data={"disk": disk.key, "method": "full", "bytes_read": result.bytes_read, "bytes_written": result.bytes_written,
+            how = "only blocks that differ from the kept VM" if disk.method == "digest" else "full copy"
+            _note(session, "copy_disk", f"Disk {disk.key}: {_mib(result.bytes_read)} read, {_mib(result.bytes_written)} written in {result.seconds:.1f} s ({how})",
+                  data={"disk": disk.key, "method": disk.method, "bytes_read": result.bytes_read, "bytes_written": result.bytes_written,
                         "zero_bytes_skipped": result.zero_bytes_skipped, "seconds": round(result.seconds, 3), "digest": result.digest,
-                        "resumed_from": result.resumed_from, "change_id": change_id})
-        workflow.transition(session.pk, "finish_phase1", phase1_ended_at=timezone.now(),
+                        "resumed_from": result.resumed_from, "change_id": change_id, "reused_from": session.reused_from_id})
+        base = prediction.phase1_rates(results) if results else {}
+        workflow.transition(session.pk, "finish_phase1", phase1_ended_at=timezone.now(), prediction={**(session.prediction or {}), "base": base},
                             detail="Production VM holds the replica's data as of now; the replica keeps running")
+    except TransferCancelled:
+        _note(session, "phase1", "Phase 1 stopped: the failback is being cancelled; the copy checkpoint is kept until the cancel step decides",
+              outcome=Outcome.INFO)
+        return False
     except Exception as exc:
         log.exception("phase 1 of session %s failed", session.pk)
         _discard_production_vm(session, hv)
-        workflow.transition(session.pk, "fail_phase1", error=f"{type(exc).__name__}: {exc}",
-                            detail=f"Phase 1 failed: {exc}. The replica is untouched and still running in Failover.",
-                            data={"error": str(exc), "type": type(exc).__name__})
+        reason = _reason(session, exc)
+        workflow.transition(session.pk, "fail_phase1", error=f"{type(exc).__name__}: {reason}",
+                            detail=f"Phase 1 failed: {reason}. The replica is untouched and still running in Failover.",
+                            data={"error": reason, "original": str(exc), "type": type(exc).__name__})
         _drop_state(session.pk)
         return False
     return True
+
+
+def _reason(session, exc):
+    """The error as the admin should read it: a full disk says which one; anything else as raised."""
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return str(exc)
+    if shutil.disk_usage(settings.FAILBACK_STATE_DIR).free < 1 << 20:
+        return f"No space left in the portal's state directory {settings.FAILBACK_STATE_DIR} ({exc})"
+    return f"No space left on datastore {session.target_datastore} while writing the disks of production VM {session.vm_name} ({exc})"
 
 
 def _network(hv):
@@ -175,13 +263,22 @@ def _network_copy(hv, session, disk, *, phase):
 
 
 def _discard_production_vm(session, hv):
-    if not session.production_vm_id:
-        return
+    vm_id = session.production_vm_id
+    if not vm_id:
+        # The create may have happened with its answer lost. The name was free when the failback
+        # started (start_failback checks), so a VM by that name now is this session's.
+        try:
+            vm_id = next((vm.vm_id for vm in hv.inventory().vms if vm.name == session.vm_name), None)
+        except Exception:
+            vm_id = None
+        if not vm_id:
+            return
     try:
-        if hv.power_state(session.production_vm_id) != POWERED_OFF:
-            hv.power_off(session.production_vm_id)
-        hv.delete_vm(session.production_vm_id)
-        _note(session, "delete_production_vm", f"Discarded the half-built production VM {session.vm_name}")
+        if hv.power_state(vm_id) != POWERED_OFF:
+            hv.power_off(vm_id)
+        hv.delete_vm(vm_id)
+        unrecorded = "" if session.production_vm_id else " (created by the platform although its answer never arrived)"
+        _note(session, "delete_production_vm", f"Discarded the half-built production VM {session.vm_name} ({vm_id}){unrecorded}", data={"vm_id": vm_id})
     except Exception as exc:
         _note(session, "delete_production_vm", f"Could not discard production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED, data={"error": str(exc)})
 
@@ -204,8 +301,10 @@ def _stop_replica(session, hv):
     if not hv.tools_running(vm):
         hv.power_off(vm)
         return "No guest tools running on the replica: powered off at once"
-    hv.shutdown_guest(vm)
-    deadline = time.monotonic() + session.shutdown_timeout_s
+    hv.shutdown_guest(vm)  # on a resume the guest may be shutting down already: asking again is harmless
+    # The timeout counts from the first request, so a worker restart does not extend the downtime.
+    spent = (timezone.now() - session.replica_stop_started_at).total_seconds() if session.replica_stop_started_at else 0
+    deadline = time.monotonic() + max(0.0, session.shutdown_timeout_s - spent)
     pause = min(0.5, session.shutdown_timeout_s / 10)
     while time.monotonic() < deadline:
         if hv.power_state(vm) == POWERED_OFF:
@@ -221,15 +320,32 @@ def run_switch(session_id):
     if session.status != SessionStatus.SWITCHING:
         _note(session, "phase2", f"Phase 2 not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
         return
-    with closing(hypervisor_for(session.replica)) as hv:
+    # A catch-up sync still running sees the new status at its next tick and lets go.
+    with session_lock(session.pk), closing(hypervisor_for(session.replica)) as hv:
         _switch(session, hv)
+
+
+def _announce_phase2(session, hv):
+    """Before the replica goes down: predict the window once more, and state each disk's method and why."""
+    forecast = prediction.predict(hv, session)
+    shown = session.predicted_window_s
+    _save(session, prediction={**(session.prediction or {}), "at_switch": forecast, "shown_s": shown}, predicted_window_s=forecast["window_s"])
+    for item in forecast["disks"]:
+        SessionDisk.objects.filter(session=session, key=item["disk"]).update(
+            phase=2, method=item["method"], method_reason=item["why"][:300], bytes_done=0, bytes_total=item["pending_bytes"], bytes_written=0, eta_s=None)
+    _note(session, "predict_window", f"Predicted switch window {forecast['window_s']:.1f} s: guest shutdown {forecast['shutdown_s']:.1f} s "
+          f"({forecast['shutdown_basis']}), data {forecast['data_s']:.1f} s for {_mib(forecast['changed_bytes'])} changed ({forecast['data_basis']}), "
+          f"power-on {forecast['power_on_s']:.1f} s ({forecast['power_on_basis']})", outcome=Outcome.INFO, data=forecast)
 
 
 def _switch(session, hv):
     replica = session.replica
+    written = 0
+    timing = {"delta_s": 0.0, "delta_bytes": 0, "verify_s": 0.0, "verify_bytes": 0}
     try:
         if session.replica_off_at is None:  # on a resume after the replica went off, it stays off
             if session.replica_stop_started_at is None:
+                _announce_phase2(session, hv)
                 _save(session, replica_stop_started_at=timezone.now())
             how = _stop_replica(session, hv)
             _save(session, replica_off_at=timezone.now(), stop_method=how, heartbeat_at=timezone.now())
@@ -248,10 +364,19 @@ def _switch(session, hv):
                 method, why = "digest", "Change tracking unavailable on this VM: reading the replica once and comparing block digests"
             _save(disk, phase=2, method=method, method_reason=why, bytes_done=0, bytes_total=0, bytes_written=0, eta_s=None)
             result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents,
-                                progress=ProgressSink(disk), progress_interval=settings.FAILBACK_PROGRESS_INTERVAL)
+                                progress=ProgressSink(disk, expect=SessionStatus.SWITCHING, cancel=threading.Event()),
+                                progress_interval=settings.FAILBACK_PROGRESS_INTERVAL)
+            written += result.bytes_written
+            timing["delta_s"] += result.seconds
+            timing["delta_bytes"] += max(result.bytes_read, result.bytes_written)
             beat = lambda *_: _beat(session.pk)  # noqa: E731  reading whole disks can take a while
+            verify_started = time.monotonic()
             source_digest = disk_digest(src, progress=beat, progress_interval=5)
             target_digest = verify_target(dst, state_dir=_state_dir(session.pk, disk.key), progress=beat, progress_interval=5)
+            timing["verify_s"] += time.monotonic() - verify_started
+            for path in (src, dst):
+                with open(path, "rb") as f:
+                    timing["verify_bytes"] += allocated_bytes(f.fileno(), 0, disk.capacity_bytes)
             verified = source_digest == target_digest == result.digest
             _save(disk, bytes_total=result.bytes_total, bytes_done=result.bytes_total, bytes_written=result.bytes_written, eta_s=0,
                   phase2_bytes_written=result.bytes_written, source_digest=source_digest, target_digest=target_digest, verified=verified)
@@ -260,7 +385,8 @@ def _switch(session, hv):
             if not verified:
                 raise RuntimeError(f"Disk {disk.key} differs after the final delta: replica {source_digest}, production {target_digest}")
             _note(session, "send_changes", f"Disk {disk.key}: {_mib(result.bytes_written)} of changes sent ({method}); production disk verified identical", data=data)
-        session = workflow.transition(session.pk, "finish_switch", phase2_ended_at=timezone.now(), detail="The workload now belongs to the production VM")
+        session = workflow.transition(session.pk, "finish_switch", phase2_ended_at=timezone.now(), detail="The workload now belongs to the production VM",
+                                      then=workflow.arm_commit_policy)
     except Exception as exc:
         log.exception("phase 2 of session %s failed", session.pk)
         _recover_replica(session, hv, exc)
@@ -274,25 +400,51 @@ def _switch(session, hv):
             _note(session, "power_on_production", f"Could not power on production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED, data={"error": str(exc)})
     window = session.switch_window
     if window is not None:
-        _note(session, "switch_window", f"Switch window {window.total_seconds():.1f} s (replica going down → production {'on' if session.production_on_at else 'ready'})",
-              outcome=Outcome.INFO, data={"seconds": round(window.total_seconds(), 3), "phase1_seconds": round(session.phase1_duration.total_seconds(), 3) if session.phase1_duration else None})
+        actual = window.total_seconds()
+        forecast = (session.prediction or {}).get("at_switch") or {}
+        predicted = forecast.get("window_s")
+        versus = f"; predicted {predicted:.1f} s ({actual - predicted:+.1f} s)" if predicted is not None else ""
+        learned = prediction.learn(session, timing)
+        _note(session, "switch_window", f"Switch window {actual:.1f} s (replica going down → production {'on' if session.production_on_at else 'ready'}){versus}",
+              outcome=Outcome.INFO, data={"seconds": round(actual, 3), "predicted_s": predicted, "shown_s": (session.prediction or {}).get("shown_s"),
+                                          "error_s": round(actual - predicted, 3) if predicted is not None else None,
+                                          "phase1_seconds": round(session.phase1_duration.total_seconds(), 3) if session.phase1_duration else None,
+                                          "learned": learned})
+
+
+RECOVERY_ATTEMPTS = 3  # switches left open for the watchdog when the replica cannot be brought back
 
 
 def _recover_replica(session, hv, exc):
     """A switch that fails must never leave both VMs down: production off, replica back on."""
     steps = []
+    if session.production_vm_id:  # on its own: a production VM that is gone or stuck must not keep the replica down
+        try:
+            if hv.power_state(session.production_vm_id) == POWERED_ON:
+                hv.power_off(session.production_vm_id)
+                steps.append("production VM powered off")
+        except Exception as again:
+            steps.append(f"production VM {session.vm_name} not checked: {again}")
+    reason, ending = _reason(session, exc), "the replica runs the workload again"
     try:
-        if session.production_vm_id and hv.power_state(session.production_vm_id) == POWERED_ON:
-            hv.power_off(session.production_vm_id)
-            steps.append("production VM powered off")
         if hv.power_state(session.replica.vm_id) != POWERED_ON:
             hv.power_on(session.replica.vm_id)
             steps.append("replica powered on")
     except Exception as again:
-        steps.append(f"recovery failed: {again}")
-    workflow.transition(session.pk, "fail_switch", error=f"{type(exc).__name__}: {exc}",
-                        detail=f"Switch failed: {exc}. {'; '.join(steps) or 'replica still running'}; the replica runs the workload again.",
-                        data={"error": str(exc), "type": type(exc).__name__, "recovery": steps})
+        steps.append(f"replica not powered on: {again}")
+        # The platform cannot be reached or refuses: the replica may be down. Ending the session now
+        # would leave both VMs off, so it stays Switching and the watchdog runs phase 2 again after
+        # FAILBACK_STALL_SECONDS: the switch then finishes, or fails with the replica brought back.
+        tried = AuditEvent.objects.filter(session_id=session.pk, action="recover_replica").count()
+        if tried < RECOVERY_ATTEMPTS:
+            _note(session, "recover_replica", f"Switch failed: {reason}. The replica {session.replica.name} could not be powered back on: {again}. "
+                  f"The switch stays open; the watchdog tries again in about {settings.FAILBACK_STALL_SECONDS} s (attempt {tried + 1} of {RECOVERY_ATTEMPTS}).",
+                  outcome=Outcome.FAILED, data={"error": reason, "original": str(exc), "type": type(exc).__name__, "recovery": steps})
+            return
+        ending = f"the replica {session.replica.name} could NOT be powered on after {RECOVERY_ATTEMPTS} attempts: power it on by hand"
+    workflow.transition(session.pk, "fail_switch", error=f"{type(exc).__name__}: {reason}",
+                        detail=f"Switch failed: {reason}. {'; '.join(steps) or 'replica still running'}; {ending}.",
+                        data={"error": reason, "original": str(exc), "type": type(exc).__name__, "recovery": steps})
 
 
 # -- finalising --------------------------------------------------------------------------------
@@ -341,6 +493,89 @@ def _undo(session, hv):
         raise
     workflow.transition(session.pk, "finish_undo", detail="; ".join(steps).capitalize(), data={"steps": steps})
     _drop_state(session.pk)
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+def run_cancel(session_id):
+    """Finish a cancel once the copy has let go: keep or delete the production VM. Never touches the replica."""
+    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+    if session.status != SessionStatus.CANCELLING:
+        _note(session, "cancel", f"Cancel step not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
+        return
+    with session_lock(session.pk), closing(hypervisor_for(session.replica)) as hv:
+        session.refresh_from_db()
+        replica_power = hv.power_state(session.replica.vm_id)
+        if not session.production_vm_id:
+            detail = "Nothing had been built yet"
+        elif session.keep_production_vm:
+            if hv.power_state(session.production_vm_id) != POWERED_OFF:
+                hv.power_off(session.production_vm_id)
+            detail = (f"Production VM {session.vm_name} kept, powered off, with its copy map: a new failback of {session.replica.name} "
+                      f"to {session.vm_name} on {session.target_host}/{session.target_datastore} sends only what differs")
+        else:
+            _discard_production_vm(session, hv)
+            _drop_state(session.pk)
+            detail = f"Half-built production VM {session.vm_name} deleted"
+    workflow.transition(session.pk, "finish_cancel", detail=f"{detail}. The replica was not touched and is {replica_power}.",
+                        data={"kept_vm_id": session.production_vm_id if session.keep_production_vm else None, "replica_power": replica_power})
+
+
+# -- ready to switch: catch-up syncs and the predicted window ------------------------------------
+
+def _catch_up(session, hv):
+    """Bring the production disks up to date while the replica runs, so the final delta stays small."""
+    cancel = threading.Event()
+    written, report = {}, []
+    for disk in session.disks.all():
+        if _network(hv):
+            return None  # network transport resends whole disks: a catch-up would not shrink the window
+        src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
+        new_id = hv.change_tracking(session.replica.vm_id, disk.key) if disk.change_id else None
+        extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents) if new_id else None
+        sink = ProgressSink(disk, expect=SessionStatus.READY_TO_SWITCH, cancel=cancel, show=False)
+        try:
+            result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents, progress=sink,
+                                progress_interval=settings.FAILBACK_PROGRESS_INTERVAL, cancel=cancel)
+        except TransferCancelled:
+            return None  # a switch or a cancel took over; the copy map is consistent, the next pass carries on
+        SessionDisk.objects.filter(pk=disk.pk).update(change_id=new_id or "")
+        written[disk.key] = result.bytes_written
+        report.append(f"{disk.key}: {_mib(result.bytes_written)} ({'tracked' if new_id else 'digest'})")
+    _save(session, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written})
+    _note(session, "catch_up", f"Catch-up sync while the replica runs: {', '.join(report)}", outcome=Outcome.INFO,
+          data={"bytes_written": written})
+    return written
+
+
+def _refresh_readiness(session, hv):
+    """Predict the window of a switch started now and re-run the switch checks; shown beside the buttons."""
+    forecast = prediction.predict(hv, session)
+    found = prechecks.before_switch(hv, session)
+    FailbackSession.objects.filter(pk=session.pk, status=SessionStatus.READY_TO_SWITCH).update(
+        predicted_window_s=forecast["window_s"],
+        prediction={**(session.prediction or {}), "now": forecast, "checks": [c.as_dict() for c in found], "checked_at": timezone.now().isoformat()})
+    broadcast.send_now(session.pk)
+    return forecast
+
+
+def run_readiness(session_id, *, catch_up=None):
+    """Scheduled every minute per Ready-to-switch session: a catch-up when one is due, then a fresh prediction."""
+    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+    if session.status != SessionStatus.READY_TO_SWITCH:
+        return None
+    with session_lock(session.pk, wait=False) as mine:
+        if not mine:
+            return None  # a switch, a cancel or another catch-up holds the disks
+        with closing(hypervisor_for(session.replica)) as hv:
+            last = session.catchup_at or session.phase1_ended_at
+            due = last is None or timezone.now() - last >= timedelta(minutes=settings.FAILBACK_CATCHUP_MINUTES)
+            if catch_up if catch_up is not None else due:
+                _catch_up(session, hv)
+                session.refresh_from_db()
+            if session.status != SessionStatus.READY_TO_SWITCH:
+                return None
+            return _refresh_readiness(session, hv)
 
 
 # -- plans -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from django.utils import timezone
 
 from .choices import (
     ACTIVE,
+    CANCELLABLE,
     REPLICA_COLOURS,
     SCHEDULABLE,
     STATUS_COLOURS,
@@ -252,6 +253,36 @@ class FailbackSession(models.Model):
         return self.allows("undo")
 
     @property
+    def can_cancel(self):
+        return self.status in CANCELLABLE and not self.plan_id
+
+    @property
+    def policy_counting(self):
+        """The commit policy's countdown runs: Failback reached, not stopped, nobody acted yet."""
+        return self.status == SessionStatus.FAILBACK and self.policy_due_at is not None and self.policy_stopped_at is None
+
+    @property
+    def policy_verb(self):
+        return {CommitPolicy.AUTO_COMMIT: "commit", CommitPolicy.AUTO_UNDO: "undo"}.get(self.commit_policy, "")
+
+    def time_left_s(self, disks):
+        """The running phase's time left: bytes still to move on every disk at the current rate."""
+        if self.status not in (SessionStatus.PHASE1, SessionStatus.SWITCHING):
+            return None
+        remaining = sum(max(0, d.bytes_total - d.bytes_done) for d in disks if d.phase == (1 if self.status == SessionStatus.PHASE1 else 2))
+        rate = max((d.rate_bps for d in disks if d.rate_bps), default=0)
+        if not remaining:
+            return 0.0 if rate else None
+        return remaining / rate if rate else None
+
+    @property
+    def forecast(self):
+        """The latest predicted switch window (prediction.py) and the last switch checks, for display."""
+        data = self.prediction or {}
+        return {"now": data.get("now"), "checks": data.get("checks") or [], "checked_at": data.get("checked_at"),
+                "at_switch": data.get("at_switch"), "start_checks": data.get("start_checks") or []}
+
+    @property
     def switch_window(self):
         """Downtime users felt: replica going down -> production on (or phase 2 end without power on)."""
         end = self.production_on_at or self.phase2_ended_at
@@ -359,3 +390,28 @@ class AuditEvent(models.Model):
 
     def delete(self, *args, **kwargs):
         raise PermissionError("Audit events are append-only: they cannot be deleted.")
+
+
+class ApiToken(models.Model):
+    """A bearer token for the /api/v1/ automation API, acting as its user with that user's role.
+
+    Only the SHA-256 of the token is stored: the token itself is shown once, when it is created.
+    ``prefix`` (``drp_`` and a public id) is not secret and lets a user tell tokens apart."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=20, unique=True)
+    key_hash = models.CharField(max_length=64, unique=True)  # hex SHA-256 of the whole token
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.name})"
+
+    @property
+    def is_active(self):
+        return self.revoked_at is None

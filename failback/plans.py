@@ -75,6 +75,8 @@ def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MA
     except workflow.Refused as refused:
         for session in started:  # all or nothing: withdraw the members already accepted
             workflow.transition(session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member")
+        # The row stays with its withdrawn members, for the record; the name is freed for the corrected attempt.
+        FailbackPlan.objects.filter(pk=plan.pk).update(name=f"{name[:70]} (not started, #{plan.pk})")
         _refuse(f"Plan {name} not started: {refused.message}", ACTION_START, actor, plan)
     if switch_mode == SwitchMode.SCHEDULED:
         _set_schedule(plan)

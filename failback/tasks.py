@@ -19,8 +19,28 @@ def undo(session_id, resume=False):
     jobs.run_undo(session_id)
 
 
+def cancel(session_id, resume=False):
+    jobs.run_cancel(session_id)
+
+
 def watchdog():
+    from .checks import record_scheduler_clock
+
+    record_scheduler_clock()
     workflow.recover_stalled()
+
+
+def readiness():
+    """Every minute: each Ready-to-switch session gets its catch-up (when due) and a fresh prediction."""
+    from .choices import SessionStatus
+    from .models import FailbackSession
+
+    for session_id in FailbackSession.objects.filter(status=SessionStatus.READY_TO_SWITCH).values_list("pk", flat=True):
+        jobs.run_readiness(session_id)
+
+
+def commit_policy(session_id):
+    workflow.commit_policy_due(int(session_id))
 
 
 def scheduled_switch(session_id):

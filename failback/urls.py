@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_connections, views_plans
+from . import views, views_connections, views_plans, views_tokens
 
 app_name = "failback"
 urlpatterns = [
@@ -8,6 +8,7 @@ urlpatterns = [
     path("replicas/", views.replica_list, name="replicas"),
     path("replicas/<int:pk>/failback/", views.start_failback, name="start"),
     path("replicas/<int:pk>/failback/pickers/", views.start_failback_pickers, name="start_pickers"),
+    path("replicas/<int:pk>/failback/checks/", views.start_failback_checks, name="start_checks"),
     path("sessions/", views.session_list, name="sessions"),
     path("sessions/<int:pk>/", views.session_detail, name="session"),
     path("sessions/<int:pk>/report/", views.session_report, name="report"),
@@ -19,6 +20,8 @@ urlpatterns = [
     path("audit/", views.audit_list, name="audit"),
     path("audit/export.<str:fmt>", views.audit_export, name="audit_export"),
     path("replicas/<int:pk>/failover/", views_connections.declare_failover, name="declare_failover"),
+    path("account/tokens/", views_tokens.token_list, name="tokens"),
+    path("account/tokens/<int:pk>/revoke/", views_tokens.token_revoke, name="token_revoke"),
     path("connections/", views_connections.connection_list, name="connections"),
     path("connections/new/", views_connections.connection_edit, name="connection_new"),
     path("connections/<int:pk>/", views_connections.connection_detail, name="connection"),

@@ -13,11 +13,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import workflow
-from .choices import ACTIVE, REPLICA_COLOURS, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
-from .forms import ReasonForm, ScheduleSwitchForm, StartFailbackForm
-from .hypervisors.registry import hypervisor_for
+from . import checks, workflow
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filtered_events
+from .choices import ACTIVE, REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
+from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, StartFailbackForm, SwitchForm
+from .hypervisors.registry import hypervisor_for
 from .models import AuditEvent, FailbackSession, Replica
 
 
@@ -46,11 +46,11 @@ def _attach_power_states(replicas):
 REPLICA_SORTS = {"name": "name", "-name": "-name", "state": "state", "host": "host", "site": "site", "updated": "-updated_at"}
 
 
-@require_GET
-def replica_list(request):
+def filtered_replicas(params):
+    """(queryset, filters) for the replica list's search, filters and sort; shared by the page and the API."""
     replicas = Replica.objects.select_related("connection").prefetch_related(
         Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
-    q, state, site, host = (request.GET.get(k, "").strip() for k in ("q", "state", "site", "host"))
+    q, state, site, host = ((params.get(k) or "").strip() for k in ("q", "state", "site", "host"))
     if q:
         replicas = replicas.filter(Q(name__icontains=q) | Q(source_name__icontains=q))
     if state in ReplicaState.values:
@@ -59,8 +59,13 @@ def replica_list(request):
         replicas = replicas.filter(site=site)
     if host:
         replicas = replicas.filter(host=host)
-    sort = request.GET.get("sort", "name")
-    replicas = replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk")
+    sort = params.get("sort") or "name"
+    return replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk"), {"q": q, "state": state, "site": site, "host": host, "sort": sort}
+
+
+@require_GET
+def replica_list(request):
+    replicas, filters = filtered_replicas(request.GET)
     page = Paginator(replicas, 50).get_page(request.GET.get("page"))
     _attach_power_states(page.object_list)
     query = request.GET.copy()
@@ -68,7 +73,7 @@ def replica_list(request):
     facets = Replica.objects.order_by()
     return render(request, "failback/replica_list.html", {
         "page": page, "replicas": page.object_list, "can_operate": _can_operate(request.user), "query": query.urlencode(),
-        "filters": {"q": q, "state": state, "site": site, "host": host, "sort": sort}, "states": ReplicaState.choices,
+        "filters": filters, "states": ReplicaState.choices,
         "sites": facets.values_list("site", flat=True).distinct(), "hosts": facets.values_list("host", flat=True).distinct(),
     })
 
@@ -83,14 +88,14 @@ def dashboard_context():
     now = timezone.now()
     counts = dict(Replica.objects.order_by().values_list("state").annotate(n=Count("pk")))
     sessions = FailbackSession.objects.select_related("replica").prefetch_related("disks")
-    running = list(sessions.filter(status__in=[SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.SWITCHING,
-                                               SessionStatus.COMMITTING, SessionStatus.UNDOING]).order_by("created_at")[:50])
+    running = list(sessions.filter(status__in=RUNNING).order_by("created_at")[:50])
     scheduled = list(sessions.filter(status__in=SCHEDULABLE, switch_mode=SwitchMode.SCHEDULED).order_by("switch_at")[:50])
     waiting = list(sessions.filter(status=SessionStatus.FAILBACK).order_by("phase2_ended_at")[:50])
+    ready = list(sessions.filter(status=SessionStatus.READY_TO_SWITCH).order_by("phase1_ended_at")[:50])
     failures = list(sessions.filter(status=SessionStatus.FAILED).order_by("-ended_at")[:10])
     return {
         "states": [(value, label, counts.get(value, 0), REPLICA_COLOURS[value]) for value, label in ReplicaState.choices],
-        "running": running, "scheduled": scheduled, "waiting": waiting, "failures": failures, "now": now,
+        "running": running, "scheduled": scheduled, "waiting": waiting, "failures": failures, "now": now, "ready": ready,
         "ready_to_switch": sessions.filter(status=SessionStatus.READY_TO_SWITCH).count(),
     }
 
@@ -108,6 +113,23 @@ def start_failback_pickers(request, pk):
     return render(request, "failback/partials/resource_pool_field.html", {"form": form})
 
 
+def _start_checks(replica, form):
+    """The pre-failback checks for what the form currently says (its initial choices before any input)."""
+    def value(name):
+        return form.data.get(name) if form.is_bound else form.fields[name].initial
+
+    network_map = {source: (value(field) or None) for source, field in form.nic_fields if source}
+    with closing(hypervisor_for(replica)) as hv:
+        return checks.before_start(hv, replica, target_host=value("target_host"), target_datastore=value("target_datastore"), network_map=network_map)
+
+
+@require_GET
+def start_failback_checks(request, pk):
+    """htmx: the summary's checks, run again for the host, datastore and networks just picked."""
+    replica = get_object_or_404(Replica, pk=pk)
+    return render(request, "failback/partials/start_checks.html", {"checks": _start_checks(replica, _start_form(request, replica, request.GET))})
+
+
 @require_http_methods(["GET", "POST"])
 def start_failback(request, pk):
     replica = get_object_or_404(Replica, pk=pk)
@@ -120,7 +142,8 @@ def start_failback(request, pk):
                 request.user, replica.pk, vm_name=data["vm_name"], target_host=data["target_host"], target_datastore=data["target_datastore"],
                 switch_mode=data["switch_mode"], switch_at=data["switch_at"], power_on_after=data["power_on_after"],
                 network_map=data["network_map"], reason=data["reason"], resource_pool=data["resource_pool"], folder=data["folder"],
-                bandwidth_mbps=data["bandwidth_mbps"],
+                bandwidth_mbps=data["bandwidth_mbps"], commit_policy=data["commit_policy"], commit_after_min=data["commit_after_min"],
+                override_checks=data["override_checks"],
             )
         except workflow.Refused as refused:
             error = refused.message
@@ -128,28 +151,47 @@ def start_failback(request, pk):
             messages.success(request, f"Failback #{session.pk} of {replica.name} started.")
             return redirect("failback:session", pk=session.pk)
     elif request.method == "POST":
-        error = "Please correct the fields marked below."
+        error = workflow.refuse_input("Start failback refused: please correct the fields marked below ("
+                                      + "; ".join(f"{f}: {' '.join(e)}" for f, e in form.errors.items())[:400] + ").",
+                                      action="start_failback", actor=request.user, replica=replica)
     elif not _can_operate(request.user):
         error = "You may look, but starting a failback needs the Operator role."
     return render(request, "failback/start_failback.html", {"replica": replica, "form": form, "error": error,
-                                                            "can_operate": _can_operate(request.user)},
+                                                            "can_operate": _can_operate(request.user), "checks": _start_checks(replica, form),
+                                                            "can_override": request.user.has_perm(workflow.OVERRIDE_PERMISSION)},
                   status=400 if request.method == "POST" else 200)
+
+
+def filtered_sessions(params):
+    """Sessions newest first, optionally of one status, replica or plan; shared by the page and the API."""
+    sessions = FailbackSession.objects.select_related("replica", "started_by")
+    status, replica, plan = ((params.get(k) or "").strip() for k in ("status", "replica", "plan"))
+    if status in SessionStatus.values:
+        sessions = sessions.filter(status=status)
+    if replica.isdigit() and len(replica) < 10:  # ids fit 32 bits; a longer number would overflow the database's integer
+        sessions = sessions.filter(replica_id=int(replica))
+    if plan.isdigit() and len(plan) < 10:
+        sessions = sessions.filter(plan_id=int(plan))
+    return sessions
 
 
 @require_GET
 def session_list(request):
-    sessions = FailbackSession.objects.select_related("replica", "started_by")
+    sessions = filtered_sessions(request.GET)
     page = page_by_ids(sessions, request.GET.get("page"), 50)
     return render(request, "failback/session_list.html", {"page": page})
 
 
 def session_context(session, user, **extra):
     """What the session fragments need; shared by the page, the action responses and the websocket."""
+    disks = list(session.disks.all())
     return {
         "session": session,
-        "disks": list(session.disks.all()),
+        "disks": disks,
         "events": list(session.events.order_by("-at", "-id")[:100]),
         "can_operate": _can_operate(user),
+        "can_override": user.has_perm(workflow.OVERRIDE_PERMISSION),
+        "time_left_s": session.time_left_s(disks),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
         "reason_form": ReasonForm(),
         "now": timezone.now(),
@@ -175,7 +217,8 @@ def session_detail(request, pk):
     return render(request, "failback/session_detail.html", session_context(session, request.user))
 
 
-ACTIONS = {"switch", "schedule", "commit", "undo"}
+ACTIONS = {"switch", "schedule", "commit", "undo", "cancel", "stop_countdown"}
+ACTION_FORMS = {"schedule": ScheduleSwitchForm, "switch": SwitchForm, "cancel": CancelForm}
 
 
 def session_action(request, pk, action):
@@ -184,16 +227,25 @@ def session_action(request, pk, action):
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
     get_object_or_404(FailbackSession, pk=pk)
-    form = (ScheduleSwitchForm if action == "schedule" else ReasonForm)(request.POST)
+    form = ACTION_FORMS.get(action, ReasonForm)(request.POST)
     error = notice = None
     if not form.is_valid():
-        error = "; ".join(f"{form.fields[f].label if f in form.fields else f}: {' '.join(e)}" for f, e in form.errors.items())
+        error = workflow.refuse_input("; ".join(f"{form.fields[f].label if f in form.fields else f}: {' '.join(e)}" for f, e in form.errors.items()),
+                                      action={"schedule": "schedule_switch", "stop_countdown": "stop_commit_policy"}.get(action, action),
+                                      actor=request.user, session=FailbackSession.objects.get(pk=pk))
     else:
         reason = form.cleaned_data["reason"]
         try:
             if action == "switch":
-                workflow.switch_now(request.user, pk, reason=reason)
+                workflow.switch_now(request.user, pk, reason=reason, override_checks=form.cleaned_data["override_checks"])
                 notice = "Switch started: the replica is being stopped."
+            elif action == "cancel":
+                s = workflow.cancel(request.user, pk, keep_production_vm=form.cleaned_data["keep_production_vm"], reason=reason)
+                notice = ("Cancelled." if s.status == "cancelled" else
+                          f"Cancelling: the copy stops and the production VM is {'kept for a retry' if s.keep_production_vm else 'deleted'}; the replica keeps running.")
+            elif action == "stop_countdown":
+                workflow.stop_commit_policy(request.user, pk, reason=reason)
+                notice = "Countdown stopped: commit or undo when you are ready."
             elif action == "schedule":
                 s = workflow.schedule_switch(request.user, pk, form.cleaned_data["switch_at"], reason=reason)
                 notice = f"Switch scheduled for {timezone.localtime(s.switch_at):%Y-%m-%d %H:%M %Z}."

@@ -7,10 +7,10 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import plans
+from . import plans, workflow
+from .choices import SessionStatus
 from .forms import PlanForm, ReasonForm, ScheduleSwitchForm
 from .hypervisors.registry import hypervisor_for
-from .choices import SessionStatus
 from .models import FailbackPlan, Replica
 from .views import _can_operate
 from .workflow import Refused
@@ -48,15 +48,25 @@ def plan_new(request):
             messages.success(request, f"Plan {plan.name} started with {len(replicas)} replica(s).")
             return redirect("failback:plan", pk=plan.pk)
     elif request.method == "POST":
-        error = "Please correct the fields marked below."
+        error = workflow.refuse_input("Start plan refused: please correct the fields marked below ("
+                                      + "; ".join(f"{f}: {' '.join(e)}" for f, e in form.errors.items())[:400] + ").",
+                                      action="start_plan", actor=request.user)
     return render(request, "failback/plan_form.html", {"form": form, "replicas": replicas, "error": error, "can_operate": _can_operate(request.user)},
                   status=400 if request.method == "POST" else 200)
+
+
+def _plan_prediction(plan, members):
+    """Members switch one after the other: the plan's window is the sum of theirs plus the power-on delays."""
+    windows = [s.predicted_window_s for s in members if s.status == SessionStatus.READY_TO_SWITCH]
+    if not windows or any(w is None for w in windows):
+        return None
+    return sum(windows) + plan.power_on_delay_s * (len(windows) - 1)
 
 
 def _plan_context(plan, user, **extra):
     members = list(plan.members())
     return {"plan": plan, "members": members, "summary": plan.summary(members), "can_operate": _can_operate(user),
-            "in_failback": any(s.status == SessionStatus.FAILBACK for s in members),
+            "in_failback": any(s.status == SessionStatus.FAILBACK for s in members), "predicted": _plan_prediction(plan, members),
             "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}), "reason_form": ReasonForm(), **extra}
 
 
@@ -73,7 +83,8 @@ def plan_action(request, pk, action):
     form = (ScheduleSwitchForm if action == "schedule" else ReasonForm)(request.POST)
     try:
         if not form.is_valid():
-            raise Refused("; ".join(" ".join(e) for e in form.errors.values()))
+            raise Refused(workflow.refuse_input(f"Plan {action} refused: " + "; ".join(" ".join(e) for e in form.errors.values()),
+                                                action=f"plan_{action}", actor=request.user, data={"plan": plan.name}))
         reason = form.cleaned_data["reason"]
         if action == "switch":
             plans.switch_now(request.user, plan.pk, reason=reason)

@@ -20,22 +20,29 @@ from django_q.models import Schedule
 from django_q.tasks import async_task
 
 from . import broadcast, plans
-from .choices import ACTIVE, SCHEDULABLE, TERMINAL, TRANSITIONS, Outcome, ReplicaState, SessionStatus, SwitchMode
+from . import checks as prechecks
+from .choices import ACTIVE, CANCELLABLE, SCHEDULABLE, TERMINAL, TRANSITIONS, CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
+from .hypervisors.base import HypervisorError
 from .models import AuditEvent, FailbackSession, Replica, SessionDisk
 
 log = logging.getLogger(__name__)
 
 OPERATE_PERMISSION = "failback.operate_failback"
+OVERRIDE_PERMISSION = "failback.override_checks"
+COMMIT_AFTER_MAX_MIN = 7 * 24 * 60
 VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 REASON_MAX = 500
 
 
 class Refused(Exception):
-    """An action that is not allowed now, or input that cannot be accepted. Already audited."""
+    """An action that is not allowed now, or input that cannot be accepted. Already audited.
 
-    def __init__(self, message):
+    ``forbidden`` is true when the actor's role is the reason (the API answers 403 rather than 409)."""
+
+    def __init__(self, message, *, forbidden=False):
         super().__init__(message)
         self.message = message
+        self.forbidden = forbidden
 
 
 def actor_name(actor):
@@ -61,16 +68,25 @@ def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None,
     )
 
 
-def refuse(message, *, action, actor=None, session=None, replica=None, from_state="", data=None):
+def refuse(message, *, action, actor=None, session=None, replica=None, from_state="", data=None, forbidden=False):
     """Audit a refused attempt (committed even if the caller's transaction rolls back) and raise."""
     with transaction.atomic():
         audit(action=action, outcome=Outcome.REFUSED, actor=actor, session=session, replica=replica, from_state=from_state, detail=message, data=data)
-    raise Refused(message)
+    raise Refused(message, forbidden=forbidden)
+
+
+def refuse_input(message, *, action, actor, **where):
+    """A form the view could not even parse (malformed time, oversized field, unknown choice): the
+    refusal is audited like any other, and its message returned for the page."""
+    try:
+        refuse(message, action=action, actor=actor, **where)
+    except Refused as refused:
+        return refused.message
 
 
 def _require_operator(actor, action, **where):
     if actor is None or not actor.has_perm(OPERATE_PERMISSION):
-        refuse(f"{actor_name(actor)} may not {TRANSITIONS.get(action).label.lower() if action in TRANSITIONS else action.replace('_', ' ')}: the Operator role is needed.", action=action, actor=actor, **where)
+        refuse(f"{actor_name(actor)} may not {TRANSITIONS.get(action).label.lower() if action in TRANSITIONS else action.replace('_', ' ')}: the Operator role is needed.", action=action, actor=actor, forbidden=True, **where)
 
 
 def _clean_reason(reason, *, action, actor, **where):
@@ -150,7 +166,8 @@ def _enqueue(task, session_id, **kwargs):
 
 
 # Which step a running status belongs to, for the watchdog.
-STEP_OF = {SessionStatus.PHASE1: "phase1", SessionStatus.SWITCHING: "phase2", SessionStatus.COMMITTING: "commit", SessionStatus.UNDOING: "undo"}
+STEP_OF = {SessionStatus.PHASE1: "phase1", SessionStatus.SWITCHING: "phase2", SessionStatus.COMMITTING: "commit", SessionStatus.UNDOING: "undo",
+           SessionStatus.CANCELLING: "cancel"}
 
 
 def recover_stalled():
@@ -174,6 +191,10 @@ def recover_stalled():
             _enqueue(STEP_OF[session.status], session.pk, resume=True)
             broadcast.session_changed(session.pk)
         resumed.append(session.pk)
+    # A commit policy whose schedule was lost (deleted, or the scheduler down at its time) still runs once.
+    overdue = FailbackSession.objects.filter(status=SessionStatus.FAILBACK, policy_due_at__lt=now - timedelta(seconds=90), policy_stopped_at=None)
+    for session_id in overdue.values_list("pk", flat=True):
+        commit_policy_due(session_id)
     return resumed
 
 
@@ -214,8 +235,13 @@ def validate_switch_time(switch_at, *, action, actor, **where):
 
 def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore, switch_mode=SwitchMode.MANUAL, switch_at=None,
                    power_on_after=True, network_map=None, reason="", shutdown_timeout_s=None, resource_pool="", folder="",
-                   bandwidth_mbps=None, plan=None, plan_order=0):
-    """Start a failback of one replica in Failover: queue phase 1 (create the production VM, copy the data)."""
+                   bandwidth_mbps=None, plan=None, plan_order=0, commit_policy=CommitPolicy.NONE, commit_after_min=None,
+                   override_checks=False):
+    """Start a failback of one replica in Failover: queue phase 1 (create the production VM, copy the data).
+
+    The pre-failback checks (checks.before_start) must pass, or an Administrator overrides them with a
+    reason. A production VM kept by this replica's last cancelled failback, with the same name, host
+    and datastore, is reused: phase 1 then sends only the blocks that differ."""
     action = "start_failback"
     replica = Replica.objects.filter(pk=replica_id).first()
     if replica is None:
@@ -228,14 +254,30 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
         validate_switch_time(switch_at, action=action, actor=actor, replica=replica)
     elif switch_mode != SwitchMode.SCHEDULED:
         switch_at = None
+    commit_policy = commit_policy or CommitPolicy.NONE
+    if commit_policy not in CommitPolicy.values:
+        refuse(f"Unknown commit policy {commit_policy!r}; choose one of {', '.join(CommitPolicy.values)}.", action=action, actor=actor, replica=replica)
+    if commit_policy == CommitPolicy.NONE:
+        commit_after_min = None
+    elif commit_after_min is None or not 1 <= int(commit_after_min) <= COMMIT_AFTER_MAX_MIN:
+        refuse(f"An automatic commit or undo needs a delay between 1 and {COMMIT_AFTER_MAX_MIN} minutes.", action=action, actor=actor, replica=replica)
     vm_name = (vm_name or "").strip()
     if not VM_NAME_RE.match(vm_name):
         refuse("The production VM name must be 1-80 letters, digits, dots, dashes or underscores, starting with a letter or digit.", action=action, actor=actor, replica=replica)
     from .hypervisors.registry import hypervisor_for  # the platform is asked outside any transaction
 
-    with closing(hypervisor_for(replica)) as hv:
-        inventory = hv.inventory()
-        placement = hv.placement() if hasattr(hv, "placement") and (resource_pool or folder) else None
+    network_map = dict(network_map or {})
+    try:
+        with closing(hypervisor_for(replica)) as hv:
+            inventory = hv.inventory()
+            placement = hv.placement() if hasattr(hv, "placement") and (resource_pool or folder) else None
+            found = prechecks.before_start(hv, replica, target_host=target_host, target_datastore=target_datastore,
+                                           network_map=network_map, inventory=inventory) if target_host in inventory.hosts else []
+    except HypervisorError as exc:  # vCenter unreachable, slow or failing: a clear refusal, never a crash
+        refuse(f"Start failback refused: {exc}", action=action, actor=actor, replica=replica)
+    if placement is None and (resource_pool or folder):  # the lab has no resource pools or folders
+        refuse(f"Start failback refused: {replica.name}'s platform has no resource pools or VM folders; leave them empty.",
+               action=action, actor=actor, replica=replica)
     if resource_pool and resource_pool not in placement.resource_pools:
         refuse(f"Unknown resource pool {resource_pool!r}.", action=action, actor=actor, replica=replica)
     if folder and folder not in placement.folders:
@@ -244,18 +286,20 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
         refuse(f"Unknown target host {target_host!r}.", action=action, actor=actor, replica=replica)
     if target_datastore not in inventory.datastores:
         refuse(f"Unknown target datastore {target_datastore!r}.", action=action, actor=actor, replica=replica)
-    needed = sum(d.capacity_bytes for d in replica.disks.all())
-    if inventory.datastores[target_datastore] < needed:
-        refuse(f"Datastore {target_datastore} has {inventory.datastores[target_datastore] / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB.", action=action, actor=actor, replica=replica)
-    if any(vm.name == vm_name for vm in inventory.vms):
+    kept = _kept_vm(replica, vm_name, target_host, target_datastore, inventory)
+    if kept is None and any(vm.name == vm_name for vm in inventory.vms):
         refuse(f"A VM named {vm_name!r} already exists; pick another name.", action=action, actor=actor, replica=replica)
-    network_map = dict(network_map or {})
+    if kept is not None:  # its disks are already allocated: the room check counts them as free
+        found = [c if c.key != "datastore" else prechecks.Check("datastore", c.label, prechecks.OK,
+                 f"Reusing the production VM kept by failback #{kept.pk}: its disks are already on {target_datastore}.") for c in found]
     replica_vm = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
     if replica_vm is None:
         refuse(f"Start failback refused: the replica VM {replica.name} ({replica.vm_id}) is not in the platform's inventory.", action=action, actor=actor, replica=replica)
-    unmapped = sorted({nic.network for nic in replica_vm.nics if nic.network and nic.network not in network_map})
-    if unmapped:
-        refuse(f"Map every replica network to a target network or to disconnected: {', '.join(unmapped)} not mapped.", action=action, actor=actor, replica=replica)
+    active = FailbackSession.objects.filter(replica=replica, status__in=ACTIVE).first()
+    if active is not None:  # a rule, not a check: no override
+        refuse(f"Start failback refused: replica {replica.name} already has failback #{active.pk} ({active.get_status_display()}).",
+               action=action, actor=actor, replica=replica)
+    _enforce_checks(found, actor=actor, override=override_checks, reason=reason, action=action, replica=replica)
     for target in network_map.values():
         if target is not None and target not in inventory.networks:
             refuse(f"Unknown target network {target!r}.", action=action, actor=actor, replica=replica)
@@ -267,6 +311,9 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
         "resource_pool": resource_pool or "", "folder": folder or "",
         "switch_mode": switch_mode, "switch_at": switch_at.isoformat() if switch_at else None,
         "power_on_after": bool(power_on_after), "shutdown_timeout_s": timeout, "reason": reason, "bandwidth_mbps": bandwidth_mbps,
+        "commit_policy": commit_policy, "commit_after_min": commit_after_min,
+        "reuses": {"session": kept.pk, "vm_id": kept.production_vm_id} if kept else None,
+        "checks": [c.as_dict() for c in found],
     }
     message = None
     try:
@@ -283,13 +330,17 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                     network_map=network_map, resource_pool=resource_pool or "", folder=folder or "",
                     switch_mode=switch_mode, switch_at=switch_at, power_on_after=bool(power_on_after),
                     shutdown_timeout_s=timeout, started_by=actor, reason=reason, bandwidth_mbps=bandwidth_mbps,
-                    plan=plan, plan_order=plan_order,
+                    plan=plan, plan_order=plan_order, commit_policy=commit_policy, commit_after_min=commit_after_min,
+                    reused_from=kept, production_vm_id=kept.production_vm_id if kept else "",
+                    prediction={"start_checks": [c.as_dict() for c in found]},
                 )
                 SessionDisk.objects.bulk_create(
                     SessionDisk(session=session, key=d.key, capacity_bytes=d.capacity_bytes) for d in replica.disks.all()
                 )
                 audit(action=action, actor=actor, session=session, to_state=SessionStatus.QUEUED,
                       detail=f"Failback of {replica.name} to {vm_name} on {target_host}/{target_datastore}; switch {SwitchMode(switch_mode).label.lower()}"
+                      + (f"; {CommitPolicy(commit_policy).label.replace('N minutes', f'{commit_after_min} min')}" if commit_after_min else "")
+                      + (f"; reusing the production VM kept by failback #{kept.pk}" if kept else "")
                       + (f"; reason: {reason}" if reason else ""), data=options)
                 if plan is None:  # a plan queues its members itself, within its concurrency limit
                     if switch_mode == SwitchMode.SCHEDULED:
@@ -305,6 +356,33 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     refuse(message, action=action, actor=actor, replica=replica, data=options)
 
 
+def _kept_vm(replica, vm_name, target_host, target_datastore, inventory):
+    """The production VM this replica's last cancelled failback kept for a retry, if this start asks for the same one."""
+    last = FailbackSession.objects.filter(replica=replica).exclude(status__in=ACTIVE).order_by("-created_at", "-id").first()
+    if (last is None or last.status != SessionStatus.CANCELLED or not last.keep_production_vm or not last.production_vm_id
+            or (last.vm_name, last.target_host, last.target_datastore) != (vm_name, target_host, target_datastore)):
+        return None
+    return last if any(vm.vm_id == last.production_vm_id for vm in inventory.vms) else None
+
+
+def _enforce_checks(found, *, actor, override, reason, action, **where):
+    """A failed check blocks the action, unless an Administrator overrides it with a reason (audited)."""
+    failed = prechecks.failures(found)
+    if not failed:
+        return
+    label = TRANSITIONS["switch"].label if action == "switch" else action.replace("_", " ").capitalize()
+    if not override:
+        refuse(f"{label} refused by the pre-failback checks: {prechecks.summary(found)}.",
+               action=action, actor=actor, data={"checks": [c.as_dict() for c in found]}, **where)
+    if actor is None or not actor.has_perm(OVERRIDE_PERMISSION):
+        refuse(f"{actor_name(actor)} may not override failed checks: the Administrator role is needed.", action=action, actor=actor, forbidden=True, **where)
+    if not reason:
+        refuse("Overriding a failed check needs a reason.", action=action, actor=actor, **where)
+    with transaction.atomic():
+        audit(action="override_checks", outcome=Outcome.INFO, actor=actor, detail=f"{label} despite failed checks ({prechecks.summary(found)}): {reason}",
+              data={"checks": [c.as_dict() for c in found], "reason": reason, "for": action}, **where)
+
+
 def _refuse_plan_member(actor, action, session_id):
     session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
     if session is not None and session.plan_id:
@@ -313,15 +391,46 @@ def _refuse_plan_member(actor, action, session_id):
                action=action, actor=actor, session=session, from_state=session.status)
 
 
-def switch_now(actor, session_id, *, reason=""):
-    """Start phase 2 at once: stop the replica, send the last changes, power on production."""
+def switch_now(actor, session_id, *, reason="", override_checks=False):
+    """Start phase 2 at once: stop the replica, send the last changes, power on production.
+
+    The checks run again first (host, datastore, replica, scheduler clock): the world may have changed."""
     _require_operator(actor, "switch", session=session_id)
     _refuse_plan_member(actor, "switch", session_id)
     reason = _clean_reason(reason, action="switch", actor=actor, session=session_id)
-    return _begin_switch(session_id, actor=actor, detail=f"Switch now{': ' + reason if reason else ''}", data={"reason": reason, "trigger": "manual"})
+    session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
+    found = []
+    if session is not None and session.status == SessionStatus.READY_TO_SWITCH:
+        found = switch_checks(session)
+        _enforce_checks(found, actor=actor, override=override_checks, reason=reason, action="switch", session=session)
+    return _begin_switch(session_id, actor=actor, detail=f"Switch now{': ' + reason if reason else ''}",
+                         data={"reason": reason, "trigger": "manual", "checks": [c.as_dict() for c in found]})
+
+
+def switch_checks(session):
+    from .hypervisors.registry import hypervisor_for
+
+    try:
+        with closing(hypervisor_for(session.replica)) as hv:
+            return prechecks.before_switch(hv, session)
+    except HypervisorError as exc:  # the platform cannot answer now: a failed check, so the switch waits
+        return [prechecks.Check("platform", "Platform reachable", prechecks.FAIL, str(exc))]
 
 
 def _begin_switch(session_id, *, actor, detail, data):
+    if actor is None:  # automatic (after phase 1, or scheduled): the checks run again; a failure keeps it waiting
+        session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+        found = switch_checks(session)
+        if prechecks.failures(found):
+            with transaction.atomic():
+                audit(action="switch", outcome=Outcome.REFUSED, session=session, from_state=session.status, to_state=session.status,
+                      detail=f"{detail} blocked by the pre-switch checks: {prechecks.summary(found)}. The session stays Ready to switch; "
+                      "fix the cause and switch now, or an Administrator switches now with an override.",
+                      data={**data, "checks": [c.as_dict() for c in found]})
+                broadcast.session_changed(session.pk)
+            return None
+        data = {**data, "checks": [c.as_dict() for c in found]}
+
     def then(session):
         _drop_switch_schedule(session.pk)
         _enqueue("phase2", session.pk)
@@ -354,18 +463,133 @@ def schedule_switch(actor, session_id, switch_at, *, reason=""):
            action=action, actor=actor, session=session, from_state=session.status)
 
 
+def _finalise(action):
+    def then(session):
+        _drop_policy_schedule(session.pk)
+        _enqueue(action, session.pk)
+    return then
+
+
 def commit(actor, session_id, *, reason=""):
     """Keep production: the replica returns to Ready and the production VM takes the source's place."""
     _require_operator(actor, "commit", session=session_id)
     reason = _clean_reason(reason, action="commit", actor=actor, session=session_id)
-    return transition(session_id, "commit", actor=actor, detail=reason, data={"reason": reason}, then=lambda s: _enqueue("commit", s.pk))
+    return transition(session_id, "commit", actor=actor, detail=reason, data={"reason": reason}, then=_finalise("commit"))
 
 
 def undo(actor, session_id, *, reason=""):
     """Go back to the replica: production off (its changes since the switch discarded), replica on."""
     _require_operator(actor, "undo", session=session_id)
     reason = _clean_reason(reason, action="undo", actor=actor, session=session_id)
-    return transition(session_id, "undo", actor=actor, detail=reason, data={"reason": reason}, then=lambda s: _enqueue("undo", s.pk))
+    return transition(session_id, "undo", actor=actor, detail=reason, data={"reason": reason}, then=_finalise("undo"))
+
+
+def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
+    """Stop a failback before the switch. The replica is never touched: it keeps running in Failover.
+
+    Queued: cancelled at once. Phase 1 or Ready to switch: Cancelling; the copy (or a catch-up sync)
+    stops at its next progress tick, then the cancel step deletes the half-built production VM or,
+    on request, keeps it (powered off) so that the next failback sends only what differs."""
+    action = "cancel"
+    _require_operator(actor, action, session=session_id)
+    reason = _clean_reason(reason, action=action, actor=actor, session=session_id)
+    session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
+    if session is not None and session.plan_id:
+        refuse(f"Cancel refused: failback #{session.pk} belongs to plan {session.plan.name}; a plan's members switch together, so cancel is not offered for one member.",
+               action=action, actor=actor, session=session, from_state=session.status)
+    keep = bool(keep_production_vm)
+    what = "keep the production VM for a retry" if keep else "delete the production VM"
+    data = {"reason": reason, "keep_production_vm": keep}
+    detail = f"Cancel: {what}{'; reason: ' + reason if reason else ''}"
+    status = session.status if session is not None else None
+    if status == SessionStatus.QUEUED:
+        return transition(session_id, "cancel", actor=actor, detail=detail + " (nothing was built yet)", data=data,
+                          then=lambda s: _drop_switch_schedule(s.pk))
+    step = "cancel_ready" if status == SessionStatus.READY_TO_SWITCH else "cancel_phase1"
+    if status not in CANCELLABLE:
+        step = "cancel_phase1"  # refused by the table, with the usual message
+        if session is not None and session.status not in TERMINAL:
+            refuse(f"Cancel refused: failback #{session.pk} is {_status_label(session.status)}; cancel is possible only before the switch "
+                   f"(afterwards, Undo goes back to the replica).", action=action, actor=actor, session=session, from_state=session.status)
+
+    def then(s):
+        _drop_switch_schedule(s.pk)
+        _enqueue("cancel", s.pk)
+
+    return transition(session_id, step, actor=actor, detail=detail, data=data, then=then, keep_production_vm=keep, heartbeat_at=timezone.now())
+
+
+# -- commit policy -----------------------------------------------------------------------------
+
+def _policy_schedule_name(session_id):
+    return f"failback-policy-{session_id}"
+
+
+def _drop_policy_schedule(session_id):
+    Schedule.objects.filter(name=_policy_schedule_name(session_id)).delete()
+
+
+def arm_commit_policy(session):
+    """Failback reached (inside the finish_switch transaction): start the policy's countdown, if any."""
+    if session.commit_policy == CommitPolicy.NONE or not session.commit_after_min:
+        return
+    session.policy_due_at = timezone.now() + timedelta(minutes=session.commit_after_min)
+    session.save(update_fields=["policy_due_at"])
+    Schedule.objects.update_or_create(name=_policy_schedule_name(session.pk), defaults={
+        "func": "failback.tasks.commit_policy", "args": str(session.pk), "schedule_type": Schedule.ONCE, "repeats": 1,
+        "next_run": session.policy_due_at})
+    what = "commit" if session.commit_policy == CommitPolicy.AUTO_COMMIT else "undo"
+    audit(action="commit_policy", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
+          detail=f"Automatic {what} at {session.policy_due_at:%Y-%m-%d %H:%M:%S %Z} ({session.commit_after_min} min) unless an operator acts or stops the countdown",
+          data={"policy": session.commit_policy, "due": session.policy_due_at.isoformat()})
+
+
+def stop_commit_policy(actor, session_id, *, reason=""):
+    """Stop the countdown: the session stays in Failback until an operator commits or undoes."""
+    action = "stop_commit_policy"
+    _require_operator(actor, action, session=session_id)
+    reason = _clean_reason(reason, action=action, actor=actor, session=session_id)
+    with transaction.atomic():
+        session = FailbackSession.objects.select_for_update().filter(pk=session_id).first()
+        if (session is not None and session.status == SessionStatus.FAILBACK and session.policy_due_at
+                and session.policy_stopped_at is None):
+            session.policy_stopped_at = timezone.now()
+            session.save(update_fields=["policy_stopped_at"])
+            _drop_policy_schedule(session.pk)
+            audit(action=action, actor=actor, session=session, from_state=session.status, to_state=session.status,
+                  detail=f"Countdown to the automatic {'commit' if session.commit_policy == CommitPolicy.AUTO_COMMIT else 'undo'} stopped"
+                  + (f": {reason}" if reason else ""), data={"reason": reason, "was_due": session.policy_due_at.isoformat()})
+            broadcast.session_changed(session.pk)
+            return session
+    if session is None:
+        refuse(f"Stop countdown refused: there is no failback #{session_id}.", action=action, actor=actor)
+    why = ("it was already stopped" if session.policy_stopped_at else
+           "no automatic commit or undo is counting down" if session.status == SessionStatus.FAILBACK else
+           f"failback #{session.pk} is {session.get_status_display()}")
+    refuse(f"Stop countdown refused: {why}.", action=action, actor=actor, session=session, from_state=session.status)
+
+
+def commit_policy_due(session_id):
+    """The policy's moment came (scheduler, or the watchdog if the schedule was lost): act, audited as automatic."""
+    session = FailbackSession.objects.filter(pk=session_id).first()
+    if session is None:
+        return None
+    if (session.status != SessionStatus.FAILBACK or session.policy_due_at is None or session.policy_stopped_at is not None
+            or session.policy_due_at > timezone.now() + timedelta(seconds=1)):
+        with transaction.atomic():
+            audit(action="commit_policy", outcome=Outcome.INFO, session=session, from_state=session.status,
+                  detail=f"Automatic {session.get_commit_policy_display().split()[0].lower()} not run: failback #{session.pk} is {session.get_status_display()}"
+                  + (", countdown stopped" if session.policy_stopped_at else ""))
+        return None
+    step = "commit" if session.commit_policy == CommitPolicy.AUTO_COMMIT else "undo"
+    late = (timezone.now() - session.policy_due_at).total_seconds()
+    try:
+        return transition(session.pk, step, detail=f"Automatic {step}: nobody acted within {session.commit_after_min} min of the switch (commit policy)"
+                          + (f", {late:.0f} s late" if late > 60 else ""),
+                          data={"trigger": "commit_policy", "policy": session.commit_policy, "due": session.policy_due_at.isoformat(), "late_s": round(late, 1)},
+                          then=_finalise(step))
+    except Refused:
+        return None  # an operator acted at the same moment: their action won, the refusal is audited
 
 
 def declare_failover(actor, replica_id, *, reason=""):
@@ -412,6 +636,11 @@ def after_phase1(session_id):
                       data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": late})
 
 
+# A scheduled switch that starts more than this after its time is audited as late (with late_s). django-q2's
+# scheduler looks every 30 s, so a few seconds are normal; more means it looked late, or was not running.
+SCHEDULE_LATE_AFTER_S = 5
+
+
 def scheduled_switch_due(session_id):
     """The django-q2 schedule fired. The session decides whether that still means anything."""
     session = FailbackSession.objects.filter(pk=session_id).first()
@@ -435,5 +664,6 @@ def scheduled_switch_due(session_id):
                   detail="Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.")
         return
     late = (now - session.switch_at).total_seconds()
-    _begin_switch(session_id, actor=None, detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}){f', {late:.0f} s late' if late > 60 else ''}",
-                  data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": round(late, 1)})
+    is_late = late > SCHEDULE_LATE_AFTER_S
+    _begin_switch(session_id, actor=None, detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}){f', {late:.0f} s late' if is_late else ''}",
+                  data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": round(late, 1), "late": is_late})

@@ -49,7 +49,7 @@ def test_it_fails_back_automatically_with_byte_identical_disks(lab, operator):
     assert session.replica_off_at <= session.production_on_at and session.switch_window is not None
     assert actions(session) == [
         "start_failback", "begin_phase1", "create_production_vm", *["copy_disk"] * session.disks.count(), "replica_state", "finish_phase1",
-        "switch", "stop_replica", *["send_changes"] * session.disks.count(), "replica_state", "finish_switch", "power_on_production", "switch_window",
+        "switch", "predict_window", "stop_replica", *["send_changes"] * session.disks.count(), "replica_state", "finish_switch", "power_on_production", "switch_window",
     ]
     copy = AuditEvent.objects.filter(session=session, action="copy_disk").first()
     assert copy.data["digest"] and copy.data["bytes_written"] > 0

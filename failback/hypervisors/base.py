@@ -84,6 +84,10 @@ class Hypervisor(Protocol):
 
     def vm_config(self, vm_id: str) -> VMConfig: ...
 
+    def host_states(self) -> dict[str, str]:
+        """Host name -> connected | maintenance | disconnected | notResponding."""
+        ...
+
     # -- lifecycle -----------------------------------------------------------
     def create_vm_like(
         self,

@@ -252,6 +252,23 @@ class LabHypervisor:
             (self.root / "datastores" / name).mkdir(exist_ok=True)
             self._save_lab(lab)
 
+    HOST_STATES = ("connected", "maintenance", "disconnected", "notResponding")
+
+    def set_host_state(self, name: str, state: str) -> None:
+        """Lab knob: put a host into maintenance mode or cut it off (as vSphere names the states)."""
+        if state not in self.HOST_STATES:
+            raise ValueError(f"Unknown host state {state!r}; one of {', '.join(self.HOST_STATES)}")
+        with self._locked():
+            lab = self._lab()
+            if name not in lab["hosts"]:
+                raise NotFound(f"No host named {name!r} in the lab.")
+            lab.setdefault("host_states", {})[name] = state
+            self._save_lab(lab)
+
+    def host_states(self) -> dict[str, str]:
+        lab = self._lab()
+        return {h: lab.get("host_states", {}).get(h, "connected") for h in lab["hosts"]}
+
     def add_network(self, name: str) -> None:
         with self._locked():
             lab = self._lab()

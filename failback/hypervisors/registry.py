@@ -21,6 +21,8 @@ def for_connection(connection):
         verify=True,
         datastore_paths=connection.datastore_paths or None,
         transport=connection.transport,
+        timeout=settings.FAILBACK_VSPHERE_TIMEOUT,
+        retries=settings.FAILBACK_VSPHERE_RETRIES,
     )
 
 

@@ -615,6 +615,13 @@ class VSphereHypervisor:
                            lambda: self._collect_all({vim.VirtualMachine: ["runtime.powerState"]}))
         return {o.id: str(o.get("runtime.powerState")) for o in world[vim.VirtualMachine]}
 
+    def host_states(self) -> dict[str, str]:
+        """Host name -> connected | maintenance | disconnected | notResponding, in one round trip."""
+        world = self._call(f"Read the host states in {self.where}", lambda: self._collect_all(
+            {vim.HostSystem: ["name", "runtime.connectionState", "runtime.inMaintenanceMode"]}))
+        return {h.get("name"): "maintenance" if h.get("runtime.inMaintenanceMode") else str(h.get("runtime.connectionState") or "connected")
+                for h in world[vim.HostSystem]}
+
     def custom_attribute_values(self, attribute: str) -> dict[str, str]:
         """vm id -> value of the custom attribute named ``attribute`` (for replica discovery: the value
         names the source workload); VMs without a value are left out. One round trip for all VMs."""

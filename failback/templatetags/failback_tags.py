@@ -6,6 +6,15 @@ register = template.Library()
 
 
 @register.filter
+def seconds(value):
+    """A short duration with a decimal under a minute ('2.4 s'), else as duration()."""
+    if value is None or value == "":
+        return "—"
+    value = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    return f"{value:.1f} s" if value < 60 else duration(value)
+
+
+@register.filter
 def duration(value):
     """Seconds or a timedelta as '1 h 02 min', '3 min 05 s', '42 s'."""
     if value is None or value == "":

@@ -1,0 +1,148 @@
+"""Pre-failback checks: shown in the start form's summary, run again just before the switch.
+
+Each check says what it looked at and what it found. A failed blocking check stops the action
+(``workflow`` refuses it) unless an Administrator overrides it with a reason, which is audited.
+A warning is shown but does not block. Nothing here changes anything.
+"""
+
+from dataclasses import asdict, dataclass
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from .hypervisors.base import POWERED_ON
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    key: str
+    label: str
+    status: str  # ok | warn | fail
+    detail: str
+
+    @property
+    def failed(self):
+        return self.status == FAIL
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _db_now():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT CURRENT_TIMESTAMP")
+        value = cursor.fetchone()[0]
+    if isinstance(value, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS' in UTC
+        from datetime import datetime, timezone as tz
+
+        value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=tz.utc)
+    return value
+
+
+def record_scheduler_clock(name="dr_portal"):
+    """Called by the watchdog in the worker: its clock beside the database's."""
+    from django.db.models.functions import Now
+
+    from .models import SchedulerClock
+
+    now = timezone.now()
+    if not SchedulerClock.objects.filter(pk=name).update(worker_time=now, db_time=Now()):
+        SchedulerClock.objects.create(name=name, worker_time=now, db_time=_db_now())
+
+
+def scheduler_clock():
+    """How far the scheduler's clock is from this process's (seconds), and when it was last seen."""
+    from .models import SchedulerClock
+
+    clock = SchedulerClock.objects.order_by("-db_time").first()
+    db_now = _db_now()
+    here_skew = (timezone.now() - db_now).total_seconds()
+    if clock is None:
+        return Check("scheduler_clock", "Scheduler running, clocks agree", WARN,
+                     "No scheduler has reported yet: scheduled switches, commit policies and the watchdog need a running worker (manage.py qcluster).")
+    silent = (db_now - clock.db_time).total_seconds()
+    skew = clock.skew_s - here_skew
+    limit = settings.FAILBACK_MAX_CLOCK_SKEW_S
+    if abs(skew) > limit:
+        return Check("scheduler_clock", "Scheduler running, clocks agree", FAIL,
+                     f"The scheduler's clock is {skew:+.0f} s off this server's (at most ±{limit} s allowed): a scheduled switch would run at the wrong time.")
+    if silent > 180:
+        return Check("scheduler_clock", "Scheduler running, clocks agree", WARN,
+                     f"No scheduler seen for {silent / 60:.0f} min: scheduled switches and commit policies wait until a worker runs.")
+    return Check("scheduler_clock", "Scheduler running, clocks agree", OK, f"Scheduler seen {silent:.0f} s ago; clock skew {skew:+.1f} s (limit ±{limit} s).")
+
+
+def _host(hv, host):
+    states = hv.host_states() if hasattr(hv, "host_states") else {}
+    state = states.get(host, "missing" if states else "connected")
+    label = "Target host reachable, not in maintenance"
+    if state == "connected":
+        return Check("host", label, OK, f"{host} is connected.")
+    if state == "maintenance":
+        return Check("host", label, FAIL, f"{host} is in maintenance mode.")
+    if state == "missing":
+        return Check("host", label, FAIL, f"{host} is not in the inventory.")
+    return Check("host", label, FAIL, f"{host} is {state}.")
+
+
+def _replica_power(hv, replica):
+    state = hv.power_state(replica.vm_id)
+    if state == POWERED_ON:
+        return Check("replica_power", "Replica powered on", OK, f"{replica.name} is powered on and serving.")
+    return Check("replica_power", "Replica powered on", FAIL, f"{replica.name} is {state}: a failback copies from a running replica.")
+
+
+def before_start(hv, replica, *, target_host, target_datastore, network_map, inventory=None):
+    """What the start form's summary shows and start_failback enforces."""
+    from .choices import ACTIVE
+
+    inventory = inventory or hv.inventory()
+    checks = [_host(hv, target_host)]
+    needed = sum(d.capacity_bytes for d in replica.disks.all())
+    free = inventory.datastores.get(target_datastore)
+    if free is None:
+        checks.append(Check("datastore", "Datastore room for the disks", FAIL, f"{target_datastore} is not in the inventory (or not accessible)."))
+    elif free < needed:
+        checks.append(Check("datastore", "Datastore room for the disks", FAIL,
+                            f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB."))
+    else:
+        checks.append(Check("datastore", "Datastore room for the disks", OK,
+                            f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB."))
+    config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
+    sources = sorted({nic.network for nic in config.nics if nic.network}) if config else []
+    unmapped = [n for n in sources if n not in (network_map or {})]
+    if unmapped:
+        checks.append(Check("networks", "Networks mapped", FAIL, f"{', '.join(unmapped)} not mapped to a target network (or to disconnected)."))
+    else:
+        shown = ", ".join(f"{s} → {(network_map or {}).get(s) or 'disconnected'}" for s in sources) or "the replica has no network"
+        checks.append(Check("networks", "Networks mapped", OK, shown))
+    checks.append(_replica_power(hv, replica))
+    other = replica.sessions.filter(status__in=ACTIVE).first()
+    checks.append(Check("no_other_session", "No other failback on this replica", FAIL if other else OK,
+                        f"Failback #{other.pk} is {other.get_status_display()}." if other else "None in progress."))
+    checks.append(scheduler_clock())
+    return checks
+
+
+def before_switch(hv, session):
+    """Run again just before phase 2: the world may have changed since the start."""
+    inventory = hv.inventory()
+    checks = [_host(hv, session.target_host)]
+    if session.target_datastore in inventory.datastores:
+        checks.append(Check("datastore", "Target datastore accessible", OK, f"{session.target_datastore} is accessible."))
+    else:
+        checks.append(Check("datastore", "Target datastore accessible", FAIL, f"{session.target_datastore} is not accessible."))
+    checks.append(_replica_power(hv, session.replica))
+    checks.append(scheduler_clock())
+    return checks
+
+
+def failures(checks):
+    return [c for c in checks if c.failed]
+
+
+def summary(checks):
+    return "; ".join(f"{c.label}: {c.detail.rstrip('.')}" for c in failures(checks))
+

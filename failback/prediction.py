@@ -1,0 +1,151 @@
+"""The predicted switch window: how long users would be without the service if the switch ran now.
+
+    window = guest shutdown + final delta and verification + power-on
+
+- guest shutdown: measured on this VM's last switch; else the platform's figure (the lab guest's
+  configured shutdown time, 0 without guest tools, FAILBACK_PREDICT_SHUTDOWN_S on vSphere), never
+  more than the session's shutdown timeout;
+- data: the bytes changed on the replica since the production disk was last brought up to date
+  (change tracking; without it, what the last catch-up found) are copied, and both disks are read
+  once more to verify them (plus one read of the replica for a digest delta). The copy rate, the
+  verification rate and the fixed overhead come from this VM's last switch, or else the rates of
+  this session's phase 1;
+- power-on: measured on this VM's last switch, else the platform's figure.
+
+Every figure says where it came from, so the admin can judge it; the switch audits predicted
+against actual, and what it measured becomes the next prediction's basis.
+"""
+
+from django.conf import settings
+from django.utils import timezone
+
+from .hypervisors.base import POWERED_ON
+
+DEFAULT_POWER_ON_S = {"lab": 0.1}
+
+
+def phase1_rates(results):
+    """From phase 1's copy results: what the next predictions build on."""
+    seconds = sum(r.seconds for r in results) or 1e-9
+    read = sum(r.bytes_read for r in results)
+    written = sum(r.bytes_written for r in results)
+    return {"read_bps": read / seconds, "copy_bps": max(written, 1) / seconds, "allocated_bytes": read}
+
+
+def _shutdown(hv, session):
+    replica = session.replica
+    cap = float(session.shutdown_timeout_s)
+    if replica.measured_shutdown_s is not None:
+        return min(replica.measured_shutdown_s, cap), "measured on this VM's last switch"
+    if hv.power_state(replica.vm_id) != POWERED_ON:
+        return 0.0, "the replica is already off"
+    if not hv.tools_running(replica.vm_id):
+        return 0.0, "no guest tools: it is powered off at once"
+    if hasattr(hv, "vm_meta"):  # the lab knows its guest
+        meta = hv.vm_meta(replica.vm_id)
+        if meta.get("shutdown_hangs"):
+            return cap, "this lab guest hangs on shutdown: powered off at the timeout"
+        return min(float(meta.get("shutdown_seconds") or 0), cap), "the lab guest's shutdown time"
+    return min(float(settings.FAILBACK_PREDICT_SHUTDOWN_S), cap), "the platform default (FAILBACK_PREDICT_SHUTDOWN_S)"
+
+
+def _power_on(hv, session):
+    if not session.power_on_after:
+        return 0.0, "the production VM stays off after the switch"
+    if session.replica.measured_power_on_s is not None:
+        return session.replica.measured_power_on_s, "measured on this VM's last switch"
+    name = getattr(hv, "name", "")
+    if name in DEFAULT_POWER_ON_S:
+        return DEFAULT_POWER_ON_S[name], f"the {name} default"
+    return float(settings.FAILBACK_PREDICT_POWER_ON_S), "the platform default (FAILBACK_PREDICT_POWER_ON_S)"
+
+
+def pending(hv, session):
+    """Per disk: the method phase 2 would use now, why, and the bytes it would send."""
+    replica = session.replica
+    out = []
+    for disk in session.disks.all():
+        if getattr(hv, "transport", "direct") == "network":
+            out.append({"disk": disk.key, "method": "full", "why": "Network transport cannot write ranges: the whole disk is sent again",
+                        "pending_bytes": disk.capacity_bytes})
+            continue
+        current = hv.change_tracking(replica.vm_id, disk.key) if disk.change_id else None
+        if current:
+            extents = hv.changed_areas(replica.vm_id, disk.key, disk.change_id).extents
+            size = sum(n for _, n in extents)
+            out.append({"disk": disk.key, "method": "tracked", "pending_bytes": size,
+                        "why": f"Change tracking: {len(extents)} extents changed since the production disk was last brought up to date"})
+        else:
+            guess = int((session.prediction or {}).get("catchup_written", {}).get(disk.key, 0))
+            out.append({"disk": disk.key, "method": "digest", "pending_bytes": guess,
+                        "why": "Change tracking unavailable on this VM: the replica is read once and block digests compared"})
+    return out
+
+
+def _last_measured(session):
+    from .models import FailbackSession
+
+    for data in (FailbackSession.objects.filter(replica_id=session.replica_id, phase2_ended_at__isnull=False).exclude(pk=session.pk)
+                 .order_by("-phase2_ended_at").values_list("prediction", flat=True)[:1]):
+        measured = (data or {}).get("measured") or {}
+        if measured.get("verify_bps"):
+            return measured
+    return None
+
+
+def predict(hv, session):
+    """The window a switch started now would cause, with its parts and their basis."""
+    base = (session.prediction or {}).get("base") or {}
+    replica = session.replica
+    disks = pending(hv, session)
+    changed = sum(d["pending_bytes"] for d in disks)
+    allocated = int(base.get("allocated_bytes") or sum(d.capacity_bytes for d in session.disks.all()))
+    per_disk_alloc = allocated / max(1, len(disks))
+    reads = 2 * allocated + sum(per_disk_alloc for d in disks if d["method"] == "digest")
+    last = _last_measured(session)
+    copy_bps = float(base.get("copy_bps") or 100e6)
+    read_bps = float(base.get("read_bps") or 200e6)
+    if last:
+        data_s = (changed / (replica.measured_delta_bps or copy_bps) + reads / last["verify_bps"] + last.get("overhead_s", 0.0))
+        data_basis = "rates and overhead measured on this VM's last switch"
+    else:
+        data_s = changed / copy_bps + reads / read_bps
+        data_basis = "rates measured in this failback's phase 1"
+    shutdown_s, shutdown_basis = _shutdown(hv, session)
+    power_on_s, power_on_basis = _power_on(hv, session)
+    window = shutdown_s + data_s + power_on_s
+    return {
+        "at": timezone.now().isoformat(), "window_s": round(window, 2),
+        "shutdown_s": round(shutdown_s, 2), "shutdown_basis": shutdown_basis,
+        "data_s": round(data_s, 2), "data_basis": data_basis, "changed_bytes": changed, "read_bytes": int(reads),
+        "power_on_s": round(power_on_s, 2), "power_on_basis": power_on_basis,
+        "disks": disks,
+    }
+
+
+def learn(session, timing):
+    """After a switch: what this VM's next prediction should use. ``timing`` holds the seconds and
+    bytes of the final delta and of the verification; the rest of the data part is fixed overhead."""
+    from .models import FailbackSession, Replica
+
+    measured = {}
+    if session.replica_stop_started_at and session.replica_off_at:
+        measured["shutdown_s"] = (session.replica_off_at - session.replica_stop_started_at).total_seconds()
+    if session.production_on_at and session.phase2_ended_at:
+        measured["power_on_s"] = (session.production_on_at - session.phase2_ended_at).total_seconds()
+    if session.replica_off_at and session.phase2_ended_at and timing.get("verify_s"):
+        data_s = (session.phase2_ended_at - session.replica_off_at).total_seconds()
+        measured["verify_bps"] = timing["verify_bytes"] / timing["verify_s"]
+        if timing["delta_bytes"] > 8 << 20:  # too few bytes say nothing about a rate
+            measured["delta_bps"] = timing["delta_bytes"] / max(timing["delta_s"], 1e-3)
+        measured["overhead_s"] = max(0.0, data_s - timing["delta_s"] - timing["verify_s"])
+    if not measured:
+        return measured
+    FailbackSession.objects.filter(pk=session.pk).update(prediction={**(session.prediction or {}), "measured": measured})
+    fields = {"measured_shutdown_s": measured.get("shutdown_s"), "measured_power_on_s": measured.get("power_on_s")}
+    if "delta_bps" in measured:
+        previous = session.replica.measured_delta_bps
+        # One switch is one noisy sample (a busy host, a cold cache): blend it with what was known.
+        fields["measured_delta_bps"] = (measured["delta_bps"] * previous) ** 0.5 if previous else measured["delta_bps"]
+    Replica.objects.filter(pk=session.replica_id).update(**{k: v for k, v in fields.items() if v is not None})
+    return measured
