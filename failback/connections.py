@@ -12,6 +12,7 @@ from django_q.models import Schedule
 from django_q.tasks import async_task
 
 from .choices import Outcome, ReplicaState
+from .credentials import CredentialError
 from .hypervisors.base import HypervisorError
 from .hypervisors.registry import for_connection
 from .models import Replica, ReplicaDisk, VCenterConnection
@@ -27,7 +28,7 @@ PUBLIC_FIELDS = ["name", "host", "port", "username", "tls_mode", "thumbprint", "
 def _require_admin(actor, action, connection=None):
     if actor is None or not actor.has_perm(MANAGE_PERMISSION):
         refuse(f"{actor.get_username() if actor else 'system'} may not manage vCenter connections: the Administrator role is needed.",
-               action=action, actor=actor, data={"connection": getattr(connection, "name", None)})
+               action=action, actor=actor, data={"connection": getattr(connection, "name", None)}, forbidden=True)
 
 
 def _public(connection):
@@ -149,8 +150,11 @@ def pair_replica(actor, connection_id, vm_id, source_name):
     source_name = (source_name or "").strip()
     if not source_name or len(source_name) > 200:
         refuse("Name the source workload (1-200 characters).", action="pair_replica", actor=actor, data={"connection": connection.name})
-    with closing(for_connection(connection)) as hv:
-        vm = next((v for v in hv.inventory().vms if v.vm_id == vm_id), None)
+    try:
+        with closing(for_connection(connection)) as hv:
+            vm = next((v for v in hv.inventory().vms if v.vm_id == vm_id), None)
+    except (HypervisorError, CredentialError) as exc:  # vCenter down or the key changed: say so, do not crash
+        refuse(f"Pair replica refused: {exc}", action="pair_replica", actor=actor, data={"connection": connection.name})
     if vm is None:
         refuse(f"There is no VM {vm_id!r} on {connection.name}.", action="pair_replica", actor=actor, data={"connection": connection.name})
     if Replica.objects.filter(connection=connection, vm_id=vm_id).exists() or Replica.objects.filter(name=vm.name).exists():

@@ -237,6 +237,7 @@ def test_it_keeps_anonymous_visitors_out_of_pages_and_websockets(page, portal):
     assert page.evaluate(probe, ws_url)["opened"] is True
 
 
+@pytest.mark.faults
 def test_it_reconnects_live_updates_after_the_web_server_restarts(page, portal):
     olivia = portal.users["olivia"]
     pk = run_failback(olivia, Replica.objects.get(name=CRM), until=SessionStatus.READY_TO_SWITCH)

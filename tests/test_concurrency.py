@@ -11,7 +11,7 @@ from failback.models import AuditEvent, FailbackSession
 
 from .helpers import replica_named, start
 
-pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.faults]
 
 
 def race(*calls):

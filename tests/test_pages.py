@@ -82,6 +82,7 @@ def test_it_exports_the_filtered_audit_as_csv_and_json(history, viewer):
     assert len(data) == AuditEvent.objects.count() and {"at", "actor", "action", "outcome", "detail"} <= set(data[0])
 
 
+@pytest.mark.security
 def test_it_neutralises_formulas_in_the_csv_export(lab, operator):
     with pytest.raises(workflow.Refused):
         start(operator, replica_named("app-crm"), vm_name="=HYPERLINK(\"http://x\")")

@@ -13,7 +13,7 @@ from failback.models import AuditEvent
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.django_db(databases="__all__")
+pytestmark = [pytest.mark.security, pytest.mark.django_db(databases="__all__")]
 
 
 def try_login(client, username, password):

@@ -26,6 +26,7 @@ def logged_in(user):
     return client
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("name,kwargs", [
     ("failback:replicas", {}), ("failback:sessions", {}), ("failback:audit", {}),
     ("failback:session", {"pk": 1}), ("failback:start", {"pk": 1}),
@@ -35,6 +36,7 @@ def test_it_sends_anonymous_visitors_to_the_login_page(db, name, kwargs):
     assert response.status_code == 302 and response.url.startswith("/accounts/login/")
 
 
+@pytest.mark.security
 def test_it_refuses_anonymous_actions(session):
     response = Client().post(reverse("failback:action", args=[session.pk, "commit"]))
     assert response.status_code == 302 and "/accounts/login/" in response.url
@@ -67,6 +69,7 @@ def test_it_starts_a_failback_from_the_form(lab, operator, django_capture_on_com
     assert len(queued) >= 1  # phase 1 queued for a worker
 
 
+@pytest.mark.security
 def test_it_refuses_a_viewer_posting_the_start_form(lab, viewer):
     replica = replica_named("app-crm")
     form = {"vm_name": "x1", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01", "switch_mode": SwitchMode.MANUAL}
@@ -111,6 +114,7 @@ def test_it_states_the_consequence_of_undo_in_the_confirmation(session, operator
     assert "changes made on the production VM since the switch will be discarded" in page
 
 
+@pytest.mark.security
 def test_it_refuses_a_forged_commit_from_a_viewer(session, viewer):
     put_session_in(session, SessionStatus.FAILBACK)
     response = logged_in(viewer).post(reverse("failback:action", args=[session.pk, "commit"]), HTTP_HX_REQUEST="true")
@@ -124,6 +128,7 @@ def test_it_answers_an_illegal_action_with_the_refusal(session, operator):
     assert response.status_code == 409 and "Commit refused" in response.content.decode()
 
 
+@pytest.mark.security
 def test_it_requires_the_csrf_token(session, operator):
     put_session_in(session, SessionStatus.FAILBACK)
     client = Client(enforce_csrf_checks=True)
@@ -158,6 +163,7 @@ def test_it_lists_refused_attempts_on_the_audit_page(session, viewer):
     assert "Refused" in page and "victor" in page
 
 
+@pytest.mark.security
 def test_it_escapes_untrusted_names(lab, operator):
     replica = replica_named("app-crm")
     type(replica).objects.filter(pk=replica.pk).update(source_name="<script>alert(1)</script>")

@@ -338,6 +338,7 @@ def test_it_offers_no_change_tracking_on_vcsim_so_the_caller_compares_digests(vc
 # -- failures of the connection ----------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 def test_it_fails_clearly_and_in_time_when_vcenter_goes_away_mid_call(vcsim_factory):
     sim = vcsim_factory("-method-delay", "PowerOffVM_Task:5000")
     hv = sim.hypervisor(timeout=4, retries=2)
@@ -357,6 +358,7 @@ def test_it_fails_clearly_and_in_time_when_vcenter_goes_away_mid_call(vcsim_fact
                             "connection refused (after 3 attempts)")
 
 
+@pytest.mark.faults
 def test_it_gives_up_on_a_call_that_hangs_after_the_timeout(vcsim_factory):
     sim = vcsim_factory("-method-delay", "CurrentTime:3000")
     hv = sim.hypervisor(timeout=0.5, retries=1)

@@ -35,12 +35,14 @@ def session(lab, operator):
     return start(operator, replica_named("app-crm"))
 
 
+@pytest.mark.security
 async def test_it_closes_anonymous_websockets(session):
     ws = communicator(session.pk)
     connected, _ = await ws.connect()
     assert not connected
 
 
+@pytest.mark.security
 async def test_it_closes_websockets_from_another_origin(session, operator):
     ws = communicator(session.pk, await sync(cookie_for)(operator), origin=b"http://evil.example")
     connected, _ = await ws.connect()

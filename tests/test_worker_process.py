@@ -58,6 +58,7 @@ def kill_cluster(proc):
     proc.wait(10)
 
 
+@pytest.mark.faults
 def test_it_resumes_phase1_from_its_checkpoint_after_the_worker_is_killed(lab, operator, settings, monkeypatch):
     monkeypatch.setattr(Conf, "SYNC", False)
     settings.FAILBACK_STALL_SECONDS = 2
