@@ -278,8 +278,10 @@ class FailbackSession(models.Model):
     @property
     def forecast(self):
         """The latest predicted switch window (prediction.py) and the last switch checks, for display."""
+        from django.utils.dateparse import parse_datetime
+
         data = self.prediction or {}
-        return {"now": data.get("now"), "checks": data.get("checks") or [], "checked_at": data.get("checked_at"),
+        return {"now": data.get("now"), "now_at": parse_datetime((data.get("now") or {}).get("at") or ""), "checks": data.get("checks") or [], "checked_at": data.get("checked_at"),
                 "at_switch": data.get("at_switch"), "start_checks": data.get("start_checks") or []}
 
     @property

@@ -114,7 +114,8 @@ def run(out, var):
 
     # Waiting in Failback for commit or undo; and a Viewer's forged commit, refused and on the record.
     web = replica_named("web-01")
-    waiting = start(olivia, web, target_host="esx-prod-02", target_datastore="prod-ds-02", reason="CHG-4712").pk
+    waiting = start(olivia, web, target_host="esx-prod-02", target_datastore="prod-ds-02", reason="CHG-4712",
+                    commit_policy="auto_undo", commit_after_min=120).pk
     wait_status(waiting, SessionStatus.READY_TO_SWITCH)
     users_keep_working(web, mib=3)
     workflow.switch_now(olivia, waiting, reason="CHG-4712")
@@ -129,6 +130,10 @@ def run(out, var):
     switch_at = (timezone.localtime() + timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)
     scheduled = start(olivia, replica_named("file-01"), switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at, reason="CHG-4713").pk
     wait_status(scheduled, SessionStatus.READY_TO_SWITCH)
+    users_keep_working(replica_named("file-01"), mib=4)
+    from failback import jobs
+
+    jobs.run_readiness(scheduled, catch_up=False)  # what the every-minute refresh shows beside the buttons
     print(f"#{scheduled} scheduled for {switch_at}")
 
     # Phase 1 under a bandwidth limit: about a minute for the lab's largest replica.
@@ -185,6 +190,7 @@ def run(out, var):
         shot("replicas", "/replicas/")
         shot("start-failback", f"/replicas/{replica_named('app-hr-01').pk}/failback/")
         shot("session-failback", f"/sessions/{waiting}/")
+        shot("session-ready", f"/sessions/{scheduled}/")
         shot("sessions", "/sessions/")
         shot("plan", f"/plans/{plan.pk}/")
         shot("audit", f"/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
