@@ -385,19 +385,38 @@ def _switch(session, hv):
             if not verified:
                 raise RuntimeError(f"Disk {disk.key} differs after the final delta: replica {source_digest}, production {target_digest}")
             _note(session, "send_changes", f"Disk {disk.key}: {_mib(result.bytes_written)} of changes sent ({method}); production disk verified identical", data=data)
-        session = workflow.transition(session.pk, "finish_switch", phase2_ended_at=timezone.now(), detail="The workload now belongs to the production VM",
+        session = workflow.transition(session.pk, "finish_switch", phase2_ended_at=timezone.now(), heartbeat_at=timezone.now(),
+                                      detail="The workload now belongs to the production VM",
                                       then=workflow.arm_commit_policy)
     except Exception as exc:
         log.exception("phase 2 of session %s failed", session.pk)
         _recover_replica(session, hv, exc)
         return
     if session.power_on_after:
-        try:
+        _power_on_production(session, hv)
+    _record_window(session, timing)
+
+
+def _power_on_production(session, hv):
+    try:
+        if hv.power_state(session.production_vm_id) != POWERED_ON:
             hv.power_on(session.production_vm_id)
-            _save(session, production_on_at=timezone.now())
-            _note(session, "power_on_production", f"Powered on production VM {session.vm_name}")
-        except Exception as exc:
-            _note(session, "power_on_production", f"Could not power on production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED, data={"error": str(exc)})
+        _save(session, production_on_at=timezone.now())
+        _note(session, "power_on_production", f"Powered on production VM {session.vm_name}")
+    except Exception as exc:
+        _note(session, "power_on_production", f"Could not power on production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED, data={"error": str(exc)})
+
+
+def run_power_on(session_id):
+    """The watchdog found a switched session whose production VM was never powered on (worker lost)."""
+    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+    if session.status != SessionStatus.FAILBACK or session.production_on_at or not session.power_on_after:
+        return
+    with closing(hypervisor_for(session.replica)) as hv:
+        _power_on_production(session, hv)
+
+
+def _record_window(session, timing):
     window = session.switch_window
     if window is not None:
         actual = window.total_seconds()
@@ -417,6 +436,11 @@ RECOVERY_ATTEMPTS = 3  # switches left open for the watchdog when the replica ca
 
 def _recover_replica(session, hv, exc):
     """A switch that fails must never leave both VMs down: production off, replica back on."""
+    current = FailbackSession.objects.get(pk=session.pk)
+    if current.status != SessionStatus.SWITCHING:  # another run of this step finished it: leave its VMs alone
+        _note(current, "phase2", f"A second run of phase 2 stopped ({exc}); failback #{session.pk} is already {current.get_status_display()}: nothing undone",
+              outcome=Outcome.INFO, data={"error": str(exc)})
+        return
     steps = []
     if session.production_vm_id:  # on its own: a production VM that is gone or stuck must not keep the replica down
         try:

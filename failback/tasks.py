@@ -19,6 +19,10 @@ def undo(session_id, resume=False):
     jobs.run_undo(session_id)
 
 
+def power_on(session_id, resume=False):
+    jobs.run_power_on(session_id)
+
+
 def cancel(session_id, resume=False):
     jobs.run_cancel(session_id)
 

@@ -134,6 +134,10 @@ def transition(session_id, action, *, actor=None, detail="", data=None, then=Non
             for name, value in fields.items():
                 setattr(session, name, value)
             changed = ["status", *fields]
+            if spec.target in STEP_OF and "heartbeat_at" not in fields:
+                # A step is queued now: the watchdog counts its silence from here, not from the last step's.
+                session.heartbeat_at = now
+                changed.append("heartbeat_at")
             if spec.target in TERMINAL:
                 session.ended_at = now
                 changed.append("ended_at")
@@ -189,6 +193,19 @@ def recover_stalled():
                   detail=f"No sign of life from the worker for {silent:.0f} s while {session.get_status_display().lower()}: the step is queued again and resumes where it stopped",
                   data={"silent_s": round(silent, 1), "step": STEP_OF[session.status]})
             _enqueue(STEP_OF[session.status], session.pk, resume=True)
+            broadcast.session_changed(session.pk)
+        resumed.append(session.pk)
+    # Switched, but the worker died before powering production on: both VMs would stay off. Power it on.
+    dark = FailbackSession.objects.filter(status=SessionStatus.FAILBACK, power_on_after=True, production_on_at=None,
+                                          heartbeat_at__lt=cutoff, phase2_ended_at__isnull=False)
+    for session in dark:
+        with transaction.atomic():
+            if FailbackSession.objects.filter(pk=session.pk, status=session.status, heartbeat_at=session.heartbeat_at).update(heartbeat_at=now) != 1:
+                continue
+            audit(action="resume", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
+                  detail="The switch finished but the production VM was never powered on (the worker stopped): powering it on now",
+                  data={"step": "power_on"})
+            _enqueue("power_on", session.pk)
             broadcast.session_changed(session.pk)
         resumed.append(session.pk)
     # A commit policy whose schedule was lost (deleted, or the scheduler down at its time) still runs once.

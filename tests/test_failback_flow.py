@@ -206,3 +206,22 @@ def test_it_finishes_a_switch_whose_worker_died_after_the_replica_went_down(lab,
     assert lab.power_state(session.production_vm_id) == POWERED_ON  # not both down
     assert_disks_identical(lab, session)
     assert AuditEvent.objects.get(session=session, action="resume").data["step"] == "phase2"
+
+
+@pytest.mark.faults
+def test_it_powers_production_on_when_the_worker_died_right_after_the_switch(lab, operator, settings):
+    settings.FAILBACK_STALL_SECONDS = 2
+    replica = replica_named("app-crm")
+    session = reload(start(operator, replica))
+    workflow.switch_now(operator, session.pk)
+    # As if the worker died between "finish switch" and the power-on: replica off, production off.
+    lab.power_off(reload(session).production_vm_id)
+    stale = timezone.now() - timedelta(seconds=30)
+    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
+    assert lab.power_state(replica.vm_id) == POWERED_OFF
+    assert workflow.recover_stalled() == [session.pk]
+    assert workflow.recover_stalled() == []  # once
+    session = reload(session)
+    assert session.status == SessionStatus.FAILBACK and session.production_on_at is not None
+    assert lab.power_state(session.production_vm_id) == POWERED_ON
+    assert AuditEvent.objects.filter(session=session, action="resume").get().data["step"] == "power_on"
