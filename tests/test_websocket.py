@@ -90,3 +90,25 @@ def sync(fn):
     from asgiref.sync import sync_to_async
 
     return sync_to_async(fn)
+
+
+@pytest.mark.faults
+async def test_a_websocket_idle_longer_than_the_layers_blocking_read_still_gets_the_next_update(session, operator):
+    """redis-py 8's default 5 s socket timeout raced channels_redis' 5 s blocking receive and closed idle
+    sockets with 1011 (production profile); the layer is configured with a longer timeout."""
+    import asyncio
+
+    from failback import broadcast
+    from failback.models import SessionDisk
+
+    ws = communicator(session.pk, await sync(cookie_for)(operator))
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.receive_from(timeout=10)  # the catch-up frame
+    await asyncio.sleep(7)
+    assert await ws.receive_nothing(timeout=0.1)  # still open, nothing pending
+    await sync(SessionDisk.objects.filter(session_id=session.pk).update)(bytes_done=2**20, bytes_total=4 * 2**20, rate_bps=2**20, method="full")
+    await sync(broadcast.send_now)(session.pk)
+    html = (await ws.receive_from(timeout=15)).replace("\xa0", " ")
+    assert "1.0 MB / 4.0 MB" in html
+    await ws.disconnect()
