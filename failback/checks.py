@@ -6,6 +6,9 @@ A warning is shown but does not block. Nothing here changes anything.
 """
 
 from dataclasses import asdict, dataclass
+from datetime import datetime
+from datetime import timezone as dt_timezone
+
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
@@ -35,9 +38,7 @@ def _db_now():
         cursor.execute("SELECT CURRENT_TIMESTAMP")
         value = cursor.fetchone()[0]
     if isinstance(value, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS' in UTC
-        from datetime import datetime, timezone as tz
-
-        value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=tz.utc)
+        value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt_timezone.utc)
     return value
 
 

@@ -141,12 +141,10 @@ def _reusable_state(session, disk):
 def _announce_phase1(session, hv, disks):
     """Say, before any byte moves, which method each disk uses and why, and how much it holds."""
     for disk in disks:
-        if _network(hv):
+        if _network(hv) or disk.method:  # network copies state their own; on a resume the method is already stated
             continue
         with open(hv.disk_path(session.replica.vm_id, disk.key), "rb") as f:
             allocated = allocated_bytes(f.fileno(), 0, disk.capacity_bytes)
-        if disk.method:  # a resume: the method is already stated
-            continue
         if _reusable_state(session, disk):
             method, why = "digest", (f"Retry: the production VM kept by failback #{session.reused_from_id} already holds most data; "
                                      "block digests are compared and only blocks that differ are sent")

@@ -522,12 +522,11 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
     if status == SessionStatus.QUEUED:
         return transition(session_id, "cancel", actor=actor, detail=detail + " (nothing was built yet)", data=data,
                           then=lambda s: _drop_switch_schedule(s.pk))
+    if status in ACTIVE and status not in CANCELLABLE:
+        refuse(f"Cancel refused: failback #{session.pk} is {_status_label(status)}; cancel is possible only before the switch "
+               f"(afterwards, Undo goes back to the replica).", action=action, actor=actor, session=session, from_state=status)
+    # Missing or ended sessions are refused by transition() with the usual message.
     step = "cancel_ready" if status == SessionStatus.READY_TO_SWITCH else "cancel_phase1"
-    if status not in CANCELLABLE:
-        step = "cancel_phase1"  # refused by the table, with the usual message
-        if session is not None and session.status not in TERMINAL:
-            refuse(f"Cancel refused: failback #{session.pk} is {_status_label(session.status)}; cancel is possible only before the switch "
-                   f"(afterwards, Undo goes back to the replica).", action=action, actor=actor, session=session, from_state=session.status)
 
     def then(s):
         _drop_switch_schedule(s.pk)
