@@ -63,4 +63,6 @@ def authenticate(token):
     now = timezone.now()
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=row.pk).update(last_used_at=now)  # throttled: reads do not all become writes
-    return row.user
+    user = row.user
+    user.api_token = row  # workflow.audit records which token acted (id, name, prefix; never the secret)
+    return user

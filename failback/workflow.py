@@ -54,6 +54,9 @@ def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None,
         session = FailbackSession.objects.filter(pk=session).first() or None
     if replica is None and session is not None:
         replica = session.replica_id
+    via = getattr(actor, "api_token", None)  # set by the API's authentication: the row says it came that way
+    if via is not None:
+        data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
     return AuditEvent.objects.create(
         actor=actor,
         actor_name=name or actor_name(actor),  # name: who it claimed to be, when nobody is logged in
