@@ -194,7 +194,7 @@ def list_replicas(request, q: str = Query("", max_length=200, pattern=r"^[^\x00]
                   state: ReplicaState | None = None, site: str = Query("", max_length=100, pattern=r"^[^\x00]*$"),
                   host: str = Query("", max_length=200, pattern=r"^[^\x00]*$"),
                   sort: Literal[tuple(REPLICA_SORTS)] = "name", limit: int = Limit, offset: int = Offset):
-    replicas, _ = filtered_replicas({"q": q, "state": state or "", "site": site, "host": host, "sort": sort})
+    replicas, _, _ = filtered_replicas({"q": q, "state": state or "", "site": site, "host": host, "sort": sort})
     return _page(replicas, limit, offset, _replicas)
 
 
@@ -222,8 +222,8 @@ def replica_targets(request, replica_id: PathId):
 @api.get("/sessions", response={200: SessionPage, **READ}, tags=["sessions"], summary="List failback sessions, newest first")
 def list_sessions(request, status: SessionStatus | None = None, replica: int | None = Query(None, ge=1, le=DB_INT_MAX),
                   plan: int | None = Query(None, ge=1, le=DB_INT_MAX), limit: int = Limit, offset: int = Offset):
-    sessions = filtered_sessions({"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")}).prefetch_related("disks")
-    return _page(sessions, limit, offset, _sessions)
+    sessions, _ = filtered_sessions({"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")})  # typed and bounded above
+    return _page(sessions.prefetch_related("disks"), limit, offset, _sessions)
 
 
 @api.get("/sessions/{session_id}", response={200: SessionOut, **ONE}, tags=["sessions"], summary="One failback session, with its disks")

@@ -11,9 +11,8 @@ from ninja import Schema
 from pydantic import AwareDatetime, Field, StringConstraints
 
 from .choices import CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
+from .forms import DATE_MAX, DATE_MIN, DB_INT_MAX
 from .workflow import REASON_MAX
-
-DB_INT_MAX = 2**31 - 1  # ids and counts fit a 32-bit column on every database we support
 
 
 def Text(max_length, min_length=0):
@@ -210,8 +209,8 @@ class AuditFilters(Schema):
     session: Id | None = None
     action: Text(50) = ""
     outcome: Outcome | None = None
-    since: date | None = None
-    until: date | None = Field(None, description="Inclusive")
+    since: Annotated[date, Field(ge=DATE_MIN, le=DATE_MAX)] | None = None
+    until: Annotated[date, Field(ge=DATE_MIN, le=DATE_MAX, description="Inclusive")] | None = None
 
 
 # -- actions ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 
 from .choices import Outcome
+from .forms import FilterDateField, IdField
 from .models import AuditEvent
 
 
@@ -15,11 +16,11 @@ class AuditFilterForm(forms.Form):
     q = forms.CharField(label="Search details", required=False, max_length=200)
     user = forms.CharField(label="User", required=False, max_length=150)
     replica = forms.CharField(label="Replica", required=False, max_length=200)
-    session = forms.IntegerField(label="Session #", required=False, min_value=1)
+    session = IdField(label="Session #")
     action = forms.CharField(label="Action", required=False, max_length=50)
     outcome = forms.ChoiceField(label="Result", required=False, choices=[("", "Any")] + list(Outcome.choices))
-    since = forms.DateField(label="From (date)", required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    until = forms.DateField(label="To (date, inclusive)", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    since = FilterDateField(label="From (date)")
+    until = FilterDateField(label="To (date, inclusive)")
 
     def clean(self):
         data = super().clean()
@@ -29,7 +30,8 @@ class AuditFilterForm(forms.Form):
 
 
 def filtered_events(params):
-    """(form, queryset) for the given GET parameters; an invalid form filters nothing out but says why."""
+    """(form, queryset) for the given GET parameters; an invalid form filters nothing out but says why
+    (the page shows the message; the exports and the API refuse)."""
     form = AuditFilterForm(params or None)
     events = AuditEvent.objects.select_related("replica").order_by("-at", "-id")
     if not form.is_valid():
@@ -62,6 +64,13 @@ def csv_safe(value):
     """Spreadsheets run cells that start like a formula: neutralise them (OWASP CSV injection)."""
     text = "" if value is None else str(value)
     return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def filter_errors(form):
+    """The form's complaints in one line, as the page shows them: "Session #: Ensure this value …"."""
+    parts = [" ".join(form.non_field_errors())] if form.non_field_errors() else []
+    parts += [f"{form.fields[f].label}: {' '.join(errors)}" for f, errors in form.errors.items() if f != "__all__"]
+    return " ".join(parts)
 
 
 EXPORT_FIELDS = ["at", "actor", "action", "outcome", "from_state", "to_state", "replica", "session", "detail", "data"]

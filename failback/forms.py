@@ -1,10 +1,52 @@
+from datetime import date
+
 from django import forms
 from django.utils import timezone
 
-from .choices import CommitPolicy, SwitchMode
+from .choices import CommitPolicy, SessionStatus, SwitchMode
 from .workflow import REASON_MAX
 
 DATETIME_HELP = "{tz} time"
+DB_INT_MAX = 2**31 - 1  # ids and counts fit a 32-bit column on every database we support
+# Filter dates: a day either side must still be a date (Python's ends at 9999-12-31) in any time zone.
+DATE_MIN, DATE_MAX = date(1970, 1, 1), date(9998, 12, 31)
+
+
+class FilterDateField(forms.DateField):
+    """A date to filter by, within the range the filters can compute with."""
+
+    def __init__(self, **kwargs):
+        super().__init__(required=False, widget=forms.DateInput(attrs={"type": "date", "min": DATE_MIN, "max": DATE_MAX}), **kwargs)
+
+    def validate(self, value):
+        super().validate(value)
+        if value is not None and not DATE_MIN <= value <= DATE_MAX:
+            raise forms.ValidationError(f"Enter a date between {DATE_MIN} and {DATE_MAX}.", code="out_of_range")
+
+
+class IdField(forms.IntegerField):
+    """An id typed into a filter: a whole number the database's integer can hold."""
+
+    def __init__(self, **kwargs):
+        super().__init__(required=False, min_value=1, max_value=DB_INT_MAX, **kwargs)
+
+
+class SessionFilterForm(forms.Form):
+    """The session list's filters (the page's links and the API's query)."""
+
+    status = forms.ChoiceField(label="Status", required=False, choices=[("", "Any")] + list(SessionStatus.choices))
+    replica = IdField(label="Replica #")
+    plan = IdField(label="Plan #")
+
+
+class ReplicaFilterForm(forms.Form):
+    """The replica list's search and filters. Text fields refuse NUL characters (PostgreSQL cannot compare them)."""
+
+    q = forms.CharField(label="Search", required=False, max_length=200)
+    state = forms.CharField(label="State", required=False, max_length=50)
+    site = forms.CharField(label="Site", required=False, max_length=100)
+    host = forms.CharField(label="Host", required=False, max_length=200)
+    sort = forms.CharField(label="Sort", required=False, max_length=50)
 
 
 class ReasonField(forms.CharField):

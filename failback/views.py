@@ -8,15 +8,15 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import Count, Prefetch, Q
 from django.core.serializers.json import DjangoJSONEncoder
-from django.http import Http404, HttpResponseNotAllowed, StreamingHttpResponse
+from django.http import Http404, HttpResponseBadRequest, HttpResponseNotAllowed, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import checks, workflow
-from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filtered_events
+from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
 from .choices import ACTIVE, REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
-from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, StartFailbackForm, SwitchForm
+from .forms import CancelForm, ReasonForm, ReplicaFilterForm, ScheduleSwitchForm, SessionFilterForm, StartFailbackForm, SwitchForm
 from .hypervisors.registry import hypervisor_for
 from .models import AuditEvent, FailbackSession, Replica
 
@@ -47,10 +47,13 @@ REPLICA_SORTS = {"name": "name", "-name": "-name", "state": "state", "host": "ho
 
 
 def filtered_replicas(params):
-    """(queryset, filters) for the replica list's search, filters and sort; shared by the page and the API."""
+    """(queryset, filters, errors) for the replica list's search, filters and sort; shared by the page and the API.
+    A filter that cannot be used (a NUL, too long) is left out, and errors says why."""
     replicas = Replica.objects.select_related("connection").prefetch_related(
         Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
-    q, state, site, host = ((params.get(k) or "").strip() for k in ("q", "state", "site", "host"))
+    form = ReplicaFilterForm(params)
+    form.is_valid()
+    q, state, site, host, sort = (form.cleaned_data.get(k) or "" for k in ("q", "state", "site", "host", "sort"))
     if q:
         replicas = replicas.filter(Q(name__icontains=q) | Q(source_name__icontains=q))
     if state in ReplicaState.values:
@@ -59,13 +62,14 @@ def filtered_replicas(params):
         replicas = replicas.filter(site=site)
     if host:
         replicas = replicas.filter(host=host)
-    sort = params.get("sort") or "name"
-    return replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk"), {"q": q, "state": state, "site": site, "host": host, "sort": sort}
+    sort = sort or "name"
+    filters = {"q": q, "state": state, "site": site, "host": host, "sort": sort}
+    return replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk"), filters, filter_errors(form)
 
 
 @require_GET
 def replica_list(request):
-    replicas, filters = filtered_replicas(request.GET)
+    replicas, filters, errors = filtered_replicas(request.GET)
     page = Paginator(replicas, 50).get_page(request.GET.get("page"))
     _attach_power_states(page.object_list)
     query = request.GET.copy()
@@ -73,7 +77,7 @@ def replica_list(request):
     facets = Replica.objects.order_by()
     return render(request, "failback/replica_list.html", {
         "page": page, "replicas": page.object_list, "can_operate": _can_operate(request.user), "query": query.urlencode(),
-        "filters": filters, "states": ReplicaState.choices,
+        "filters": filters, "filter_errors": errors, "states": ReplicaState.choices,
         "sites": facets.values_list("site", flat=True).distinct(), "hosts": facets.values_list("host", flat=True).distinct(),
     })
 
@@ -163,23 +167,26 @@ def start_failback(request, pk):
 
 
 def filtered_sessions(params):
-    """Sessions newest first, optionally of one status, replica or plan; shared by the page and the API."""
+    """(sessions newest first, errors), optionally of one status, replica or plan; shared by the page and the API.
+    A filter that cannot be used (not a number, beyond the database's integer) is left out, and errors says why."""
     sessions = FailbackSession.objects.select_related("replica", "started_by")
-    status, replica, plan = ((params.get(k) or "").strip() for k in ("status", "replica", "plan"))
-    if status in SessionStatus.values:
+    form = SessionFilterForm(params)
+    form.is_valid()
+    status, replica, plan = (form.cleaned_data.get(k) for k in ("status", "replica", "plan"))
+    if status:
         sessions = sessions.filter(status=status)
-    if replica.isdigit() and len(replica) < 10:  # ids fit 32 bits; a longer number would overflow the database's integer
-        sessions = sessions.filter(replica_id=int(replica))
-    if plan.isdigit() and len(plan) < 10:
-        sessions = sessions.filter(plan_id=int(plan))
-    return sessions
+    if replica:
+        sessions = sessions.filter(replica_id=replica)
+    if plan:
+        sessions = sessions.filter(plan_id=plan)
+    return sessions, filter_errors(form)
 
 
 @require_GET
 def session_list(request):
-    sessions = filtered_sessions(request.GET)
+    sessions, errors = filtered_sessions(request.GET)
     page = page_by_ids(sessions, request.GET.get("page"), 50)
-    return render(request, "failback/session_list.html", {"page": page})
+    return render(request, "failback/session_list.html", {"page": page, "filter_errors": errors})
 
 
 def session_context(session, user, **extra):
@@ -288,7 +295,9 @@ def audit_export(request, fmt):
     """The filtered set, whole, as CSV (formula-safe) or JSON; streamed, so big exports stay small in memory."""
     if fmt not in ("csv", "json"):
         raise Http404("Export as csv or json")
-    _, events = filtered_events(request.GET)
+    form, events = filtered_events(request.GET)
+    if form.is_bound and not form.is_valid():  # never the whole trail in place of the filtered set asked for
+        return HttpResponseBadRequest(f"Export refused: {filter_errors(form)}", content_type="text/plain; charset=utf-8")
     rows = (export_row(e) for e in events.iterator(chunk_size=2000))
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     if fmt == "csv":

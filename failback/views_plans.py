@@ -9,7 +9,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from . import plans, workflow
 from .choices import SessionStatus
-from .forms import PlanForm, ReasonForm, ScheduleSwitchForm
+from .forms import DB_INT_MAX, PlanForm, ReasonForm, ScheduleSwitchForm
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackPlan, Replica
 from .views import _can_operate
@@ -23,7 +23,7 @@ def plan_list(request):
 
 @require_http_methods(["GET", "POST"])
 def plan_new(request):
-    ids = [int(i) for i in request.GET.getlist("replica") + request.POST.getlist("replica") if str(i).isdigit()]
+    ids = [int(i) for i in request.GET.getlist("replica") + request.POST.getlist("replica") if i.isdecimal() and 0 < int(i) <= DB_INT_MAX]
     replicas = list(Replica.objects.filter(pk__in=ids).prefetch_related("disks").order_by("name"))
     if not replicas:
         messages.error(request, "Select one or more replicas in Failover, then press “Fail back selected as a plan”.")
