@@ -10,13 +10,19 @@ Lists take the pages' filters and ``limit``/``offset`` (newest first, or the pag
 are fetched by primary key after slicing the ids, as the pages do, so deep offsets stay cheap.
 """
 
+import functools
+import json
+import re
 from contextlib import closing
 from typing import Annotated, Literal
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
+from django.core.exceptions import RequestDataTooBig
 from django.db.models import Prefetch
 from ninja import NinjaAPI, Path, Query, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
 from ninja.security import HttpBearer
 
 from . import plans, tokens, workflow
@@ -62,6 +68,16 @@ class PortalAPI(NinjaAPI):
         return operation.view_func.__name__  # "switch_now", not "failback_api_switch_now"
 
 
+class ObjectParser(Parser):
+    """A request body is a JSON object (or nothing): an array, a string or null is refused, not taken as no options."""
+
+    def parse_body(self, request):
+        data = json.loads(request.body)
+        if not isinstance(data, dict):
+            raise ValueError(f"it is a JSON {type(data).__name__.replace('NoneType', 'null')}")
+        return data
+
+
 api = PortalAPI(
     title="DR portal automation API",
     version="1",
@@ -72,14 +88,83 @@ api = PortalAPI(
     openapi_url="/schema/",
     docs_url="/docs",
     auth=BearerToken(),
+    parser=ObjectParser(),
 )
 
 READ = {401: Error, 422: ValidationProblem}
 ONE = {**READ, 404: Error}
-ACT = {**ONE, 400: Error, 403: Error, 409: Error}  # 400: the body is not JSON
+ACT = {**ONE, 400: Error, 403: Error, 409: Error, 413: Error}  # 400: the body is not a JSON object; 413: it is too large
 Limit = Query(50, ge=1, le=500, description="Rows per page (at most 500)")
 Offset = Query(0, ge=0, le=DB_INT_MAX, description="Rows to skip")
 PathId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An id (404 when there is none)")]
+
+
+# -- refusals: each on the record, as the pages' are --------------------------------------------------
+# Every action endpoint names the action its service call audits (``x-audit-action`` in the OpenAPI schema).
+# A call refused before the service is reached (the schema's validation, a body that is not JSON or too
+# large) is audited under that name too, once, by the token's user; reads and anonymous calls are not.
+
+def _audited(action):
+    return {"openapi_extra": {"x-audit-action": action}}
+
+
+@functools.cache
+def _audit_actions():
+    """{(method, path template): audit action} from the API's own OpenAPI schema."""
+    paths = api.get_openapi_schema()["paths"]
+    return {(method.upper(), path): op["x-audit-action"] for path, ops in paths.items() for method, op in ops.items() if "x-audit-action" in op}
+
+
+def _refuse_request(request, problem, errors=()):
+    """Audit the refusal of an action endpoint's request; returns the message (``problem`` alone for a read)."""
+    match, actor = request.resolver_match, getattr(request, "auth", None)
+    if match is None or actor is None:
+        return problem
+    action = _audit_actions().get((request.method, "/" + re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", match.route)))
+    if action is None:
+        return problem
+    where = {"data": {"errors": list(errors)} if errors else {}}
+    ids = {name: int(value) for name, value in match.kwargs.items() if str(value).isdecimal() and 0 < int(value) <= DB_INT_MAX}
+    if "session_id" in ids:
+        where["session"] = FailbackSession.objects.filter(pk=ids["session_id"]).first()
+    if "replica_id" in ids:
+        where["replica"] = Replica.objects.filter(pk=ids["replica_id"]).first()
+    if "plan_id" in ids:
+        where["data"]["plan_id"] = ids["plan_id"]
+    message = f"{action.replace('_', ' ').capitalize()} refused: {problem}"
+    return workflow.refuse_input(message[:2000], action=action, actor=actor, **where)
+
+
+def _field(loc):
+    """pydantic's ("body", "body", "members", 0, "replica_id") as the field a caller wrote: members.0.replica_id."""
+    parts = list(loc[2:] if tuple(loc[:2]) == ("body", "body") else loc[1:])
+    return ".".join(str(p) for p in parts)
+
+
+@api.exception_handler(ValidationError)
+def invalid(request, exc):
+    """422 in pydantic's format; an action's refusal is audited with each field and why (never the value sent)."""
+    errors = [{"loc": _field(e["loc"]), "msg": e["msg"]} for e in exc.errors]
+    _refuse_request(request, "invalid input (" + "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) + ").", errors)
+    return api.create_response(request, {"detail": exc.errors}, status=422)
+
+
+@api.exception_handler(HttpError)
+def http_error(request, exc):
+    """Ninja's 400 for a body it could not parse says why; 404 and the others as raised."""
+    if exc.status_code != 400:
+        return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
+    problem = "The request body is not a JSON object" + (f" ({exc.__cause__})." if exc.__cause__ is not None else ".")
+    _refuse_request(request, problem[0].lower() + problem[1:])
+    return api.create_response(request, {"detail": problem}, status=400)
+
+
+@api.exception_handler(RequestDataTooBig)
+def too_big(request, exc):
+    """A body over DATA_UPLOAD_MAX_MEMORY_SIZE: 413 in JSON (Django's own answer is an HTML 400 and a traceback)."""
+    problem = f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
+    _refuse_request(request, problem[0].lower() + problem[1:])
+    return api.create_response(request, {"detail": problem}, status=413)
 
 
 @api.exception_handler(workflow.Refused)
@@ -252,7 +337,7 @@ def list_audit(request, filters: Query[AuditFilters], limit: int = Limit, offset
 
 # -- actions: each one service call --------------------------------------------------------------------
 
-@api.post("/replicas/{replica_id}/failback", response={201: SessionOut, **ACT, 502: Error}, tags=["actions"],
+@api.post("/replicas/{replica_id}/failback", response={201: SessionOut, **ACT, 502: Error}, tags=["actions"], **_audited("start_failback"),
           summary="Start a failback of one replica in Failover (phase 1 is queued)")
 def start_failback(request, replica_id: PathId, body: StartFailbackIn):
     _one(Replica.objects, replica_id, "replica")
@@ -260,21 +345,22 @@ def start_failback(request, replica_id: PathId, body: StartFailbackIn):
     return Status(201, _fresh_session(session.pk))
 
 
-@api.post("/sessions/{session_id}/switch", response={200: SessionOut, **ACT}, tags=["actions"], summary="Switch now (phase 2)")
+@api.post("/sessions/{session_id}/switch", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("switch"), summary="Switch now (phase 2)")
 def switch_now(request, session_id: PathId, body: SwitchIn):
     _one(FailbackSession.objects, session_id, "failback")
     workflow.switch_now(request.auth, session_id, reason=body.reason, override_checks=body.override_checks)
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/schedule", response={200: SessionOut, **ACT}, tags=["actions"], summary="Schedule or change the switch time")
+@api.post("/sessions/{session_id}/schedule", response={200: SessionOut, **ACT}, tags=["actions"],
+          **_audited("schedule_switch"), summary="Schedule or change the switch time")
 def schedule_switch(request, session_id: PathId, body: ScheduleIn):
     _one(FailbackSession.objects, session_id, "failback")
     workflow.schedule_switch(request.auth, session_id, body.switch_at, reason=body.reason)
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/cancel", response={200: SessionOut, **ACT}, tags=["actions"],
+@api.post("/sessions/{session_id}/cancel", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("cancel"),
           summary="Cancel before the switch (the replica keeps running)")
 def cancel(request, session_id: PathId, body: CancelIn):
     _one(FailbackSession.objects, session_id, "failback")
@@ -282,7 +368,7 @@ def cancel(request, session_id: PathId, body: CancelIn):
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/stop-commit-policy", response={200: SessionOut, **ACT}, tags=["actions"],
+@api.post("/sessions/{session_id}/stop-commit-policy", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("stop_commit_policy"),
           summary="Stop the automatic commit or undo countdown")
 def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
@@ -290,14 +376,15 @@ def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/commit", response={200: SessionOut, **ACT}, tags=["actions"], summary="Commit: keep production")
+@api.post("/sessions/{session_id}/commit", response={200: SessionOut, **ACT}, tags=["actions"],
+          **_audited("commit"), summary="Commit: keep production")
 def commit(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     workflow.commit(request.auth, session_id, reason=body.reason)
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/undo", response={200: SessionOut, **ACT}, tags=["actions"],
+@api.post("/sessions/{session_id}/undo", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("undo"),
           summary="Undo: back to the replica (production's changes since the switch are discarded)")
 def undo(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
@@ -305,13 +392,14 @@ def undo(request, session_id: PathId, body: ReasonIn):
     return _fresh_session(session_id)
 
 
-@api.post("/plans", response={201: PlanOut, **ACT, 502: Error}, tags=["actions"], summary="Start a plan: several replicas, one switch, power-on in order")
+@api.post("/plans", response={201: PlanOut, **ACT, 502: Error}, tags=["actions"],
+          **_audited("start_plan"), summary="Start a plan: several replicas, one switch, power-on in order")
 def start_plan(request, body: StartPlanIn):
     plan = plans.start_plan(request.auth, **body.dict())
     return Status(201, _fresh_plan(plan.pk))
 
 
-@api.post("/plans/{plan_id}/switch", response={200: PlanOut, **ACT}, tags=["actions"],
+@api.post("/plans/{plan_id}/switch", response={200: PlanOut, **ACT}, tags=["actions"], **_audited("switch_plan"),
           summary="Switch every member now (when all are Ready to switch), in boot order")
 def switch_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
@@ -319,21 +407,23 @@ def switch_plan(request, plan_id: PathId, body: ReasonIn):
     return _fresh_plan(plan_id)
 
 
-@api.post("/plans/{plan_id}/commit", response={200: PlanOut, **ACT}, tags=["actions"], summary="Commit every member in Failback")
+@api.post("/plans/{plan_id}/commit", response={200: PlanOut, **ACT}, tags=["actions"],
+          **_audited("commit_plan"), summary="Commit every member in Failback")
 def commit_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.commit(request.auth, plan_id, reason=body.reason)
     return _fresh_plan(plan_id)
 
 
-@api.post("/plans/{plan_id}/undo", response={200: PlanOut, **ACT}, tags=["actions"], summary="Undo every member in Failback")
+@api.post("/plans/{plan_id}/undo", response={200: PlanOut, **ACT}, tags=["actions"], **_audited("undo_plan"), summary="Undo every member in Failback")
 def undo_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.undo(request.auth, plan_id, reason=body.reason)
     return _fresh_plan(plan_id)
 
 
-@api.post("/plans/{plan_id}/schedule", response={200: PlanOut, **ACT}, tags=["actions"], summary="Schedule or change the plan's switch time")
+@api.post("/plans/{plan_id}/schedule", response={200: PlanOut, **ACT}, tags=["actions"],
+          **_audited("schedule_plan_switch"), summary="Schedule or change the plan's switch time")
 def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.schedule_switch(request.auth, plan_id, body.switch_at, reason=body.reason)

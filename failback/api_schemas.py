@@ -8,7 +8,7 @@ from datetime import date, datetime
 from typing import Annotated, Any
 
 from ninja import Schema
-from pydantic import AwareDatetime, Field, StringConstraints
+from pydantic import AwareDatetime, Field, StrictBool, StrictInt, StringConstraints
 
 from .choices import CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
 from .forms import DATE_MAX, DATE_MIN, DB_INT_MAX
@@ -21,7 +21,15 @@ def Text(max_length, min_length=0):
 
 
 Reason = Annotated[Text(REASON_MAX), Field(description="Reason or ticket, recorded in the audit trail")]
-Id = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
+Id = Annotated[int, Field(ge=1, le=DB_INT_MAX)]  # in a query string, where every value arrives as text
+
+
+# Bodies are JSON, so their numbers and booleans are typed: `true` is not 1, "5" is not 5, 1 is not true.
+def Int(ge, le):
+    return Annotated[StrictInt, Field(ge=ge, le=le)]
+
+
+BodyId = Int(1, DB_INT_MAX)
 
 
 class Error(Schema):
@@ -225,16 +233,16 @@ class StartFailbackIn(Schema):
     folder: Text(200) = ""
     switch_mode: SwitchMode = SwitchMode.MANUAL
     switch_at: AwareDatetime | None = Field(None, description="With a time zone offset; required when switch_mode is scheduled")
-    power_on_after: bool = True
-    bandwidth_mbps: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    power_on_after: StrictBool = True
+    bandwidth_mbps: Int(1, 100_000) | None = None
     commit_policy: CommitPolicy = CommitPolicy.NONE
-    commit_after_min: Annotated[int, Field(ge=1, le=DB_INT_MAX)] | None = None
-    override_checks: bool = Field(False, description="Start despite a failed pre-failback check (needs the permission; give a reason)")
+    commit_after_min: Int(1, DB_INT_MAX) | None = None
+    override_checks: StrictBool = Field(False, description="Start despite a failed pre-failback check (needs the permission; give a reason)")
     reason: Reason = ""
 
 
 class PlanMemberIn(Schema):
-    replica_id: Id
+    replica_id: BodyId
     vm_name: Text(80, 1)
     target_host: Text(200, 1)
     target_datastore: Text(200, 1)
@@ -244,11 +252,11 @@ class PlanMemberIn(Schema):
 class StartPlanIn(Schema):
     name: Text(100, 1)
     members: list[PlanMemberIn] = Field(min_length=1, max_length=500, description="In boot order")
-    concurrency: Annotated[int, Field(ge=1, le=20)] = 2
+    concurrency: Int(1, 20) = 2
     switch_mode: SwitchMode = SwitchMode.MANUAL
     switch_at: AwareDatetime | None = None
-    power_on_after: bool = True
-    power_on_delay_s: Annotated[int, Field(ge=0, le=3600)] = 0
+    power_on_after: StrictBool = True
+    power_on_delay_s: Int(0, 3600) = 0
     reason: Reason = ""
 
 
@@ -257,7 +265,7 @@ class ReasonIn(Schema):
 
 
 class SwitchIn(ReasonIn):
-    override_checks: bool = Field(False, description="Switch despite a failed pre-switch check (needs the permission; give a reason)")
+    override_checks: StrictBool = Field(False, description="Switch despite a failed pre-switch check (needs the permission; give a reason)")
 
 
 class ScheduleIn(ReasonIn):
@@ -265,4 +273,4 @@ class ScheduleIn(ReasonIn):
 
 
 class CancelIn(ReasonIn):
-    keep_production_vm: bool = Field(False, description="Keep the half-built production VM so that a later failback sends only what differs")
+    keep_production_vm: StrictBool = Field(False, description="Keep the half-built production VM so that a later failback sends only what differs")
