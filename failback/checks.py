@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from .hypervisors.base import POWERED_ON
+from .hypervisors.base import POWERED_ON, NotFound
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -136,8 +136,24 @@ def before_switch(hv, session):
     else:
         checks.append(Check("datastore", "Target datastore accessible", FAIL, f"{session.target_datastore} is not accessible."))
     checks.append(_replica_power(hv, session.replica))
+    checks.append(_production_vm(hv, session))
     checks.append(scheduler_clock())
     return checks
+
+
+def _production_vm(hv, session):
+    """The VM the switch will hand the workload to must be there, and be the one this failback created."""
+    label = "Production VM is this failback's"
+    vm_id = session.production_vm_id
+    if not vm_id:
+        return Check("production_vm", label, FAIL, f"No production VM was recorded for failback #{session.pk}.")
+    try:
+        owner = hv.vm_owner(vm_id)
+    except NotFound:
+        return Check("production_vm", label, FAIL, f"Production VM {session.vm_name} ({vm_id}) no longer exists.")
+    if session.owner_tag and owner != session.owner_tag:
+        return Check("production_vm", label, FAIL, f"VM {vm_id} is not the one failback #{session.pk} created (owner tag differs).")
+    return Check("production_vm", label, OK, f"{session.vm_name} ({vm_id}) was created by this failback.")
 
 
 def failures(checks):

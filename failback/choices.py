@@ -111,6 +111,9 @@ TRANSITIONS = {
     "finish_commit": Transition("Finish commit", frozenset({S.COMMITTING}), S.COMMITTED, R.FAILBACK, R.READY),
     "undo": Transition("Undo", frozenset({S.FAILBACK}), S.UNDOING),
     "finish_undo": Transition("Finish undo", frozenset({S.UNDOING}), S.UNDONE, R.FAILBACK, R.FAILOVER),
+    # An undo that could not finish after its attempts: the replica is the workload's home again (the
+    # failure says what to do by hand); the session ends so that nothing retries it forever.
+    "fail_undo": Transition("Fail undo", frozenset({S.UNDOING}), S.FAILED, R.FAILBACK, R.FAILOVER),
     # Cancel before any work started: nothing to clean up (also how a plan withdraws its other members).
     "cancel": Transition("Cancel", frozenset({S.QUEUED}), S.CANCELLED),
     # Cancel while phase 1 copies: the worker stops at its next progress tick and cleans up.

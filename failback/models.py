@@ -168,6 +168,14 @@ class FailbackSession(models.Model):
     resource_pool = models.CharField(max_length=200, blank=True)  # platform id; blank = the host's default
     folder = models.CharField(max_length=200, blank=True)  # platform id; blank = the datacenter's VM folder
     production_vm_id = models.CharField(max_length=100, blank=True)
+    # Ownership: the name is reserved per platform and folder while the session is active (constraint
+    # below), and the VM carries ``owner_tag`` from its creation, so clean-up touches only a VM this
+    # session can prove it created (never one found by name alone).
+    name_scope = models.CharField(max_length=250, blank=True)  # "platform:connection:folder"
+    owner_tag = models.CharField(max_length=64, blank=True)
+    # Fencing: each run of a step takes the lease (lease + 1). A run whose token is no longer the
+    # session's stops without writing (a worker paused past the stall limit, then resumed).
+    lease = models.PositiveBigIntegerField(default=0)
     # the switch moment
     switch_mode = models.CharField(max_length=20, choices=SwitchMode.choices, default=SwitchMode.MANUAL)
     switch_at = models.DateTimeField(null=True, blank=True)
@@ -218,7 +226,13 @@ class FailbackSession(models.Model):
                 fields=["replica"],
                 condition=models.Q(status__in=sorted(s.value for s in ACTIVE)),
                 name="one_active_session_per_replica",
-            )
+            ),
+            # Two active failbacks never build VMs of the same name in the same place.
+            models.UniqueConstraint(
+                fields=["name_scope", "vm_name"],
+                condition=models.Q(status__in=sorted(s.value for s in ACTIVE)),
+                name="one_active_session_per_vm_name",
+            ),
         ]
 
     def __str__(self):

@@ -10,6 +10,7 @@ audited in the same transaction. A refusal is audited too, in its own transactio
 
 import logging
 import re
+import secrets
 from contextlib import closing
 from datetime import timedelta
 
@@ -117,16 +118,25 @@ def _refusal(action, session):
     return f"{spec.label} refused: {why}."
 
 
-def transition(session_id, action, *, actor=None, detail="", data=None, then=None, **fields):
+class LeaseLost(Exception):
+    """This run of a step no longer holds the session's lease (another worker took the step over):
+    it stops at once and writes nothing more: no row, no progress, no platform action."""
+
+
+def transition(session_id, action, *, actor=None, detail="", data=None, then=None, lease=None, **fields):
     """Move a session along TRANSITIONS[action]; exactly one caller wins, the others are refused.
 
     ``then(session)`` runs inside the same transaction (queue the next step, drop a schedule). Callers
     must not wrap this in their own transaction: the refusal's audit row has to survive the refusal.
+    ``lease``: a worker's fencing token (jobs.Run); when the session's lease has moved on, the step was
+    taken over and LeaseLost is raised without writing anything.
     """
     spec = TRANSITIONS[action]
     now = timezone.now()
     with transaction.atomic():
         session = FailbackSession.objects.select_for_update().filter(pk=session_id).first()
+        if lease is not None and (session is None or session.lease != lease):
+            raise LeaseLost(f"{spec.label} not written: failback #{session_id}'s step was taken over by another run")
         if session is None:
             message = f"{spec.label} refused: there is no failback #{session_id}."
         elif session.status not in spec.sources:
@@ -306,6 +316,10 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
         refuse(f"Unknown target host {target_host!r}.", action=action, actor=actor, replica=replica)
     if target_datastore not in inventory.datastores:
         refuse(f"Unknown target datastore {target_datastore!r}.", action=action, actor=actor, replica=replica)
+    scope = name_scope(replica, folder)
+    holder = _name_holder(scope, vm_name)
+    if holder is not None:  # a rule too: the database's constraint backs it up below
+        refuse(_name_taken(vm_name, holder), action=action, actor=actor, replica=replica)
     kept = _kept_vm(replica, vm_name, target_host, target_datastore, inventory)
     if kept is None and any(vm.name == vm_name for vm in inventory.vms):
         refuse(f"A VM named {vm_name!r} already exists; pick another name.", action=action, actor=actor, replica=replica)
@@ -352,6 +366,7 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                     shutdown_timeout_s=timeout, started_by=actor, reason=reason, bandwidth_mbps=bandwidth_mbps,
                     plan=plan, plan_order=plan_order, commit_policy=commit_policy, commit_after_min=commit_after_min,
                     reused_from=kept, production_vm_id=kept.production_vm_id if kept else "",
+                    name_scope=scope, owner_tag=kept.owner_tag if kept else secrets.token_hex(16),
                     prediction={"start_checks": [c.as_dict() for c in found]},
                 )
                 SessionDisk.objects.bulk_create(
@@ -371,9 +386,25 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                 broadcast.session_changed(session.pk)
                 return session
     except IntegrityError:
-        # The partial unique index caught a race the lock could not (another request won).
-        message = f"Start failback refused: replica {replica.name} already has a failback in progress."
+        # A partial unique index caught a race the checks could not (another request won).
+        holder = _name_holder(scope, vm_name)
+        message = (_name_taken(vm_name, holder) if holder is not None and holder.replica_id != replica.pk
+                   else f"Start failback refused: replica {replica.name} already has a failback in progress.")
     refuse(message, action=action, actor=actor, replica=replica, data=options)
+
+
+def name_scope(replica, folder=""):
+    """Where a VM name must be unique: the platform (and vCenter) and the folder."""
+    return f"{replica.platform}:{replica.connection_id or ''}:{folder or ''}"
+
+
+def _name_holder(scope, vm_name):
+    return FailbackSession.objects.filter(name_scope=scope, vm_name=vm_name, status__in=ACTIVE).select_related("replica").first()
+
+
+def _name_taken(vm_name, holder):
+    return (f"Start failback refused: the name {vm_name!r} is reserved by failback #{holder.pk} of {holder.replica.name} "
+            f"({holder.get_status_display()}); pick another name.")
 
 
 def _kept_vm(replica, vm_name, target_host, target_datastore, inventory):

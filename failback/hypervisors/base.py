@@ -99,10 +99,13 @@ class Hypervisor(Protocol):
         network_map: dict[str, str | None],
         resource_pool: str | None = None,
         folder: str | None = None,
+        owner_tag: str | None = None,
     ) -> str:
         """Create and register an empty VM with the source's configuration; return its id.
 
         ``resource_pool`` and ``folder`` are platform ids (vSphere); None means the host's defaults.
+        ``owner_tag`` is stored on the VM at creation (vSphere: ``extraConfig``), so that its creator
+        can prove the VM is its own even when the answer to the create was lost (``find_owned_vm``).
 
         Disks have the same sizes and hold no data (sparse). Raises InsufficientSpace when
         the datastore cannot hold the disks, NotFound for an unknown host/datastore/network.
@@ -110,6 +113,14 @@ class Hypervisor(Protocol):
         ...
 
     def delete_vm(self, vm_id: str) -> None: ...
+
+    def vm_owner(self, vm_id: str) -> str | None:
+        """The ``owner_tag`` the VM was created with, or None. NotFound when there is no such VM."""
+        ...
+
+    def find_owned_vm(self, owner_tag: str) -> str | None:
+        """The id of the VM created with this ``owner_tag``, or None: never a look-up by name."""
+        ...
 
     def power_state(self, vm_id: str) -> str: ...
 

@@ -432,6 +432,7 @@ class LabHypervisor:
         network_map: dict[str, str | None],
         resource_pool: str | None = None,
         folder: str | None = None,
+        owner_tag: str | None = None,
     ) -> str:
         """The lab has no resource pools or folders: ``resource_pool`` and ``folder`` are ignored.
 
@@ -462,8 +463,15 @@ class LabHypervisor:
             ],
             "nics": nics,
             "created_from": source_vm_id,
+            "owner_tag": owner_tag,
         }
         return self._create(vm)
+
+    def vm_owner(self, vm_id: str) -> str | None:
+        return self._vm(vm_id).get("owner_tag")
+
+    def find_owned_vm(self, owner_tag: str) -> str | None:
+        return next((vm["vm_id"] for vm in self._vms() if owner_tag and vm.get("owner_tag") == owner_tag), None)
 
     def close(self) -> None:
         """Nothing to release: the lab keeps no session."""

@@ -102,6 +102,13 @@ _STATE_LABEL = {"poweredOn": "Powered on", "poweredOff": "Powered off", "suspend
 # -- TLS -------------------------------------------------------------------------------------------
 
 
+OWNER_KEY = "drportal.owner"  # extraConfig key holding the creating session's owner tag
+
+
+def _owner_of(extra_config: Any) -> str | None:
+    return next((str(opt.value) for opt in extra_config or () if opt.key == OWNER_KEY), None)
+
+
 class CertificatePinMismatch(ssl.SSLError):
     """The server presented a certificate whose SHA-256 thumbprint is not the pinned one."""
 
@@ -762,6 +769,7 @@ class VSphereHypervisor:
         network_map: dict[str, str | None],
         resource_pool: str | None = None,
         folder: str | None = None,
+        owner_tag: str | None = None,
     ) -> str:
         """CreateVM_Task for a powered-off VM like the source: same CPUs (and cores per socket),
         memory, guest OS and firmware; the same disk controllers with empty disks of equal size and
@@ -847,6 +855,9 @@ class VSphereHypervisor:
             firmware=src.get("config.firmware") or "bios", changeTrackingEnabled=True,
             files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"), deviceChange=[],
         )
+        if owner_tag:  # proof of creation, readable even when the answer to CreateVM_Task is lost
+            spec.extraConfig = [vim.option.OptionValue(key=OWNER_KEY, value=owner_tag)]
+            spec.annotation = f"Created by the failback portal ({OWNER_KEY}={owner_tag})"
         Op = vim.vm.device.VirtualDeviceSpec
         by_key = {d.key: d for d in devices}
         new_ctrl: dict[int, int] = {}  # source controller key -> key in the new VM
@@ -945,6 +956,16 @@ class VSphereHypervisor:
                                   f"in the current state ({_STATE_LABEL.get(state, state)}).")
         task = self._call(what, lambda: self._vm_ref(vm_id).Destroy_Task(), idempotent=False)
         self._wait(task, f"Delete {o.get('name')} ({vm_id})")
+
+    def vm_owner(self, vm_id: str) -> str | None:
+        o = self._vm_props(vm_id, ["config.extraConfig"], f"Read the owner of {vm_id}")
+        return _owner_of(o.get("config.extraConfig"))
+
+    def find_owned_vm(self, owner_tag: str) -> str | None:
+        if not owner_tag:
+            return None
+        world = self._call(f"Find the VM owned by {owner_tag}", lambda: self._collect_all({vim.VirtualMachine: ["config.extraConfig"]}))
+        return next((o.ref._moId for o in world[vim.VirtualMachine] if _owner_of(o.get("config.extraConfig")) == owner_tag), None)
 
     def power_state(self, vm_id: str) -> str:
         return self._vm_props(vm_id, ["runtime.powerState"], f"Read the power state of {vm_id}").get("runtime.powerState")
