@@ -19,6 +19,7 @@ from .choices import ACTIVE, REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState
 from .forms import CancelForm, ReasonForm, ReplicaFilterForm, ScheduleSwitchForm, SessionFilterForm, StartFailbackForm, SwitchForm
 from .hypervisors.registry import hypervisor_for
 from .models import AuditEvent, FailbackSession, Replica
+from .timeline import session_timeline
 
 
 def _can_operate(user):
@@ -199,6 +200,7 @@ def session_context(session, user, **extra):
         "can_operate": _can_operate(user),
         "can_override": user.has_perm(workflow.OVERRIDE_PERMISSION),
         "time_left_s": session.time_left_s(disks),
+        "timeline": session_timeline(session),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
         "reason_form": ReasonForm(),
         "now": timezone.now(),
