@@ -41,6 +41,7 @@ def put_session_in(session, status):
         SessionStatus.UNDOING: ReplicaState.FAILBACK,
         SessionStatus.COMMITTED: ReplicaState.READY,
     }.get(status, ReplicaState.FAILOVER)
+    session = FailbackSession.objects.get(pk=session.pk)
     built = {SessionStatus.READY_TO_SWITCH, SessionStatus.SWITCHING, SessionStatus.FAILBACK, SessionStatus.COMMITTING, SessionStatus.UNDOING}
     if status in built and not session.production_vm_id:  # phase 1 would have built it (with its owner tag)
         from failback.hypervisors.registry import hypervisor_for
