@@ -4,6 +4,7 @@ progress, verification. No Django, no database."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -24,8 +25,11 @@ from failback.transfer import (
     delta_copy,
     disk_digest,
     full_copy,
+    target_untouched,
     verify_target,
 )
+from failback.transfer import engine
+from failback.transfer.progress import Pacer
 from failback.transfer.sparse import data_extents
 
 MiB = 1 << 20
@@ -61,6 +65,14 @@ def extents(path: Path) -> list[tuple[int, int]]:
         return list(data_extents(fd, 0, os.fstat(fd).st_size))
     finally:
         os.close(fd)
+
+
+def reseal(dst: Path, state: Path) -> None:
+    """Make the recorded seal match dst again, as a change the fingerprint cannot see would."""
+    data = json.loads((state / "state.json").read_text())
+    st = os.stat(dst)
+    data["target_seal"] = [st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns]
+    (state / "state.json").write_text(json.dumps(data))
 
 
 def inside(ranges: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
@@ -99,7 +111,8 @@ def test_it_keeps_holes_as_holes(disk: tuple[Path, Path, Path]) -> None:
     assert inside(extents(dst), extents(src)), "the target has data where the source has holes"
     assert allocated(dst) <= allocated(src)
     assert result.bytes_total == sum(b - a for a, b in extents(src))
-    assert result.bytes_written == result.bytes_total
+    assert result.bytes_written == result.bytes_total - 8 * KiB  # the zero pages are not written
+    assert result.zero_bytes_skipped == 8 * KiB
     assert result.digest == disk_digest(str(src), MiB) == disk_digest(str(dst), MiB)
     assert result.method == "full" and result.resumed_from == 0
 
@@ -178,8 +191,10 @@ def test_the_digest_depends_on_content_not_on_sparseness(tmp_path: Path) -> None
     make_image(b, 8 * MiB, {0: bytes(3 * MiB) + rand(100, 1) + bytes(MiB)})  # same bytes, zeros written
 
     assert disk_digest(str(a), MiB) == disk_digest(str(b), MiB)
-    assert disk_digest(str(a), MiB).startswith("blake3-tree-1MiB:")
-    assert disk_digest(str(a), MiB) != disk_digest(str(a), 2 * MiB)
+    assert disk_digest(str(a), MiB).startswith("blake3-tree-64KiB:")
+    assert disk_digest(str(a), MiB) == disk_digest(str(a), 2 * MiB)  # the block size is only the I/O unit
+    make_image(b, 8 * MiB, {3 * MiB: rand(100, 2)})
+    assert disk_digest(str(a), MiB) != disk_digest(str(b), MiB)
 
 
 def test_it_sends_only_the_changed_blocks_with_tracked_extents(disk: tuple[Path, Path, Path]) -> None:
@@ -192,8 +207,8 @@ def test_it_sends_only_the_changed_blocks_with_tracked_extents(disk: tuple[Path,
     result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=changed, durable=False)
 
     assert result.method == "tracked"
-    assert result.bytes_read == 4 * MiB  # only the blocks the extents touch
-    assert result.bytes_written == 1000 + MiB + 10  # just the changed extents; the 4th block equals the map
+    assert result.bytes_read == 19 * 64 * KiB  # only the 64 KiB grains the extents touch
+    assert result.bytes_written == 1000 + MiB + 10  # just the changed extents; the 4th equals the leaves
     assert dst.read_bytes() == src.read_bytes()
     assert result.digest == disk_digest(str(src), MiB)
 
@@ -207,7 +222,7 @@ def test_it_sends_only_the_changed_blocks_by_digest_comparison(disk: tuple[Path,
     result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
 
     assert result.method == "digest"
-    assert result.bytes_written == 2 * MiB  # the changed block and the new one; the zeroed one is punched
+    assert result.bytes_written == 4 * KiB + MiB  # the changed page and the new MiB; the zeroed one is punched
     assert result.zero_bytes_skipped == MiB
     assert dst.read_bytes() == src.read_bytes()
     assert not any(a < 10 * MiB and b > 9 * MiB for a, b in extents(dst)), "the zeroed block is not a hole"
@@ -216,16 +231,32 @@ def test_it_sends_only_the_changed_blocks_by_digest_comparison(disk: tuple[Path,
     assert again.bytes_written == 0 and again.digest == result.digest
 
 
-def test_the_delta_trusts_the_map_and_verification_catches_a_corrupted_target(
-    disk: tuple[Path, Path, Path],
-) -> None:
+def test_a_write_to_the_target_between_passes_is_seen_and_repaired(disk: tuple[Path, Path, Path]) -> None:
     src, dst, state = disk
     make_image(src, 16 * MiB, {0: rand(8 * MiB, 1)})
     full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
-    patch(dst, {3 * MiB + 5000: b"\xff"})  # silent corruption of the target
+    assert target_untouched(str(dst), state_dir=str(state))
+    patch(dst, {3 * MiB + 5000: b"\xff", 12 * MiB: b"junk"})  # someone wrote to the powered-off disk
+
+    assert not target_untouched(str(dst), state_dir=str(state))
+    delta = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[], durable=False)
+
+    assert not delta.target_untouched and delta.target_bytes_read >= 8 * MiB  # re-read once
+    assert delta.bytes_written == 4 * KiB  # the bad page; the junk in the hole is punched
+    assert dst.read_bytes() == src.read_bytes()
+    assert target_untouched(str(dst), state_dir=str(state))
+    assert verify_target(str(dst), state_dir=str(state)) == delta.digest == disk_digest(str(src))
+
+
+def test_corruption_the_seal_cannot_see_is_caught_by_a_full_verification(disk: tuple[Path, Path, Path]) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(8 * MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(dst, {3 * MiB + 5000: b"\xff"})
+    reseal(dst, state)  # as corruption below the filesystem would leave it: size and timestamps unchanged
 
     delta = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
-    assert delta.bytes_written == 0  # the delta never reads the target, so it cannot see this
+    assert delta.bytes_written == 0 and delta.target_untouched  # the delta trusts the leaves
 
     with pytest.raises(VerificationError) as caught:
         verify_target(str(dst), state_dir=str(state))
@@ -282,16 +313,45 @@ def test_a_killed_copy_resumes_and_is_identical(disk: tuple[Path, Path, Path]) -
     assert inside(extents(dst), extents(src))
 
 
-def test_it_honours_the_bandwidth_limit(disk: tuple[Path, Path, Path]) -> None:
+class FakeClock:
+    """A clock that moves only when someone sleeps on it: the limiter's arithmetic, without timing."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+        self.slept += seconds
+
+
+def test_the_limiter_asks_for_sleep_in_proportion_to_the_bytes() -> None:
+    clock = FakeClock()
+    pacer = Pacer(8e6, burst=0.1, clock=clock.now, sleep=clock.sleep)
+
+    for _ in range(100):  # 20 MB written as fast as the writer can: it must wait 2.5 s in all
+        clock.sleep(max(0.0, pacer.delay_after(200_000)))
+    assert clock.slept == pytest.approx(20e6 / 8e6, rel=1e-9)
+
+    clock.t += 60  # a minute with nothing to write buys at most `burst` seconds of credit
+    assert pacer.delay_after(1_600_000) == pytest.approx(0.2 - 0.1, rel=1e-9)
+    assert Pacer(None).delay_after(10**12) == 0.0
+
+
+def test_it_honours_the_bandwidth_limit(disk: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     src, dst, state = disk
     make_image(src, 64 * MiB, {0: rand(10 * MiB, 1), 40 * MiB: rand(10 * MiB, 2)})
-    limit = 8e6  # bytes per second: 20 MiB take about 2.6 s
+    clock = FakeClock()
+    monkeypatch.setattr(engine, "Pacer", functools.partial(Pacer, clock=clock.now, sleep=clock.sleep))
 
-    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, bandwidth_limit_bps=limit)
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, bandwidth_limit_bps=8e6)
 
-    rate = result.bytes_written / result.seconds
     assert result.bytes_written == 20 * MiB
-    assert abs(rate - limit) / limit <= 0.10, f"achieved {rate / 1e6:.2f} MB/s for a limit of 8 MB/s"
+    assert clock.slept == pytest.approx(20 * MiB / 8e6, rel=1e-6)  # every byte paid for, none twice
+    assert dst.read_bytes() == src.read_bytes()
 
 
 def test_progress_is_reported_at_a_bounded_rate_with_a_final_call(disk: tuple[Path, Path, Path]) -> None:

@@ -1,23 +1,27 @@
 """Disk transfer for failback: phase 1 full copy, phase 2 delta, verification. No Django here.
 
 See :mod:`failback.transfer.engine` for how a pass works and :mod:`failback.transfer.blockmap` for
-the digest map, the checkpoint and the end-to-end digest.
+the leaves, the seals, the checkpoint and the disk digest (a hash tree).
 """
 
 from .engine import (
     CopyResult,
+    DiskProof,
     TransferCancelled,
     TransferStateError,
     VerificationError,
     delta_copy,
     disk_digest,
     full_copy,
+    target_untouched,
+    verify_changes,
     verify_target,
 )
 from .progress import Progress
 
 __all__ = [
     "CopyResult",
+    "DiskProof",
     "Progress",
     "TransferCancelled",
     "TransferStateError",
@@ -25,5 +29,7 @@ __all__ = [
     "delta_copy",
     "disk_digest",
     "full_copy",
+    "target_untouched",
+    "verify_changes",
     "verify_target",
 ]

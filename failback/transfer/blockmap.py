@@ -1,55 +1,61 @@
-"""What a target disk holds, kept on disk in the session's state directory.
+"""What both disks hold, kept in the session's state directory: leaf digests, the hash tree, the seal.
 
-Two files per disk:
+A disk is cut into **grains** (64 KiB; the last one may be shorter). Each grain has a **leaf**: the
+first 16 bytes of the BLAKE3 of its bytes, or 16 zero bytes when the grain is all zeros (holes and
+zero grains cost nothing: the leaf files are sparse). Three files per disk:
 
-``blocks.map``
-    One 48-byte record per block: a seeded XXH3-128 of the block (16 bytes, cheap change detection)
-    followed by its BLAKE3 (32 bytes, verification). An all-zero record means "this block is all
-    zeros" — so the map file is created sparse and hole blocks cost neither time nor space. The map is
-    read and written in place (pread/pwrite), never held in memory whole: memory does not grow with the
-    disk.
+``source.leaves``
+    The leaf of every grain of the **replica** as the engine last read it.
+``target.leaves``
+    The leaf of every grain of the **production disk** as the engine last read it back (or, in phase 1,
+    as it wrote it from the bytes it read back or from the buffer it wrote).
 ``state.json``
-    The checkpoint: disk size, block size, the XXH3 seed, the target file's identity, how far the full
-    copy got (``position``: every block below it is in the target and in the map), whether it is
-    complete, and the blocks of an interrupted tracked delta (``pending``). Replaced atomically.
+    The checkpoint: disk size, block size (the I/O unit, a multiple of the grain), grain, the target
+    file's identity, how far the full copy got (``position``), whether it is complete, both disk
+    digests, the blocks of an interrupted tracked delta (``pending``), and the **seals**: a fingerprint
+    of each file (size, allocated blocks, mtime, ctime) taken when the last pass finished. Replaced
+    atomically.
 
-The end-to-end digest of a disk is a BLAKE3 tree over the blocks::
+The disk digest is a hash tree of height two, independent of the block size::
 
-    digest = BLAKE3( "failback-blocktree-v1\\0" || u64le(size) || u64le(block_size) || D0 || D1 || ... )
-    Di     = BLAKE3(block i)      (the last block may be shorter; an all-zero block has a constant Di)
+    digest = BLAKE3( "failback-leaftree-v2\\0" || u64le(size) || u64le(grain) || L0 || L1 || ... )
+    Li     = BLAKE3(grain i)[:16], or 16 zero bytes for an all-zero grain
 
-It can be recomputed from a file alone (:func:`failback.transfer.disk_digest`), and from the map
-without reading the target. It depends on the block size, which is therefore part of its label:
-``blake3-tree-4MiB:<hex>``.
+A leaves file *is* ``L0 || L1 || ...``, so a digest is one BLAKE3 over it (about 0.025 % of the disk's
+size, read from the page cache), and :func:`failback.transfer.disk_digest` recomputes it from a file
+alone: anyone holding the disk can check the audit trail's figure. Label: ``blake3-tree-64KiB:<hex>``.
+A 128-bit leaf gives 2^64 collision resistance: enough against corruption and mistakes, which is what the
+digests are for; it is not a signature.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 import os
-import random
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import blake3
 
-RECORD = 48
-XXH_LEN = 16
-ZERO_RECORD = bytes(RECORD)
+from .sparse import is_zero
+
+GRAIN = 64 << 10
+LEAF = 16
+ZERO_LEAF = bytes(LEAF)
 STATE_FILE = "state.json"
-MAP_FILE = "blocks.map"
-VERSION = 1
-_TREE_PREFIX = b"failback-blocktree-v1\0"
-_CHUNK_RECORDS = 8192  # 384 KiB of map read at a time
+SOURCE_LEAVES = "source.leaves"
+TARGET_LEAVES = "target.leaves"
+VERSION = 2
+_TREE_PREFIX = b"failback-leaftree-v2\0"
 
 
-@functools.lru_cache(maxsize=8)
-def zero_block_digest(length: int) -> bytes:
-    """BLAKE3 of ``length`` zero bytes: the Di of a hole or an all-zero block."""
-    return blake3.blake3(bytes(length)).digest()
+def grain_for(block_size: int) -> int:
+    """The grain used with a block size: 64 KiB, or less when the block is not a multiple of it."""
+    return math.gcd(block_size, GRAIN)
 
 
 def block_count(size: int, block_size: int) -> int:
@@ -60,130 +66,176 @@ def block_length(index: int, size: int, block_size: int) -> int:
     return min(block_size, size - index * block_size)
 
 
-def digest_label(block_size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if block_size % (1 << shift) == 0:
-            return f"blake3-tree-{block_size >> shift}{unit}"
-    return f"blake3-tree-{block_size}B"
+def digest_label(grain: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if grain % (1 << shift) == 0:
+            return f"blake3-tree-{grain >> shift}{unit}"
+    return f"blake3-tree-{grain}B"
+
+
+def leaves_of(buf: bytearray, start: int, end: int, grain: int) -> bytes:
+    """The leaves of buf[start:end], cut in grains from ``start`` (the last one may be shorter)."""
+    view = memoryview(buf)
+    out = []
+    for a in range(start, end, grain):
+        b = min(a + grain, end)
+        out.append(ZERO_LEAF if is_zero(buf, a, b) else blake3.blake3(view[a:b]).digest(LEAF))
+    return b"".join(out)
 
 
 class TreeDigest:
-    """Accumulates the per-block digests, in block order, into the end-to-end digest."""
+    """Accumulates leaves in grain order into the disk digest; grains never added count as zero."""
 
-    def __init__(self, size: int, block_size: int) -> None:
-        self.size, self.block_size = size, block_size
-        self.n_blocks = block_count(size, block_size)
-        self.next_index = 0
-        self._h = blake3.blake3(_TREE_PREFIX + struct.pack("<QQ", size, block_size))
+    def __init__(self, size: int, grain: int) -> None:
+        self.size, self.grain = size, grain
+        self.n_grains = block_count(size, grain)
+        self.next_grain = 0
+        self._h = blake3.blake3(_TREE_PREFIX + struct.pack("<QQ", size, grain))
 
-    def add(self, index: int, strong: bytes | None) -> None:
-        """Block ``index``'s BLAKE3, or None for an all-zero block. Skipped blocks count as zero."""
-        self.add_zeros_until(index)
-        self._h.update(strong if strong is not None else self._zero(index))
-        self.next_index = index + 1
+    def add(self, first_grain: int, leaves: bytes) -> None:
+        if first_grain < self.next_grain:
+            raise ValueError("leaves must be added in grain order")
+        self._zeros(first_grain - self.next_grain)
+        self._h.update(leaves)
+        self.next_grain = first_grain + len(leaves) // LEAF
 
-    def add_zeros_until(self, index: int) -> None:
-        start = self.next_index
-        if index <= start:
-            return
-        full_end = min(index, self.size // self.block_size)  # blocks of full length
-        if full_end > start:
-            zd = zero_block_digest(self.block_size)
-            for lo in range(start, full_end, 4096):
-                self._h.update(zd * (min(full_end, lo + 4096) - lo))
-        for i in range(max(start, full_end), index):  # at most the short last block
-            self._h.update(self._zero(i))
-        self.next_index = index
-
-    def _zero(self, index: int) -> bytes:
-        return zero_block_digest(block_length(index, self.size, self.block_size))
+    def _zeros(self, count: int) -> None:
+        chunk = bytes(LEAF * 65536)
+        while count > 0:
+            n = min(count, 65536)
+            self._h.update(chunk[: n * LEAF])
+            count -= n
 
     def hexdigest(self) -> str:
-        self.add_zeros_until(self.n_blocks)
-        return f"{digest_label(self.block_size)}:{self._h.hexdigest()}"
+        self._zeros(self.n_grains - self.next_grain)
+        self.next_grain = self.n_grains
+        return f"{digest_label(self.grain)}:{self._h.hexdigest()}"
 
 
-class BlockMap:
-    """The records file, addressed by block index. Not thread-safe: one pass owns it."""
+class LeafFile:
+    """One side's leaves, addressed by grain. Read and written in place (pread/pwrite), never held in
+    memory whole, so memory does not grow with the disk. Not thread-safe: one pass owns it."""
 
-    def __init__(self, state_dir: str, n_blocks: int, *, fresh: bool) -> None:
-        self.path = os.path.join(state_dir, MAP_FILE)
-        self.n_blocks = n_blocks
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __init__(self, path: str, n_grains: int, *, fresh: bool) -> None:
+        self.path = path
+        self.n_grains = n_grains
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if fresh:
             os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, n_blocks * RECORD)
-        self._cache_start = -1
-        self._cache = bytearray()
+        os.ftruncate(self.fd, n_grains * LEAF)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> BlockMap:
+    def __enter__(self) -> LeafFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def get(self, index: int) -> bytes:
-        start = index - index % _CHUNK_RECORDS
-        if start != self._cache_start:
-            self._cache = bytearray(os.pread(self.fd, _CHUNK_RECORDS * RECORD, start * RECORD))
-            self._cache_start = start
-        rel = (index - start) * RECORD
-        rec = bytes(self._cache[rel : rel + RECORD])
-        return rec if len(rec) == RECORD else ZERO_RECORD
+    def get(self, first: int, count: int) -> bytes:
+        data = os.pread(self.fd, count * LEAF, first * LEAF)
+        return data.ljust(count * LEAF, b"\0")
 
-    def put(self, index: int, record: bytes) -> None:
-        os.pwrite(self.fd, record, index * RECORD)
-        rel = (index - self._cache_start) * RECORD
-        if self._cache_start >= 0 and 0 <= rel < len(self._cache):
-            self._cache[rel : rel + RECORD] = record
+    def put(self, first: int, leaves: bytes) -> None:
+        if leaves:
+            os.pwrite(self.fd, leaves, first * LEAF)
 
-    def clear_from(self, index: int) -> None:
-        """Forget every block from ``index`` on (they read as zero records again)."""
-        os.ftruncate(self.fd, index * RECORD)
-        os.ftruncate(self.fd, self.n_blocks * RECORD)
-        self._cache_start = -1
+    def clear_from(self, grain: int) -> None:
+        """Forget every grain from ``grain`` on (they read as zero leaves again)."""
+        os.ftruncate(self.fd, grain * LEAF)
+        os.ftruncate(self.fd, self.n_grains * LEAF)
 
-    def records(self) -> Iterator[tuple[int, bytes]]:
-        """(index, record) for every block, in order, streaming."""
-        for start in range(0, self.n_blocks, _CHUNK_RECORDS):
-            count = min(_CHUNK_RECORDS, self.n_blocks - start)
-            data = os.pread(self.fd, count * RECORD, start * RECORD).ljust(count * RECORD, b"\0")
-            for i in range(count):
-                yield start + i, data[i * RECORD : (i + 1) * RECORD]
+    def chunks(self, chunk_grains: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+        """(first grain, leaves) over the whole file, streaming."""
+        for first in range(0, self.n_grains, chunk_grains):
+            yield first, self.get(first, min(chunk_grains, self.n_grains - first))
 
-    def tree_digest(self, size: int, block_size: int) -> str:
-        tree = TreeDigest(size, block_size)
-        for index, rec in self.records():
-            if rec != ZERO_RECORD:
-                tree.add(index, rec[XXH_LEN:])
-        return tree.hexdigest()
+    def digest(self, size: int, grain: int) -> str:
+        """The disk digest of what this side's leaves say: one BLAKE3 over the file, GIL released."""
+        h = blake3.blake3(_TREE_PREFIX + struct.pack("<QQ", size, grain))
+        if self.n_grains:
+            h.update_mmap(self.path)
+        return f"{digest_label(grain)}:{h.hexdigest()}"
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+
+
+class Leaves:
+    """Both sides' leaf files of one disk."""
+
+    def __init__(self, state_dir: str, n_grains: int, *, fresh: bool) -> None:
+        self.source = LeafFile(os.path.join(state_dir, SOURCE_LEAVES), n_grains, fresh=fresh)
+        self.target = LeafFile(os.path.join(state_dir, TARGET_LEAVES), n_grains, fresh=fresh)
+
+    def __enter__(self) -> Leaves:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.source.close()
+        self.target.close()
+
+    def sync(self) -> None:
+        self.source.sync()
+        self.target.sync()
+
+    def clear_from(self, grain: int) -> None:
+        self.source.clear_from(grain)
+        self.target.clear_from(grain)
+
+    @staticmethod
+    def exist(state_dir: str, n_grains: int) -> bool:
+        paths = (os.path.join(state_dir, SOURCE_LEAVES), os.path.join(state_dir, TARGET_LEAVES))
+        return all(os.path.exists(p) and os.path.getsize(p) == n_grains * LEAF for p in paths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seals: has anyone but the engine written to a file since the engine last finished with it?
+
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's value; file timestamps come from it
+
+
+def fingerprint(fd: int) -> list[int]:
+    st = os.fstat(fd)
+    return [st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def seal(fd: int, max_wait: float = 0.05) -> list[int]:
+    """The file's fingerprint, taken once the coarse clock has moved past its timestamps.
+
+    Linux stamps a write with the coarse clock (one tick, 1-10 ms). A write in the same tick as the
+    engine's last one would leave mtime and ctime unchanged; waiting for the next tick (at most a few
+    ms) makes any later write show. ctime cannot be set back by a user (utime sets it to now)."""
+    fp = fingerprint(fd)
+    deadline = time.monotonic() + max_wait
+    while time.clock_gettime_ns(_COARSE) <= max(fp[2], fp[3]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return fp
 
 
 @dataclass
 class DiskState:
     size: int
     block_size: int
-    seed: int
+    grain: int
     dst_dev: int
     dst_ino: int
     position: int = 0
     complete: bool = False
-    digest: str | None = None
-    pending: list[int] = field(default_factory=list)
+    digest: str | None = None  # target side
+    source_digest: str | None = None
+    pending: list[list[int]] = field(default_factory=list)
+    target_seal: list[int] | None = None
+    source_seal: list[int] | None = None
     version: int = VERSION
 
     @classmethod
     def new(cls, size: int, block_size: int, dst_fd: int) -> DiskState:
         st = os.fstat(dst_fd)
-        return cls(size, block_size, random.SystemRandom().getrandbits(64), st.st_dev, st.st_ino)
+        return cls(size, block_size, grain_for(block_size), st.st_dev, st.st_ino)
 
     @classmethod
     def load(cls, state_dir: str) -> DiskState | None:

@@ -76,12 +76,20 @@ class Pacer:
     of unchanged blocks does not buy a long burst afterwards.
     """
 
-    def __init__(self, limit_bps: float | None, burst: float = 0.1) -> None:
+    def __init__(
+        self,
+        limit_bps: float | None,
+        burst: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if limit_bps is not None and limit_bps <= 0:
             raise ValueError("bandwidth_limit_bps must be positive")
         self.limit = limit_bps
         self.burst = burst
-        self._clock = time.monotonic()
+        self.now = clock  # the engine sleeps with these two, so a test can run the limiter on its own clock
+        self.sleep = sleep
+        self._clock = clock()
 
     @property
     def active(self) -> bool:
@@ -97,6 +105,6 @@ class Pacer:
         """Account for nbytes just written; seconds to wait before writing more."""
         if self.limit is None:
             return 0.0
-        now = time.monotonic()
+        now = self.now()
         self._clock = max(self._clock, now - self.burst) + nbytes / self.limit
         return self._clock - now
