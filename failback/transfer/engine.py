@@ -16,9 +16,9 @@ non-zero pages are written.
 A delta (catch-up or the final one) reads, on the pool, only the grains it must look at — those the
 change tracking names (rounded out to grains), or every grain holding data for the digest method —
 and computes their leaves. A grain whose new leaf equals the target's leaf is done. For the others it
-finds the 4 KiB pages to write: the changed extents themselves (tracked, when the grain was in sync),
-the source's non-zero pages (the target grain is known to be zeros), or the pages that differ from a
-read of the target grain (everything else). Zero pages are punched, never written, so the target keeps
+finds the 4 KiB pages to write: the source's non-zero pages when the target grain is known to be
+zeros, else the pages that differ from a read of the target grain (so a coarse change tracking, or an
+extent rewritten with the same bytes, costs reads, not writes). Zero pages are punched, never written, so the target keeps
 its holes. What was written is read back at once and compared with what was read from the source;
 only then does the target's leaf move. Writes therefore follow the changed pages, reads follow the
 changed grains (tracked) or the source's data (digest), and the switch needs no re-read of either
@@ -153,7 +153,6 @@ class _Job:
     work: int  # progress bytes this block accounts for
     segments: tuple[tuple[int, int], ...] = ()  # full copy: data ranges in the block, relative
     grains: tuple[int, ...] = ()  # delta: grains of the block to look at, relative
-    pieces: tuple[tuple[int, int], ...] | None = None  # tracked: changed ranges, relative; None: unknown
     old_source: bytes = b""  # delta: the block's leaves
     old_target: bytes = b""
     read: bool = True  # False: nothing to read (a hole)
@@ -383,8 +382,6 @@ class _Pass:
                 continue  # the target holds it already
             if leaf == ZERO_LEAF:
                 out.plans[g] = None
-            elif job.pieces is not None and old_t == job.old_source[g * LEAF : (g + 1) * LEAF]:
-                out.plans[g] = _clip(job.pieces, a, b)  # in sync before: only the changed extents
             elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
                 out.plans[g] = [(x, y) for x, y, zero in _zero_page_runs(buf, a, b) if not zero]
             else:
@@ -418,10 +415,6 @@ def _runs(grains: Sequence[int]) -> Iterator[tuple[int, int]]:
         prev = g
     if start >= 0:
         yield start, prev + 1
-
-
-def _clip(pieces: Sequence[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
-    return [(max(x, a), min(y, b)) for x, y in pieces if x < b and y > a]
 
 
 def _zero_page_runs(buf: bytearray, a: int, b: int) -> list[tuple[int, int, bool]]:
@@ -834,13 +827,12 @@ def delta_copy(
                 state.pending = _merge_block_ranges([*touched, *state.pending])
                 save_state(state_dir, state, durable=durable)
 
-                def plan(i: int) -> tuple[int, tuple[int, ...], tuple[tuple[int, int], ...] | None]:
+                def plan(i: int) -> tuple[int, tuple[int, ...]]:
                     n = block_length(i, size, bs)
                     if i in leftover or i not in by_block:
-                        return n, tuple(range(block_count(n, g_size))), None
-                    pieces = tuple(by_block[i])
-                    grains = sorted({g for a, b in pieces for g in range(a // g_size, (b - 1) // g_size + 1)})
-                    return n, tuple(grains), pieces
+                        return n, tuple(range(block_count(n, g_size)))
+                    grains = {g for a, b in by_block[i] for g in range(a // g_size, (b - 1) // g_size + 1)}
+                    return n, tuple(sorted(grains))
 
                 def grain_bytes(n: int, grains: tuple[int, ...]) -> int:
                     return sum(min((g + 1) * g_size, n) - g * g_size for g in grains)
@@ -848,15 +840,15 @@ def delta_copy(
                 def tracked_jobs() -> Iterator[_Job]:
                     for lo, hi in state.pending:
                         for i in range(lo, hi):
-                            n, grains, pieces = plan(i)
+                            n, grains = plan(i)
                             count = block_count(n, g_size)
                             yield _Job(
-                                i, i * bs, n, grain_bytes(n, grains), grains=grains, pieces=pieces,
+                                i, i * bs, n, grain_bytes(n, grains), grains=grains,
                                 old_source=leaves.source.get(i * per, count),
                                 old_target=leaves.target.get(i * per, count),
                             )
 
-                p.reporter.total = sum(grain_bytes(*plan(i)[:2]) for lo, hi in state.pending for i in range(lo, hi))
+                p.reporter.total = sum(grain_bytes(*plan(i)) for lo, hi in state.pending for i in range(lo, hi))
                 jobs = tracked_jobs()
             else:
                 method = "digest"
