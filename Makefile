@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/dr_portal
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/7
 
-.PHONY: run setup test test-embedded test-production services bench screenshots clean
+.PHONY: run setup test test-embedded test-production services bench model screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { sh tests/apt.sh python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -35,6 +35,10 @@ test-production: $(STAMP) services
 
 services:
 	sh tests/services.sh
+
+# A longer, randomised search of the workflow's state machine than the one `make test` runs.
+model: $(STAMP)
+	MODEL_EXAMPLES=$${MODEL_EXAMPLES:-100} MODEL_STEPS=$${MODEL_STEPS:-40} MODEL_RANDOM=1 env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest -m model -s
 
 bench: $(STAMP)
 	$(BIN)/python bench/transfer.py
