@@ -7,6 +7,7 @@ with the update that answers the nudge, so a client can count deliveries and mea
 publish-to-receive latency (bench/ws_load.py).
 """
 
+import hashlib
 import logging
 import time
 import uuid
@@ -43,3 +44,29 @@ async def _publish(layer, session_id, message):
 def session_changed(session_id):
     """Publish once the current transaction commits (immediately when there is none)."""
     transaction.on_commit(lambda: send_now(session_id))
+
+
+# -- closing the sockets of a login that ended --------------------------------------------------------
+# Every consumer joins its user's group and its login's group (the session cookie it authenticated with).
+# Logging out closes that login's sockets; deactivating a user closes all of theirs (users with audit rows
+# cannot be deleted). The
+# consumers only re-check the login when a socket opens, so without this an open socket kept streaming.
+
+def user_group(user_id):
+    return f"user-{user_id}"
+
+
+def login_group(session_key):
+    """A group per login session, named by a digest: the session key itself never goes to the channel layer."""
+    return "login-" + hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def close_sockets(group):
+    """Close every socket in ``group`` once the current transaction commits (at once when there is none)."""
+    def send():
+        try:
+            async_to_sync(get_channel_layer().group_send)(group, {"type": "auth.revoked"})
+        except Exception:  # the next reconnect is refused anyway (the consumers check the login)
+            log.warning("could not close the websockets of %s", group, exc_info=True)
+
+    transaction.on_commit(send)

@@ -29,7 +29,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import connection
 from django.template.loader import render_to_string
 
-from .broadcast import SESSIONS_GROUP, session_group
+from .broadcast import SESSIONS_GROUP, login_group, session_group, user_group
 from .models import FailbackSession
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,27 @@ def _relay():
     return _relays[loop]
 
 
-class SessionConsumer(AsyncWebsocketConsumer):
+class LoginBoundConsumer(AsyncWebsocketConsumer):
+    """A socket that lives only as long as the login that opened it: it joins its user's group and its
+    login's (see broadcast.close_sockets), and closes with 4401 when told the login ended."""
+
+    async def join_login_groups(self):
+        session = self.scope.get("session")
+        self.login_groups = [user_group(self.scope["user"].pk)]
+        if session is not None and session.session_key:
+            self.login_groups.append(login_group(session.session_key))
+        for group in self.login_groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+
+    async def leave_login_groups(self):
+        for group in getattr(self, "login_groups", ()):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def auth_revoked(self, event):
+        await self.close(code=4401)
+
+
+class SessionConsumer(LoginBoundConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -166,11 +186,13 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         self.last_status = None
         self.sending = asyncio.Lock()  # one update at a time, in the order the rounds rendered them
+        await self.join_login_groups()
         await self.accept()
         self.relay = _relay()
         await self.relay.watch(self)
 
     async def disconnect(self, code):
+        await self.leave_login_groups()
         if hasattr(self, "relay"):
             await self.relay.unwatch(self)
 
@@ -205,7 +227,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         return render_to_string("failback/partials/session_actions.html", session_context(session, self.scope["user"], oob=True))
 
 
-class DashboardConsumer(AsyncWebsocketConsumer):
+class DashboardConsumer(LoginBoundConsumer):
     """The dashboard: any session's nudge re-renders it from the database (at most every THROTTLE s)."""
 
     THROTTLE = 1.0
@@ -217,11 +239,13 @@ class DashboardConsumer(AsyncWebsocketConsumer):
             return
         self.joined = True
         self.last_sent = 0.0
+        await self.join_login_groups()
         await self.channel_layer.group_add(SESSIONS_GROUP, self.channel_name)
         await self.accept()
         await self.push()
 
     async def disconnect(self, code):
+        await self.leave_login_groups()
         if getattr(self, "joined", False):
             await self.channel_layer.group_discard(SESSIONS_GROUP, self.channel_name)
 

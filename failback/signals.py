@@ -1,4 +1,5 @@
-"""Who logged in, who failed, who was locked out: into the audit trail (auditors ask for these too).
+"""Who logged in, who failed, who was locked out: into the audit trail (auditors ask for these too); and
+the open websockets of a login that ended are closed.
 
 Authentication is Django's, not ours, so its signals are the one place to hear about it; the rows
 are written by the same audit() as every other action. The password is never recorded.
@@ -6,9 +7,11 @@ are written by the same audit() as every other action. The password is never rec
 
 from axes.signals import user_locked_out
 from django.contrib.auth import get_user_model
-from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.db.models.signals import post_save
 from django.dispatch import receiver
 
+from .broadcast import close_sockets, login_group, user_group
 from .choices import Outcome
 from .workflow import audit
 
@@ -34,3 +37,20 @@ def login_failed(sender, credentials, request=None, **kwargs):
 def locked_out(sender, request, username, ip_address, **kwargs):
     audit(action="login_locked_out", name=str(username)[:150] or "(blank)", outcome=Outcome.REFUSED,
           detail=f"{username!r} locked out from {ip_address} after repeated failures", data={"username": username, "ip": ip_address})
+
+
+# -- open websockets follow the login: closed when it ends, not only refused on reconnect ----------------
+
+@receiver(user_logged_out)
+def logged_out(sender, request, user, **kwargs):
+    """This login's sockets (the other browsers' logins of the same user stay open)."""
+    session_key = getattr(getattr(request, "session", None), "session_key", None)  # still there: flushed after the signal
+    if session_key:
+        close_sockets(login_group(session_key))
+
+
+@receiver(post_save, sender=get_user_model())
+def user_saved(sender, instance, **kwargs):
+    if not instance.is_active:  # deactivated: every socket of theirs, whatever login opened it
+        close_sockets(user_group(instance.pk))
+
