@@ -353,7 +353,7 @@ class _Pass:
         try:
             view = memoryview(m)
             try:
-                return _Hashed(_mapped_leaves(view, self.grain), copied=True)
+                return _Hashed(_mapped_leaves(view, self.grain, job.segments or ((0, job.length),)), copied=True)
             finally:
                 view.release()
         finally:
@@ -414,14 +414,17 @@ class _Pass:
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
-def _mapped_leaves(view: memoryview, grain: int) -> bytes:
-    """leaves_of for a read-only mapping: a zero grain is rare in copied data, so test ends first."""
+def _mapped_leaves(view: memoryview, grain: int, segments: Sequence[tuple[int, int]]) -> bytes:
+    """leaves_of for a read-only mapping of a copied block: grains outside its data ranges were not
+    copied (zeros); a zero grain is rare inside copied data, so test its ends first."""
     out = []
     n = len(view)
     for a in range(0, n, grain):
         b = min(a + grain, n)
         part = view[a:b]
-        if view[a] == 0 and view[b - 1] == 0 and part == bytes(b - a):
+        if not any(x < b and y > a for x, y in segments) or (
+            view[a] == 0 and view[b - 1] == 0 and part.tobytes() == bytes(b - a)
+        ):
             out.append(ZERO_LEAF)
         else:
             out.append(blake3.blake3(part).digest(LEAF))
@@ -714,7 +717,9 @@ def full_copy(
                 if p.copy_range_ok and p.probe_has_data(job):
                     if all(p.copy_range(job.offset + a, b - a) for a, b in job.segments):
                         p.bytes_read += job.work
-                        return lambda: p.hash_target(job)
+                        # Hashed here, not on the pool: blake3 keeps the GIL for a 64 KiB leaf, and a
+                        # pool thread holding it would stall this thread after every system call.
+                        return p.hash_target(job)
                 p.read(sfd, buf, 0, job.length, job.offset)
                 p.bytes_read += job.length
                 if is_zero(buf, 0, job.length):
