@@ -137,10 +137,7 @@ def assert_inert(html):
     found = Markup()
     found.feed(html)
     assert not found.inline_scripts and not found.injected
-    for name, code in found.handlers:  # the pages' own confirm() calls: the names inside stay JS string data
-        for payload in MARKUP:
-            assert payload not in code, f"{name}={code!r}"
-        assert re.fullmatch(r"return confirm\('(?:[^'\\]|\\.)*'\);?|window\.print\(\)", code), code
+    assert not found.handlers, found.handlers  # none at all: the Content-Security-Policy would block them (portal.js does confirm)
     assert not any(unescape(url).strip().lower().startswith(("javascript:", "data:")) for url in found.urls)
     assert any(escape(p) in html for p in MARKUP), "the page shows none of the hostile names: the check proves nothing"
 
