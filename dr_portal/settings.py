@@ -192,6 +192,11 @@ else:
         }
     }
 
+# The cache holds short-lived counters only (failed logins per address, failback/logins.py): in Redis when
+# there is one, so that every web process counts together; else in the process's memory.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "dr_portal"}}
+
 TASK_TIMEOUT = envint("FAILBACK_TASK_TIMEOUT", 6 * 3600, minimum=60)
 Q_CLUSTER = {
     "name": "dr_portal",
@@ -236,13 +241,20 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
-# Login throttling (django-axes): after AXES_FAILURE_LIMIT failures for a user name from an address,
-# that pair is locked out for AXES_COOLOFF_MINUTES. Failures and lock-outs are audited.
+# Login throttling (django-axes, see failback/logins.py): after AXES_FAILURE_LIMIT failures for a user name
+# from an address, or LOGIN_ADDRESS_FAILURE_LIMIT from an address whatever names it tried (password spraying),
+# it is locked out for AXES_COOLOFF_MINUTES. A successful login does not wipe the address's count (else one
+# valid account would reset a spray). Failures and lock-outs are audited: per address and cool-off window,
+# LOGIN_AUDIT_ROWS_PER_ADDRESS rows in full, then summary rows with the count (at 20, 50, 100, 200, …).
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
-AXES_FAILURE_LIMIT = envint("AXES_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_FAILURE_LIMIT_PER_NAME = envint("AXES_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_FAILURE_LIMIT_PER_ADDRESS = envint("LOGIN_ADDRESS_FAILURE_LIMIT", 20, minimum=1)
+LOGIN_AUDIT_ROWS_PER_ADDRESS = envint("LOGIN_AUDIT_ROWS_PER_ADDRESS", 10, minimum=1)
+AXES_FAILURE_LIMIT = "failback.logins.failure_limit"
 AXES_COOLOFF_TIME = envint("AXES_COOLOFF_MINUTES", 15, minimum=1) / 60  # hours
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
-AXES_RESET_ON_SUCCESS = True
+LOGIN_AUDIT_WINDOW_S = round(AXES_COOLOFF_TIME * 3600)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "ip_address"]
+AXES_RESET_ON_SUCCESS = False
 AXES_SENSITIVE_PARAMETERS = ["password"]
 
 LOGIN_URL = "login"

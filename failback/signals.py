@@ -6,11 +6,13 @@ are written by the same audit() as every other action. The password is never rec
 """
 
 from axes.signals import user_locked_out
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
+from . import logins
 from .broadcast import close_sockets, login_group, user_group
 from .choices import Outcome
 from .workflow import audit
@@ -27,16 +29,33 @@ def logged_in(sender, request, user, **kwargs):
 
 @receiver(user_login_failed)
 def login_failed(sender, credentials, request=None, **kwargs):
-    name = str(credentials.get("username", ""))[:150]
-    user = get_user_model().objects.filter(username=name).first()
-    audit(action="login_failed", actor=user, name=name or "(blank)", outcome=Outcome.REFUSED,
-          detail=f"Failed login for {name!r} from {_address(request)}", data={"username": name, "ip": _address(request)})
+    name, address = str(credentials.get("username", ""))[:150], _address(request)
+    count, row = logins.row_to_write("login_failed", address)
+    if row == "each":
+        user = get_user_model().objects.filter(username=name).first()
+        audit(action="login_failed", actor=user, name=name or "(blank)", outcome=Outcome.REFUSED,
+              detail=f"Failed login for {name!r} from {address}", data={"username": name, "ip": address})
+    elif row == "summary":
+        _summary("login_failed", address, count, f"{count} failed logins from {address}", name)
 
 
 @receiver(user_locked_out)
 def locked_out(sender, request, username, ip_address, **kwargs):
-    audit(action="login_locked_out", name=str(username)[:150] or "(blank)", outcome=Outcome.REFUSED,
-          detail=f"{username!r} locked out from {ip_address} after repeated failures", data={"username": username, "ip": ip_address})
+    count, row = logins.row_to_write("login_locked_out", ip_address)
+    if row == "each":
+        audit(action="login_locked_out", name=str(username)[:150] or "(blank)", outcome=Outcome.REFUSED,
+              detail=f"{username!r} locked out from {ip_address} after repeated failures", data={"username": username, "ip": ip_address})
+    elif row == "summary":
+        _summary("login_locked_out", ip_address, count, f"{count} attempts from {ip_address} refused while locked out", username)
+
+
+def _summary(action, address, count, what, last_name):
+    """One row for many: how many there were from the address in this window (the rows for each stopped earlier)."""
+    window_min = settings.LOGIN_AUDIT_WINDOW_S // 60
+    audit(action=action, name="(many)", outcome=Outcome.REFUSED,
+          detail=f"{what} within {window_min} min (rows for each one stop after the first {settings.LOGIN_AUDIT_ROWS_PER_ADDRESS}); "
+                 f"the latest for {str(last_name)[:150]!r}",
+          data={"ip": address, "count": count, "summary": True, "window_min": window_min, "last_username": str(last_name)[:150]})
 
 
 # -- open websockets follow the login: closed when it ends, not only refused on reconnect ----------------
