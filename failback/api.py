@@ -116,13 +116,13 @@ def _audit_actions():
 
 
 def _refuse_request(request, problem, errors=()):
-    """Audit the refusal of an action endpoint's request; returns the message (``problem`` alone for a read)."""
+    """Audit the refusal of a request to an action endpoint by an authenticated caller (nothing for a read)."""
     match, actor = request.resolver_match, getattr(request, "auth", None)
     if match is None or actor is None:
-        return problem
+        return
     action = _audit_actions().get((request.method, "/" + re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", match.route)))
     if action is None:
-        return problem
+        return
     where = {"data": {"errors": list(errors)} if errors else {}}
     ids = {name: int(value) for name, value in match.kwargs.items() if str(value).isdecimal() and 0 < int(value) <= DB_INT_MAX}
     if "session_id" in ids:
@@ -132,7 +132,7 @@ def _refuse_request(request, problem, errors=()):
     if "plan_id" in ids:
         where["data"]["plan_id"] = ids["plan_id"]
     message = f"{action.replace('_', ' ').capitalize()} refused: {problem}"
-    return workflow.refuse_input(message[:2000], action=action, actor=actor, **where)
+    workflow.refuse_input(message[:2000], action=action, actor=actor, **where)
 
 
 def _field(loc):
@@ -151,10 +151,10 @@ def invalid(request, exc):
 
 @api.exception_handler(HttpError)
 def http_error(request, exc):
-    """Ninja's 400 for a body it could not parse says why; 404 and the others as raised."""
-    if exc.status_code != 400:
+    """Ninja's 400 for a body it could not parse (raised from the parser's error) says why; the others as raised."""
+    if exc.status_code != 400 or exc.__cause__ is None:
         return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
-    problem = "The request body is not a JSON object" + (f" ({exc.__cause__})." if exc.__cause__ is not None else ".")
+    problem = f"The request body is not a JSON object ({exc.__cause__})."
     _refuse_request(request, problem[0].lower() + problem[1:])
     return api.create_response(request, {"detail": problem}, status=400)
 
