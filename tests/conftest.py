@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,13 @@ def lab_dirs(settings, tmp_path):
     settings.FAILBACK_STATE_DIR = tmp_path / "sessions"
     settings.FAILBACK_PROGRESS_INTERVAL = 0.05
     settings.FAILBACK_SHUTDOWN_TIMEOUT = 5
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(settings):
+    """Each test its own in-memory cache: it holds counters (failed logins per address, failback/logins.py) that must
+    not carry from one test into the next, nor reach the Redis that other runs share in the production profile."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": f"test-{uuid.uuid4().hex}"}}
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,10 @@ the audit trail records the spray without growing by one row per attempt."""
 import secrets
 
 import pytest
+from django.conf import global_settings
 from django.test import Client
+
+from dr_portal import settings as project_settings
 
 from failback.choices import Outcome
 from failback.models import AuditEvent
@@ -14,6 +17,7 @@ pytestmark = [pytest.mark.security, pytest.mark.django_db(databases="__all__")]
 
 @pytest.fixture(autouse=True)
 def limits(settings):
+    settings.CACHES = getattr(project_settings, "CACHES", global_settings.CACHES)  # the portal's own (Redis in production), not conftest's
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.LOGIN_FAILURE_LIMIT_PER_NAME = 3
     settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS = 6
