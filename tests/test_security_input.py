@@ -82,12 +82,12 @@ class Hostile:
         for i, (name, replica) in enumerate(zip(HOSTILE, self.replicas)):
             self.sessions.append(workflow.start_failback(operator, replica.pk, vm_name=f"prod-{i}", target_host=name, target_datastore="prod-ds-01",
                                                          network_map={name: name}, reason=name[:500]))
+        ready, waiting, failed = self.sessions[1], self.sessions[2], self.sessions[3]
+        put_session_in(ready, SessionStatus.READY_TO_SWITCH)  # builds the production VM on a datastore the lab has
+        put_session_in(waiting, SessionStatus.FAILBACK)
         # vCenter datastore names are free text; the lab's are directory names, so they are written as the sync writes them.
         FailbackSession.objects.filter(pk__in=[s.pk for s in self.sessions]).update(target_datastore=HOSTILE[1])
-        ready, waiting, failed = self.sessions[1], self.sessions[2], self.sessions[3]
-        put_session_in(ready, SessionStatus.READY_TO_SWITCH)
         workflow.schedule_switch(operator, ready.pk, timezone.now() + timedelta(hours=2), reason=HOSTILE[4])
-        put_session_in(waiting, SessionStatus.FAILBACK)
         FailbackSession.objects.filter(pk=failed.pk).update(status=SessionStatus.FAILED, ended_at=timezone.now(),
                                                             error=f"vCenter: The name '{HOSTILE[0]}' already exists. {HOSTILE[1]}")
         Replica.objects.filter(pk=failed.replica_id).update(state=ReplicaState.READY)  # offers "Declare failover" (a JS confirm)
@@ -384,8 +384,8 @@ def test_it_refuses_a_duplicate_plan_name(lab, operator):
 def test_it_frees_the_name_of_a_plan_that_could_not_start(lab, operator):
     """A refused plan keeps its withdrawn members on the record, but the corrected attempt may use the same name."""
     busy = start(operator, replica_named("app-crm"))
-    members = [{"replica_id": r.pk, "vm_name": f"{r.source_name}-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
-                "network_map": network_map(r)} for r in (replica_named("web-01"), replica_named("app-crm"))]
+    members = [{"replica_id": r.pk, "vm_name": f"{r.source_name}-wave", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
+                "network_map": network_map(r)} for r in (replica_named("web-01"), replica_named("app-crm"))]  # names free: the replica is busy
     with pytest.raises(workflow.Refused, match=f"Plan wave not started: .*already has failback #{busy.pk}"):
         plans.start_plan(operator, name="wave", members=members)
     assert set(FailbackSession.objects.exclude(pk=busy.pk).values_list("status", flat=True)) == {SessionStatus.CANCELLED}
@@ -419,7 +419,7 @@ def test_it_refuses_forged_ids_with_a_clear_message(lab, operator):
     page = client.post(reverse("failback:plan_new"), {"replica": ["999998", "999999"]}, follow=True).content.decode()
     assert "Select one or more replicas in Failover" in page
     crm, web = replica_named("app-crm"), replica_named("web-01")
-    page = client.post(reverse("failback:start", args=[crm.pk]), start_form(crm)).content.decode()
+    page = client.post(reverse("failback:start", args=[crm.pk]), start_form(crm, vm_name="app-crm-01-again")).content.decode()
     assert f"already has failback #{busy.pk}" in page  # a second failback of a replica that has one running
     page = client.post(reverse("failback:start", args=[web.pk]), start_form(web)).content.decode()
     assert "failback starts only from Failover" in page  # a replica not in Failover
