@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
@@ -206,6 +207,22 @@ def recover_stalled():
                   detail=f"No sign of life from the worker for {silent:.0f} s while {session.get_status_display().lower()}: the step is queued again and resumes where it stopped",
                   data={"silent_s": round(silent, 1), "step": STEP_OF[session.status]})
             _enqueue(STEP_OF[session.status], session.pk, resume=True)
+            broadcast.session_changed(session.pk)
+        resumed.append(session.pk)
+    # Queued, but no worker ever took phase 1 (its task was lost with a killed worker: the Redis broker
+    # does not hand it out again). Plan members not yet let in by their plan have no enqueued_at.
+    waiting = FailbackSession.objects.filter(status=SessionStatus.QUEUED, enqueued_at__lt=cutoff).filter(
+        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff))
+    for session in waiting:
+        with transaction.atomic():
+            same = Q(heartbeat_at__isnull=True) if session.heartbeat_at is None else Q(heartbeat_at=session.heartbeat_at)
+            if FailbackSession.objects.filter(same, pk=session.pk, status=SessionStatus.QUEUED).update(heartbeat_at=now) != 1:
+                continue
+            waited = (now - (session.heartbeat_at or session.enqueued_at)).total_seconds()
+            audit(action="resume", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
+                  detail=f"Phase 1 was queued {waited:.0f} s ago and no worker has taken it: queued again",
+                  data={"silent_s": round(waited, 1), "step": "phase1"})
+            _enqueue("phase1", session.pk)
             broadcast.session_changed(session.pk)
         resumed.append(session.pk)
     # Switched, but the worker died before powering production on: both VMs would stay off. Power it on.

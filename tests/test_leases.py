@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
@@ -151,3 +152,19 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
     assert {a: AuditEvent.objects.filter(session=session, action=a).count() for a in one} == one
     assert "stopped without writing" in (tmp_path / "first.log").read_text(errors="replace")
     assert filecmp.cmp(lab.disk_path(vm_id, "scsi0:0"), lab.disk_path(session.production_vm_id, "scsi0:0"), shallow=False)
+
+
+@pytest.mark.django_db(databases="__all__")
+def test_a_queued_phase1_whose_task_was_lost_is_queued_again(lab, operator, settings, django_capture_on_commit_callbacks):
+    """Found by the model-based test: a worker killed with phase 1's task in hand (the Redis broker does not
+    deliver it again) left the session Queued for ever; the watchdog did not look at Queued sessions."""
+    settings.FAILBACK_STALL_SECONDS = 2
+    with django_capture_on_commit_callbacks():  # the task is lost: never run
+        session = start(operator, replica_named("app-crm"))
+    assert workflow.recover_stalled() == []  # not yet silent long enough
+    FailbackSession.objects.filter(pk=session.pk).update(enqueued_at=session.enqueued_at - timedelta(seconds=10))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert workflow.recover_stalled() == [session.pk]
+    assert workflow.recover_stalled() == []  # claimed once
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH
+    assert "no worker has taken it" in AuditEvent.objects.get(session=session, action="resume").detail
