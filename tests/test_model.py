@@ -295,6 +295,11 @@ class FailbackModel(RuleBasedStateMachine):
             if current == s.status:
                 assert state == current, f"failback #{s.pk} is {current} but its audit trail ends at {state}"
 
+    def story(self, replica):
+        """The replica's failbacks as their audit trails tell them, for a failure message."""
+        rows = AuditEvent.objects.filter(session__replica=replica).order_by("id").values_list("session_id", "action", "outcome", "detail")
+        return " | ".join(f"#{s} {a} {o}: {d[:120]}" for s, a, o, d in rows)
+
     def check_at_rest(self):
         present = {vm.vm_id for vm in self.lab.inventory().vms}
         power = self.lab.power_states()
@@ -307,7 +312,7 @@ class FailbackModel(RuleBasedStateMachine):
             if last is not None and last.status in (SessionStatus.FAILBACK, SessionStatus.COMMITTED) and last.power_on_after:
                 serving = [last.production_vm_id]
             for vm_id in serving:  # never a workload with both its VMs off
-                assert power.get(vm_id) == POWERED_ON, f"{r.name}: {vm_id} should serve the workload but is {power.get(vm_id)}"
+                assert power.get(vm_id) == POWERED_ON, f"{r.name}: {vm_id} should serve the workload but is {power.get(vm_id)}; {self.story(r)}"
             if last is not None and last.status in (SessionStatus.FAILBACK, SessionStatus.COMMITTED):
                 assert power.get(r.vm_id) == POWERED_OFF, f"{r.name} runs next to its production VM"
                 if last.pk not in self.production_written and last.pk not in self.checked_identical:
