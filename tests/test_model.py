@@ -100,7 +100,7 @@ class FailbackModel(RuleBasedStateMachine):
             vm_id = self.lab.create_vm(f"{tag}-app{i}_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[2 * 2**20, 2**20][: 1 + i % 2],
                                        networks=["dr-net"], tools_installed=bool(i % 2), shutdown_seconds=0.2, power_on=True)
             for key in ("scsi0:0", "scsi0:1")[: 1 + i % 2]:
-                self.lab.guest_write(vm_id, key, rng.randrange(0, 2**20, 4096), rng.randbytes(64 * 1024))
+                self.lab.guest_write(vm_id, key, rng.randrange(0, 2**20 - 64 * 1024, 4096), rng.randbytes(64 * 1024))
             vm_ids.append(vm_id)
         call_command("seed_lab", "--no-user", stdout=open(os.devnull, "w"))
         self.replicas = list(Replica.objects.filter(vm_id__in=vm_ids).order_by("name"))
