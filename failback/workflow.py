@@ -8,6 +8,7 @@ audited in the same transaction. A refusal is audited too, in its own transactio
 ``Refused`` with a message meant for the person who clicked.
 """
 
+import json
 import logging
 import re
 import secrets
@@ -59,6 +60,9 @@ def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None,
     via = getattr(actor, "api_token", None)  # set by the API's authentication: the row says it came that way
     if via is not None:
         data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
+    if "\x00" in detail or "\\u0000" in json.dumps(data or {}):  # PostgreSQL stores no NUL in text or JSON: keep it visible, escaped
+        detail = detail.replace("\x00", "\\x00")
+        data = json.loads(json.dumps(data).replace("\\u0000", "\\\\x00"))
     return AuditEvent.objects.create(
         actor=actor,
         actor_name=name or actor_name(actor),  # name: who it claimed to be, when nobody is logged in
