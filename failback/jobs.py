@@ -96,23 +96,27 @@ class Run:
 
     def fence(self, cancel):
         """An ``is_set()`` for the engine: true once ``cancel`` is set or the lease is gone."""
-        run = self
-
-        class Fence:
-            def is_set(self):
-                if cancel.is_set() or run.lost:
-                    return True
-                if time.monotonic() - run.checked >= run.CHECK_EVERY_S:
-                    try:
-                        run.check()
-                    except LeaseLost:
-                        return True
-                return False
-
-        return Fence()
+        return Fence(self, cancel)
 
     def hypervisor(self, hv):
         return FencedHypervisor(hv, self)
+
+
+class Fence:
+    """What the engine polls at every block in place of its cancel event."""
+
+    def __init__(self, run, cancel):
+        self.run, self.cancel = run, cancel
+
+    def is_set(self):
+        if self.cancel.is_set() or self.run.lost:
+            return True
+        if time.monotonic() - self.run.checked >= Run.CHECK_EVERY_S:
+            try:
+                self.run.check()
+            except LeaseLost:
+                return True
+        return False
 
 
 class FencedHypervisor:
@@ -207,6 +211,17 @@ def _beat(run, *_):
         raise LeaseLost(f"failback #{run.session_id}: the step was taken over")
 
 
+def _take(session_id, status, action, not_run):
+    """The session and a lease for a run of the step of ``status``; the run is None, and that is noted,
+    when the session has moved on (a task delivered twice, or late)."""
+    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+    run = Run.take(session_id, status)
+    if run is None:
+        session.refresh_from_db()
+        _note(session, action, f"{not_run}: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
+    return session, run
+
+
 @contextmanager
 def superseded(session_id, step):
     """Around a run: a run that lost its lease ends here quietly; the run that took over carries on."""
@@ -223,11 +238,8 @@ def run_phase1(session_id, resume=False):
 
 def _run_phase1(session_id, resume):
     if resume:  # the watchdog found phase 1 without a worker: carry on from the checkpoints
-        session = FailbackSession.objects.select_related("replica").get(pk=session_id)
-        run = Run.take(session_id, SessionStatus.PHASE1)
+        session, run = _take(session_id, SessionStatus.PHASE1, "resume", "Phase 1 not resumed")
         if run is None:
-            session.refresh_from_db()
-            _note(session, "resume", f"Phase 1 not resumed: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
             return
     else:
         run = Run.take(session_id, SessionStatus.QUEUED)
@@ -410,7 +422,7 @@ def _discard_production_vm(session, hv, run=None):
     except Exception as exc:
         vm_id, why_not = None, f"the platform could not say which VM is this failback's: {exc}"
     if vm_id is None:
-        if session.production_vm_id or "not this failback's" in why_not:
+        if session.production_vm_id:  # a recorded VM that is gone, or not this failback's: say so
             _note(session, "delete_production_vm", f"Nothing discarded: {why_not}", outcome=Outcome.INFO, data={"why": why_not}, run=run)
         return
     try:
@@ -461,11 +473,8 @@ def _stop_replica(run, session, hv):
 
 def run_switch(session_id):
     with superseded(session_id, "phase 2"):
-        session = FailbackSession.objects.select_related("replica").get(pk=session_id)
-        run = Run.take(session_id, SessionStatus.SWITCHING)
+        session, run = _take(session_id, SessionStatus.SWITCHING, "phase2", "Phase 2 not run")
         if run is None:
-            session.refresh_from_db()
-            _note(session, "phase2", f"Phase 2 not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
             return
         # A catch-up sync still running lost its lease to this run: it lets go at its next tick.
         with session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
@@ -644,11 +653,8 @@ def run_commit(session_id):
 
 
 def _run_commit(session_id):
-    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
-    run = Run.take(session_id, SessionStatus.COMMITTING)
+    session, run = _take(session_id, SessionStatus.COMMITTING, "commit", "Commit step not run")
     if run is None:
-        session.refresh_from_db()
-        _note(session, "commit", f"Commit step not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
         return
     old_source = session.replica.production_vm_id or session.replica.source_name
 
@@ -666,11 +672,8 @@ UNDO_ATTEMPTS = 3  # runs of the undo step (the first and the watchdog's) before
 
 def run_undo(session_id):
     with superseded(session_id, "undo"):
-        session = FailbackSession.objects.select_related("replica").get(pk=session_id)
-        run = Run.take(session_id, SessionStatus.UNDOING)
+        session, run = _take(session_id, SessionStatus.UNDOING, "undo", "Undo step not run")
         if run is None:
-            session.refresh_from_db()
-            _note(session, "undo", f"Undo step not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
             return
         with closing(hypervisor_for(session.replica)) as platform:
             _undo(run, session, run.hypervisor(platform))
@@ -732,11 +735,8 @@ def run_cancel(session_id):
 
 def _run_cancel(session_id):
     """Finish a cancel once the copy has let go: keep or delete the production VM. Never touches the replica."""
-    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
-    run = Run.take(session_id, SessionStatus.CANCELLING)
+    session, run = _take(session_id, SessionStatus.CANCELLING, "cancel", "Cancel step not run")
     if run is None:
-        session.refresh_from_db()
-        _note(session, "cancel", f"Cancel step not run: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
         return
     with session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
         run.check()

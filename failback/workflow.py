@@ -8,7 +8,6 @@ audited in the same transaction. A refusal is audited too, in its own transactio
 ``Refused`` with a message meant for the person who clicked.
 """
 
-import json
 import logging
 import re
 import secrets
@@ -60,9 +59,7 @@ def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None,
     via = getattr(actor, "api_token", None)  # set by the API's authentication: the row says it came that way
     if via is not None:
         data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
-    if "\x00" in detail or "\\u0000" in json.dumps(data or {}):  # PostgreSQL stores no NUL in text or JSON: keep it visible, escaped
-        detail = detail.replace("\x00", "\\x00")
-        data = json.loads(json.dumps(data).replace("\\u0000", "\\\\x00"))
+    detail, data = _without_nul(detail), _without_nul(data or {})  # PostgreSQL stores no NUL in text or JSON
     return AuditEvent.objects.create(
         actor=actor,
         actor_name=name or actor_name(actor),  # name: who it claimed to be, when nobody is logged in
@@ -75,6 +72,17 @@ def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None,
         detail=detail,
         data=data or {},
     )
+
+
+def _without_nul(value):
+    """NUL characters (hostile input quoted in a refusal) kept visible as ``\\x00``."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def refuse(message, *, action, actor=None, session=None, replica=None, from_state="", data=None, forbidden=False):
