@@ -249,3 +249,13 @@ def login(page, user):
 
 def csrf_token(page):
     return next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+
+
+def wait_in_page(page, expression, *, timeout=30_000):
+    """Poll a JavaScript expression until it is true. Playwright's wait_for_function builds its predicate
+    with eval, which the portal's Content-Security-Policy forbids; page.evaluate is not subject to it."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout / 1000:g} s waiting for {expression}")
+        page.wait_for_timeout(100)

@@ -75,7 +75,7 @@ def run(out, var):
     from failback.choices import SessionStatus, SwitchMode
     from failback.hypervisors.lab import LabHypervisor
     from failback.models import FailbackSession
-    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, INIT_SCRIPT, Portal
+    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, INIT_SCRIPT, Portal, wait_in_page
     from tests.conftest import make_user
     from tests.helpers import replica_named, start
 
@@ -182,10 +182,10 @@ def run(out, var):
         while first_disk_percent() < 45 and time.monotonic() < deadline:
             time.sleep(0.5)
         page.goto(f"/sessions/{running}/")
-        page.wait_for_function("window.__ws.messages >= 2")  # live figures (rate, time left) have arrived
+        wait_in_page(page, "window.__ws.messages >= 2")  # live figures (rate, time left) have arrived
         shot("session-phase1", settle=False)
         page.goto("/")
-        page.wait_for_function("window.__ws.messages >= 1")
+        wait_in_page(page, "window.__ws.messages >= 1")
         shot("dashboard", settle=False)
         shot("replicas", "/replicas/")
         shot("start-failback", f"/replicas/{replica_named('app-hr-01').pk}/failback/")

@@ -24,7 +24,7 @@ from failback.hypervisors.base import POWERED_ON
 from failback.hypervisors.lab import LabHypervisor
 from failback.models import AuditEvent, FailbackSession, Replica
 
-from .browser_support import browser, csrf_token, login, new_page, off_loop, page, portal  # noqa: F401
+from .browser_support import browser, csrf_token, login, new_page, off_loop, page, portal, wait_in_page  # noqa: F401
 from .conftest import wait_for
 from .helpers import replica_named, start
 
@@ -207,7 +207,7 @@ def test_it_shows_a_viewer_no_buttons_and_refuses_a_forged_commit(page, portal):
     login(page, "victor")
     page.goto(f"/sessions/{pk}/")
     expect(status(page)).to_have_text("Failback")
-    page.wait_for_function("window.__ws.messages >= 1")  # the live fragments (rendered for victor) arrived too
+    wait_in_page(page, "window.__ws.messages >= 1")  # the live fragments (rendered for victor) arrived too
     for name in ("Switch now", "Commit", "Undo", "Schedule switch"):
         expect(page.get_by_role("button", name=name)).to_have_count(0)
 
@@ -245,12 +245,12 @@ def test_it_reconnects_live_updates_after_the_web_server_restarts(page, portal):
     page.goto(f"/sessions/{pk}/")
     line = page.locator(".status-line")
     expect(line).to_contain_text("switch manually")
-    page.wait_for_function("window.__ws.open >= 1")
+    wait_in_page(page, "window.__ws.open >= 1")
     doc = page.evaluate("window.__doc")
     switch_at = (timezone.now() + timedelta(hours=2)).replace(second=0, microsecond=0)
 
     def while_down():
-        page.wait_for_function("window.__ws.close >= 1", timeout=10_000)  # the page noticed
+        wait_in_page(page, "window.__ws.close >= 1", timeout=10_000)  # the page noticed
         off_loop(workflow.schedule_switch, olivia, pk, switch_at, reason="CHG-7 during the restart")
 
     portal.restart_web(between=while_down)
@@ -266,7 +266,7 @@ def test_it_switches_with_the_keyboard(page, portal):
     login(page, "olivia")
     page.goto(f"/sessions/{pk}/")
     expect(status(page)).to_have_text("Ready to switch")
-    page.wait_for_function("window.__ws.messages >= 1")
+    wait_in_page(page, "window.__ws.messages >= 1")
     for _ in range(60):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.tagName === 'BUTTON' && document.activeElement.textContent.trim()") == "Switch now":

@@ -7,7 +7,7 @@ import pytest
 
 from failback.models import FailbackSession, Replica
 
-from .browser_support import browser, login, page, portal  # noqa: F401 (fixtures)
+from .browser_support import browser, login, page, portal, wait_in_page  # noqa: F401 (fixtures)
 
 pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extras)")
 from playwright.sync_api import expect  # noqa: E402
@@ -44,7 +44,7 @@ def test_the_pages_work_under_the_policy_and_the_browser_reports_no_violation(pa
     page.wait_for_url(re.compile(r"/sessions/\d+/$"))
     assert page.dialogs[-1].startswith(f"Start failback of {CRM}?")
     pk = int(re.search(r"/sessions/(\d+)/$", page.url).group(1))
-    page.wait_for_function("window.__ws.open >= 1")  # live updates connected under connect-src 'self'
+    wait_in_page(page, "window.__ws.open >= 1")  # live updates connected under connect-src 'self'
     # Seen live; and the buttons, re-sent when the status changes, stay put while the next one is clicked.
     expect(page.locator("#session-status")).to_have_text("Ready to switch", timeout=LONG)
     page.get_by_role("button", name="Cancel failback").click()  # htmx: hx-confirm, hx-post, swap
