@@ -6,10 +6,11 @@
   configured shutdown time, 0 without guest tools, FAILBACK_PREDICT_SHUTDOWN_S on vSphere), never
   more than the session's shutdown timeout;
 - data: the bytes changed on the replica since the production disk was last brought up to date
-  (change tracking; without it, what the last catch-up found) are copied, and both disks are read
-  once more to verify them (plus one read of the replica for a digest delta). The copy rate, the
-  verification rate and the fixed overhead come from this VM's last switch, or else the rates of
-  this session's phase 1;
+  (change tracking; without it, what the last catch-up found) are copied; a digest delta also reads
+  the replica's data once. Verification reads only sampled grains of each side (the digests come from
+  the leaves the passes kept: transfer.verify_changes), so it does not grow with the disks. The copy
+  rate, the verification rate and the fixed overhead come from this VM's last switch, or else the
+  rates of this session's phase 1;
 - power-on: measured on this VM's last switch, else the platform's figure.
 
 Every figure says where it came from, so the admin can judge it; the switch audits predicted
@@ -22,6 +23,7 @@ from django.utils import timezone
 from .hypervisors.base import POWERED_ON
 
 DEFAULT_POWER_ON_S = {"lab": 0.1}
+VERIFY_SAMPLE_BYTES = 2 * 16 * 64 * 1024  # verify_changes re-reads 16 grains of 64 KiB on each side of a disk
 
 
 def phase1_rates(results):
@@ -101,7 +103,7 @@ def predict(hv, session):
     changed = sum(d["pending_bytes"] for d in disks)
     allocated = int(base.get("allocated_bytes") or sum(d.capacity_bytes for d in session.disks.all()))
     per_disk_alloc = allocated / max(1, len(disks))
-    reads = 2 * allocated + sum(per_disk_alloc for d in disks if d["method"] == "digest")
+    reads = VERIFY_SAMPLE_BYTES * len(disks) + sum(per_disk_alloc for d in disks if d["method"] == "digest")
     last = _last_measured(session)
     copy_bps = float(base.get("copy_bps") or 100e6)
     read_bps = float(base.get("read_bps") or 200e6)
