@@ -1,5 +1,5 @@
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 from django.db import connections
@@ -95,6 +94,26 @@ def wait_for(predicate, timeout=60, interval=0.2, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_cluster(settings, log=os.devnull, **env):
+    """A real qcluster in its own process group (a test kills or pauses it and its workers at once),
+    its output appended to ``log``. The test runs the watchdog itself where it needs one."""
+    environ = subprocess_env(settings)
+    environ.update({"LOG_LEVEL": "WARNING", **{k: str(v) for k, v in env.items()}})
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=environ, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_cluster(proc):
+    """SIGKILL the whole process group (woken first, in case a test paused it)."""
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+    proc.wait(10)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -31,7 +30,7 @@ from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.models import AuditEvent, FailbackSession, SessionDisk
 
 from .browser_support import portal  # noqa: F401
-from .conftest import ROOT, subprocess_env, wait_for
+from .conftest import kill_cluster, start_cluster, wait_for
 from .helpers import replica_named, start
 from .test_concurrency import race, split
 
@@ -42,22 +41,6 @@ STALL = 2  # FAILBACK_STALL_SECONDS for these tests: a worker silent this long i
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-def start_cluster(settings, log, **env):
-    """A qcluster in its own process group (the test kills it and its workers at once). The test runs
-    the watchdog itself (``resume_after_stall``); the cluster's own keeps the default stall time."""
-    environ = subprocess_env(settings)
-    environ.update({"LOG_LEVEL": "WARNING", **{k: str(v) for k, v in env.items()}})
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=environ, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def kill_cluster(proc):
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-
 
 @pytest.fixture
 def clusters(settings, tmp_path, monkeypatch):

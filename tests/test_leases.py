@@ -8,8 +8,6 @@ import filecmp
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -26,7 +24,7 @@ from failback.hypervisors.registry import hypervisor_for
 from failback.models import AuditEvent, FailbackSession, SessionDisk
 from failback.transfer import TransferCancelled, full_copy
 
-from .conftest import ROOT, subprocess_env, wait_for
+from .conftest import kill_cluster, start_cluster, wait_for
 from .helpers import put_session_in, replica_named, start
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
@@ -87,11 +85,6 @@ def test_a_second_run_of_a_switch_fences_the_first_and_the_step_runs_once(lab, o
     assert AuditEvent.objects.filter(session=session, action="finish_switch").count() == 1
 
 
-def start_cluster(settings, log):
-    return subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=subprocess_env(settings), cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def stop_outside_a_transaction(proc, session_id):
     """SIGSTOP the worker's whole process group at a moment it holds no database lock (else nothing could
     take the step over until it woke: that is the database's own fencing, not the one tested here)."""
@@ -118,8 +111,7 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
         disk.write(random.Random(7).randbytes(40 * 2**20))
     call_command("seed_lab", "--no-user", stdout=open(os.devnull, "w"))
     replica = replica_named("paused-01")
-    first_log, second_log = open(tmp_path / "first.log", "wb"), open(tmp_path / "second.log", "wb")
-    first = start_cluster(settings, first_log)
+    first = start_cluster(settings, tmp_path / "first.log")
     second = None
     try:
         session = start(operator, replica, bandwidth_mbps=8)  # about 5 s of copying
@@ -128,7 +120,7 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
         paused_at = FailbackSession.objects.get(pk=session.pk).lease
         time.sleep(settings.FAILBACK_STALL_SECONDS + 1)  # silent past the stall limit, yet alive
         assert workflow.recover_stalled() == [session.pk]
-        second = start_cluster(settings, second_log)
+        second = start_cluster(settings, tmp_path / "second.log")
         wait_for(lambda: FailbackSession.objects.get(pk=session.pk).lease > paused_at, timeout=30, what="the takeover")
         os.killpg(first.pid, signal.SIGCONT)  # the first worker wakes up in the middle of its copy
         wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status in (SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED),
@@ -141,11 +133,7 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
     finally:
         for proc in (first, second):
             if proc is not None:
-                os.killpg(proc.pid, signal.SIGCONT)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        first_log.close()
-        second_log.close()
+                kill_cluster(proc)
     session = FailbackSession.objects.get(pk=session.pk)
     assert session.status == SessionStatus.FAILBACK, session.error
     one = {"create_production_vm": 1, "copy_disk": 1, "finish_phase1": 1, "resume": 1, "finish_switch": 1}

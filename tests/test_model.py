@@ -15,8 +15,6 @@ import hashlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -33,7 +31,7 @@ from failback.choices import ACTIVE, RUNNING, TRANSITIONS, CommitPolicy, Replica
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON, NotFound
 from failback.models import AuditEvent, FailbackSession, Replica
 
-from .conftest import ROOT, make_user, subprocess_env, wait_for
+from .conftest import kill_cluster, make_user, start_cluster, wait_for
 from .helpers import network_map
 
 pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.model, pytest.mark.process]
@@ -67,16 +65,10 @@ class Cluster:
         self.settings, self.procs = settings, []
 
     def start(self):
-        self.procs.append(subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=subprocess_env(self.settings), cwd=ROOT,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        self.procs.append(start_cluster(self.settings))
 
     def kill(self, proc):
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-        proc.wait(10)
+        kill_cluster(proc)
         self.procs.remove(proc)
 
     def stop_all(self):

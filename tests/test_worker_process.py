@@ -3,9 +3,6 @@
 import filecmp
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +13,7 @@ from failback import workflow
 from failback.choices import ReplicaState, SessionStatus, SwitchMode
 from failback.models import AuditEvent, FailbackSession, SessionDisk
 
-from .conftest import ROOT, subprocess_env, wait_for
+from .conftest import kill_cluster, start_cluster, wait_for
 from .helpers import replica_named, start
 
 pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.process]
@@ -45,17 +42,6 @@ def test_it_runs_phase1_switch_and_commit_in_a_real_worker(lab, operator, qclust
         assert filecmp.cmp(lab.disk_path(replica.vm_id, d.key), lab.disk_path(session.production_vm_id, d.key), shallow=False)
         assert d.verified
     assert AuditEvent.objects.filter(session=session, action="send_changes").count() == session.disks.count()
-
-
-def start_cluster(settings):
-    """A qcluster in its own process group, so that the test can kill it and all its workers at once."""
-    return subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=subprocess_env(settings), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def kill_cluster(proc):
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
 
 
 @pytest.mark.faults
