@@ -122,8 +122,13 @@ class FailbackModel(RuleBasedStateMachine):
         assert after - before == 1, f"{action}: {after - before} audit rows for one call"
         return result
 
-    def session_for(self, index):
-        return FailbackSession.objects.select_related("replica").get(pk=self.sessions[index % len(self.sessions)])
+    def session_for(self, index, *likely):
+        """A session of the model: with ``likely`` statuses, one in them when there is one (else any), so
+        that actions are tried where they can succeed as well as where they must be refused."""
+        pool = list(FailbackSession.objects.filter(pk__in=self.sessions, status__in=likely).values_list("pk", flat=True)) if likely else []
+        if not pool or index % 4 == 3:  # a quarter of the time any session: refusals are part of the search
+            pool = self.sessions
+        return FailbackSession.objects.select_related("replica").get(pk=pool[index % len(pool)])
 
     # -- rules: the service layer --------------------------------------------------------------
 
@@ -140,37 +145,37 @@ class FailbackModel(RuleBasedStateMachine):
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20))
     def switch_now(self, which):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.READY_TO_SWITCH)
         self.act("switch", lambda: workflow.switch_now(self.operator, s.pk))
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20))
     def schedule(self, which):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.READY_TO_SWITCH)
         self.act("schedule_switch", lambda: workflow.schedule_switch(self.operator, s.pk, timezone.now() + timedelta(minutes=30)))
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20), keep=st.booleans())
     def cancel(self, which, keep):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.READY_TO_SWITCH)
         self.act("cancel", lambda: workflow.cancel(self.operator, s.pk, keep_production_vm=keep))
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20))
     def commit(self, which):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.FAILBACK)
         self.act("commit", lambda: workflow.commit(self.operator, s.pk))
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20))
     def undo(self, which):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.FAILBACK)
         self.act("undo", lambda: workflow.undo(self.operator, s.pk))
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20))
     def stop_countdown(self, which):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.FAILBACK)
         self.act("stop_commit_policy", lambda: workflow.stop_commit_policy(self.operator, s.pk))
 
     # -- rules: the platform and the worker ----------------------------------------------------
@@ -188,7 +193,7 @@ class FailbackModel(RuleBasedStateMachine):
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20), seed=st.integers(0, 2**16))
     def guest_writes_to_production(self, which, seed):
-        s = self.session_for(which)
+        s = self.session_for(which, SessionStatus.FAILBACK, SessionStatus.COMMITTED)
         if not s.production_vm_id or s.status not in (SessionStatus.FAILBACK, SessionStatus.COMMITTED):
             return
         try:
