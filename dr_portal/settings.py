@@ -222,6 +222,11 @@ FAILBACK_STATE_DIR = Path(os.environ.get("FAILBACK_STATE_DIR") or VAR_DIR / "ses
 FAILBACK_SHUTDOWN_TIMEOUT = envint("FAILBACK_SHUTDOWN_TIMEOUT", 15 * 60, minimum=1)
 # A running step that shows no sign of life for this long is queued again (it resumes from its checkpoint).
 FAILBACK_STALL_SECONDS = envint("FAILBACK_STALL_SECONDS", 120, minimum=2)
+# A running step renews its heartbeat (and so keeps its lease) this often, whatever it is doing: a slow
+# step is not taken over; only a silent one (killed, paused, its machine gone) is. Keep it well under the above.
+FAILBACK_HEARTBEAT_SECONDS = float(os.environ.get("FAILBACK_HEARTBEAT_SECONDS", "10"))
+if not 0 < FAILBACK_HEARTBEAT_SECONDS < FAILBACK_STALL_SECONDS:
+    raise ImproperlyConfigured("FAILBACK_HEARTBEAT_SECONDS must be above 0 and below FAILBACK_STALL_SECONDS")
 # vCenter calls: socket timeout (seconds) and retries of a call that failed on the network (see vsphere.py).
 FAILBACK_VSPHERE_TIMEOUT = envint("FAILBACK_VSPHERE_TIMEOUT", 30, minimum=1)
 FAILBACK_VSPHERE_RETRIES = envint("FAILBACK_VSPHERE_RETRIES", 3)

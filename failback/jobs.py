@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -100,6 +100,32 @@ class Run:
 
     def hypervisor(self, hv):
         return FencedHypervisor(hv, self)
+
+    @contextmanager
+    def beating(self):
+        """Renew the heartbeat every FAILBACK_HEARTBEAT_SECONDS while the run works or waits (for the
+        session's lock, a guest, the platform), so the watchdog takes over silent runs, not slow ones.
+        A paused process pauses this thread too: its lease can still be taken over."""
+        stop = threading.Event()
+
+        def renew():
+            try:
+                while not stop.wait(settings.FAILBACK_HEARTBEAT_SECONDS):
+                    try:
+                        if not self.mine().update(heartbeat_at=timezone.now()):
+                            return  # taken over (or not visible yet): the run's own checks decide
+                    except DatabaseError:
+                        continue  # the database is busy: try again at the next beat
+            finally:
+                connection.close()
+
+        beater = threading.Thread(target=renew, name=f"heartbeat-{self.session_id}", daemon=True)
+        beater.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            beater.join()
 
 
 class Fence:
@@ -248,7 +274,7 @@ def _run_phase1(session_id, resume):
                                           phase1_started_at=timezone.now(), heartbeat_at=timezone.now())
         except workflow.Refused:
             return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
-    with session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
+    with run.beating(), session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
         run.check()  # the lock may have been held by an earlier run that was paused, not dead
         hv = run.hypervisor(platform)
         if _phase1(run, session, hv):
@@ -477,7 +503,7 @@ def run_switch(session_id):
         if run is None:
             return
         # A catch-up sync still running lost its lease to this run: it lets go at its next tick.
-        with session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
+        with run.beating(), session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
             run.check()
             session.refresh_from_db()  # an earlier run may have stopped the replica meanwhile
             _switch(run, session, run.hypervisor(platform))
@@ -584,7 +610,7 @@ def run_power_on(session_id):
         run = Run.take(session_id, SessionStatus.FAILBACK)
         if run is None:
             return
-        with closing(hypervisor_for(session.replica)) as platform:
+        with run.beating(), closing(hypervisor_for(session.replica)) as platform:
             _power_on_production(run, session, run.hypervisor(platform))
 
 
@@ -677,7 +703,7 @@ def run_undo(session_id):
         session, run = _take(session_id, SessionStatus.UNDOING, "undo", "Undo step not run")
         if run is None:
             return
-        with closing(hypervisor_for(session.replica)) as platform:
+        with run.beating(), closing(hypervisor_for(session.replica)) as platform:
             _undo(run, session, run.hypervisor(platform))
 
 
@@ -740,7 +766,7 @@ def _run_cancel(session_id):
     session, run = _take(session_id, SessionStatus.CANCELLING, "cancel", "Cancel step not run")
     if run is None:
         return
-    with session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
+    with run.beating(), session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
         run.check()
         hv = run.hypervisor(platform)
         session.refresh_from_db()
@@ -815,7 +841,7 @@ def _run_readiness(session_id, catch_up):
         run = Run.take(session_id, SessionStatus.READY_TO_SWITCH)  # taken under the lock: a switch that starts later fences it
         if run is None:
             return None
-        with closing(hypervisor_for(session.replica)) as platform:
+        with run.beating(), closing(hypervisor_for(session.replica)) as platform:
             hv = run.hypervisor(platform)
             last = session.catchup_at or session.phase1_ended_at
             due = last is None or timezone.now() - last >= timedelta(minutes=settings.FAILBACK_CATCHUP_MINUTES)

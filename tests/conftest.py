@@ -81,6 +81,7 @@ def subprocess_env(settings):
     env["LAB_ROOT"] = str(settings.LAB_ROOT)
     env["FAILBACK_STATE_DIR"] = str(settings.FAILBACK_STATE_DIR)
     env["FAILBACK_PROGRESS_INTERVAL"] = str(settings.FAILBACK_PROGRESS_INTERVAL)
+    env["FAILBACK_HEARTBEAT_SECONDS"] = "0.5"  # tests shorten the stall limit to 2 s
     env["DJANGO_SETTINGS_MODULE"] = "dr_portal.settings"
     env["PYTHONPATH"] = str(ROOT)
     return env

@@ -156,3 +156,27 @@ def test_a_queued_phase1_whose_task_was_lost_is_queued_again(lab, operator, sett
     assert workflow.recover_stalled() == []  # claimed once
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH
     assert "no worker has taken it" in AuditEvent.objects.get(session=session, action="resume").detail
+
+
+@pytest.mark.faults
+@pytest.mark.process
+def test_a_slow_run_keeps_its_lease_and_is_not_taken_over(lab, operator, settings, monkeypatch, tmp_path):
+    """Found by the model-based test on a loaded machine: a step waiting longer than the stall limit (here
+    for the session's disks) was taken over again and again, each new run fencing the last. A live run
+    now renews its heartbeat while it waits; only a silent one is taken over."""
+    settings.FAILBACK_STALL_SECONDS = 2
+    session = start(operator, replica_named("app-crm"))  # phase 1 inline: Ready to switch
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH
+    monkeypatch.setattr(Conf, "SYNC", False)  # the switch goes to the worker
+    worker = start_cluster(settings, tmp_path / "worker.log")
+    try:
+        with jobs.session_lock(session.pk):  # the disks are busy: the switch waits for them
+            workflow.switch_now(operator, session.pk)
+            wait_for(lambda: FailbackSession.objects.get(pk=session.pk).lease > 0, timeout=30, what="the switch to start")
+            time.sleep(settings.FAILBACK_STALL_SECONDS + 2)
+            assert workflow.recover_stalled() == []  # waiting, not silent
+        wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK, timeout=60, what="the switch")
+    finally:
+        kill_cluster(worker)
+    assert not AuditEvent.objects.filter(session=session, action="resume").exists()
+    assert AuditEvent.objects.filter(session=session, action="finish_switch").count() == 1
