@@ -52,7 +52,7 @@ from .forms import suggest_network
 from .hypervisors.base import HypervisorError
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackPlan, FailbackSession, Replica
-from .views import REPLICA_SORTS, _attach_power_states, filtered_replicas, filtered_sessions
+from .queries import REPLICA_SORTS, attach_power_states, filtered_replicas, filtered_sessions
 
 
 class BearerToken(HttpBearer):
@@ -202,7 +202,7 @@ def _one(queryset, pk, what):
 # -- rendering ---------------------------------------------------------------------------------------
 
 def _replicas(rows):
-    _attach_power_states(rows)
+    attach_power_states(rows)
     return [{
         "id": r.pk, "name": r.name, "source_name": r.source_name, "platform": r.platform, "vm_id": r.vm_id, "host": r.host, "site": r.site,
         "state": r.state, "state_label": r.get_state_display(), "power": r.power, "production_vm_id": r.production_vm_id,

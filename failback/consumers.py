@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def _render_progress(session_id):
     """(status, progress fragment) as anyone sees it, or None once the session is gone."""
-    from .views import session_context
+    from .presenters import session_context
 
     session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
     if session is None:
@@ -219,7 +219,7 @@ class SessionConsumer(LoginBoundConsumer):
     @database_sync_to_async
     def _render_actions(self):
         """The action buttons, for this user."""
-        from .views import session_context
+        from .presenters import session_context
 
         session = FailbackSession.objects.select_related("replica", "started_by").filter(pk=self.session_id).first()
         if session is None:
@@ -266,6 +266,6 @@ class DashboardConsumer(LoginBoundConsumer):
 
     @database_sync_to_async
     def _render(self):
-        from .views import dashboard_context
+        from .presenters import dashboard_context
 
         return render_to_string("failback/partials/dashboard_live.html", {**dashboard_context(), "oob": True})

@@ -6,7 +6,6 @@ from contextlib import closing
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import Count, Prefetch, Q
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import Http404, HttpResponseBadRequest, HttpResponseNotAllowed, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -15,69 +14,24 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from . import checks, workflow
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
-from .choices import ACTIVE, REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
-from .forms import CancelForm, ReasonForm, ReplicaFilterForm, ScheduleSwitchForm, SessionFilterForm, StartFailbackForm, SwitchForm
+from .choices import ReplicaState
+from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, StartFailbackForm, SwitchForm
 from .hypervisors.registry import hypervisor_for
-from .models import AuditEvent, FailbackSession, Replica
-from .timeline import session_timeline
-
-
-def _can_operate(user):
-    return user.has_perm(workflow.OPERATE_PERMISSION)
-
-
-def _attach_power_states(replicas):
-    """The VM's live power state beside our replica state: one platform call per lab/vCenter."""
-    platforms = {}
-    for replica in replicas:
-        platforms.setdefault((replica.platform, replica.connection_id), replica)
-    states = {}
-    for key, sample in platforms.items():
-        try:
-            with closing(hypervisor_for(sample)) as hv:
-                states[key] = hv.power_states()
-        except Exception as exc:  # an unreachable vCenter must not take the page down
-            states[key] = exc
-    for replica in replicas:
-        found = states[(replica.platform, replica.connection_id)]
-        replica.power = f"unknown ({found})" if isinstance(found, Exception) else found.get(replica.vm_id, "not found")
-    return replicas
-
-
-REPLICA_SORTS = {"name": "name", "-name": "-name", "state": "state", "host": "host", "site": "site", "updated": "-updated_at"}
-
-
-def filtered_replicas(params):
-    """(queryset, filters, errors) for the replica list's search, filters and sort; shared by the page and the API.
-    A filter that cannot be used (a NUL, too long) is left out, and errors says why."""
-    replicas = Replica.objects.select_related("connection").prefetch_related(
-        Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
-    form = ReplicaFilterForm(params)
-    form.is_valid()
-    q, state, site, host, sort = (form.cleaned_data.get(k) or "" for k in ("q", "state", "site", "host", "sort"))
-    if q:
-        replicas = replicas.filter(Q(name__icontains=q) | Q(source_name__icontains=q))
-    if state in ReplicaState.values:
-        replicas = replicas.filter(state=state)
-    if site:
-        replicas = replicas.filter(site=site)
-    if host:
-        replicas = replicas.filter(host=host)
-    sort = sort or "name"
-    filters = {"q": q, "state": state, "site": site, "host": host, "sort": sort}
-    return replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk"), filters, filter_errors(form)
+from .models import FailbackSession, Replica
+from .presenters import can_operate, dashboard_context, session_context
+from .queries import attach_power_states, filtered_replicas, filtered_sessions, page_by_ids
 
 
 @require_GET
 def replica_list(request):
     replicas, filters, errors = filtered_replicas(request.GET)
     page = Paginator(replicas, 50).get_page(request.GET.get("page"))
-    _attach_power_states(page.object_list)
+    attach_power_states(page.object_list)
     query = request.GET.copy()
     query.pop("page", None)
     facets = Replica.objects.order_by()
     return render(request, "failback/replica_list.html", {
-        "page": page, "replicas": page.object_list, "can_operate": _can_operate(request.user), "query": query.urlencode(),
+        "page": page, "replicas": page.object_list, "can_operate": can_operate(request.user), "query": query.urlencode(),
         "filters": filters, "filter_errors": errors, "states": ReplicaState.choices,
         "sites": facets.values_list("site", flat=True).distinct(), "hosts": facets.values_list("host", flat=True).distinct(),
     })
@@ -86,23 +40,6 @@ def replica_list(request):
 @require_GET
 def dashboard(request):
     return render(request, "failback/dashboard.html", dashboard_context())
-
-
-def dashboard_context():
-    """What the DR admin watches: states, running work, switches to come, decisions waiting, failures."""
-    now = timezone.now()
-    counts = dict(Replica.objects.order_by().values_list("state").annotate(n=Count("pk")))
-    sessions = FailbackSession.objects.select_related("replica").prefetch_related("disks")
-    running = list(sessions.filter(status__in=RUNNING).order_by("created_at")[:50])
-    scheduled = list(sessions.filter(status__in=SCHEDULABLE, switch_mode=SwitchMode.SCHEDULED).order_by("switch_at")[:50])
-    waiting = list(sessions.filter(status=SessionStatus.FAILBACK).order_by("phase2_ended_at")[:50])
-    ready = list(sessions.filter(status=SessionStatus.READY_TO_SWITCH).order_by("phase1_ended_at")[:50])
-    failures = list(sessions.filter(status=SessionStatus.FAILED).order_by("-ended_at")[:10])
-    return {
-        "states": [(value, label, counts.get(value, 0), REPLICA_COLOURS[value]) for value, label in ReplicaState.choices],
-        "running": running, "scheduled": scheduled, "waiting": waiting, "failures": failures, "now": now, "ready": ready,
-        "ready_to_switch": sessions.filter(status=SessionStatus.READY_TO_SWITCH).count(),
-    }
 
 
 def _start_form(request, replica, data=None):
@@ -159,28 +96,12 @@ def start_failback(request, pk):
         error = workflow.refuse_input("Start failback refused: please correct the fields marked below ("
                                       + "; ".join(f"{f}: {' '.join(e)}" for f, e in form.errors.items())[:400] + ").",
                                       action="start_failback", actor=request.user, replica=replica)
-    elif not _can_operate(request.user):
+    elif not can_operate(request.user):
         error = "You may look, but starting a failback needs the Operator role."
     return render(request, "failback/start_failback.html", {"replica": replica, "form": form, "error": error,
-                                                            "can_operate": _can_operate(request.user), "checks": _start_checks(replica, form),
+                                                            "can_operate": can_operate(request.user), "checks": _start_checks(replica, form),
                                                             "can_override": request.user.has_perm(workflow.OVERRIDE_PERMISSION)},
                   status=400 if request.method == "POST" else 200)
-
-
-def filtered_sessions(params):
-    """(sessions newest first, errors), optionally of one status, replica or plan; shared by the page and the API.
-    A filter that cannot be used (not a number, beyond the database's integer) is left out, and errors says why."""
-    sessions = FailbackSession.objects.select_related("replica", "started_by")
-    form = SessionFilterForm(params)
-    form.is_valid()
-    status, replica, plan = (form.cleaned_data.get(k) for k in ("status", "replica", "plan"))
-    if status:
-        sessions = sessions.filter(status=status)
-    if replica:
-        sessions = sessions.filter(replica_id=replica)
-    if plan:
-        sessions = sessions.filter(plan_id=plan)
-    return sessions, filter_errors(form)
 
 
 @require_GET
@@ -188,24 +109,6 @@ def session_list(request):
     sessions, errors = filtered_sessions(request.GET)
     page = page_by_ids(sessions, request.GET.get("page"), 50)
     return render(request, "failback/session_list.html", {"page": page, "filter_errors": errors})
-
-
-def session_context(session, user, **extra):
-    """What the session fragments need; shared by the page, the action responses and the websocket."""
-    disks = list(session.disks.all())
-    return {
-        "session": session,
-        "disks": disks,
-        "events": list(session.events.order_by("-at", "-id")[:100]),
-        "can_operate": _can_operate(user),
-        "can_override": user.has_perm(workflow.OVERRIDE_PERMISSION),
-        "time_left_s": session.time_left_s(disks),
-        "timeline": session_timeline(session),
-        "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
-        "reason_form": ReasonForm(),
-        "now": timezone.now(),
-        **extra,
-    }
 
 
 @require_GET
@@ -272,15 +175,6 @@ def session_action(request, pk, action):
         return render(request, "failback/partials/session_actions.html", session_context(session, request.user, error=error, notice=notice), status=status)
     (messages.error if error else messages.success)(request, error or notice)
     return redirect("failback:session", pk=pk)
-
-
-def page_by_ids(queryset, number, per_page):
-    """Paginate over primary keys, then fetch the page's rows: a deep OFFSET then skips bare index
-    entries instead of building (and joining) every skipped row."""
-    page = Paginator(queryset.values_list("pk", flat=True), per_page).get_page(number)
-    rows = {row.pk: row for row in queryset.filter(pk__in=list(page.object_list))}
-    page.object_list = [rows[pk] for pk in page.object_list]
-    return page
 
 
 @require_GET

@@ -8,11 +8,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import plans, workflow
-from .choices import SessionStatus
 from .forms import DB_INT_MAX, PlanForm, ReasonForm, ScheduleSwitchForm
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackPlan, Replica
-from .views import _can_operate
+from .presenters import can_operate, plan_context
 from .workflow import Refused
 
 
@@ -51,30 +50,15 @@ def plan_new(request):
         error = workflow.refuse_input("Start plan refused: please correct the fields marked below ("
                                       + "; ".join(f"{f}: {' '.join(e)}" for f, e in form.errors.items())[:400] + ").",
                                       action="start_plan", actor=request.user)
-    return render(request, "failback/plan_form.html", {"form": form, "replicas": replicas, "error": error, "can_operate": _can_operate(request.user)},
+    return render(request, "failback/plan_form.html", {"form": form, "replicas": replicas, "error": error, "can_operate": can_operate(request.user)},
                   status=400 if request.method == "POST" else 200)
-
-
-def _plan_prediction(plan, members):
-    """Members switch one after the other: the plan's window is the sum of theirs plus the power-on delays."""
-    windows = [s.predicted_window_s for s in members if s.status == SessionStatus.READY_TO_SWITCH]
-    if not windows or any(w is None for w in windows):
-        return None
-    return sum(windows) + plan.power_on_delay_s * (len(windows) - 1)
-
-
-def _plan_context(plan, user, **extra):
-    members = list(plan.members())
-    return {"plan": plan, "members": members, "summary": plan.summary(members), "can_operate": _can_operate(user),
-            "in_failback": any(s.status == SessionStatus.FAILBACK for s in members), "predicted": _plan_prediction(plan, members),
-            "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}), "reason_form": ReasonForm(), **extra}
 
 
 @require_GET
 def plan_detail(request, pk):
     plan = get_object_or_404(FailbackPlan, pk=pk)
     template = "failback/partials/plan_members.html" if request.htmx else "failback/plan_detail.html"
-    return render(request, template, _plan_context(plan, request.user))
+    return render(request, template, plan_context(plan, request.user))
 
 
 @require_POST

@@ -1,0 +1,78 @@
+"""Read-side queries shared by the pages, the API and the websockets: filtered lists and paging."""
+
+from contextlib import closing
+
+from django.core.paginator import Paginator
+from django.db.models import Prefetch, Q
+
+from .audit_filters import filter_errors
+from .choices import ACTIVE, ReplicaState
+from .forms import ReplicaFilterForm, SessionFilterForm
+from .hypervisors.registry import hypervisor_for
+from .models import FailbackSession, Replica
+
+REPLICA_SORTS = {"name": "name", "-name": "-name", "state": "state", "host": "host", "site": "site", "updated": "-updated_at"}
+
+
+def attach_power_states(replicas):
+    """The VM's live power state beside our replica state: one platform call per lab/vCenter."""
+    platforms = {}
+    for replica in replicas:
+        platforms.setdefault((replica.platform, replica.connection_id), replica)
+    states = {}
+    for key, sample in platforms.items():
+        try:
+            with closing(hypervisor_for(sample)) as hv:
+                states[key] = hv.power_states()
+        except Exception as exc:  # an unreachable vCenter must not take the page down
+            states[key] = exc
+    for replica in replicas:
+        found = states[(replica.platform, replica.connection_id)]
+        replica.power = f"unknown ({found})" if isinstance(found, Exception) else found.get(replica.vm_id, "not found")
+    return replicas
+
+
+def filtered_replicas(params):
+    """(queryset, filters, errors) for the replica list's search, filters and sort; shared by the page and the API.
+    A filter that cannot be used (a NUL, too long) is left out, and errors says why."""
+    replicas = Replica.objects.select_related("connection").prefetch_related(
+        Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
+    form = ReplicaFilterForm(params)
+    form.is_valid()
+    q, state, site, host, sort = (form.cleaned_data.get(k) or "" for k in ("q", "state", "site", "host", "sort"))
+    if q:
+        replicas = replicas.filter(Q(name__icontains=q) | Q(source_name__icontains=q))
+    if state in ReplicaState.values:
+        replicas = replicas.filter(state=state)
+    if site:
+        replicas = replicas.filter(site=site)
+    if host:
+        replicas = replicas.filter(host=host)
+    sort = sort or "name"
+    filters = {"q": q, "state": state, "site": site, "host": host, "sort": sort}
+    return replicas.order_by(REPLICA_SORTS.get(sort, "name"), "pk"), filters, filter_errors(form)
+
+
+def filtered_sessions(params):
+    """(sessions newest first, errors), optionally of one status, replica or plan; shared by the page and the API.
+    A filter that cannot be used (not a number, beyond the database's integer) is left out, and errors says why."""
+    sessions = FailbackSession.objects.select_related("replica", "started_by")
+    form = SessionFilterForm(params)
+    form.is_valid()
+    status, replica, plan = (form.cleaned_data.get(k) for k in ("status", "replica", "plan"))
+    if status:
+        sessions = sessions.filter(status=status)
+    if replica:
+        sessions = sessions.filter(replica_id=replica)
+    if plan:
+        sessions = sessions.filter(plan_id=plan)
+    return sessions, filter_errors(form)
+
+
+def page_by_ids(queryset, number, per_page):
+    """Paginate over primary keys, then fetch the page's rows: a deep OFFSET then skips bare index
+    entries instead of building (and joining) every skipped row."""
+    page = Paginator(queryset.values_list("pk", flat=True), per_page).get_page(number)
+    rows = {row.pk: row for row in queryset.filter(pk__in=list(page.object_list))}
+    page.object_list = [rows[pk] for pk in page.object_list]
+    return page
