@@ -2,51 +2,30 @@
 
 Embedded default (nothing set): SQLite under var/, django-q2's ORM broker, a SQLite channel layer
 that works across processes. Production profile: DATABASE_URL (PostgreSQL) and REDIS_URL (Redis
-channel layer and django-q2 broker). Every setting is listed in README.md.
+channel layer and django-q2 broker). Every variable is read through the typed helpers in env.py and
+listed in README.md's configuration table (tests/test_settings_env.py checks both).
 """
 
 import os
 import secrets
+import zoneinfo
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from .env import LOG_LEVELS, env_bool, env_choice, env_float, env_int, env_list, env_path, env_str, env_url
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-
-def envbool(name, default):
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ImproperlyConfigured(f"{name} must be true or false, not {value!r}")
-
-
-def envint(name, default, minimum=0):
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be an integer, not {value!r}") from None
-    if number < minimum:
-        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
-    return number
-
-
-VAR_DIR = Path(os.environ.get("DR_PORTAL_VAR") or BASE_DIR / "var").resolve()
+VAR_DIR = env_path("DR_PORTAL_VAR", BASE_DIR / "var").resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = envbool("DJANGO_DEBUG", False)
+DEBUG = env_bool("DJANGO_DEBUG", False)
 
 
 def _secret_key():
-    key = os.environ.get("DJANGO_SECRET_KEY", "").strip()
+    key = env_str("DJANGO_SECRET_KEY", secret=True)
     if key:
         return key
     # Dev convenience: generated once, kept in var/ (ignored by git), readable by the owner only.
@@ -63,8 +42,8 @@ SECRET_KEY = _secret_key()
 
 def _credentials_keys():
     """Fernet keys for credentials at rest: from the environment, or generated once into var/ in dev."""
-    raw = os.environ.get("FAILBACK_CREDENTIALS_KEYS", "").strip()
-    if not raw:
+    keys = env_list("FAILBACK_CREDENTIALS_KEYS")
+    if not keys:
         path = VAR_DIR / "credentials_key"
         if not path.exists():
             from cryptography.fernet import Fernet
@@ -72,8 +51,7 @@ def _credentials_keys():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(Fernet.generate_key().decode())
-        raw = path.read_text().strip()
-    keys = [k.strip() for k in raw.split(",") if k.strip()]
+        keys = [k.strip() for k in path.read_text().split(",") if k.strip()]
     try:
         from cryptography.fernet import Fernet
 
@@ -85,8 +63,8 @@ def _credentials_keys():
 
 
 FAILBACK_CREDENTIALS_KEYS = _credentials_keys()
-ALLOWED_HOSTS = [h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
-CSRF_TRUSTED_ORIGINS = [o.strip() for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "daphne",
@@ -146,7 +124,7 @@ SQLITE_OPTIONS = {
     "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=30000;",
 }
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
+DATABASE_URL = env_url("DATABASE_URL", form="a database URL such as postgres://user@127.0.0.1:5432/dr_portal")
 if DATABASE_URL:
     try:
         DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
@@ -163,10 +141,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # -- channels and django-q2 --------------------------------------------------------------------
-REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+REDIS_URL = env_url("REDIS_URL", schemes=("redis", "rediss", "unix"))
 if REDIS_URL:
-    if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
-        raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, not {REDIS_URL!r}")
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -179,7 +155,7 @@ else:
     # Embedded: a channel layer in its own SQLite file, shared by the web and worker processes.
     DATABASES["channels"] = {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": Path(os.environ.get("CHANNELS_DB_PATH") or VAR_DIR / "channels.sqlite3"),
+        "NAME": env_path("CHANNELS_DB_PATH", VAR_DIR / "channels.sqlite3"),
         "OPTIONS": dict(SQLITE_OPTIONS),
         "TEST": {"NAME": str(VAR_DIR / f"test-channels-{os.getpid()}.sqlite3")},
     }
@@ -197,10 +173,10 @@ else:
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "dr_portal"}}
 
-TASK_TIMEOUT = envint("FAILBACK_TASK_TIMEOUT", 6 * 3600, minimum=60)
+TASK_TIMEOUT = env_int("FAILBACK_TASK_TIMEOUT", 6 * 3600, min=60, unit="seconds")
 Q_CLUSTER = {
     "name": "dr_portal",
-    "workers": envint("Q_WORKERS", 2, minimum=1),
+    "workers": env_int("Q_WORKERS", 2, min=1),
     "timeout": TASK_TIMEOUT,
     "retry": TASK_TIMEOUT + 600,  # retry must exceed timeout, or a long phase 1 is delivered twice
     "max_attempts": 1,  # a failed step is recorded and shown, never silently re-run
@@ -216,29 +192,30 @@ else:
     Q_CLUSTER["poll"] = 0.5
 
 # -- failback ----------------------------------------------------------------------------------
-LAB_ROOT = Path(os.environ.get("LAB_ROOT") or VAR_DIR / "lab")
-FAILBACK_STATE_DIR = Path(os.environ.get("FAILBACK_STATE_DIR") or VAR_DIR / "sessions")
+LAB_ROOT = env_path("LAB_ROOT", VAR_DIR / "lab")
+FAILBACK_STATE_DIR = env_path("FAILBACK_STATE_DIR", VAR_DIR / "sessions")
 # Phase 2: how long a guest may take to shut down before it is powered off (DOMAIN: 15 minutes).
-FAILBACK_SHUTDOWN_TIMEOUT = envint("FAILBACK_SHUTDOWN_TIMEOUT", 15 * 60, minimum=1)
+FAILBACK_SHUTDOWN_TIMEOUT = env_int("FAILBACK_SHUTDOWN_TIMEOUT", 15 * 60, min=1, unit="seconds")
 # A running step that shows no sign of life for this long is queued again (it resumes from its checkpoint).
-FAILBACK_STALL_SECONDS = envint("FAILBACK_STALL_SECONDS", 120, minimum=2)
+FAILBACK_STALL_SECONDS = env_int("FAILBACK_STALL_SECONDS", 120, min=2, unit="seconds")
 # A running step renews its heartbeat (and so keeps its lease) this often, whatever it is doing: a slow
 # step is not taken over; only a silent one (killed, paused, its machine gone) is. Keep it well under the above.
-FAILBACK_HEARTBEAT_SECONDS = float(os.environ.get("FAILBACK_HEARTBEAT_SECONDS", "10"))
-if not 0 < FAILBACK_HEARTBEAT_SECONDS < FAILBACK_STALL_SECONDS:
-    raise ImproperlyConfigured("FAILBACK_HEARTBEAT_SECONDS must be above 0 and below FAILBACK_STALL_SECONDS")
+FAILBACK_HEARTBEAT_SECONDS = env_float("FAILBACK_HEARTBEAT_SECONDS", 10.0, above=0, unit="seconds")
+if not FAILBACK_HEARTBEAT_SECONDS < FAILBACK_STALL_SECONDS:
+    raise ImproperlyConfigured(f"FAILBACK_HEARTBEAT_SECONDS must be below FAILBACK_STALL_SECONDS ({FAILBACK_STALL_SECONDS}), "
+                               f"got {FAILBACK_HEARTBEAT_SECONDS:g}")
 # vCenter calls: socket timeout (seconds) and retries of a call that failed on the network (see vsphere.py).
-FAILBACK_VSPHERE_TIMEOUT = envint("FAILBACK_VSPHERE_TIMEOUT", 30, minimum=1)
-FAILBACK_VSPHERE_RETRIES = envint("FAILBACK_VSPHERE_RETRIES", 3)
-# Progress is saved and broadcast at most this often per session (seconds).
-FAILBACK_PROGRESS_INTERVAL = float(os.environ.get("FAILBACK_PROGRESS_INTERVAL", "0.5"))
+FAILBACK_VSPHERE_TIMEOUT = env_int("FAILBACK_VSPHERE_TIMEOUT", 30, min=1, unit="seconds")
+FAILBACK_VSPHERE_RETRIES = env_int("FAILBACK_VSPHERE_RETRIES", 3, min=0)
+# Progress is saved and broadcast at most this often per disk being copied (seconds).
+FAILBACK_PROGRESS_INTERVAL = env_float("FAILBACK_PROGRESS_INTERVAL", 0.5, min=0, unit="seconds")
 # Ready to switch: a background catch-up sync this often keeps the pending delta (and the switch window) small.
-FAILBACK_CATCHUP_MINUTES = envint("FAILBACK_CATCHUP_MINUTES", 5, minimum=1)
+FAILBACK_CATCHUP_MINUTES = env_int("FAILBACK_CATCHUP_MINUTES", 5, min=1, unit="minutes")
 # Switch window prediction before this VM's first switch measured them (vSphere; the lab knows its guests).
-FAILBACK_PREDICT_SHUTDOWN_S = envint("FAILBACK_PREDICT_SHUTDOWN_S", 60, minimum=0)
-FAILBACK_PREDICT_POWER_ON_S = envint("FAILBACK_PREDICT_POWER_ON_S", 5, minimum=0)
+FAILBACK_PREDICT_SHUTDOWN_S = env_int("FAILBACK_PREDICT_SHUTDOWN_S", 60, min=0, unit="seconds")
+FAILBACK_PREDICT_POWER_ON_S = env_int("FAILBACK_PREDICT_POWER_ON_S", 5, min=0, unit="seconds")
 # Pre-failback check: the scheduler's clock may differ from the web server's by at most this.
-FAILBACK_MAX_CLOCK_SKEW_S = envint("FAILBACK_MAX_CLOCK_SKEW_S", 30, minimum=1)
+FAILBACK_MAX_CLOCK_SKEW_S = env_int("FAILBACK_MAX_CLOCK_SKEW_S", 30, min=1, unit="seconds")
 
 # -- auth and security -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -252,11 +229,11 @@ AUTH_PASSWORD_VALIDATORS = [
 # valid account would reset a spray). Failures and lock-outs are audited: per address and cool-off window,
 # LOGIN_AUDIT_ROWS_PER_ADDRESS rows in full, then summary rows with the count (at 20, 50, 100, 200, …).
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
-LOGIN_FAILURE_LIMIT_PER_NAME = envint("AXES_FAILURE_LIMIT", 5, minimum=1)
-LOGIN_FAILURE_LIMIT_PER_ADDRESS = envint("LOGIN_ADDRESS_FAILURE_LIMIT", 20, minimum=1)
-LOGIN_AUDIT_ROWS_PER_ADDRESS = envint("LOGIN_AUDIT_ROWS_PER_ADDRESS", 10, minimum=1)
+LOGIN_FAILURE_LIMIT_PER_NAME = env_int("AXES_FAILURE_LIMIT", 5, min=1)
+LOGIN_FAILURE_LIMIT_PER_ADDRESS = env_int("LOGIN_ADDRESS_FAILURE_LIMIT", 20, min=1)
+LOGIN_AUDIT_ROWS_PER_ADDRESS = env_int("LOGIN_AUDIT_ROWS_PER_ADDRESS", 10, min=1)
 AXES_FAILURE_LIMIT = "failback.logins.failure_limit"
-AXES_COOLOFF_TIME = envint("AXES_COOLOFF_MINUTES", 15, minimum=1) / 60  # hours
+AXES_COOLOFF_TIME = env_int("AXES_COOLOFF_MINUTES", 15, min=1, unit="minutes") / 60  # hours
 LOGIN_AUDIT_WINDOW_S = round(AXES_COOLOFF_TIME * 3600)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "ip_address"]
 AXES_RESET_ON_SUCCESS = False
@@ -289,7 +266,7 @@ CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
-HTTPS = envbool("DJANGO_HTTPS", False)  # set behind TLS: secure cookies, HSTS, redirect
+HTTPS = env_bool("DJANGO_HTTPS", False)  # set behind TLS: secure cookies, HSTS, redirect
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
 SECURE_SSL_REDIRECT = HTTPS
 SECURE_HSTS_SECONDS = 31536000 if HTTPS else 0
@@ -300,7 +277,7 @@ if HTTPS:
 
 # -- i18n, static ------------------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
+TIME_ZONE = env_str("TIME_ZONE", "UTC", check=zoneinfo.ZoneInfo, form="an IANA time zone name such as Europe/Paris")
 USE_I18N = True
 USE_TZ = True
 
@@ -315,6 +292,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True)},
     "loggers": {"django_q": {"level": "WARNING"}},
 }
