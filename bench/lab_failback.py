@@ -42,7 +42,8 @@ def main():
     from django_q.conf import Conf
 
     from failback import jobs, workflow
-    from failback.hypervisors.lab import LabHypervisor, run_workload
+    from failback.hypervisors.lab import LabHypervisor
+    from failback.hypervisors.lab_demo import run_workload
     from failback.models import FailbackSession, Replica
 
     Conf.SYNC = True

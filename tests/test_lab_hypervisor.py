@@ -20,7 +20,8 @@ from failback.hypervisors.base import (
     InsufficientSpace,
     NotFound,
 )
-from failback.hypervisors.lab import BLOCK_SIZE, LabHypervisor, run_workload, seed_demo
+from failback.hypervisors.lab import BLOCK_SIZE, LabHypervisor
+from failback.hypervisors.lab_demo import run_workload, seed_demo
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 REPO = Path(__file__).resolve().parents[1]

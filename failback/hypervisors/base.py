@@ -2,13 +2,18 @@
 
 Two implementations: ``lab`` (the embedded default, real sparse disk files under ``var/lab/``)
 and ``vsphere`` (pyvmomi). Nothing here imports Django; the workflow layer talks to a platform
-only through this Protocol.
+only through these Protocols, with no ``hasattr`` probes: every platform implements every method,
+answering "nothing" (``{}``, an empty ``Placement``, None) where it has nothing to say.
+
+``Hypervisor`` is the whole contract; ``DiskAccess`` is its disk part (what the transfer engine and
+the verification read and write), split out so that it can be read on its own. ``docs/platforms.md``
+says how to add a platform; ``tests/test_platform_contract.py`` holds every platform to the contract.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 # Power states, named as vSphere names them.
 POWERED_ON = "poweredOn"
@@ -73,11 +78,82 @@ class ChangedAreas:
     extents: tuple[tuple[int, int], ...]  # (offset, length), sorted, non-overlapping
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a production VM can go, for the wizard. Paths are inventory paths below the root.
+
+    A platform without datacenters, clusters, pools or folders (the lab) returns ``Placement()``:
+    every part empty, so the wizard offers hosts and datastores only."""
+
+    datacenters: tuple[str, ...] = ()  # e.g. ("DC0",)
+    clusters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # cluster name -> its hosts
+    hosts: dict[str, str | None] = field(default_factory=dict)  # host name -> its cluster (None: standalone)
+    resource_pools: dict[str, str] = field(default_factory=dict)  # id -> path, e.g. "resgroup-26" -> "DC0/DC0_C0/Resources"
+    folders: dict[str, str] = field(default_factory=dict)  # VM folder id -> path, e.g. "group-v3" -> "DC0/vm"
+
+
+Transport = Literal["direct", "network"]
+
+
 @runtime_checkable
-class Hypervisor(Protocol):
+class DiskAccess(Protocol):
+    """How the transfer engine reaches a VM's disk data. A disk is named by its ``disk_key``
+    (``"scsi0:0"``), which is the same on a VM and on the one ``create_vm_like`` made from it.
+
+    ``transport`` says which methods carry the data:
+
+    - ``"direct"``: ``disk_path`` gives a local file the engine reads and writes by range (the lab
+      always; vSphere with the datastores mounted on the worker host).
+    - ``"network"``: no local file; ranges are read with ``download_range`` and a whole disk is
+      copied from VM to VM with ``copy_disk_network`` (the target cannot be written by range).
+
+    ``download_range`` and ``copy_disk_network`` work in both modes, so checks and tests can use them
+    on any platform.
+    """
+
+    transport: Transport
+
+    def disk_path(self, vm_id: str, disk_key: str) -> str:
+        """A local path to the disk's raw data (lab files; vSphere direct mode). HypervisorError
+        when the transport is not direct."""
+        ...
+
+    def download_range(self, vm_id: str, disk_key: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of the disk from ``offset`` (unwritten areas read as zeros).
+        HypervisorError for a range outside the disk, NotFound for an unknown VM or disk."""
+        ...
+
+    def copy_disk_network(self, src_vm_id: str, dst_vm_id: str, disk_key: str) -> int:
+        """Replace the whole content of ``dst_vm_id``'s disk with ``src_vm_id``'s disk of the same key
+        and size; return the bytes sent. HypervisorError when the sizes differ."""
+        ...
+
+    def change_tracking(self, vm_id: str, disk_key: str) -> str | None:
+        """Current change id of the disk, or None when the VM offers no change tracking (the caller
+        then compares block digests instead)."""
+        ...
+
+    def changed_areas(self, vm_id: str, disk_key: str, since_change_id: str) -> ChangedAreas:
+        """Extents written since ``since_change_id`` (from change_tracking()); ``"*"`` means every
+        allocated area. HypervisorError when the platform cannot tell."""
+        ...
+
+
+@runtime_checkable
+class Hypervisor(DiskAccess, Protocol):
     """What failback needs from a platform. All ids and names are strings."""
 
-    name: str  # "lab" | "vsphere"
+    name: str  # "lab" | "vsphere": the Replica.platform value this adapter serves
+
+    @property
+    def where(self) -> str:
+        """Where the platform is, for messages: "vCenter host:443", "Lab hypervisor at /srv/lab"."""
+        ...
+
+    def about(self) -> str:
+        """A one-line description of the platform and its version, after a real round trip to it:
+        the "Test connection" button. HypervisorError when the platform cannot be reached."""
+        ...
 
     # -- inventory -----------------------------------------------------------
     def inventory(self) -> Inventory: ...
@@ -86,6 +162,23 @@ class Hypervisor(Protocol):
 
     def host_states(self) -> dict[str, str]:
         """Host name -> connected | maintenance | disconnected | notResponding."""
+        ...
+
+    def placement(self) -> Placement:
+        """Datacenters, clusters, resource pools and VM folders for the wizard; ``Placement()`` when
+        the platform has none of them."""
+        ...
+
+    def custom_attribute_values(self, attribute: str) -> dict[str, str]:
+        """VM id -> value of the custom attribute named ``attribute`` (replica discovery), VMs without a
+        value left out; ``{}`` on a platform without custom attributes or without that attribute."""
+        ...
+
+    def vm_meta(self, vm_id: str) -> dict[str, Any]:
+        """Guest hints the platform knows beyond ``VMConfig``; possibly empty, so read it with ``.get``.
+        Known keys: ``shutdown_seconds`` (float, how long the guest takes to shut down) and
+        ``shutdown_hangs`` (bool, it never finishes); the lab adds its own state (power, knobs).
+        NotFound when there is no such VM."""
         ...
 
     # -- lifecycle -----------------------------------------------------------
@@ -140,18 +233,7 @@ class Hypervisor(Protocol):
         """Ask the guest OS to shut down; returns at once. Poll power_state to see it end."""
         ...
 
-    # -- disk access for the transfer engine --------------------------------
-    def disk_path(self, vm_id: str, disk_key: str) -> str:
-        """A local path to the disk's raw data (lab files; vSphere direct mode)."""
-        ...
-
-    def change_tracking(self, vm_id: str, disk_key: str) -> str | None:
-        """Current change id of the disk, or None when the VM offers no change tracking."""
-        ...
-
-    def changed_areas(self, vm_id: str, disk_key: str, since_change_id: str) -> ChangedAreas:
-        """Extents written since ``since_change_id`` (from change_tracking())."""
-        ...
+    # -- disk access for the transfer engine: see DiskAccess ----------------
 
     def close(self) -> None:
         """Release the platform session (idempotent)."""

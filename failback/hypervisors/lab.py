@@ -25,45 +25,46 @@ Behaviour follows vSphere where the portal can see it:
 - Guest writes (``guest_write``) write the data first and then append the change record, both
   under the lock, so a change id read afterwards always covers every completed write.
 
+Disk data and change tracking are in ``lab_disks`` (composed into ``LabHypervisor``). The demo lab
+(``seed_demo``), the workload generator (``run_workload``) and the command line live in ``lab_demo``,
+on this module's public methods.
+
 No Django here: the standard library only.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
 import os
-import random
 import re
 import shutil
-import signal
-import struct
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .base import (
     POWERED_OFF,
     POWERED_ON,
     SUSPENDED,
-    ChangedAreas,
     DiskSpec,
     HypervisorError,
     InsufficientSpace,
     Inventory,
     NicSpec,
     NotFound,
+    Placement,
     VMConfig,
 )
+from .lab_disks import BLOCK_SIZE, LabDisks
+
+__all__ = ["BLOCK_SIZE", "OPTIONS", "LabHypervisor"]
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
-BLOCK_SIZE = 64 * KiB  # change tracking granularity
-_RECORD = struct.Struct("<I")
 _VM_ID = re.compile(r"vm-\d+")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -124,33 +125,18 @@ def _state_error(vm: dict, state: str) -> HypervisorError:
 def _settle(vm: dict, now: float | None = None) -> dict:
     """Apply a guest shutdown whose time is up: the VM is then powered off."""
     requested = vm.get("shutdown_requested_at")
-    if vm["power"] == POWERED_ON and requested is not None and not vm["shutdown_hangs"]:
-        if (time.time() if now is None else now) >= requested + vm["shutdown_seconds"]:
-            vm["power"] = POWERED_OFF
-            vm["shutdown_requested_at"] = None
+    if (vm["power"] == POWERED_ON and requested is not None and not vm["shutdown_hangs"]
+            and (time.time() if now is None else now) >= requested + vm["shutdown_seconds"]):
+        vm["power"] = POWERED_OFF
+        vm["shutdown_requested_at"] = None
     return vm
 
 
-def _extents(blocks: Sequence[int] | set[int], capacity: int) -> tuple[tuple[int, int], ...]:
-    """Sorted, merged (offset, length) extents of 64 KiB blocks, clipped to the disk size."""
-    out: list[list[int]] = []
-    for b in sorted(set(blocks)):
-        start = b * BLOCK_SIZE
-        if start >= capacity:
-            continue
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1][1] += BLOCK_SIZE
-        else:
-            out.append([start, BLOCK_SIZE])
-    if out and out[-1][0] + out[-1][1] > capacity:
-        out[-1][1] = capacity - out[-1][0]
-    return tuple((o, n) for o, n in out)
-
-
-class LabHypervisor:
+class LabHypervisor(LabDisks):
     """A hypervisor over a directory of real sparse disk files; see the module docstring."""
 
     name = "lab"
+    transport = "direct"  # the disks are local files: always
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
@@ -161,6 +147,15 @@ class LabHypervisor:
 
     def __repr__(self) -> str:
         return f"LabHypervisor({str(self.root)!r})"
+
+    @property
+    def where(self) -> str:
+        return f"Lab hypervisor at {self.root}"
+
+    def about(self) -> str:
+        """The lab's root and size, read from its files (the "Test connection" of the lab)."""
+        lab = self._lab()
+        return f"{self.where} ({len(lab['hosts'])} hosts, {len(self._vm_ids())} VMs)"
 
     # -- storage ---------------------------------------------------------------
     def _locked(self):
@@ -231,6 +226,30 @@ class LabHypervisor:
         return used
 
     # -- lab setup (not part of the Hypervisor protocol) ---------------------------
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the lab's lock across several calls, so that other processes see all of them or none
+        (re-entrant within this thread: the calls made inside take it again)."""
+        return self._locked()
+
+    def seeded(self) -> dict | None:
+        """What ``mark_seeded`` recorded about the lab's creation, or None."""
+        return self._lab().get("seeded")
+
+    def mark_seeded(self, record: dict) -> None:
+        """Record how the lab was created (``lab_demo.seed_demo`` stores its parameters and replica ids)."""
+        with self._locked():
+            lab = self._lab()
+            lab["seeded"] = dict(record)
+            self._save_lab(lab)
+
+    def reset_change_tracking(self, vm_id: str) -> None:
+        """Start a new change-log epoch on every disk of the VM: what the disks hold now is not a change,
+        and change ids read before are refused from now on (as after toggling ``cbt``)."""
+        with self._locked():
+            vm = self._vm(vm_id)
+            self._reset_tracking(vm)
+            self._save_vm(vm)
+
     def add_host(self, name: str) -> None:
         with self._locked():
             lab = self._lab()
@@ -314,30 +333,7 @@ class LabHypervisor:
     def _create(self, vm: dict) -> str:
         with self._locked():
             lab = self._lab()
-            if vm["host"] not in lab["hosts"]:
-                raise NotFound(f"No host {vm['host']!r} in the lab.")
-            for ds in {vm["datastore"], *(d["datastore"] for d in vm["disks"])}:
-                if ds not in lab["datastores"]:
-                    raise NotFound(f"No datastore {ds!r} in the lab.")
-            for nic in vm["nics"]:
-                if nic["network"] is not None and nic["network"] not in lab["networks"]:
-                    raise NotFound(f"No network {nic['network']!r} in the lab.")
-            for d in vm["disks"]:
-                if d["capacity_bytes"] <= 0:
-                    raise HypervisorError(f"Disk {d['key']}: capacity must be positive.")
-            existing = self._vms()
-            if any(v["name"] == vm["name"] for v in existing):
-                raise HypervisorError(f"The name '{vm['name']}' already exists.")
-            used = self._provisioned(existing)
-            needed: dict[str, int] = {}
-            for d in vm["disks"]:
-                needed[d["datastore"]] = needed.get(d["datastore"], 0) + d["capacity_bytes"]
-            for ds, n in needed.items():
-                free = lab["datastores"][ds] - used.get(ds, 0)
-                if n > free:
-                    raise InsufficientSpace(
-                        f"Insufficient disk space on datastore '{ds}': {n} bytes needed, {max(free, 0)} free."
-                    )
+            self._check_new(lab, vm)
             vm_id = f"vm-{lab['next_vm']}"
             lab["next_vm"] += 1
             self._save_lab(lab)  # the id is spent even if the rest fails
@@ -358,6 +354,34 @@ class LabHypervisor:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
             return vm_id
+
+    def _check_new(self, lab: dict, vm: dict) -> None:
+        """Refuse a VM whose host, datastores or networks do not exist, whose name is taken, or whose
+        disks do not fit (capacities add up per datastore: the lab provisions every disk in full)."""
+        if vm["host"] not in lab["hosts"]:
+            raise NotFound(f"No host {vm['host']!r} in the lab.")
+        for ds in {vm["datastore"], *(d["datastore"] for d in vm["disks"])}:
+            if ds not in lab["datastores"]:
+                raise NotFound(f"No datastore {ds!r} in the lab.")
+        for nic in vm["nics"]:
+            if nic["network"] is not None and nic["network"] not in lab["networks"]:
+                raise NotFound(f"No network {nic['network']!r} in the lab.")
+        for d in vm["disks"]:
+            if d["capacity_bytes"] <= 0:
+                raise HypervisorError(f"Disk {d['key']}: capacity must be positive.")
+        existing = self._vms()
+        if any(v["name"] == vm["name"] for v in existing):
+            raise HypervisorError(f"The name '{vm['name']}' already exists.")
+        used = self._provisioned(existing)
+        needed: dict[str, int] = {}
+        for d in vm["disks"]:
+            needed[d["datastore"]] = needed.get(d["datastore"], 0) + d["capacity_bytes"]
+        for ds, n in needed.items():
+            free = lab["datastores"][ds] - used.get(ds, 0)
+            if n > free:
+                raise InsufficientSpace(
+                    f"Insufficient disk space on datastore '{ds}': {n} bytes needed, {max(free, 0)} free."
+                )
 
     # -- inventory -----------------------------------------------------------------
     def inventory(self) -> Inventory:
@@ -391,8 +415,17 @@ class LabHypervisor:
                 return vm["vm_id"]
         raise NotFound(f"No virtual machine named {name!r} in the lab.")
 
-    def vm_meta(self, vm_id: str) -> dict:
-        """Lab state of a VM for display: power, tools and the lab-only knobs."""
+    def placement(self) -> Placement:
+        """The lab has hosts and datastores only: no datacenters, clusters, pools or folders."""
+        return Placement()
+
+    def custom_attribute_values(self, attribute: str) -> dict[str, str]:
+        """The lab has no custom attributes: replicas are found by their name suffix."""
+        return {}
+
+    def vm_meta(self, vm_id: str) -> dict[str, Any]:
+        """Guest hints (``shutdown_seconds``, ``shutdown_hangs``) and the rest of the lab's state of the
+        VM, for display: power, tools and the lab-only knobs."""
         vm = self._vm(vm_id)
         return {
             "power_state": vm["power"],
@@ -537,315 +570,3 @@ class LabHypervisor:
             if vm["shutdown_requested_at"] is None:
                 vm["shutdown_requested_at"] = time.time()
                 self._save_vm(vm)
-
-    # -- disks ---------------------------------------------------------------------
-    def disk_path(self, vm_id: str, disk_key: str) -> str:
-        vm = self._vm(vm_id)
-        return str(self._disk_file(vm, self._disk(vm, disk_key)))
-
-    def guest_write(self, vm_id: str, disk_key: str, offset: int, data: bytes) -> None:
-        """The guest writes ``data`` at ``offset``: the bytes land on the disk and change tracking
-        records the 64 KiB blocks touched. Refused unless the VM is powered on."""
-        with self._locked():
-            vm = self._vm(vm_id)
-            if vm["power"] != POWERED_ON:
-                raise HypervisorError(f"{vm['name']} ({vm_id}): the guest is not running ({vm['power']}).")
-            disk = self._disk(vm, disk_key)
-            if offset < 0 or offset + len(data) > disk["capacity_bytes"]:
-                raise HypervisorError(
-                    f"Write of {len(data)} bytes at {offset} is outside disk {disk_key} ({disk['capacity_bytes']} bytes)."
-                )
-            if not data:
-                return
-            fd = os.open(self._disk_file(vm, disk), os.O_WRONLY)
-            try:
-                view, pos = memoryview(data), offset
-                while view:
-                    n = os.pwrite(fd, view, pos)
-                    view, pos = view[n:], pos + n
-            finally:
-                os.close(fd)
-            if vm["cbt"]:
-                first, last = offset // BLOCK_SIZE, (offset + len(data) - 1) // BLOCK_SIZE
-                record = b"".join(_RECORD.pack(b) for b in range(first, last + 1))
-                fd = os.open(self._disk_file(vm, disk, ".ctk"), os.O_WRONLY | os.O_APPEND)
-                try:
-                    while record:
-                        record = record[os.write(fd, record):]
-                finally:
-                    os.close(fd)
-
-    def change_tracking(self, vm_id: str, disk_key: str) -> str | None:
-        with self._locked():
-            vm = self._vm(vm_id)
-            disk = self._disk(vm, disk_key)
-            if not vm["cbt"]:
-                return None
-            size = os.stat(self._disk_file(vm, disk, ".ctk")).st_size
-            return f"{disk['ctk_epoch']}/{size // _RECORD.size}"
-
-    def changed_areas(self, vm_id: str, disk_key: str, since_change_id: str) -> ChangedAreas:
-        """Extents written since the change id (64 KiB-rounded, clipped to the disk), and the current
-        id. ``"*"`` means "since the disk was created": the allocated areas of the file."""
-        with self._locked():
-            vm = self._vm(vm_id)
-            disk = self._disk(vm, disk_key)
-            if not vm["cbt"]:
-                raise HypervisorError(f"{vm['name']} ({vm_id}): change tracking is not enabled.")
-            log = self._disk_file(vm, disk, ".ctk")
-            with open(log, "rb") as f:
-                raw = f.read()
-            records = len(raw) // _RECORD.size
-            current = f"{disk['ctk_epoch']}/{records}"
-            if since_change_id == "*":
-                return ChangedAreas(current, self._allocated(self._disk_file(vm, disk), disk["capacity_bytes"]))
-            epoch, _, count = str(since_change_id).partition("/")
-            if not count.isdigit():
-                raise HypervisorError(f"Invalid change id {since_change_id!r} for disk {disk_key} of {vm['name']}.")
-            if epoch != disk["ctk_epoch"] or int(count) > records:
-                raise HypervisorError(
-                    f"Change id {since_change_id!r} does not belong to disk {disk_key} of {vm['name']} "
-                    f"(change tracking was reset or the id is from another disk); current id is {current!r}."
-                )
-            start = int(count) * _RECORD.size
-            blocks = struct.unpack(f"<{records - int(count)}I", raw[start:records * _RECORD.size])
-            return ChangedAreas(current, _extents(blocks, disk["capacity_bytes"]))
-
-    @staticmethod
-    def _allocated(path: Path, capacity: int) -> tuple[tuple[int, int], ...]:
-        blocks: set[int] = set()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            pos = 0
-            while pos < capacity:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data after pos
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), capacity)
-                blocks.update(range(data // BLOCK_SIZE, (hole - 1) // BLOCK_SIZE + 1))
-                pos = hole
-        finally:
-            os.close(fd)
-        return _extents(blocks, capacity)
-
-
-# -- the demo lab ---------------------------------------------------------------------
-DEMO_WORKLOADS = [  # name, guest OS, firmware, networks
-    ("app-erp-01", "windows2019srv_64Guest", "efi", ("dr-net",)),
-    ("db-sql-01", "windows2019srv_64Guest", "efi", ("dr-net",)),
-    ("web-01", "ubuntu64Guest", "bios", ("dr-dmz",)),
-    ("app-crm-01", "rhel8_64Guest", "efi", ("dr-net", "dr-dmz")),
-    ("db-pg-01", "rhel8_64Guest", "efi", ("dr-net",)),
-    ("web-02", "ubuntu64Guest", "bios", ("dr-dmz",)),
-    ("file-01", "windows2019srv_64Guest", "efi", ("dr-net",)),
-    ("mail-01", "windows2019srv_64Guest", "efi", ("dr-net", "dr-dmz")),
-    ("app-hr-01", "rhel8_64Guest", "efi", ("dr-net",)),
-    ("db-ora-01", "oracleLinux8_64Guest", "efi", ("dr-net",)),
-    ("ad-dc-01", "windows2019srv_64Guest", "efi", ("dr-net",)),
-    ("app-bi-01", "ubuntu64Guest", "efi", ("dr-net",)),
-]
-_DEMO_CAPACITIES_MIB = [256] * 5 + [384] * 4 + [512] * 3 + [768] * 2 + [1024, 2048, 3072]
-DEMO_DATA_BUDGET = int(1.25 * GiB)  # allocated data across the whole lab at scale=1
-
-
-def _round_down(n: int, unit: int) -> int:
-    return n // unit * unit
-
-
-def seed_demo(root: str | os.PathLike[str], *, count: int = 12, scale: float = 1.0, seed: int = 1) -> list[str]:
-    """Create the two-site demo lab in ``root`` and return the ids of its ``count`` replica VMs.
-
-    Production: hosts esx-prod-01/02, datastores prod-ds-01/02 (200 GiB x scale each), networks
-    prod-net/prod-dmz. DR: hosts esx-dr-01/02, datastore dr-ds-01 (400 GiB x scale), networks
-    dr-net/dr-dmz. Replicas ``<workload>_replica`` run on the DR hosts, powered on with the workload
-    flag; every 4th has no tools, the 2nd hangs on guest shutdown, the 3rd has change tracking off.
-    Each has 1-3 disks of 256 MiB-3 GiB (x scale); 10-30 % of each disk holds random data in
-    scattered 1-4 MiB extents (x scale), scaled down uniformly if the lab would exceed 1.25 GiB
-    x scale. Seed data is written directly and the change logs start empty. Deterministic for a seed.
-
-    Idempotent: on a root this function seeded before it is a no-op returning the same ids. A root
-    that holds anything else is refused (HypervisorError); so is a half-seeded one (delete it).
-    """
-    if count < 1 or scale <= 0:
-        raise ValueError("count must be >= 1 and scale > 0")
-    rng = random.Random(seed)
-    lab_hv = LabHypervisor(root)
-    with lab_hv._locked():
-        lab = lab_hv._lab()
-        if lab.get("seeded"):
-            return list(lab["seeded"]["replicas"])
-        if lab["hosts"] or lab["datastores"] or lab["networks"] or lab_hv._vm_ids():
-            raise HypervisorError(f"Refusing to seed {lab_hv.root}: it already holds a lab that seed_demo did not create.")
-        for h in ("esx-prod-01", "esx-prod-02", "esx-dr-01", "esx-dr-02"):
-            lab_hv.add_host(h)
-        unit = 64 * KiB
-        for ds, cap in (("prod-ds-01", 200 * GiB), ("prod-ds-02", 200 * GiB), ("dr-ds-01", 400 * GiB)):
-            lab_hv.add_datastore(ds, max(_round_down(int(cap * scale), unit), GiB))
-        for n in ("prod-net", "prod-dmz", "dr-net", "dr-dmz"):
-            lab_hv.add_network(n)
-
-        # Plan every VM first, so that the data budget can be applied across the whole lab.
-        plans = []
-        for i in range(count):
-            if i < len(DEMO_WORKLOADS):
-                workload, guest_os, firmware, nets = DEMO_WORKLOADS[i]
-            else:
-                workload, guest_os, firmware, nets = f"app-{i + 1:02d}", "ubuntu64Guest", "efi", ("dr-net",)
-            disks = [
-                max(_round_down(int(rng.choice(_DEMO_CAPACITIES_MIB) * MiB * scale), unit), MiB)
-                for _ in range(rng.choice([1, 1, 2, 2, 3]))
-            ]
-            plans.append({
-                "name": f"{workload}_replica", "guest_os": guest_os, "firmware": firmware, "networks": nets,
-                "host": ("esx-dr-01", "esx-dr-02")[i % 2], "disks": disks,
-                "fractions": [rng.uniform(0.10, 0.30) for _ in disks],
-                "cpus": rng.choice([2, 2, 4, 4, 8]), "memory_mb": rng.choice([2048, 4096, 8192, 16384]),
-                "tools": i % 4 != 3, "hangs": i == 1, "cbt": i != 2,
-                "shutdown_seconds": float(rng.randint(2, 10)),
-            })
-        wanted = sum(c * f for p in plans for c, f in zip(p["disks"], p["fractions"]))
-        factor = min(1.0, DEMO_DATA_BUDGET * scale / wanted)
-
-        ids = []
-        for p in plans:
-            vm_id = lab_hv.create_vm(
-                p["name"], host=p["host"], datastore="dr-ds-01", disks=p["disks"], networks=p["networks"],
-                cpus=p["cpus"], memory_mb=p["memory_mb"], guest_os=p["guest_os"], firmware=p["firmware"],
-                tools_installed=p["tools"], shutdown_seconds=p["shutdown_seconds"], shutdown_hangs=p["hangs"],
-                workload=True, cbt=p["cbt"], power_on=True,
-            )
-            vm = lab_hv._vm(vm_id)
-            for disk, frac in zip(vm["disks"], p["fractions"]):
-                _seed_disk(lab_hv._disk_file(vm, disk), disk["capacity_bytes"], frac * factor, scale, rng)
-            lab_hv._reset_tracking(vm)  # seed data is not a change
-            lab_hv._save_vm(vm)
-            ids.append(vm_id)
-
-        lab = lab_hv._lab()
-        lab["seeded"] = {"seed": seed, "count": count, "scale": scale, "replicas": ids}
-        lab_hv._save_lab(lab)
-        return ids
-
-
-def _seed_disk(path: Path, capacity: int, fraction: float, scale: float, rng: random.Random) -> None:
-    """Write random data in scattered extents covering about ``fraction`` of the disk."""
-    page = 4 * KiB
-    slot = max(_round_down(int(4 * MiB * scale), page), 64 * KiB)
-    slots = capacity // slot
-    if slots == 0:
-        return
-    target = int(capacity * fraction)
-    order = rng.sample(range(slots), slots)
-    written = 0
-    with open(path, "r+b") as f:
-        for s in order:
-            if written >= target:
-                break
-            size = min(slot, max(_round_down(int(rng.uniform(1, 4) * MiB * scale), page), page))
-            offset = s * slot + _round_down(rng.randrange(0, slot - size + 1), page)
-            f.seek(offset)
-            f.write(rng.randbytes(size))
-            written += size
-
-
-# -- the workload generator -------------------------------------------------------------
-def run_workload(
-    root: str | os.PathLike[str],
-    *,
-    stop: threading.Event,
-    mib_per_s: float = 1.0,
-    block: tuple[int, int] = (64 * KiB, 1 * MiB),
-    seed: int | None = None,
-    refresh_seconds: float = 1.0,
-) -> dict[str, int]:
-    """Write random data through ``guest_write`` to every powered-on VM with the workload flag, at
-    about ``mib_per_s`` per VM, in 4 KiB-aligned writes of ``block`` (min, max) bytes, until ``stop``
-    is set. VMs are re-listed every ``refresh_seconds``; one powered off or deleted meanwhile is
-    skipped. Returns bytes written per VM id.
-    """
-    if mib_per_s <= 0:
-        raise ValueError("mib_per_s must be positive")
-    rng = random.Random(seed)
-    hv = LabHypervisor(root)
-    rate = mib_per_s * MiB
-    lo, hi = max(4 * KiB, block[0]), max(4 * KiB, block[1], block[0])
-    due: dict[str, float] = {}
-    written: dict[str, int] = {}
-    next_refresh = 0.0
-    while not stop.is_set():
-        now = time.monotonic()
-        if now >= next_refresh:
-            running = set()
-            for vm in hv._vms():
-                if vm["workload"] and vm["power"] == POWERED_ON and vm["disks"]:
-                    running.add(vm["vm_id"])
-            for vm_id in list(due):
-                if vm_id not in running:
-                    del due[vm_id]
-            for vm_id in running - set(due):
-                due[vm_id] = now + rng.uniform(0, 0.05)
-            next_refresh = now + refresh_seconds
-        if not due:
-            stop.wait(max(0.0, min(0.2, next_refresh - now)))
-            continue
-        vm_id, when = min(due.items(), key=lambda kv: kv[1])
-        if when > now:
-            stop.wait(min(when, next_refresh) - now)
-            continue
-        try:
-            vm = hv._vm(vm_id)
-            disk = rng.choice(vm["disks"])
-            cap = disk["capacity_bytes"]
-            size = min(_round_down(rng.randint(lo, hi), 4 * KiB), _round_down(cap, 4 * KiB)) or min(cap, 4 * KiB)
-            offset = _round_down(rng.randrange(0, cap - size + 1), 4 * KiB)
-            hv.guest_write(vm_id, disk["key"], offset, rng.randbytes(size))
-        except HypervisorError:  # powered off, suspended or deleted since the last listing
-            del due[vm_id]
-            continue
-        written[vm_id] = written.get(vm_id, 0) + size
-        due[vm_id] = max(when, now - 1.0) + size / rate  # no catch-up bursts after a stall
-    return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m failback.hypervisors.lab", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("seed", help="create the two-site demo lab")
-    p.add_argument("root")
-    p.add_argument("--count", type=int, default=12)
-    p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1)
-    p = sub.add_parser("workload", help="write to powered-on workload VMs until interrupted")
-    p.add_argument("root")
-    p.add_argument("--mib-per-s", type=float, default=1.0, help="per VM (default 1)")
-    p.add_argument("--seed", type=int, default=None)
-    p = sub.add_parser("show", help="print the lab's VMs")
-    p.add_argument("root")
-    args = parser.parse_args(argv)
-
-    if args.command == "seed":
-        t = time.monotonic()
-        ids = seed_demo(args.root, count=args.count, scale=args.scale, seed=args.seed)
-        print(f"{len(ids)} replicas in {args.root} ({time.monotonic() - t:.1f} s): {' '.join(ids)}")
-    elif args.command == "workload":
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        written = run_workload(args.root, stop=stop, mib_per_s=args.mib_per_s, seed=args.seed)
-        print(f"wrote {sum(written.values()) / MiB:.1f} MiB to {len(written)} VMs")
-    else:
-        hv = LabHypervisor(args.root)
-        inv = hv.inventory()
-        for ds, free in inv.datastores.items():
-            print(f"datastore {ds}: {free / GiB:.1f} GiB free")
-        for vm in inv.vms:
-            meta = hv.vm_meta(vm.vm_id)
-            disks = ", ".join(f"{d.key} {d.capacity_bytes / MiB:.0f} MiB" for d in vm.disks)
-            print(f"{vm.vm_id:7} {vm.name:22} {vm.host:12} {meta['power_state']:11} "
-                  f"tools={'yes' if vm.tools_installed else 'no'} cbt={'on' if meta['cbt'] else 'off'} [{disks}]")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

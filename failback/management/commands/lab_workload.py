@@ -4,7 +4,7 @@ import threading
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from failback.hypervisors.lab import run_workload
+from failback.hypervisors.lab_demo import run_workload
 
 
 class Command(BaseCommand):

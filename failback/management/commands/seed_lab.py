@@ -7,7 +7,8 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from failback.choices import ReplicaState
-from failback.hypervisors.lab import LabHypervisor, seed_demo
+from failback.hypervisors.lab import LabHypervisor
+from failback.hypervisors.lab_demo import seed_demo
 from failback.models import Replica, ReplicaDisk
 
 REPLICA_SUFFIX = "_replica"
