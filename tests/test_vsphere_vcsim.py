@@ -289,7 +289,7 @@ def test_it_gives_the_flat_files_for_a_direct_copy_through_the_transfer_engine(v
     assert disk_digest(src) == disk_digest(dst)
 
 
-def test_it_reads_ranges_and_uploads_whole_disks_over_the_network(vcsim, tmp_path):
+def test_it_reads_ranges_and_copies_whole_disks_over_the_network(vcsim):
     direct = vcsim.hypervisor()
     replica = vm_named(direct, "DC0_H0_VM0").vm_id
     resize_disk(direct, replica, "scsi0:0", 8 * MiB)
@@ -307,20 +307,21 @@ def test_it_reads_ranges_and_uploads_whole_disks_over_the_network(vcsim, tmp_pat
     with pytest.raises(HypervisorError, match="needs the direct transport"):
         net.disk_path(replica, "scsi0:0")
 
-    image = tmp_path / "image.raw"
-    with open(image, "wb") as f:
-        f.truncate(8 * MiB)
+    stale = os.urandom(4096)  # on the production disk before the copy: the copy must replace it
+    with open(direct.disk_path(prod, "scsi0:0"), "r+b") as f:
         f.seek(MiB)
-        f.write(data)
-    assert net.upload_disk(prod, "scsi0:0", str(image)) == 8 * MiB
-    assert net.download_range(prod, "scsi0:0", MiB, len(data)) == data
-    assert open(direct.disk_path(prod, "scsi0:0"), "rb").read() == image.read_bytes()
-    with pytest.raises(HypervisorError, match="the file has 1 bytes, the disk 8388608"):
-        (tmp_path / "tiny").write_bytes(b"x")
-        net.upload_disk(prod, "scsi0:0", str(tmp_path / "tiny"))
+        f.write(stale)
+    assert net.download_range(prod, "scsi0:0", MiB, len(stale)) == stale
 
+    # the file interface cannot write a range: the whole disk goes, a GET piped into one PUT
     assert net.copy_disk_network(replica, prod, "scsi0:0") == 8 * MiB
+    assert net.download_range(prod, "scsi0:0", 3 * MiB, len(data)) == data
+    assert net.download_range(prod, "scsi0:0", MiB, len(stale)) == bytes(len(stale))
     assert open(direct.disk_path(prod, "scsi0:0"), "rb").read() == open(direct.disk_path(replica, "scsi0:0"), "rb").read()
+
+    resize_disk(direct, prod, "scsi0:0", 16 * MiB)
+    with pytest.raises(HypervisorError, match=r"the disks differ in size \(8388608 and 16777216 bytes\)"):
+        net.copy_disk_network(replica, prod, "scsi0:0")
 
 
 def test_it_offers_no_change_tracking_on_vcsim_so_the_caller_compares_digests(vcsim):
