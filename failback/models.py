@@ -15,6 +15,7 @@ from .choices import (
     SessionStatus,
     SwitchMode,
 )
+from .hypervisors.registry import Platform
 
 
 class VCenterConnection(models.Model):
@@ -72,7 +73,7 @@ class Replica(models.Model):
 
     name = models.CharField(max_length=200, unique=True)  # the replica VM's name
     source_name = models.CharField(max_length=200)  # the workload it protects
-    platform = models.CharField(max_length=20, default="lab")  # which hypervisor holds it: lab | vsphere
+    platform = models.CharField(max_length=20, choices=Platform.choices, default=Platform.LAB)  # which hypervisor holds it
     connection = models.ForeignKey(VCenterConnection, null=True, blank=True, on_delete=models.PROTECT, related_name="replicas")
     vm_id = models.CharField(max_length=100)  # the replica VM's id at the platform
     host = models.CharField(max_length=200)
