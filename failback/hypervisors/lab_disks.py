@@ -1,6 +1,6 @@
 """The lab's disks: data read and written by range, guest writes with their change log, and change
 tracking like vSphere's CBT at 64 KiB granularity (see ``lab``'s docstring for the files and the change
-id format). ``LabDisks`` is the disk half of ``LabHypervisor``; it relies on the VM storage methods
+id format). ``LabDisks`` is the disk part of ``LabHypervisor``; it relies on the VM storage methods
 there (``_vm``, ``_disk``, ``_disk_file``, ``_locked``).
 
 No Django here: the standard library only.
@@ -138,7 +138,7 @@ class LabDisks:
             os.close(fd)
         return _extents(blocks, capacity)
 
-    # -- disks without a local path (the network half of DiskAccess) ---------------
+    # -- disks without a local path (the network side of DiskAccess) ---------------
     def download_range(self, vm_id: str, disk_key: str, offset: int, length: int) -> bytes:
         """``length`` bytes of the disk file from ``offset``; holes read as zeros."""
         vm = self._vm(vm_id)

@@ -101,7 +101,7 @@ def _fault_error(what: str, fault: BaseException) -> HypervisorError:
 
 
 class Client:
-    """The session half of ``VSphereHypervisor``: it sets ``host``, ``port``, ``user``, ``_password``,
+    """The session part of ``VSphereHypervisor``: it sets ``host``, ``port``, ``user``, ``_password``,
     ``_ctx`` (TLS), ``timeout``, ``retries``, ``task_timeout`` and ``_lock`` before any call."""
 
     host: str

@@ -47,7 +47,7 @@ def _once(make: Callable[[], Iterator[bytes]]) -> Callable[[], Iterator[bytes]]:
 
 
 class DatastoreFiles:
-    """The disk-data half of ``VSphereHypervisor`` (it keeps ``transport`` and ``_datastore_paths``)."""
+    """The disk-data part of ``VSphereHypervisor`` (it keeps ``transport`` and ``_datastore_paths``)."""
 
     transport: str
     _datastore_paths: dict[str, str]

@@ -90,7 +90,7 @@ def _split_ds_path(path: str) -> tuple[str, str]:
 
 
 class InventoryReader:
-    """The inventory half of ``VSphereHypervisor`` (it keeps ``_datastore_paths`` and ``_dc_of_ds``)."""
+    """The inventory part of ``VSphereHypervisor`` (it keeps ``_datastore_paths`` and ``_dc_of_ds``)."""
 
     _datastore_paths: dict[str, str]
     _dc_of_ds: dict[str, str]

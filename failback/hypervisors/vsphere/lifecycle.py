@@ -10,7 +10,7 @@ from .provisioning import _owner_of
 
 
 class Lifecycle:
-    """The power and deletion half of ``VSphereHypervisor``."""
+    """The power and deletion part of ``VSphereHypervisor``."""
 
     def delete_vm(self, vm_id: str) -> None:
         """Destroy_Task (unregister and delete the files); refused unless the VM is powered off."""

@@ -108,7 +108,7 @@ class _NewDevices:
 
 
 class Provisioning:
-    """The creation half of ``VSphereHypervisor``."""
+    """The creation part of ``VSphereHypervisor``."""
 
     def create_vm_like(
         self,

@@ -28,7 +28,7 @@ def _merge(extents: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 class ChangeTracking:
-    """The change-tracking half of ``VSphereHypervisor`` (it keeps ``_cbt_supported`` and ``_cbt_refusal``)."""
+    """The change-tracking part of ``VSphereHypervisor`` (it keeps ``_cbt_supported`` and ``_cbt_refusal``)."""
 
     _cbt_supported: bool | None
     _cbt_refusal: str
