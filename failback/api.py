@@ -25,7 +25,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security import HttpBearer
 
-from . import plans, tokens, workflow
+from . import actions, plans, tokens, workflow
 from .api_schemas import (
     DB_INT_MAX,
     AuditFilters,
@@ -47,7 +47,7 @@ from .api_schemas import (
     ValidationProblem,
 )
 from .audit_filters import export_row, filtered_events
-from .choices import CANCELLABLE, ReplicaState, SessionStatus
+from .choices import ReplicaState, SessionStatus
 from .forms import suggest_network
 from .hypervisors.base import HypervisorError
 from .hypervisors.registry import hypervisor_for
@@ -211,18 +211,11 @@ def _replicas(rows):
     } for r in rows]
 
 
-def _allowed_actions(s):
-    allowed = {"switch": s.can_switch_now, "schedule": s.can_schedule_switch, "cancel": s.status in CANCELLABLE,
-               "commit": s.can_commit, "undo": s.can_undo,
-               "stop_commit_policy": s.status == SessionStatus.FAILBACK and s.policy_due_at is not None and s.policy_stopped_at is None}
-    return [action for action, ok in allowed.items() if ok]
-
-
 def _session(s):
     window = s.switch_window
     return {
         "id": s.pk, "replica_id": s.replica_id, "replica_name": s.replica.name, "plan_id": s.plan_id, "plan_order": s.plan_order,
-        "status": s.status, "status_label": s.get_status_display(), "allowed_actions": _allowed_actions(s),
+        "status": s.status, "status_label": s.get_status_display(), "allowed_actions": actions.allowed(s),
         **{f: getattr(s, f) for f in (
             "vm_name", "target_host", "target_datastore", "network_map", "resource_pool", "folder", "production_vm_id", "switch_mode",
             "switch_at", "power_on_after", "shutdown_timeout_s", "bandwidth_mbps", "commit_policy", "commit_after_min", "policy_due_at",
@@ -294,7 +287,7 @@ def replica_targets(request, replica_id: PathId):
     replica = _one(Replica.objects, replica_id, "replica")
     with closing(hypervisor_for(replica)) as hv:
         inventory = hv.inventory()
-        placement = hv.placement() if hasattr(hv, "placement") else None
+        placement = hv.placement()
     config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
     nics = [{"key": n.key, "network": n.network, "suggested": suggest_network(n.network, inventory.networks) or None}
             for n in (config.nics if config else ())]
@@ -348,7 +341,7 @@ def start_failback(request, replica_id: PathId, body: StartFailbackIn):
 @api.post("/sessions/{session_id}/switch", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("switch"), summary="Switch now (phase 2)")
 def switch_now(request, session_id: PathId, body: SwitchIn):
     _one(FailbackSession.objects, session_id, "failback")
-    workflow.switch_now(request.auth, session_id, reason=body.reason, override_checks=body.override_checks)
+    actions.perform("switch", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
@@ -356,7 +349,7 @@ def switch_now(request, session_id: PathId, body: SwitchIn):
           **_audited("schedule_switch"), summary="Schedule or change the switch time")
 def schedule_switch(request, session_id: PathId, body: ScheduleIn):
     _one(FailbackSession.objects, session_id, "failback")
-    workflow.schedule_switch(request.auth, session_id, body.switch_at, reason=body.reason)
+    actions.perform("schedule", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
@@ -364,7 +357,7 @@ def schedule_switch(request, session_id: PathId, body: ScheduleIn):
           summary="Cancel before the switch (the replica keeps running)")
 def cancel(request, session_id: PathId, body: CancelIn):
     _one(FailbackSession.objects, session_id, "failback")
-    workflow.cancel(request.auth, session_id, keep_production_vm=body.keep_production_vm, reason=body.reason)
+    actions.perform("cancel", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
@@ -372,7 +365,7 @@ def cancel(request, session_id: PathId, body: CancelIn):
           summary="Stop the automatic commit or undo countdown")
 def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
-    workflow.stop_commit_policy(request.auth, session_id, reason=body.reason)
+    actions.perform("stop_commit_policy", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
@@ -380,7 +373,7 @@ def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
           **_audited("commit"), summary="Commit: keep production")
 def commit(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
-    workflow.commit(request.auth, session_id, reason=body.reason)
+    actions.perform("commit", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
@@ -388,7 +381,7 @@ def commit(request, session_id: PathId, body: ReasonIn):
           summary="Undo: back to the replica (production's changes since the switch are discarded)")
 def undo(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
-    workflow.undo(request.auth, session_id, reason=body.reason)
+    actions.perform("undo", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 

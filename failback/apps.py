@@ -30,7 +30,7 @@ def ensure_schedules(sender, using="default", **kwargs):
         return
     from django_q.models import Schedule
 
-    # Every minute: queue again any step whose worker died (see workflow.recover_stalled).
+    # Every minute: queue again any step whose worker died (see watchdog.recover_stalled).
     Schedule.objects.update_or_create(name="failback-watchdog", defaults={
         "func": "failback.tasks.watchdog", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1})
     # Every minute: catch-up syncs (when due) and fresh switch-window predictions for Ready-to-switch sessions.

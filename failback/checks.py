@@ -76,7 +76,7 @@ def scheduler_clock():
 
 
 def _host(hv, host):
-    states = hv.host_states() if hasattr(hv, "host_states") else {}
+    states = hv.host_states()
     state = states.get(host, "missing" if states else "connected")
     label = "Target host reachable, not in maintenance"
     if state == "connected":

@@ -126,3 +126,99 @@ CANCELLABLE = frozenset({S.QUEUED, S.PHASE1, S.READY_TO_SWITCH})
 # Schedule switch changes the switch moment without changing status; legal until the switch begins.
 SCHEDULABLE = frozenset({S.QUEUED, S.PHASE1, S.READY_TO_SWITCH})
 del S, R
+
+# Which step a running status belongs to, for the watchdog (a status a worker step owns).
+STEP_OF = {SessionStatus.PHASE1: "phase1", SessionStatus.SWITCHING: "phase2", SessionStatus.COMMITTING: "commit", SessionStatus.UNDOING: "undo",
+           SessionStatus.CANCELLING: "cancel"}
+
+
+
+
+# -- what an operator may do to one session now: asked by the pages, the API and the service layer ------
+
+@dataclass(frozen=True)
+class Guard:
+    """When an operator's action on one session is offered and accepted."""
+
+    label: str  # the button's and the refusal's name for it
+    sources: frozenset  # session statuses it is possible in
+    plan_members: bool = True  # False: a plan's member is acted on through its plan's buttons only
+    countdown: bool = False  # only while a commit policy counts down (not stopped)
+
+    def allows(self, session):
+        if session.status not in self.sources or (session.plan_id and not self.plan_members):
+            return False
+        return not self.countdown or (session.policy_due_at is not None and session.policy_stopped_at is None)
+
+
+GUARDS = {
+    "switch": Guard("Switch now", TRANSITIONS["switch"].sources, plan_members=False),
+    "schedule_switch": Guard("Schedule switch", SCHEDULABLE, plan_members=False),
+    "cancel": Guard("Cancel", CANCELLABLE, plan_members=False),
+    "commit": Guard("Commit", TRANSITIONS["commit"].sources),
+    "undo": Guard("Undo", TRANSITIONS["undo"].sources),
+    "stop_commit_policy": Guard("Stop the countdown", frozenset({SessionStatus.FAILBACK}), countdown=True),
+}
+
+
+class AuditAction(models.TextChoices):
+    """Every action the audit trail records, one spelling each (AuditEvent.action)."""
+
+    # a failback session: operators' actions and the steps they lead to
+    START_FAILBACK = "start_failback", "Start failback"
+    BEGIN_PHASE1 = "begin_phase1", "Begin phase 1"
+    FINISH_PHASE1 = "finish_phase1", "Finish phase 1"
+    FAIL_PHASE1 = "fail_phase1", "Fail phase 1"
+    SWITCH = "switch", "Switch now"
+    SCHEDULE_SWITCH = "schedule_switch", "Schedule switch"
+    SCHEDULED_SWITCH = "scheduled_switch", "Scheduled switch due"
+    FINISH_SWITCH = "finish_switch", "Finish switch"
+    FAIL_SWITCH = "fail_switch", "Fail switch"
+    COMMIT = "commit", "Commit"
+    FINISH_COMMIT = "finish_commit", "Finish commit"
+    UNDO = "undo", "Undo"
+    FINISH_UNDO = "finish_undo", "Finish undo"
+    FAIL_UNDO = "fail_undo", "Fail undo"
+    CANCEL = "cancel", "Cancel"
+    CANCEL_PHASE1 = "cancel_phase1", "Cancel during phase 1"
+    CANCEL_READY = "cancel_ready", "Cancel when ready to switch"
+    FINISH_CANCEL = "finish_cancel", "Finish cancel"
+    COMMIT_POLICY = "commit_policy", "Automatic commit or undo"
+    STOP_COMMIT_POLICY = "stop_commit_policy", "Stop the countdown"
+    OVERRIDE_CHECKS = "override_checks", "Override failed checks"
+    REPLICA_STATE = "replica_state", "Replica state"
+    DECLARE_FAILOVER = "declare_failover", "Declare failover"
+    # the worker's steps and the watchdog
+    PHASE1 = "phase1", "Phase 1"
+    PHASE2 = "phase2", "Phase 2"
+    RESUME = "resume", "Resume a silent step"
+    CREATE_PRODUCTION_VM = "create_production_vm", "Create the production VM"
+    DELETE_PRODUCTION_VM = "delete_production_vm", "Delete the production VM"
+    COPY_DISK = "copy_disk", "Copy a disk"
+    CATCH_UP = "catch_up", "Catch-up sync"
+    PREDICT_WINDOW = "predict_window", "Predict the switch window"
+    STOP_REPLICA = "stop_replica", "Stop the replica"
+    SEND_CHANGES = "send_changes", "Send the last changes"
+    SWITCH_WINDOW = "switch_window", "Switch window measured"
+    POWER_ON_PRODUCTION = "power_on_production", "Power on production"
+    RECOVER_REPLICA = "recover_replica", "Bring the replica back"
+    # plans
+    START_PLAN = "start_plan", "Start a plan"
+    SWITCH_PLAN = "switch_plan", "Switch a plan"
+    SCHEDULE_PLAN_SWITCH = "schedule_plan_switch", "Schedule a plan's switch"
+    COMMIT_PLAN = "commit_plan", "Commit a plan"
+    UNDO_PLAN = "undo_plan", "Undo a plan"
+    # vCenter connections
+    CREATE_CONNECTION = "create_connection", "Add a vCenter connection"
+    UPDATE_CONNECTION = "update_connection", "Change a vCenter connection"
+    FETCH_THUMBPRINT = "fetch_thumbprint", "Fetch a certificate thumbprint"
+    TEST_CONNECTION = "test_connection", "Test a vCenter connection"
+    SYNC_INVENTORY = "sync_inventory", "Sync a vCenter's inventory"
+    PAIR_REPLICA = "pair_replica", "Pair a replica"
+    # logins and API tokens
+    LOGIN = "login", "Log in"
+    LOGIN_FAILED = "login_failed", "Failed login"
+    LOGIN_LOCKED_OUT = "login_locked_out", "Login locked out"
+    API_TOKEN_CREATED = "api_token_created", "API token created"
+    API_TOKEN_REVOKED = "api_token_revoked", "API token revoked"
+

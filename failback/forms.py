@@ -112,7 +112,7 @@ class StartFailbackForm(forms.Form):
                 choices=[("", "Disconnected")] + [(n, n) for n in inventory.networks],
                 initial=suggest_network(nic.network, inventory.networks))
             self.nic_fields.append((nic.network, name))
-        if placement is not None:  # vSphere: where in the inventory the VM goes
+        if placement is not None and (placement.resource_pools or placement.folders):  # vSphere: where in the inventory the VM goes
             host = self.data.get("target_host") or self.fields["target_host"].initial
             self.fields["resource_pool"] = forms.ChoiceField(
                 label="Resource pool", required=False,

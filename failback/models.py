@@ -4,11 +4,9 @@ from django.utils import timezone
 
 from .choices import (
     ACTIVE,
-    CANCELLABLE,
+    GUARDS,
     REPLICA_COLOURS,
-    SCHEDULABLE,
     STATUS_COLOURS,
-    TRANSITIONS,
     CommitPolicy,
     Outcome,
     ReplicaState,
@@ -247,34 +245,19 @@ class FailbackSession(models.Model):
     def is_active(self):
         return self.status in ACTIVE
 
-    def allows(self, action):
-        return self.status in TRANSITIONS[action].sources
-
-    # Guards that decide which buttons render; the workflow enforces the same table.
-    @property
-    def can_switch_now(self):
-        return self.allows("switch")
+    def may(self, action):
+        """Whether ``action`` (a ``choices.GUARDS`` key) is possible on this session now: the one guard the
+        pages, the API's ``allowed_actions`` and the workflow all ask."""
+        return GUARDS[action].allows(self)
 
     @property
-    def can_schedule_switch(self):
-        return self.status in SCHEDULABLE
-
-    @property
-    def can_commit(self):
-        return self.allows("commit")
-
-    @property
-    def can_undo(self):
-        return self.allows("undo")
-
-    @property
-    def can_cancel(self):
-        return self.status in CANCELLABLE and not self.plan_id
+    def allowed_actions(self):
+        return [action for action in GUARDS if self.may(action)]
 
     @property
     def policy_counting(self):
         """The commit policy's countdown runs: Failback reached, not stopped, nobody acted yet."""
-        return self.status == SessionStatus.FAILBACK and self.policy_due_at is not None and self.policy_stopped_at is None
+        return self.may("stop_commit_policy")
 
     @property
     def policy_verb(self):

@@ -13,12 +13,13 @@ from datetime import timedelta
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
-from django_q.models import Schedule
 from django_q.tasks import async_task
 
 from . import workflow
+from .audit import Refused, audit, clean_reason, refuse, require_operator
 from .choices import Outcome, SessionStatus, SwitchMode
-from .models import FailbackPlan, FailbackSession
+from .models import FailbackPlan, FailbackSession, Replica
+from .schedules import drop_plan_schedule, enqueue, set_plan_schedule
 
 ACTION_START = "start_plan"
 OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
@@ -26,18 +27,26 @@ OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
 
 def _audit(action, actor, plan, detail, outcome=Outcome.OK, **data):
     with transaction.atomic():
-        workflow.audit(action=action, outcome=outcome, actor=actor, detail=detail, data={"plan": plan.name, "plan_id": plan.pk, **data})
+        audit(action=action, outcome=outcome, actor=actor, detail=detail, data={"plan": plan.name, "plan_id": plan.pk, **data})
 
 
 def _refuse(message, action, actor, plan=None, **data):
-    workflow.refuse(message, action=action, actor=actor, data={"plan": getattr(plan, "name", None), "plan_id": getattr(plan, "pk", None), **data})
+    refuse(message, action=action, actor=actor, data={"plan": getattr(plan, "name", None), "plan_id": getattr(plan, "pk", None), **data})
+
+
+ONE_PLATFORM = "A plan's replicas must be on one platform (the lab or one vCenter): its members switch together."
+
+
+def mixed_platforms(replicas):
+    """The refusal's message when the replicas are not all on one platform (one vCenter), else None."""
+    return ONE_PLATFORM if len({(r.platform, r.connection_id) for r in replicas}) > 1 else None
 
 
 def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MANUAL, switch_at=None, power_on_after=True,
                power_on_delay_s=0, reason=""):
     """members: [{"replica_id", "vm_name", "target_host", "target_datastore", "network_map"}] in boot order."""
-    workflow._require_operator(actor, ACTION_START)
-    reason = workflow._clean_reason(reason, action=ACTION_START, actor=actor)
+    require_operator(actor, ACTION_START)
+    reason = clean_reason(reason, action=ACTION_START, actor=actor)
     name = (name or "").strip()
     if not 1 <= len(name) <= 100:
         _refuse("Name the plan (1-100 characters).", ACTION_START, actor)
@@ -47,6 +56,8 @@ def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MA
         _refuse("Pick at least one replica for the plan.", ACTION_START, actor)
     if len({m["replica_id"] for m in members}) != len(members):
         _refuse("A replica appears twice in the plan.", ACTION_START, actor)
+    if mixed := mixed_platforms(Replica.objects.filter(pk__in=[m["replica_id"] for m in members])):
+        _refuse(mixed, ACTION_START, actor)
     if not 1 <= int(concurrency) <= 20:
         _refuse("Phase 1 concurrency must be between 1 and 20.", ACTION_START, actor)
     if not 0 <= int(power_on_delay_s) <= 3600:
@@ -60,7 +71,7 @@ def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MA
     with transaction.atomic():
         plan = FailbackPlan.objects.create(name=name, created_by=actor, reason=reason, concurrency=concurrency, switch_mode=switch_mode,
                                            switch_at=switch_at, power_on_after=power_on_after, power_on_delay_s=power_on_delay_s)
-        workflow.audit(action=ACTION_START, actor=actor, detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
+        audit(action=ACTION_START, actor=actor, detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
                        f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s" + (f"; reason: {reason}" if reason else ""),
                        data={"plan": name, "plan_id": plan.pk, "members": members, "concurrency": concurrency, "switch_mode": switch_mode,
                              "switch_at": switch_at.isoformat() if switch_at else None, "power_on_after": power_on_after,
@@ -72,14 +83,14 @@ def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MA
                 actor, m["replica_id"], vm_name=m["vm_name"], target_host=m["target_host"], target_datastore=m["target_datastore"],
                 network_map=m.get("network_map") or {}, switch_mode=switch_mode, switch_at=switch_at, power_on_after=power_on_after,
                 reason=reason, plan=plan, plan_order=order))
-    except workflow.Refused as refused:
+    except Refused as refused:
         for session in started:  # all or nothing: withdraw the members already accepted
             workflow.transition(session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member")
         # The row stays with its withdrawn members, for the record; the name is freed for the corrected attempt.
         FailbackPlan.objects.filter(pk=plan.pk).update(name=f"{name[:70]} (not started, #{plan.pk})")
         _refuse(f"Plan {name} not started: {refused.message}", ACTION_START, actor, plan)
     if switch_mode == SwitchMode.SCHEDULED:
-        _set_schedule(plan)
+        set_plan_schedule(plan)
     queue_next(plan.pk)
     return plan
 
@@ -92,7 +103,7 @@ def queue_next(plan_id):
         waiting = plan.sessions.filter(status=SessionStatus.QUEUED, enqueued_at__isnull=True).order_by("plan_order", "pk")
         for session in waiting[: max(0, plan.concurrency - busy)]:
             FailbackSession.objects.filter(pk=session.pk).update(enqueued_at=timezone.now())
-            workflow._enqueue("phase1", session.pk)
+            enqueue("phase1", session.pk)
 
 
 def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
@@ -126,16 +137,16 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
         try:
             workflow.transition(s.pk, "switch", actor=actor, detail=f"Plan {plan.name} switch ({trigger})", switch_started_at=now,
                                 heartbeat_at=now, data={"plan": plan.name, "trigger": trigger})
-        except workflow.Refused:
+        except Refused:
             pass  # audited; the others go on
-    Schedule.objects.filter(name=_schedule_name(plan.pk)).delete()
+    drop_plan_schedule(plan.pk)
     transaction.on_commit(lambda: async_task("failback.tasks.plan_switch", plan.pk, task_name=f"plan-switch-{plan.pk}-{now:%H%M%S%f}"))
     return True
 
 
 def switch_now(actor, plan_id, *, reason=""):
-    workflow._require_operator(actor, "switch_plan")
-    reason = workflow._clean_reason(reason, action="switch_plan", actor=actor)
+    require_operator(actor, "switch_plan")
+    reason = clean_reason(reason, action="switch_plan", actor=actor)
     return switch_if_due(plan_id, trigger="manual", actor=actor, reason=reason)
 
 
@@ -147,30 +158,30 @@ def scheduled_switch_due(plan_id):
 
 def schedule_switch(actor, plan_id, switch_at, *, reason=""):
     action = "schedule_plan_switch"
-    workflow._require_operator(actor, action)
-    reason = workflow._clean_reason(reason, action=action, actor=actor)
+    require_operator(actor, action)
+    reason = clean_reason(reason, action=action, actor=actor)
     workflow.validate_switch_time(switch_at, action=action, actor=actor)
     plan = FailbackPlan.objects.get(pk=plan_id)
     with transaction.atomic():
         if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at) == 1:
             plan.sessions.exclude(status__in=OUT_OF_PLAY).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at)
             plan.refresh_from_db()
-            _set_schedule(plan)
-            workflow.audit(action=action, actor=actor, detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
+            set_plan_schedule(plan)
+            audit(action=action, actor=actor, detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
                            + (f": {reason}" if reason else ""), data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat()})
             return plan
     _refuse(f"Schedule switch refused: plan {plan.name} has already switched.", action, actor, plan)
 
 
 def _finalise(actor, plan_id, action, reason):
-    workflow._require_operator(actor, f"{action}_plan")
+    require_operator(actor, f"{action}_plan")
     plan = FailbackPlan.objects.get(pk=plan_id)
     done, refused = [], []
     for s in plan.sessions.filter(status=SessionStatus.FAILBACK).order_by("plan_order"):
         try:
             getattr(workflow, action)(actor, s.pk, reason=reason)
             done.append(s.pk)
-        except workflow.Refused as exc:
+        except Refused as exc:
             refused.append(exc.message)
     if not done:
         _refuse(f"{action.capitalize()} refused: no member of plan {plan.name} is in Failback.", f"{action}_plan", actor, plan)
@@ -185,16 +196,6 @@ def commit(actor, plan_id, *, reason=""):
 
 def undo(actor, plan_id, *, reason=""):
     return _finalise(actor, plan_id, "undo", reason)
-
-
-def _schedule_name(plan_id):
-    return f"failback-plan-switch-{plan_id}"
-
-
-def _set_schedule(plan):
-    Schedule.objects.update_or_create(name=_schedule_name(plan.pk), defaults={
-        "func": "failback.tasks.plan_scheduled_switch", "args": str(plan.pk), "schedule_type": Schedule.ONCE, "repeats": 1,
-        "next_run": plan.switch_at})
 
 
 def wait_between_power_ons(plan, pending_ids):

@@ -43,11 +43,11 @@ def _shutdown(hv, session):
         return 0.0, "the replica is already off"
     if not hv.tools_running(replica.vm_id):
         return 0.0, "no guest tools: it is powered off at once"
-    if hasattr(hv, "vm_meta"):  # the lab knows its guest
-        meta = hv.vm_meta(replica.vm_id)
-        if meta.get("shutdown_hangs"):
-            return cap, "this lab guest hangs on shutdown: powered off at the timeout"
-        return min(float(meta.get("shutdown_seconds") or 0), cap), "the lab guest's shutdown time"
+    meta = hv.vm_meta(replica.vm_id)  # the lab knows its guest; other platforms say nothing ({})
+    if meta.get("shutdown_hangs"):
+        return cap, "this lab guest hangs on shutdown: powered off at the timeout"
+    if "shutdown_seconds" in meta:
+        return min(float(meta["shutdown_seconds"] or 0), cap), "the lab guest's shutdown time"
     return min(float(settings.FAILBACK_PREDICT_SHUTDOWN_S), cap), "the platform default (FAILBACK_PREDICT_SHUTDOWN_S)"
 
 
@@ -56,7 +56,7 @@ def _power_on(hv, session):
         return 0.0, "the production VM stays off after the switch"
     if session.replica.measured_power_on_s is not None:
         return session.replica.measured_power_on_s, "measured on this VM's last switch"
-    name = getattr(hv, "name", "")
+    name = hv.name
     if name in DEFAULT_POWER_ON_S:
         return DEFAULT_POWER_ON_S[name], f"the {name} default"
     return float(settings.FAILBACK_PREDICT_POWER_ON_S), "the platform default (FAILBACK_PREDICT_POWER_ON_S)"
@@ -67,7 +67,7 @@ def pending(hv, session):
     replica = session.replica
     out = []
     for disk in session.disks.all():
-        if getattr(hv, "transport", "direct") == "network":
+        if hv.transport == "network":
             out.append({"disk": disk.key, "method": "full", "why": "Network transport cannot write ranges: the whole disk is sent again",
                         "pending_bytes": disk.capacity_bytes})
             continue

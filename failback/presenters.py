@@ -3,7 +3,7 @@
 from django.db.models import Count
 from django.utils import timezone
 
-from . import workflow
+from . import actions, workflow
 from .choices import REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
 from .forms import ReasonForm, ScheduleSwitchForm
 from .models import FailbackSession, Replica
@@ -41,6 +41,7 @@ def session_context(session, user, **extra):
         "can_operate": can_operate(user),
         "can_override": user.has_perm(workflow.OVERRIDE_PERMISSION),
         "time_left_s": session.time_left_s(disks),
+        "actions": actions.offered(session),
         "timeline": session_timeline(session),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
         "reason_form": ReasonForm(),

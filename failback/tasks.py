@@ -1,6 +1,7 @@
 """django-q2 entry points: primary keys in, one call into the service layer each. No rules here."""
 
-from . import jobs, workflow
+from . import automatic, jobs
+from .watchdog import recover_stalled
 
 
 def phase1(session_id, resume=False):
@@ -31,7 +32,7 @@ def watchdog():
     from .checks import record_scheduler_clock
 
     record_scheduler_clock()
-    workflow.recover_stalled()
+    recover_stalled()
 
 
 def readiness():
@@ -44,11 +45,11 @@ def readiness():
 
 
 def commit_policy(session_id):
-    workflow.commit_policy_due(int(session_id))
+    automatic.commit_policy_due(int(session_id))
 
 
 def scheduled_switch(session_id):
-    workflow.scheduled_switch_due(int(session_id))
+    automatic.scheduled_switch_due(int(session_id))
 
 
 def sync_inventory(connection_id):

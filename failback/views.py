@@ -15,9 +15,10 @@ from django.views.decorators.http import require_GET, require_http_methods
 from . import checks, workflow
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
 from .choices import ReplicaState
-from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, StartFailbackForm, SwitchForm
+from .forms import StartFailbackForm
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackSession, Replica
+from .actions import ACTIONS
 from .presenters import can_operate, dashboard_context, session_context
 from .queries import attach_power_states, filtered_replicas, filtered_sessions, page_by_ids
 
@@ -44,7 +45,7 @@ def dashboard(request):
 
 def _start_form(request, replica, data=None):
     with closing(hypervisor_for(replica)) as hv:
-        placement = hv.placement() if hasattr(hv, "placement") else None
+        placement = hv.placement()
         return StartFailbackForm(data, replica=replica, inventory=hv.inventory(), placement=placement)
 
 
@@ -129,50 +130,28 @@ def session_detail(request, pk):
     return render(request, "failback/session_detail.html", session_context(session, request.user))
 
 
-ACTIONS = {"switch", "schedule", "commit", "undo", "cancel", "stop_countdown"}
-ACTION_FORMS = {"schedule": ScheduleSwitchForm, "switch": SwitchForm, "cancel": CancelForm}
-
-
 def session_action(request, pk, action):
-    if action not in ACTIONS:
+    spec = ACTIONS.get(action)
+    if spec is None:
         raise Http404("No such action")
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
-    get_object_or_404(FailbackSession, pk=pk)
-    form = ACTION_FORMS.get(action, ReasonForm)(request.POST)
+    session = get_object_or_404(FailbackSession, pk=pk)
+    form = spec.form(request.POST)
     error = notice = None
     if not form.is_valid():
-        error = workflow.refuse_input("; ".join(f"{form.fields[f].label if f in form.fields else f}: {' '.join(e)}" for f, e in form.errors.items()),
-                                      action={"schedule": "schedule_switch", "stop_countdown": "stop_commit_policy"}.get(action, action),
-                                      actor=request.user, session=FailbackSession.objects.get(pk=pk))
+        problems = "; ".join(f"{form.fields[f].label if f in form.fields else f}: {' '.join(e)}" for f, e in form.errors.items())
+        error = workflow.refuse_input(problems, action=spec.guard, actor=request.user, session=session)
     else:
-        reason = form.cleaned_data["reason"]
         try:
-            if action == "switch":
-                workflow.switch_now(request.user, pk, reason=reason, override_checks=form.cleaned_data["override_checks"])
-                notice = "Switch started: the replica is being stopped."
-            elif action == "cancel":
-                s = workflow.cancel(request.user, pk, keep_production_vm=form.cleaned_data["keep_production_vm"], reason=reason)
-                notice = ("Cancelled." if s.status == "cancelled" else
-                          f"Cancelling: the copy stops and the production VM is {'kept for a retry' if s.keep_production_vm else 'deleted'}; the replica keeps running.")
-            elif action == "stop_countdown":
-                workflow.stop_commit_policy(request.user, pk, reason=reason)
-                notice = "Countdown stopped: commit or undo when you are ready."
-            elif action == "schedule":
-                s = workflow.schedule_switch(request.user, pk, form.cleaned_data["switch_at"], reason=reason)
-                notice = f"Switch scheduled for {timezone.localtime(s.switch_at):%Y-%m-%d %H:%M %Z}."
-            elif action == "commit":
-                workflow.commit(request.user, pk, reason=reason)
-                notice = "Commit started."
-            else:
-                workflow.undo(request.user, pk, reason=reason)
-                notice = "Undo started: going back to the replica."
+            notice = spec.notice(spec.perform(request.user, pk, form.cleaned_data))
         except workflow.Refused as refused:
             error = refused.message
     session = FailbackSession.objects.select_related("replica", "started_by").get(pk=pk)
     status = 200 if error is None else (400 if not form.is_valid() else 409)
     if request.htmx:
-        return render(request, "failback/partials/session_actions.html", session_context(session, request.user, error=error, notice=notice), status=status)
+        context = session_context(session, request.user, error=error, notice=notice)
+        return render(request, "failback/partials/session_actions.html", context, status=status)
     (messages.error if error else messages.success)(request, error or notice)
     return redirect("failback:session", pk=pk)
 

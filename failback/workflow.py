@@ -16,101 +16,31 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils import timezone
-from django_q.models import Schedule
-from django_q.tasks import async_task
 
-from . import broadcast, plans
+from . import broadcast
 from . import checks as prechecks
-from .choices import ACTIVE, CANCELLABLE, SCHEDULABLE, TERMINAL, TRANSITIONS, CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
+from .audit import (  # noqa: F401 (Refused, refuse, refuse_input and the permissions are the service layer's API too)
+    OPERATE_PERMISSION,
+    OVERRIDE_PERMISSION,
+    REASON_MAX,
+    Refused,
+    actor_name,
+    audit,
+    clean_reason,
+    refuse,
+    refuse_input,
+    require_operator,
+)
+from .choices import ACTIVE, CANCELLABLE, GUARDS, SCHEDULABLE, STEP_OF, TERMINAL, TRANSITIONS, CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
 from .hypervisors.base import HypervisorError
-from .models import AuditEvent, FailbackSession, Replica, SessionDisk
+from .models import FailbackSession, Replica, SessionDisk
+from .schedules import drop_policy_schedule, drop_switch_schedule, enqueue, set_policy_schedule, set_switch_schedule
 
 log = logging.getLogger(__name__)
 
-OPERATE_PERMISSION = "failback.operate_failback"
-OVERRIDE_PERMISSION = "failback.override_checks"
 COMMIT_AFTER_MAX_MIN = 7 * 24 * 60
 VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-REASON_MAX = 500
-
-
-class Refused(Exception):
-    """An action that is not allowed now, or input that cannot be accepted. Already audited.
-
-    ``forbidden`` is true when the actor's role is the reason (the API answers 403 rather than 409)."""
-
-    def __init__(self, message, *, forbidden=False):
-        super().__init__(message)
-        self.message = message
-        self.forbidden = forbidden
-
-
-def actor_name(actor):
-    return actor.get_username() if actor is not None else "system"
-
-
-def audit(*, action, outcome=Outcome.OK, actor=None, session=None, replica=None, from_state="", to_state="", detail="", data=None, name=None):
-    if isinstance(session, int):
-        session = FailbackSession.objects.filter(pk=session).first() or None
-    if replica is None and session is not None:
-        replica = session.replica_id
-    via = getattr(actor, "api_token", None)  # set by the API's authentication: the row says it came that way
-    if via is not None:
-        data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
-    detail, data = _without_nul(detail), _without_nul(data or {})  # PostgreSQL stores no NUL in text or JSON
-    return AuditEvent.objects.create(
-        actor=actor,
-        actor_name=name or actor_name(actor),  # name: who it claimed to be, when nobody is logged in
-        action=action,
-        session_id=getattr(session, "pk", session),
-        replica_id=getattr(replica, "pk", replica),
-        from_state=from_state or "",
-        to_state=to_state or "",
-        outcome=outcome,
-        detail=detail,
-        data=data or {},
-    )
-
-
-def _without_nul(value):
-    """NUL characters (hostile input quoted in a refusal) kept visible as ``\\x00``."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\\x00")
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_nul(v) for v in value]
-    return value
-
-
-def refuse(message, *, action, actor=None, session=None, replica=None, from_state="", data=None, forbidden=False):
-    """Audit a refused attempt (committed even if the caller's transaction rolls back) and raise."""
-    with transaction.atomic():
-        audit(action=action, outcome=Outcome.REFUSED, actor=actor, session=session, replica=replica, from_state=from_state, detail=message, data=data)
-    raise Refused(message, forbidden=forbidden)
-
-
-def refuse_input(message, *, action, actor, **where):
-    """A form the view could not even parse (malformed time, oversized field, unknown choice): the
-    refusal is audited like any other, and its message returned for the page."""
-    try:
-        refuse(message, action=action, actor=actor, **where)
-    except Refused as refused:
-        return refused.message
-
-
-def _require_operator(actor, action, **where):
-    if actor is None or not actor.has_perm(OPERATE_PERMISSION):
-        refuse(f"{actor_name(actor)} may not {TRANSITIONS.get(action).label.lower() if action in TRANSITIONS else action.replace('_', ' ')}: the Operator role is needed.", action=action, actor=actor, forbidden=True, **where)
-
-
-def _clean_reason(reason, *, action, actor, **where):
-    reason = (reason or "").strip()
-    if len(reason) > REASON_MAX:
-        refuse(f"The reason is too long ({len(reason)} characters; at most {REASON_MAX}).", action=action, actor=actor, **where)
-    return reason
 
 
 def _status_label(status):
@@ -187,93 +117,6 @@ def transition(session_id, action, *, actor=None, detail="", data=None, then=Non
     refuse(message, action=action, actor=actor, session=session, from_state=session.status if session else "", data=data)
 
 
-# -- background work ---------------------------------------------------------------------------
-
-def _enqueue(task, session_id, **kwargs):
-    """Queue a step for a worker once the current transaction has committed (primary key only)."""
-    transaction.on_commit(lambda: async_task(f"failback.tasks.{task}", session_id, **kwargs,
-                                             task_name=f"{task}-{session_id}-{timezone.now():%H%M%S%f}", group=f"session-{session_id}"))
-
-
-# Which step a running status belongs to, for the watchdog.
-STEP_OF = {SessionStatus.PHASE1: "phase1", SessionStatus.SWITCHING: "phase2", SessionStatus.COMMITTING: "commit", SessionStatus.UNDOING: "undo",
-           SessionStatus.CANCELLING: "cancel"}
-
-
-def recover_stalled():
-    """Queue again every step whose worker stopped showing signs of life (killed, machine lost).
-
-    The heartbeat is claimed with a compare-and-swap, so two watchdogs (or two web processes) resume a
-    session once. Steps are written to resume: phase 1 continues from its checkpoints, phase 2 from
-    where it stopped (a replica already off stays off; the delta is sent again)."""
-    now = timezone.now()
-    cutoff = now - timedelta(seconds=settings.FAILBACK_STALL_SECONDS)
-    resumed = []
-    for session in FailbackSession.objects.filter(status__in=list(STEP_OF), heartbeat_at__lt=cutoff):
-        silent = (now - session.heartbeat_at).total_seconds()
-        if _resume(session, now, STEP_OF[session.status], data={"silent_s": round(silent, 1)}, resume=True,
-                   detail=f"No sign of life from the worker for {silent:.0f} s while {session.get_status_display().lower()}: "
-                   "the step is queued again and resumes where it stopped"):
-            resumed.append(session.pk)
-    # Queued, but no worker ever took phase 1 (its task was lost with a killed worker: the Redis broker
-    # does not hand it out again). Plan members not yet let in by their plan have no enqueued_at.
-    waiting = FailbackSession.objects.filter(status=SessionStatus.QUEUED, enqueued_at__lt=cutoff).filter(
-        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff))
-    for session in waiting:
-        waited = (now - (session.heartbeat_at or session.enqueued_at)).total_seconds()
-        if _resume(session, now, "phase1", data={"silent_s": round(waited, 1)},
-                   detail=f"Phase 1 was queued {waited:.0f} s ago and no worker has taken it: queued again"):
-            resumed.append(session.pk)
-    # Switched, but the worker died before powering production on: both VMs would stay off. Power it on.
-    dark = FailbackSession.objects.filter(status=SessionStatus.FAILBACK, power_on_after=True, production_on_at=None,
-                                          heartbeat_at__lt=cutoff, phase2_ended_at__isnull=False)
-    for session in dark:
-        if _resume(session, now, "power_on",
-                   detail="The switch finished but the production VM was never powered on (the worker stopped): powering it on now"):
-            resumed.append(session.pk)
-    # A commit policy whose schedule was lost (deleted, or the scheduler down at its time) still runs once.
-    overdue = FailbackSession.objects.filter(status=SessionStatus.FAILBACK, policy_due_at__lt=now - timedelta(seconds=90), policy_stopped_at=None)
-    for session_id in overdue.values_list("pk", flat=True):
-        commit_policy_due(session_id)
-    return resumed
-
-
-def _resume(session, now, step, *, detail, data=None, **task_kwargs):
-    """Claim a silent session by compare-and-swap on its heartbeat and queue its step: once, however many
-    watchdogs look at the same moment. False when another claimed it first."""
-    same = Q(heartbeat_at__isnull=True) if session.heartbeat_at is None else Q(heartbeat_at=session.heartbeat_at)
-    with transaction.atomic():
-        if FailbackSession.objects.filter(same, pk=session.pk, status=session.status).update(heartbeat_at=now) != 1:
-            return False
-        audit(action="resume", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
-              detail=detail, data={**(data or {}), "step": step})
-        _enqueue(step, session.pk, **task_kwargs)
-        broadcast.session_changed(session.pk)
-    return True
-
-
-def _schedule_name(session_id):
-    return f"failback-switch-{session_id}"
-
-
-def _set_switch_schedule(session):
-    """One django-q2 schedule per session fires the scheduled switch; the time itself lives on the session."""
-    Schedule.objects.update_or_create(
-        name=_schedule_name(session.pk),
-        defaults={
-            "func": "failback.tasks.scheduled_switch",
-            "args": str(session.pk),
-            "schedule_type": Schedule.ONCE,
-            "repeats": 1,
-            "next_run": session.switch_at,
-        },
-    )
-
-
-def _drop_switch_schedule(session_id):
-    Schedule.objects.filter(name=_schedule_name(session_id)).delete()
-
-
 # -- user actions ------------------------------------------------------------------------------
 
 def validate_switch_time(switch_at, *, action, actor, **where):
@@ -300,8 +143,8 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     replica = Replica.objects.filter(pk=replica_id).first()
     if replica is None:
         refuse(f"Start failback refused: there is no replica #{replica_id}.", action=action, actor=actor)
-    _require_operator(actor, action, replica=replica)
-    reason = _clean_reason(reason, action=action, actor=actor, replica=replica)
+    require_operator(actor, action, replica=replica)
+    reason = clean_reason(reason, action=action, actor=actor, replica=replica)
     if switch_mode not in SwitchMode.values:
         refuse(f"Unknown switch mode {switch_mode!r}; choose one of {', '.join(SwitchMode.values)}.", action=action, actor=actor, replica=replica)
     if switch_mode == SwitchMode.SCHEDULED and plan is None:  # a plan's members follow the plan's (validated) time
@@ -324,12 +167,12 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
     try:
         with closing(hypervisor_for(replica)) as hv:
             inventory = hv.inventory()
-            placement = hv.placement() if hasattr(hv, "placement") and (resource_pool or folder) else None
+            placement = hv.placement() if (resource_pool or folder) else None
             found = prechecks.before_start(hv, replica, target_host=target_host, target_datastore=target_datastore,
                                            network_map=network_map, inventory=inventory) if target_host in inventory.hosts else []
     except HypervisorError as exc:  # vCenter unreachable, slow or failing: a clear refusal, never a crash
         refuse(f"Start failback refused: {exc}", action=action, actor=actor, replica=replica)
-    if placement is None and (resource_pool or folder):  # the lab has no resource pools or folders
+    if placement is not None and not (placement.resource_pools or placement.folders):  # the lab has neither
         refuse(f"Start failback refused: {replica.name}'s platform has no resource pools or VM folders; leave them empty.",
                action=action, actor=actor, replica=replica)
     if resource_pool and resource_pool not in placement.resource_pools:
@@ -403,10 +246,10 @@ def start_failback(actor, replica_id, *, vm_name, target_host, target_datastore,
                       + (f"; reason: {reason}" if reason else ""), data=options)
                 if plan is None:  # a plan queues its members itself, within its concurrency limit
                     if switch_mode == SwitchMode.SCHEDULED:
-                        _set_switch_schedule(session)
+                        set_switch_schedule(session)
                     session.enqueued_at = timezone.now()
                     session.save(update_fields=["enqueued_at"])
-                    _enqueue("phase1", session.pk)
+                    enqueue("phase1", session.pk)
                 broadcast.session_changed(session.pk)
                 return session
     except IntegrityError:
@@ -458,27 +301,31 @@ def _enforce_checks(found, *, actor, override, reason, action, **where):
               data={"checks": [c.as_dict() for c in found], "reason": reason, "for": action}, **where)
 
 
-def _refuse_plan_member(actor, action, session_id):
+def _guard(actor, action, session_id):
+    """Refuse what ``GUARDS[action]`` never allows on this session: a plan member's own switch, schedule or
+    cancel. The pages and the API offer only what ``session.allowed_actions`` (the same guards) allow; the
+    status itself is checked again under the row lock where the change is made."""
+    guard = GUARDS[action]
     session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
-    if session is not None and session.plan_id:
-        refuse(f"{TRANSITIONS['switch'].label if action == 'switch' else 'Schedule switch'} refused: failback #{session.pk} belongs to plan "
-               f"{session.plan.name}, which switches its members together and in order; use the plan's buttons.",
-               action=action, actor=actor, session=session, from_state=session.status)
+    if session is not None and session.plan_id and not guard.plan_members:
+        refuse(f"{guard.label} refused: failback #{session.pk} belongs to plan {session.plan.name}, which switches its members "
+               "together and in order; use the plan's buttons.", action=action, actor=actor, session=session, from_state=session.status)
+    return session
 
 
 def switch_now(actor, session_id, *, reason="", override_checks=False):
     """Start phase 2 at once: stop the replica, send the last changes, power on production.
 
     The checks run again first (host, datastore, replica, scheduler clock): the world may have changed."""
-    _require_operator(actor, "switch", session=session_id)
-    _refuse_plan_member(actor, "switch", session_id)
-    reason = _clean_reason(reason, action="switch", actor=actor, session=session_id)
+    require_operator(actor, "switch", session=session_id)
+    _guard(actor, "switch", session_id)
+    reason = clean_reason(reason, action="switch", actor=actor, session=session_id)
     session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
     found = []
     if session is not None and session.status == SessionStatus.READY_TO_SWITCH:
         found = switch_checks(session)
         _enforce_checks(found, actor=actor, override=override_checks, reason=reason, action="switch", session=session)
-    return _begin_switch(session_id, actor=actor, detail=f"Switch now{': ' + reason if reason else ''}",
+    return begin_switch(session_id, actor=actor, detail=f"Switch now{': ' + reason if reason else ''}",
                          data={"reason": reason, "trigger": "manual", "checks": [c.as_dict() for c in found]})
 
 
@@ -492,7 +339,7 @@ def switch_checks(session):
         return [prechecks.Check("platform", "Platform reachable", prechecks.FAIL, str(exc))]
 
 
-def _begin_switch(session_id, *, actor, detail, data):
+def begin_switch(session_id, *, actor, detail, data):
     if actor is None:  # automatic (after phase 1, or scheduled): the checks run again; a failure keeps it waiting
         session = FailbackSession.objects.select_related("replica").get(pk=session_id)
         found = switch_checks(session)
@@ -507,8 +354,8 @@ def _begin_switch(session_id, *, actor, detail, data):
         data = {**data, "checks": [c.as_dict() for c in found]}
 
     def then(session):
-        _drop_switch_schedule(session.pk)
-        _enqueue("phase2", session.pk)
+        drop_switch_schedule(session.pk)
+        enqueue("phase2", session.pk)
 
     return transition(session_id, "switch", actor=actor, detail=detail, data=data, then=then, switch_started_at=timezone.now())
 
@@ -516,9 +363,9 @@ def _begin_switch(session_id, *, actor, detail, data):
 def schedule_switch(actor, session_id, switch_at, *, reason=""):
     """Set or change the switch moment to a time in the future (legal until the switch begins)."""
     action = "schedule_switch"
-    _require_operator(actor, action, session=session_id)
-    _refuse_plan_member(actor, action, session_id)
-    reason = _clean_reason(reason, action=action, actor=actor, session=session_id)
+    require_operator(actor, action, session=session_id)
+    _guard(actor, action, session_id)
+    reason = clean_reason(reason, action=action, actor=actor, session=session_id)
     validate_switch_time(switch_at, action=action, actor=actor, session=session_id)
     with transaction.atomic():
         session = FailbackSession.objects.select_for_update().filter(pk=session_id).first()
@@ -526,7 +373,7 @@ def schedule_switch(actor, session_id, switch_at, *, reason=""):
             before = {"switch_mode": session.switch_mode, "switch_at": session.switch_at.isoformat() if session.switch_at else None}
             session.switch_mode, session.switch_at = SwitchMode.SCHEDULED, switch_at
             session.save(update_fields=["switch_mode", "switch_at"])
-            _set_switch_schedule(session)
+            set_switch_schedule(session)
             audit(action=action, actor=actor, session=session, from_state=session.status, to_state=session.status,
                   detail=f"Switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}{': ' + reason if reason else ''}",
                   data={"before": before, "after": {"switch_mode": SwitchMode.SCHEDULED, "switch_at": switch_at.isoformat()}, "reason": reason})
@@ -538,25 +385,25 @@ def schedule_switch(actor, session_id, switch_at, *, reason=""):
            action=action, actor=actor, session=session, from_state=session.status)
 
 
-def _finalise(action):
+def finalise(action):
     def then(session):
-        _drop_policy_schedule(session.pk)
-        _enqueue(action, session.pk)
+        drop_policy_schedule(session.pk)
+        enqueue(action, session.pk)
     return then
 
 
 def commit(actor, session_id, *, reason=""):
     """Keep production: the replica returns to Ready and the production VM takes the source's place."""
-    _require_operator(actor, "commit", session=session_id)
-    reason = _clean_reason(reason, action="commit", actor=actor, session=session_id)
-    return transition(session_id, "commit", actor=actor, detail=reason, data={"reason": reason}, then=_finalise("commit"))
+    require_operator(actor, "commit", session=session_id)
+    reason = clean_reason(reason, action="commit", actor=actor, session=session_id)
+    return transition(session_id, "commit", actor=actor, detail=reason, data={"reason": reason}, then=finalise("commit"))
 
 
 def undo(actor, session_id, *, reason=""):
     """Go back to the replica: production off (its changes since the switch discarded), replica on."""
-    _require_operator(actor, "undo", session=session_id)
-    reason = _clean_reason(reason, action="undo", actor=actor, session=session_id)
-    return transition(session_id, "undo", actor=actor, detail=reason, data={"reason": reason}, then=_finalise("undo"))
+    require_operator(actor, "undo", session=session_id)
+    reason = clean_reason(reason, action="undo", actor=actor, session=session_id)
+    return transition(session_id, "undo", actor=actor, detail=reason, data={"reason": reason}, then=finalise("undo"))
 
 
 def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
@@ -566,12 +413,9 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
     stops at its next progress tick, then the cancel step deletes the half-built production VM or,
     on request, keeps it (powered off) so that the next failback sends only what differs."""
     action = "cancel"
-    _require_operator(actor, action, session=session_id)
-    reason = _clean_reason(reason, action=action, actor=actor, session=session_id)
-    session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
-    if session is not None and session.plan_id:
-        refuse(f"Cancel refused: failback #{session.pk} belongs to plan {session.plan.name}; a plan's members switch together, so cancel is not offered for one member.",
-               action=action, actor=actor, session=session, from_state=session.status)
+    require_operator(actor, action, session=session_id)
+    reason = clean_reason(reason, action=action, actor=actor, session=session_id)
+    session = _guard(actor, action, session_id)
     keep = bool(keep_production_vm)
     what = "keep the production VM for a retry" if keep else "delete the production VM"
     data = {"reason": reason, "keep_production_vm": keep}
@@ -579,7 +423,7 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
     status = session.status if session is not None else None
     if status == SessionStatus.QUEUED:
         return transition(session_id, "cancel", actor=actor, detail=detail + " (nothing was built yet)", data=data,
-                          then=lambda s: _drop_switch_schedule(s.pk))
+                          then=lambda s: drop_switch_schedule(s.pk))
     if status in ACTIVE and status not in CANCELLABLE:
         refuse(f"Cancel refused: failback #{session.pk} is {_status_label(status)}; cancel is possible only before the switch "
                f"(afterwards, Undo goes back to the replica).", action=action, actor=actor, session=session, from_state=status)
@@ -587,21 +431,13 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
     step = "cancel_ready" if status == SessionStatus.READY_TO_SWITCH else "cancel_phase1"
 
     def then(s):
-        _drop_switch_schedule(s.pk)
-        _enqueue("cancel", s.pk)
+        drop_switch_schedule(s.pk)
+        enqueue("cancel", s.pk)
 
     return transition(session_id, step, actor=actor, detail=detail, data=data, then=then, keep_production_vm=keep, heartbeat_at=timezone.now())
 
 
 # -- commit policy -----------------------------------------------------------------------------
-
-def _policy_schedule_name(session_id):
-    return f"failback-policy-{session_id}"
-
-
-def _drop_policy_schedule(session_id):
-    Schedule.objects.filter(name=_policy_schedule_name(session_id)).delete()
-
 
 def arm_commit_policy(session):
     """Failback reached (inside the finish_switch transaction): start the policy's countdown, if any."""
@@ -609,9 +445,7 @@ def arm_commit_policy(session):
         return
     session.policy_due_at = timezone.now() + timedelta(minutes=session.commit_after_min)
     session.save(update_fields=["policy_due_at"])
-    Schedule.objects.update_or_create(name=_policy_schedule_name(session.pk), defaults={
-        "func": "failback.tasks.commit_policy", "args": str(session.pk), "schedule_type": Schedule.ONCE, "repeats": 1,
-        "next_run": session.policy_due_at})
+    set_policy_schedule(session)
     what = "commit" if session.commit_policy == CommitPolicy.AUTO_COMMIT else "undo"
     audit(action="commit_policy", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
           detail=f"Automatic {what} at {session.policy_due_at:%Y-%m-%d %H:%M:%S %Z} ({session.commit_after_min} min) unless an operator acts or stops the countdown",
@@ -621,15 +455,15 @@ def arm_commit_policy(session):
 def stop_commit_policy(actor, session_id, *, reason=""):
     """Stop the countdown: the session stays in Failback until an operator commits or undoes."""
     action = "stop_commit_policy"
-    _require_operator(actor, action, session=session_id)
-    reason = _clean_reason(reason, action=action, actor=actor, session=session_id)
+    require_operator(actor, action, session=session_id)
+    reason = clean_reason(reason, action=action, actor=actor, session=session_id)
     with transaction.atomic():
         session = FailbackSession.objects.select_for_update().filter(pk=session_id).first()
         if (session is not None and session.status == SessionStatus.FAILBACK and session.policy_due_at
                 and session.policy_stopped_at is None):
             session.policy_stopped_at = timezone.now()
             session.save(update_fields=["policy_stopped_at"])
-            _drop_policy_schedule(session.pk)
+            drop_policy_schedule(session.pk)
             audit(action=action, actor=actor, session=session, from_state=session.status, to_state=session.status,
                   detail=f"Countdown to the automatic {'commit' if session.commit_policy == CommitPolicy.AUTO_COMMIT else 'undo'} stopped"
                   + (f": {reason}" if reason else ""), data={"reason": reason, "was_due": session.policy_due_at.isoformat()})
@@ -643,37 +477,14 @@ def stop_commit_policy(actor, session_id, *, reason=""):
     refuse(f"Stop countdown refused: {why}.", action=action, actor=actor, session=session, from_state=session.status)
 
 
-def commit_policy_due(session_id):
-    """The policy's moment came (scheduler, or the watchdog if the schedule was lost): act, audited as automatic."""
-    session = FailbackSession.objects.filter(pk=session_id).first()
-    if session is None:
-        return None
-    if (session.status != SessionStatus.FAILBACK or session.policy_due_at is None or session.policy_stopped_at is not None
-            or session.policy_due_at > timezone.now() + timedelta(seconds=1)):
-        with transaction.atomic():
-            audit(action="commit_policy", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail=f"Automatic {session.get_commit_policy_display().split()[0].lower()} not run: failback #{session.pk} is {session.get_status_display()}"
-                  + (", countdown stopped" if session.policy_stopped_at else ""))
-        return None
-    step = "commit" if session.commit_policy == CommitPolicy.AUTO_COMMIT else "undo"
-    late = (timezone.now() - session.policy_due_at).total_seconds()
-    try:
-        return transition(session.pk, step, detail=f"Automatic {step}: nobody acted within {session.commit_after_min} min of the switch (commit policy)"
-                          + (f", {late:.0f} s late" if late > 60 else ""),
-                          data={"trigger": "commit_policy", "policy": session.commit_policy, "due": session.policy_due_at.isoformat(), "late_s": round(late, 1)},
-                          then=_finalise(step))
-    except Refused:
-        return None  # an operator acted at the same moment: their action won, the refusal is audited
-
-
 def declare_failover(actor, replica_id, *, reason=""):
     """Record that a replica now runs the workload (Ready -> Failover), so a failback may start later."""
     action = "declare_failover"
     replica = Replica.objects.filter(pk=replica_id).first()
     if replica is None:
         refuse(f"Declare failover refused: there is no replica #{replica_id}.", action=action, actor=actor)
-    _require_operator(actor, action, replica=replica)
-    reason = _clean_reason(reason, action=action, actor=actor, replica=replica)
+    require_operator(actor, action, replica=replica)
+    reason = clean_reason(reason, action=action, actor=actor, replica=replica)
     from .hypervisors.base import POWERED_ON
     from .hypervisors.registry import hypervisor_for
 
@@ -691,53 +502,11 @@ def declare_failover(actor, replica_id, *, reason=""):
            action=action, actor=actor, replica=replica)
 
 
-# -- called by the worker and the scheduler ----------------------------------------------------
-
-def after_phase1(session_id):
-    """Phase 1 is done (or failed): switch now if the chosen moment says so; plans go on with the next member."""
-    session = FailbackSession.objects.get(pk=session_id)
-    if session.plan_id:
-        plans.queue_next(session.plan_id)
-        plans.switch_if_due(session.plan_id)
-        return
-    if session.status != SessionStatus.READY_TO_SWITCH:
-        return
-    if session.switch_mode == SwitchMode.AUTO:
-        _begin_switch(session_id, actor=None, detail="Automatic switch after phase 1", data={"trigger": "auto"})
-    elif session.switch_mode == SwitchMode.SCHEDULED and session.switch_at and session.switch_at <= timezone.now():
-        late = (timezone.now() - session.switch_at).total_seconds()
-        _begin_switch(session_id, actor=None, detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}) started when phase 1 ended, {late:.0f} s late",
-                      data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": late})
 
 
-# A scheduled switch that starts more than this after its time is audited as late (with late_s). django-q2's
-# scheduler looks every 30 s, so a few seconds are normal; more means it looked late, or was not running.
-SCHEDULE_LATE_AFTER_S = 5
+def __getattr__(name):  # TEMPORARY while the worker module moves: jobs still calls workflow.after_phase1
+    if name == "after_phase1":
+        from .automatic import after_phase1
 
-
-def scheduled_switch_due(session_id):
-    """The django-q2 schedule fired. The session decides whether that still means anything."""
-    session = FailbackSession.objects.filter(pk=session_id).first()
-    if session is None:
-        return
-    now = timezone.now()
-    if session.switch_mode != SwitchMode.SCHEDULED or session.status not in SCHEDULABLE:
-        with transaction.atomic():
-            audit(action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail=f"Scheduled switch skipped: failback #{session.pk} is {session.get_status_display()} with switch {session.get_switch_mode_display().lower()}.")
-        return
-    if session.switch_at and session.switch_at > now + timedelta(seconds=1):
-        with transaction.atomic():
-            audit(action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail=f"Scheduled switch skipped: it was moved to {session.switch_at:%Y-%m-%d %H:%M:%S %Z}.")
-            _set_switch_schedule(session)
-        return
-    if session.status != SessionStatus.READY_TO_SWITCH:
-        with transaction.atomic():
-            audit(action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail="Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.")
-        return
-    late = (now - session.switch_at).total_seconds()
-    is_late = late > SCHEDULE_LATE_AFTER_S
-    _begin_switch(session_id, actor=None, detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}){f', {late:.0f} s late' if is_late else ''}",
-                  data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": round(late, 1), "late": is_late})
+        return after_phase1
+    raise AttributeError(name)

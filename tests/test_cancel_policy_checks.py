@@ -10,7 +10,7 @@ from django.utils import timezone
 from django_q.conf import Conf
 from django_q.models import Schedule
 
-from failback import jobs, tasks, workflow
+from failback import jobs, tasks, watchdog, workflow
 from failback.choices import CommitPolicy, Outcome, ReplicaState, SessionStatus
 from failback.hypervisors.base import POWERED_ON
 from failback.models import AuditEvent, FailbackSession, Replica, SchedulerClock
@@ -141,8 +141,8 @@ def test_a_lost_policy_schedule_still_fires_once_through_the_watchdog(lab, opera
     workflow.switch_now(operator, s.pk)
     Schedule.objects.filter(name=f"failback-policy-{s.pk}").delete()  # the scheduler lost it (restart, restore)
     FailbackSession.objects.filter(pk=s.pk).update(policy_due_at=timezone.now() - timedelta(minutes=5))
-    workflow.recover_stalled()
-    workflow.recover_stalled()
+    watchdog.recover_stalled()
+    watchdog.recover_stalled()
     assert session(s.pk).status == SessionStatus.COMMITTED
     assert AuditEvent.objects.filter(session=s, action="commit", outcome=Outcome.OK).count() == 1
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
 
-from failback import workflow
+from failback import watchdog, workflow
 from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.models import AuditEvent, FailbackSession, Replica
@@ -200,7 +200,7 @@ def test_it_finishes_a_switch_whose_worker_died_after_the_replica_went_down(lab,
     lab.power_off(replica.vm_id)
     stale = timezone.now() - timedelta(seconds=30)
     FailbackSession.objects.filter(pk=session.pk).update(replica_stop_started_at=stale, replica_off_at=stale, stop_method="powered off", heartbeat_at=stale)
-    assert workflow.recover_stalled() == [session.pk]
+    assert watchdog.recover_stalled() == [session.pk]
     session = reload(session)
     assert session.status == SessionStatus.FAILBACK and session.stop_method == "powered off"
     assert lab.power_state(session.production_vm_id) == POWERED_ON  # not both down
@@ -219,8 +219,8 @@ def test_it_powers_production_on_when_the_worker_died_right_after_the_switch(lab
     stale = timezone.now() - timedelta(seconds=30)
     FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
     assert lab.power_state(replica.vm_id) == POWERED_OFF
-    assert workflow.recover_stalled() == [session.pk]
-    assert workflow.recover_stalled() == []  # once
+    assert watchdog.recover_stalled() == [session.pk]
+    assert watchdog.recover_stalled() == []  # once
     session = reload(session)
     assert session.status == SessionStatus.FAILBACK and session.production_on_at is not None
     assert lab.power_state(session.production_vm_id) == POWERED_ON

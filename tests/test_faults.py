@@ -3,7 +3,7 @@ that was down, the web server killed under its websockets, and operators racing 
 
 Real processes throughout: qcluster clusters in their own process groups (killed with SIGKILL), a
 tmpfs mounted over a lab datastore (the kernel says "no space left"), Daphne killed and restarted.
-The watchdog is ``workflow.recover_stalled``, the function the ``failback-watchdog`` schedule runs.
+The watchdog is ``watchdog.recover_stalled``, the function the ``failback-watchdog`` schedule runs.
 """
 
 import contextlib
@@ -24,7 +24,7 @@ from django.utils import timezone
 from django_q.conf import Conf
 from django_q.models import Task
 
-from failback import workflow
+from failback import automatic, watchdog, workflow
 from failback.choices import Outcome, ReplicaState, SessionStatus
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.models import AuditEvent, FailbackSession, SessionDisk
@@ -75,7 +75,7 @@ def reaches(session, *statuses, timeout=90):
 def resume_after_stall(session):
     """The watchdog's run once the killed worker has been silent for longer than STALL."""
     time.sleep(STALL + 0.5)
-    assert workflow.recover_stalled() == [session.pk]
+    assert watchdog.recover_stalled() == [session.pk]
 
 
 def make_replica(lab, name, *, size=64 * MiB, data=48 * MiB, seed=5, **options):
@@ -255,7 +255,7 @@ def test_it_does_not_run_a_switch_twice_when_the_watchdog_looks_while_it_waits_f
     time.sleep(STALL + 0.5)
     monkeypatch.setattr(Conf, "SYNC", False)
     workflow.switch_now(operator, session.pk)  # queued; no worker is running yet
-    assert workflow.recover_stalled() == []  # just queued is not stalled
+    assert watchdog.recover_stalled() == []  # just queued is not stalled
     clusters.start()
     assert_switched(lab, reaches(session, SessionStatus.FAILBACK, SessionStatus.FAILED))
     time.sleep(1)
@@ -346,7 +346,7 @@ def test_it_switches_once_when_switch_now_races_the_scheduled_switch(lab, operat
     session = session_of(start(operator, replica))
     workflow.schedule_switch(operator, session.pk, timezone.now() + timedelta(minutes=5))
     FailbackSession.objects.filter(pk=session.pk).update(switch_at=timezone.now())  # the time has come
-    results = race(lambda: workflow.switch_now(operator, session.pk), lambda: workflow.scheduled_switch_due(session.pk))
+    results = race(lambda: workflow.switch_now(operator, session.pk), lambda: automatic.scheduled_switch_due(session.pk))
     ok, refused = split(results)
     session = session_of(session)
     assert_switched(lab, session)

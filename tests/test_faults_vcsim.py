@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from failback import connections, workflow
+from failback import connections, watchdog, workflow
 from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_ON
 from failback.models import AuditEvent, Replica, VCenterConnection
@@ -110,7 +110,7 @@ def test_it_gives_up_after_bounded_retries_and_resumes_the_switch_when_vcenter_i
                                   "answered 503 Service Unavailable (after 4 attempts). The replica web-01_replica could not be powered back on")
     assert "the watchdog tries again" in note.detail
     fault_proxy.clear()  # vCenter answers again
-    wait_for(lambda: workflow.recover_stalled() == [session.pk], timeout=10, what="the watchdog")
+    wait_for(lambda: watchdog.recover_stalled() == [session.pk], timeout=10, what="the watchdog")
     session = reload(session)
     assert session.status == SessionStatus.FAILBACK, session.error  # the resumed switch finished
     assert power_of(vcsim, replica.vm_id) != POWERED_ON and power_of(vcsim, session.production_vm_id) == POWERED_ON

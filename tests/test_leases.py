@@ -17,7 +17,7 @@ from django.core.management import call_command
 from django.db import DatabaseError, transaction
 from django_q.conf import Conf
 
-from failback import jobs, workflow
+from failback import jobs, watchdog, workflow
 from failback.choices import SessionStatus
 from failback.hypervisors.base import POWERED_ON
 from failback.hypervisors.registry import hypervisor_for
@@ -119,7 +119,7 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
         stop_outside_a_transaction(first, session.pk)
         paused_at = FailbackSession.objects.get(pk=session.pk).lease
         time.sleep(settings.FAILBACK_STALL_SECONDS + 1)  # silent past the stall limit, yet alive
-        assert workflow.recover_stalled() == [session.pk]
+        assert watchdog.recover_stalled() == [session.pk]
         second = start_cluster(settings, tmp_path / "second.log")
         wait_for(lambda: FailbackSession.objects.get(pk=session.pk).lease > paused_at, timeout=30, what="the takeover")
         os.killpg(first.pid, signal.SIGCONT)  # the first worker wakes up in the middle of its copy
@@ -149,11 +149,11 @@ def test_a_queued_phase1_whose_task_was_lost_is_queued_again(lab, operator, sett
     settings.FAILBACK_STALL_SECONDS = 2
     with django_capture_on_commit_callbacks():  # the task is lost: never run
         session = start(operator, replica_named("app-crm"))
-    assert workflow.recover_stalled() == []  # not yet silent long enough
+    assert watchdog.recover_stalled() == []  # not yet silent long enough
     FailbackSession.objects.filter(pk=session.pk).update(enqueued_at=session.enqueued_at - timedelta(seconds=10))
     with django_capture_on_commit_callbacks(execute=True):
-        assert workflow.recover_stalled() == [session.pk]
-    assert workflow.recover_stalled() == []  # claimed once
+        assert watchdog.recover_stalled() == [session.pk]
+    assert watchdog.recover_stalled() == []  # claimed once
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH
     assert "no worker has taken it" in AuditEvent.objects.get(session=session, action="resume").detail
 
@@ -174,7 +174,7 @@ def test_a_slow_run_keeps_its_lease_and_is_not_taken_over(lab, operator, setting
             workflow.switch_now(operator, session.pk)
             wait_for(lambda: FailbackSession.objects.get(pk=session.pk).lease > 0, timeout=30, what="the switch to start")
             time.sleep(settings.FAILBACK_STALL_SECONDS + 2)
-            assert workflow.recover_stalled() == []  # waiting, not silent
+            assert watchdog.recover_stalled() == []  # waiting, not silent
         wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK, timeout=60, what="the switch")
     finally:
         kill_cluster(worker)

@@ -26,7 +26,7 @@ from django_q.conf import Conf
 from hypothesis import HealthCheck, settings as hsettings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from failback import workflow
+from failback import watchdog, workflow
 from failback.choices import ACTIVE, RUNNING, TRANSITIONS, CommitPolicy, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON, NotFound
 from failback.models import AuditEvent, FailbackSession, Replica
@@ -231,7 +231,7 @@ class FailbackModel(RuleBasedStateMachine):
                 os.killpg(paused.pid, signal.SIGCONT)
                 time.sleep(0.05)
         time.sleep(self.settings.FAILBACK_STALL_SECONDS + 0.5)
-        workflow.recover_stalled()
+        watchdog.recover_stalled()
         self.cluster.start()  # another node takes the work over ...
         time.sleep(1)
         os.killpg(paused.pid, signal.SIGCONT)  # ... and the paused one wakes up in the middle of it
@@ -249,7 +249,7 @@ class FailbackModel(RuleBasedStateMachine):
                 break
             except AssertionError:
                 time.sleep(self.settings.FAILBACK_STALL_SECONDS)
-                workflow.recover_stalled()
+                watchdog.recover_stalled()
         STATS["settles"] = STATS.get("settles", 0) + 1
         stuck = list(FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).values_list("pk", "status"))
         assert not stuck, f"steps still running after {SETTLE_ROUNDS} watchdog rounds: {stuck}"

@@ -9,7 +9,7 @@ from contextlib import closing
 import pytest
 from django.db import IntegrityError, transaction
 
-from failback import jobs, workflow
+from failback import jobs, watchdog, workflow
 from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.hypervisors.registry import hypervisor_for
@@ -139,7 +139,7 @@ def test_undo_stops_after_its_attempts_with_an_act_by_hand_failure(lab, operator
     try:
         workflow.undo(operator, session.pk)
         for _ in range(jobs.UNDO_ATTEMPTS + 2):  # the watchdog's rounds
-            workflow.recover_stalled()
+            watchdog.recover_stalled()
     finally:
         vm_file.write_bytes(backup)
     session = reload(session)

@@ -92,7 +92,7 @@ def countdown_target(world):
     session = session_in(SessionStatus.FAILBACK)(world)
     FailbackSession.objects.filter(pk=session.pk).update(commit_policy=CommitPolicy.AUTO_COMMIT, commit_after_min=30,
                                                          policy_due_at=timezone.now() + timedelta(minutes=30))
-    return Target(reverse("failback:action", args=[session.pk, "stop_countdown"]), reverse("failback:session", args=[session.pk]), {},
+    return Target(reverse("failback:action", args=[session.pk, "stop_commit_policy"]), reverse("failback:session", args=[session.pk]), {},
                   lambda: FailbackSession.objects.get(pk=session.pk).policy_stopped_at is not None)
 
 

@@ -9,7 +9,7 @@ import pytest
 from django.core.management import call_command
 from django_q.conf import Conf
 
-from failback import workflow
+from failback import watchdog, workflow
 from failback.choices import ReplicaState, SessionStatus, SwitchMode
 from failback.models import AuditEvent, FailbackSession, SessionDisk
 
@@ -61,8 +61,8 @@ def test_it_resumes_phase1_from_its_checkpoint_after_the_worker_is_killed(lab, o
     finally:
         kill_cluster(first)
     time.sleep(3)  # no heartbeat any more
-    assert workflow.recover_stalled() == [session.pk]
-    assert workflow.recover_stalled() == []  # claimed once
+    assert watchdog.recover_stalled() == [session.pk]
+    assert watchdog.recover_stalled() == []  # claimed once
     second = start_cluster(settings)
     try:
         wait_for(status_is(session, SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED), timeout=90, what="the resumed phase 1")

@@ -1,0 +1,67 @@
+"""Background work, queued and scheduled: a step for a worker, a switch or a policy at its moment.
+
+Steps are queued once the current transaction commits, with the primary key only; the worker reads
+everything else from the database. One django-q2 schedule per session (and per plan) fires a
+scheduled switch or a commit policy; the time itself lives on the row, which decides when it fires.
+"""
+
+from django.db import transaction
+from django.utils import timezone
+from django_q.models import Schedule
+from django_q.tasks import async_task
+
+
+def enqueue(task, session_id, **kwargs):
+    """Queue a step for a worker once the current transaction has committed (primary key only)."""
+    transaction.on_commit(
+        lambda: async_task(
+            f"failback.tasks.{task}",
+            session_id,
+            **kwargs,
+            task_name=f"{task}-{session_id}-{timezone.now():%H%M%S%f}",
+            group=f"session-{session_id}",
+        )
+    )
+
+
+def _once(name, func, arg, when):
+    Schedule.objects.update_or_create(
+        name=name,
+        defaults={"func": func, "args": str(arg), "schedule_type": Schedule.ONCE, "repeats": 1, "next_run": when},
+    )
+
+
+def switch_schedule_name(session_id):
+    return f"failback-switch-{session_id}"
+
+
+def set_switch_schedule(session):
+    _once(switch_schedule_name(session.pk), "failback.tasks.scheduled_switch", session.pk, session.switch_at)
+
+
+def drop_switch_schedule(session_id):
+    Schedule.objects.filter(name=switch_schedule_name(session_id)).delete()
+
+
+def policy_schedule_name(session_id):
+    return f"failback-policy-{session_id}"
+
+
+def set_policy_schedule(session):
+    _once(policy_schedule_name(session.pk), "failback.tasks.commit_policy", session.pk, session.policy_due_at)
+
+
+def drop_policy_schedule(session_id):
+    Schedule.objects.filter(name=policy_schedule_name(session_id)).delete()
+
+
+def plan_schedule_name(plan_id):
+    return f"failback-plan-switch-{plan_id}"
+
+
+def set_plan_schedule(plan):
+    _once(plan_schedule_name(plan.pk), "failback.tasks.plan_scheduled_switch", plan.pk, plan.switch_at)
+
+
+def drop_plan_schedule(plan_id):
+    Schedule.objects.filter(name=plan_schedule_name(plan_id)).delete()
