@@ -1,0 +1,94 @@
+"""File-level helpers of the engine: opening, read-ahead hints, block sizes, where a file's data lies
+block by block, and how a buffer cuts into grain runs and zero pages."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator, Sequence
+
+from .sparse import data_extents, is_zero
+
+MAX_BLOCK_SIZE = 64 << 20
+IO_CHUNK = 256 << 10  # pwrite size
+PAGE = 4096
+PROBE = 4096
+ZERO_PAGE = bytes(PAGE)
+NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+
+
+@contextlib.contextmanager
+def opened(path: str, flags: int) -> Iterator[int]:
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def fadvise(fd: int, advice: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, advice)
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 4096 or block_size % 4096 or block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be a multiple of 4096 up to {MAX_BLOCK_SIZE}, not {block_size}")
+
+
+def data_blocks(fd: int, start: int, end: int, bs: int) -> Iterator[tuple[int, tuple[tuple[int, int], ...]]]:
+    """(index, data ranges relative to the block) for each block of [start, end) holding data."""
+    current = -1
+    segs: list[tuple[int, int]] = []
+    for d, h in data_extents(fd, start, end):
+        while d < h:
+            index = d // bs
+            base = index * bs
+            e = min(h, base + bs)
+            if index != current:
+                if current >= 0:
+                    yield current, tuple(segs)
+                current, segs = index, []
+            segs.append((d - base, e - base))
+            d = e
+    if current >= 0:
+        yield current, tuple(segs)
+
+
+def grain_runs(grains: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive grains as [g0, g1) runs (grains sorted)."""
+    start = prev = -2
+    for g in grains:
+        if g != prev + 1:
+            if start >= 0:
+                yield start, prev + 1
+            start = g
+        prev = g
+    if start >= 0:
+        yield start, prev + 1
+
+
+def zero_page_runs(buf: bytearray, a: int, b: int) -> list[tuple[int, int, bool]]:
+    """buf[a:b] cut into runs, each flagged True when it is whole, aligned, all-zero pages (offsets
+    in buf are aligned like the file: blocks start on a page)."""
+    if buf.find(ZERO_PAGE, a, b) < 0:
+        return [(a, b, False)]
+    runs: list[tuple[int, int, bool]] = []
+
+    def add(x: int, y: int, zero: bool) -> None:
+        if y <= x:
+            return
+        if runs and runs[-1][2] == zero and runs[-1][1] == x:
+            runs[-1] = (runs[-1][0], y, zero)
+        else:
+            runs.append((x, y, zero))
+
+    p0 = -(-a // PAGE) * PAGE
+    add(a, min(p0, b), False)
+    x = p0
+    while x + PAGE <= b:
+        add(x, x + PAGE, is_zero(buf, x, x + PAGE))
+        x += PAGE
+    add(max(x, p0), b, False)
+    return runs

@@ -1,0 +1,368 @@
+"""Phase 2 and catch-up, the delta (public entry: :func:`.engine.delta_copy`).
+
+The pool reads the grains a delta must look at and plans, per grain, the pages to write (see
+:func:`examine`); the calling thread writes them, reads them back, and only then moves the target's
+leaves. A target changed behind the engine's back is re-read first and repaired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import blake3
+
+from .blockio import PAGE, data_blocks, fadvise, grain_runs, opened, zero_page_runs
+from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, fingerprint, leaves_of, save_state
+from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
+from .results import CopyResult, TransferStateError, VerificationError
+from .sparse import is_zero
+from .state import finish_state, load_state
+
+
+def run(
+    src: str,
+    dst: str,
+    *,
+    state_dir: str,
+    changed_extents: Sequence[tuple[int, int]] | None,
+    block_size: int | None,
+    controls: Controls,
+    durable: bool,
+) -> CopyResult:
+    started = time.monotonic()
+    with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDWR) as dfd:
+        size = os.fstat(sfd).st_size
+        state = load_state(state_dir, size, block_size)
+        if not state.same_target(dfd):
+            raise TransferStateError(f"{dst} is not the file the full copy wrote")
+        untouched = state.target_seal is not None and state.target_seal == fingerprint(dfd)
+        p = Pass(block_size=state.block_size, controls=controls, src_fd=sfd, dst_fd=dfd)
+        with Leaves(state_dir, block_count(size, state.grain), fresh=False) as leaves:
+            delta = _Delta(p, leaves, state, state_dir, dst, durable)
+            if not untouched:
+                delta.repair_target()
+            jobs: Iterable[Job]
+            if changed_extents is not None:
+                method, jobs = "tracked", delta.tracked_jobs(changed_extents)
+            else:
+                method, jobs = "digest", delta.digest_jobs()
+            delta.run(jobs)
+    p.reporter.final()
+    assert state.digest is not None
+    return CopyResult(
+        method,
+        p.reporter.total,
+        p.bytes_read,
+        p.bytes_written,
+        p.zero_skipped,
+        time.monotonic() - started,
+        state.digest,
+        0,
+        state.source_digest or "",
+        p.target_read,
+        untouched,
+    )
+
+
+class _Delta:
+    """The steps of one delta pass, in the calling thread: choosing the jobs, then per block writing
+    the planned pages, reading them back and moving the leaves."""
+
+    def __init__(self, p: Pass, leaves: Leaves, state: DiskState, state_dir: str, dst: str, durable: bool) -> None:
+        self.p = p
+        self.leaves = leaves
+        self.state = state
+        self.state_dir = state_dir
+        self.dst = dst
+        self.durable = durable
+        self.size, self.bs, self.g_size = state.size, state.block_size, state.grain
+        self.per = self.bs // self.g_size
+        self.applying = False  # between a block's first write and its leaves: the leaves may be stale
+        p.before_write = self.unseal
+
+    def _save(self) -> None:
+        save_state(self.state_dir, self.state, durable=self.durable)
+
+    def unseal(self) -> None:
+        """Before the first write: a pass that dies leaves the target unsealed."""
+        if self.state.target_seal is not None:
+            self.state.target_seal = None
+            self._save()
+        self.p.before_write = lambda: None
+
+    def repair_target(self) -> None:
+        """The target changed since the last pass: re-read it into its leaves, and add the blocks now
+        out of sync to the pending ones (read in full)."""
+        self.unseal()
+        repair = _reread_target(self.p, self.leaves, self.p.dst_fd, self.size, self.bs)
+        self.state.pending = _merge_block_ranges([*self.state.pending, *([i, i + 1] for i in repair)])
+        self._save()
+
+    def tracked_jobs(self, changed_extents: Sequence[tuple[int, int]]) -> Iterator[Job]:
+        """Method "tracked": the blocks the extents touch, and those pending, recorded before reading."""
+        state = self.state
+        by_block = _extents_by_block(changed_extents, self.size, self.bs)
+        leftover = {i for lo, hi in state.pending for i in range(lo, hi)}
+        touched = [[i, i + 1] for i in by_block]
+        state.pending = _merge_block_ranges([*touched, *state.pending])
+        self._save()
+        plan = _TrackedPlan(by_block, leftover, self.size, self.bs, self.g_size)
+        self.p.reporter.total = sum(
+            plan.grain_bytes(*plan.grains(i)) for lo, hi in state.pending for i in range(lo, hi)
+        )
+        return self._tracked(plan)
+
+    def _tracked(self, plan: _TrackedPlan) -> Iterator[Job]:
+        for lo, hi in self.state.pending:
+            for i in range(lo, hi):
+                n, grains = plan.grains(i)
+                count = block_count(n, self.g_size)
+                yield Job(
+                    i,
+                    i * self.bs,
+                    n,
+                    plan.grain_bytes(n, grains),
+                    grains=grains,
+                    old_source=self.leaves.source.get(i * self.per, count),
+                    old_target=self.leaves.target.get(i * self.per, count),
+                )
+
+    def digest_jobs(self) -> Iterator[Job]:
+        """Method "digest": every block holding data, or non-zero leaves on either side."""
+        sfd = self.p.src_fd
+        fadvise(sfd, os.POSIX_FADV_SEQUENTIAL)
+        self.p.reporter.total = sum(
+            block_length(i, self.size, self.bs) for i, _ in data_blocks(sfd, 0, self.size, self.bs)
+        )
+        return _compare_jobs(sfd, self.leaves, self.size, self.bs, self.g_size)
+
+    def run(self, jobs: Iterable[Job]) -> None:
+        try:
+            self.p.run(jobs, self.first, self.finish, HASH_WORKERS)
+        except BaseException:
+            if not self.applying:  # stopped between grains: the leaves say what the target holds
+                with contextlib.suppress(Exception):
+                    self._close(keep_pending=True)
+            raise
+        self._close(keep_pending=False)
+
+    def first(self, job: Job, buf: bytearray) -> Work:
+        return lambda: examine(self.p, job, buf)
+
+    def finish(self, job: Job, buf: bytearray, h: Hashed) -> None:
+        """Apply the block's plans grain by grain, then move both sides' leaves; a grain that did not
+        read back as written gets the leaf of what the target holds, and the pass stops."""
+        p, g_size = self.p, self.g_size
+        if job.read:
+            p.bytes_read += job.work
+        p.target_read += h.target_read
+        source = bytearray(job.old_source)
+        target = bytearray(job.old_target)
+        for g, leaf in h.new.items():
+            source[g * LEAF : (g + 1) * LEAF] = leaf
+        bad = -1
+        self.applying = True
+        for g, plan in h.plans.items():
+            a, b = g * g_size, min((g + 1) * g_size, job.length)
+            if self._apply(job, buf, a, b, plan):
+                target[g * LEAF : (g + 1) * LEAF] = h.new[g]
+            else:  # record what the target really holds, then stop
+                target[g * LEAF : (g + 1) * LEAF] = self._target_leaf(job, a, b)
+                bad = job.offset + a if bad < 0 else bad
+        first_grain = job.index * self.per
+        self.leaves.source.put(first_grain, bytes(source))
+        self.leaves.target.put(first_grain, bytes(target))
+        self.applying = False
+        p.reporter.done += job.work
+        if bad >= 0:
+            raise VerificationError(f"{self.dst}: the write at offset {bad} did not read back as written", bad)
+
+    def _apply(self, job: Job, buf: bytearray, a: int, b: int, plan: list[tuple[int, int]] | None) -> bool:
+        """Write one grain's planned pages (None: punch the grain) and read them back: whether they took."""
+        p, dfd = self.p, self.p.dst_fd
+        if plan is None:
+            p.zero(job.offset + a, b - a)
+            p.zero_skipped += b - a
+            back = os.pread(dfd, b - a, job.offset + a)
+            p.target_read += b - a
+            return back.count(0) == len(back)
+        for x, y in plan:
+            p.put(buf, job.offset, x, y)
+        ok = True
+        for x, y in plan:
+            p.target_read += y - x
+            ok = ok and os.pread(dfd, y - x, job.offset + x) == buf[x:y]
+        return ok
+
+    def _target_leaf(self, job: Job, a: int, b: int) -> bytes:
+        t = self.p.scratch()
+        self.p.read(self.p.dst_fd, t, 0, b - a, job.offset + a)
+        return leaves_of(t, 0, b - a, self.g_size)
+
+    def _close(self, *, keep_pending: bool) -> None:
+        if self.durable:
+            os.fdatasync(self.p.dst_fd)
+            self.leaves.sync()
+        if not keep_pending:
+            self.state.pending = []
+        finish_state(self.state, self.leaves, self.p.src_fd, self.p.dst_fd)
+        self._save()
+
+
+@dataclass(frozen=True)
+class _TrackedPlan:
+    """Which grains of a block a tracked delta reads: those the changed extents touch, or all of a
+    block left pending (by an interrupted pass or the target's repair) or not named by the extents."""
+
+    by_block: dict[int, list[tuple[int, int]]]
+    leftover: set[int]
+    size: int
+    bs: int
+    g_size: int
+
+    def grains(self, i: int) -> tuple[int, tuple[int, ...]]:
+        """(block length, grains to read) of block i."""
+        n = block_length(i, self.size, self.bs)
+        if i in self.leftover or i not in self.by_block:
+            return n, tuple(range(block_count(n, self.g_size)))
+        g_size = self.g_size
+        grains = {g for a, b in self.by_block[i] for g in range(a // g_size, (b - 1) // g_size + 1)}
+        return n, tuple(sorted(grains))
+
+    def grain_bytes(self, n: int, grains: tuple[int, ...]) -> int:
+        return sum(min((g + 1) * self.g_size, n) - g * self.g_size for g in grains)
+
+
+# --------------------------------------------------------------------------------------------------
+# On the pool
+
+
+def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
+    """Read the job's grains from the source, compute their leaves, and plan what to write for each
+    grain the target does not hold yet (comparing with the target where needed)."""
+    g_size = p.grain
+    if job.read:
+        for g0, g1 in grain_runs(job.grains):
+            p.read(p.src_fd, buf, g0 * g_size, min(g1 * g_size, job.length), job.offset)
+    out = Hashed()
+    view = memoryview(buf)
+    for g in job.grains:
+        a, b = g * g_size, min((g + 1) * g_size, job.length)
+        if not job.read or is_zero(buf, a, b):
+            leaf = ZERO_LEAF
+        else:
+            leaf = blake3.blake3(view[a:b]).digest(LEAF)
+        out.new[g] = leaf
+        old_t = job.old_target[g * LEAF : (g + 1) * LEAF]
+        if leaf == old_t:
+            continue  # the target holds it already
+        if leaf == ZERO_LEAF:
+            out.plans[g] = None
+        elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
+            out.plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
+        else:
+            out.plans[g] = _differing_pages(p, job, buf, a, b)
+            out.target_read += b - a
+    return out
+
+
+def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[tuple[int, int]]:
+    """The page runs of buf[a:b] that differ from the target's bytes there."""
+    t = p.scratch()
+    p.read(p.dst_fd, t, 0, b - a, job.offset + a)
+    runs: list[tuple[int, int]] = []
+    for x in range(a, b, PAGE):
+        y = min(x + PAGE, b)
+        if buf[x:y] != t[x - a : y - a]:
+            if runs and runs[-1][1] == x:
+                runs[-1] = (runs[-1][0], y)
+            else:
+                runs.append((x, y))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the blocks
+
+
+def _compare_jobs(fd: int, leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[Job]:
+    """Digest method: a job for every block that holds data in fd or non-zero leaves on either side."""
+    data = data_blocks(fd, 0, size, bs)
+    next_data = next(data, None)
+    for index, s, t in block_leaves(leaves, size, bs, g_size):
+        has_data = next_data is not None and next_data[0] == index
+        if has_data:
+            next_data = next(data, None)
+        if has_data or s.count(0) != len(s) or t.count(0) != len(t):
+            n = block_length(index, size, bs)
+            yield Job(
+                index,
+                index * bs,
+                n,
+                n if has_data else 0,
+                grains=tuple(range(block_count(n, g_size))),
+                old_source=s,
+                old_target=t,
+                read=has_data,
+            )
+
+
+def _reread_target(p: Pass, leaves: Leaves, dfd: int, size: int, bs: int) -> list[int]:
+    """Re-read the target's data and put its real leaves in the map; the blocks now out of sync."""
+    g_size = p.grain
+    per = bs // g_size
+    repair: list[int] = []
+    jobs = verify_jobs(dfd, leaves, size, bs, g_size)
+
+    def first(job: Job, buf: bytearray) -> Work:
+        return lambda: p.hash_file(dfd, job, buf)
+
+    def finish(job: Job, buf: bytearray, h: Hashed) -> None:
+        if job.read:
+            p.target_read += job.length
+        leaves.target.put(job.index * per, h.leaves)
+        if h.leaves != job.old_source:
+            repair.append(job.index)
+
+    p.run(jobs, first, finish, HASH_WORKERS)
+    return repair
+
+
+def _merge_block_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for lo, hi in sorted((int(r[0]), int(r[1])) for r in ranges):
+        if hi <= lo:
+            continue
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def _extents_by_block(extents: Sequence[tuple[int, int]], size: int, bs: int) -> dict[int, list[tuple[int, int]]]:
+    """Changed extents cut at block boundaries: block index -> [(start, end) within the block], merged."""
+    parts: dict[int, list[tuple[int, int]]] = {}
+    for offset, length in extents:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad extent ({offset}, {length})")
+        end = min(offset + length, size)
+        while offset < end:
+            i = offset // bs
+            stop = min(end, (i + 1) * bs)
+            parts.setdefault(i, []).append((offset - i * bs, stop - i * bs))
+            offset = stop
+    for i, pieces in parts.items():
+        pieces.sort()
+        merged = [list(pieces[0])]
+        for a, b in pieces[1:]:
+            if a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        parts[i] = [(a, b) for a, b in merged]
+    return parts

@@ -1,0 +1,310 @@
+"""One pass over a disk: its jobs (one per block), the pipeline that runs them in block order with
+reading and hashing on a small pool, and the writes, reads and hashes a pass is made of.
+
+How a pass works is told in :mod:`.engine`; what a pass does with each block is in :mod:`.phase1`,
+:mod:`.delta` and :mod:`.verify`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import blake3
+
+from .blockio import IO_CHUNK, NO_COPY_RANGE, PROBE, data_blocks, zero_page_runs
+from .blockmap import LEAF, ZERO_LEAF, Leaves, block_count, block_length, grain_for, leaves_of
+from .progress import Pacer, Progress, Reporter
+from .results import TransferCancelled, TransferStateError
+from .sparse import is_zero, zero_range
+
+CPUS = os.cpu_count() or 2
+COPY_WORKERS = max(1, min(3, CPUS - 1))  # hashers beside the thread doing the copy
+HASH_WORKERS = max(1, min(4, CPUS))  # readers+hashers for read-only passes and deltas
+BUFFER_BUDGET = 32 << 20  # bytes of block buffers in flight per pass (at least 3 buffers)
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What the caller sets for its passes: progress reports, cancel, the bandwidth limit, and the
+    pacer that enforces the limit (a class or factory; each pass makes its own)."""
+
+    progress: ProgressCallback | None = None
+    progress_interval: float = 0.25
+    cancel: CancelFlag | None = None
+    bandwidth_limit_bps: float | None = None
+    pacer: Callable[[float | None], Pacer] = Pacer
+
+
+@dataclass(slots=True)
+class Job:
+    index: int
+    offset: int
+    length: int
+    work: int  # progress bytes this block accounts for
+    segments: tuple[tuple[int, int], ...] = ()  # full copy: data ranges in the block, relative
+    grains: tuple[int, ...] = ()  # delta: grains of the block to look at, relative
+    old_source: bytes = b""  # delta: the block's leaves
+    old_target: bytes = b""
+    read: bool = True  # False: nothing to read (a hole)
+
+
+@dataclass(slots=True)
+class Hashed:
+    leaves: bytes = b""  # full copy: the block's leaves
+    copied: bool = False  # full copy: the block went in by copy_file_range
+    new: dict[int, bytes] = dataclasses.field(default_factory=dict)  # delta: grain -> new source leaf
+    plans: dict[int, list[tuple[int, int]] | None] = dataclasses.field(default_factory=dict)  # None: punch
+    target_read: int = 0
+
+
+Work = Callable[[], Hashed]
+_Window = deque[tuple[Job, bytearray, Future[Hashed]]]
+
+
+class Pass:
+    def __init__(self, *, block_size: int, controls: Controls, src_fd: int, dst_fd: int = -1) -> None:
+        self.bs = block_size
+        self.grain = grain_for(block_size)
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
+        self.cancel = controls.cancel
+        self.reporter = Reporter(0, controls.progress, controls.progress_interval)
+        self.pacer = controls.pacer(controls.bandwidth_limit_bps)
+        self.depth = max(3, min(12, BUFFER_BUDGET // block_size))
+        self.position = 0  # full copy: every block below is in the target and the leaves
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.target_read = 0
+        self.zero_skipped = 0
+        self.copy_range_ok = hasattr(os, "copy_file_range")
+        self.before_write: Callable[[], None] = lambda: None
+        self._local = threading.local()
+        self._probe = bytearray(PROBE)
+
+    # ---- in the calling thread
+
+    def tick(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise TransferCancelled("transfer cancelled")
+        self.reporter.maybe_emit()
+
+    def sleep(self, seconds: float) -> None:
+        end = self.pacer.now() + seconds
+        while (left := end - self.pacer.now()) > 0:
+            self.pacer.sleep(min(left, 0.05))
+            self.tick()
+
+    def _wrote(self, n: int) -> None:
+        self.bytes_written += n
+        self.reporter.written = self.bytes_written
+        if self.pacer.active:
+            delay = self.pacer.delay_after(n)
+            if delay > 0:
+                self.sleep(delay)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        self.before_write()
+        chunk = min(IO_CHUNK, self.pacer.chunk_size(len(data)))
+        done = 0
+        while done < len(data):
+            n = os.pwrite(self.dst_fd, data[done : done + chunk], offset + done)
+            done += n
+            self._wrote(n)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make a target range read as zeros: a hole where the filesystem can punch one."""
+        self.before_write()
+        n = zero_range(self.dst_fd, offset, length)
+        if n:
+            self._wrote(n)
+
+    def put(self, buf: bytearray, base: int, a: int, b: int) -> None:
+        """Write buf[a:b] at base+a, punching its whole zero pages instead of writing them."""
+        for x, y, zero in zero_page_runs(buf, a, b):
+            if zero:
+                self.zero(base + x, y - x)
+            else:
+                self.write(memoryview(buf)[x:y], base + x)
+
+    def copy_range(self, offset: int, length: int) -> bool:
+        """Copy [offset, offset+length) src -> dst in the kernel. False if the kernel cannot."""
+        self.before_write()
+        chunk = self.pacer.chunk_size(length)
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(
+                    self.src_fd, self.dst_fd, min(chunk, length - done), offset + done, offset + done
+                )
+            except OSError as exc:
+                if exc.errno in NO_COPY_RANGE:
+                    self.copy_range_ok = False
+                    return False
+                raise
+            if n == 0:
+                raise TransferStateError(f"source ended at {offset + done}, inside its recorded size")
+            done += n
+            self._wrote(n)
+        return True
+
+    def probe_has_data(self, job: Job) -> bool:
+        """Whether the first page of the block's data is non-zero (then the block surely is)."""
+        start = job.segments[0][0] if job.segments else 0
+        n = min(PROBE, job.length - start)
+        got = os.preadv(self.src_fd, [memoryview(self._probe)[:n]], job.offset + start)
+        return not is_zero(self._probe, 0, got)
+
+    def run(
+        self,
+        jobs: Iterable[Job],
+        first: Callable[[Job, bytearray], Hashed | Work],
+        finish: Callable[[Job, bytearray, Hashed], None],
+        workers: int,
+    ) -> None:
+        """For each job: ``first`` here (it may do I/O; it returns the result, or work for the pool),
+        then ``finish`` here, in block order. At most ``depth`` jobs (and buffers) are in flight."""
+        self.reporter.maybe_emit()
+        free: list[bytearray] = []
+        window: _Window = deque()
+        with ThreadPoolExecutor(workers, thread_name_prefix="transfer") as pool:
+            try:
+                for job in jobs:
+                    while len(window) >= self.depth:
+                        self._finish_oldest(window, free, finish)
+                    buf = free.pop() if free else bytearray(self.bs)
+                    out = first(job, buf)
+                    if isinstance(out, Hashed):
+                        fut: Future[Hashed] = Future()
+                        fut.set_result(out)
+                    else:
+                        fut = pool.submit(out)
+                    window.append((job, buf, fut))
+                    while window and window[0][2].done():
+                        self._finish_oldest(window, free, finish)
+                    self.tick()
+                while window:
+                    self._finish_oldest(window, free, finish)
+            finally:
+                for _, _, fut in window:
+                    fut.cancel()
+
+    def _finish_oldest(
+        self, window: _Window, free: list[bytearray], finish: Callable[[Job, bytearray, Hashed], None]
+    ) -> None:
+        job, buf, fut = window[0]
+        wait = max(0.01, min(self.reporter.interval or 0.05, 0.25))
+        while True:
+            try:
+                result = fut.result(timeout=wait)
+                break
+            except TimeoutError:
+                self.tick()
+        finish(job, buf, result)
+        window.popleft()
+        free.append(buf)
+        self.tick()
+
+    # ---- in any thread
+
+    def read(self, fd: int, buf: bytearray, start: int, end: int, base: int) -> None:
+        """Fill buf[start:end] with fd's bytes at base+start."""
+        view = memoryview(buf)
+        got = start
+        while got < end:
+            n = os.preadv(fd, [view[got:end]], base + got)
+            if n == 0:
+                raise TransferStateError(f"file ended at {base + got}, inside its recorded size")
+            got += n
+
+    def scratch(self) -> bytearray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(self.bs)
+        return buf
+
+    # ---- on the pool
+
+    def hash_target(self, job: Job) -> Hashed:
+        """The leaves of what copy_file_range put into the target (read back from the page cache)."""
+        m = mmap.mmap(self.dst_fd, job.length, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ, offset=job.offset)
+        try:
+            view = memoryview(m)
+            try:
+                return Hashed(_mapped_leaves(view, self.grain, job.segments or ((0, job.length),)), copied=True)
+            finally:
+                view.release()
+        finally:
+            m.close()
+
+    def hash_buffer(self, job: Job, buf: bytearray) -> Hashed:
+        return Hashed(leaves_of(buf, 0, job.length, self.grain))
+
+    def hash_file(self, fd: int, job: Job, buf: bytearray) -> Hashed:
+        if not job.read:
+            return Hashed(bytes(LEAF * block_count(job.length, self.grain)))
+        self.read(fd, buf, 0, job.length, job.offset)
+        return Hashed(leaves_of(buf, 0, job.length, self.grain))
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _mapped_leaves(view: memoryview, grain: int, segments: Sequence[tuple[int, int]]) -> bytes:
+    """leaves_of for a read-only mapping of a copied block: grains outside its data ranges were not
+    copied (zeros); a zero grain is rare inside copied data, so test its ends first."""
+    out = []
+    n = len(view)
+    for a in range(0, n, grain):
+        b = min(a + grain, n)
+        part = view[a:b]
+        if not any(x < b and y > a for x, y in segments) or (
+            view[a] == 0 and view[b - 1] == 0 and part.tobytes() == bytes(b - a)
+        ):
+            out.append(ZERO_LEAF)
+        else:
+            out.append(blake3.blake3(part).digest(LEAF))
+    return b"".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs from the leaves
+
+
+def block_leaves(leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[tuple[int, bytes, bytes]]:
+    """(index, source leaves, target leaves) of every block, streaming (256 blocks per read)."""
+    per = bs // g_size
+    n_blocks = block_count(size, bs)
+    for first in range(0, n_blocks, 256):
+        count = min(256, n_blocks - first)
+        grains = min(count * per, leaves.source.n_grains - first * per)
+        s = leaves.source.get(first * per, grains)
+        t = leaves.target.get(first * per, grains)
+        for k in range(count):
+            yield first + k, s[k * per * LEAF : (k + 1) * per * LEAF], t[k * per * LEAF : (k + 1) * per * LEAF]
+
+
+def verify_jobs(fd: int, leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[Job]:
+    """A job for every block holding data in fd or non-zero target leaves, with both sides' leaves."""
+    data = data_blocks(fd, 0, size, bs)
+    next_data = next(data, None)
+    for index, s, t in block_leaves(leaves, size, bs, g_size):
+        has_data = next_data is not None and next_data[0] == index
+        if has_data:
+            next_data = next(data, None)
+        if has_data or t.count(0) != len(t) or s.count(0) != len(s):
+            n = block_length(index, size, bs)
+            yield Job(index, index * bs, n, n if has_data else 0, old_source=s, old_target=t, read=has_data)

@@ -1,0 +1,206 @@
+"""Phase 1, the full copy (public entry: :func:`.engine.full_copy`).
+
+Each block holding data goes in by copy_file_range and is hashed back from the target's page cache;
+a block whose first data page is zeros is read into a buffer instead and only its non-zero pages are
+written. The pass resumes from the checkpoint a background thread saves every few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+
+from .blockio import check_block_size, data_blocks, fadvise, opened, zero_page_runs
+from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, grain_for, save_state
+from .passes import COPY_WORKERS, Controls, Hashed, Job, Pass, Work
+from .progress import Reporter
+from .results import CopyResult
+from .sparse import allocated_bytes, data_extents, is_zero, zero_range
+from .state import Checkpointer, finish_state
+
+
+def run(
+    src: str,
+    dst: str,
+    *,
+    state_dir: str,
+    block_size: int,
+    controls: Controls,
+    durable: bool,
+    checkpoint_interval: float,
+) -> CopyResult:
+    started = time.monotonic()
+    check_block_size(block_size)
+    os.makedirs(state_dir, exist_ok=True)
+    bs = block_size
+    with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDWR | os.O_CREAT) as dfd:
+        size = os.fstat(sfd).st_size
+        n_grains = block_count(size, grain_for(bs))
+        state, resume, position = _checkpoint_or_fresh(state_dir, size, bs, dfd, n_grains)
+        if resume and state.complete and state.digest:
+            Reporter(0, controls.progress, controls.progress_interval).final()
+            elapsed = time.monotonic() - started
+            return CopyResult("full", 0, 0, 0, 0, elapsed, state.digest, size, state.source_digest or "")
+
+        # Whatever lies in dst past the checkpoint was written after it (or by someone else): clear it,
+        # so that the blocks skipped as holes or zeros do read as zeros.
+        for a, b in list(data_extents(dfd, position, size)):
+            zero_range(dfd, a, b - a)
+        with Leaves(state_dir, n_grains, fresh=not resume) as leaves:
+            if resume:
+                leaves.clear_from(position // grain_for(bs))
+            else:
+                save_state(state_dir, state, durable=durable)
+            p = Pass(block_size=bs, controls=controls, src_fd=sfd, dst_fd=dfd)
+            p.position = position
+            p.reporter.total = allocated_bytes(sfd, position, size)
+            fadvise(sfd, os.POSIX_FADV_SEQUENTIAL)
+            copy = _FullCopy(p, leaves, state, state_dir, durable)
+            copy.run(_jobs(sfd, position, size, bs), checkpoint_interval)
+            copy.complete()
+    p.reporter.final()
+    return copy.result(started, position)
+
+
+def _checkpoint_or_fresh(state_dir: str, size: int, bs: int, dfd: int, n_grains: int) -> tuple[DiskState, bool, int]:
+    """(state, resume, position): the checkpoint to resume from when it fits this source, block size
+    and target file, else a fresh state and the target sized to the source."""
+    state = DiskState.load(state_dir)
+    if (
+        state is not None
+        and state.size == size
+        and state.block_size == bs
+        and state.position % bs == 0
+        and state.same_target(dfd)
+        and os.fstat(dfd).st_size == size
+        and Leaves.exist(state_dir, n_grains)
+    ):
+        return state, True, size if state.complete else state.position
+    if os.fstat(dfd).st_size != size:
+        os.ftruncate(dfd, size)
+    return DiskState.new(size, bs, dfd), False, 0
+
+
+def _jobs(sfd: int, position: int, size: int, bs: int) -> Iterator[Job]:
+    """A job for each block from position on that holds data, with its data ranges."""
+    return (
+        Job(i, i * bs, block_length(i, size, bs), sum(b - a for a, b in segs), segs)
+        for i, segs in data_blocks(sfd, position, size, bs)
+    )
+
+
+class _FullCopy:
+    """The per-block steps and the checkpoints of one phase-1 pass."""
+
+    def __init__(self, p: Pass, leaves: Leaves, state: DiskState, state_dir: str, durable: bool) -> None:
+        self.p = p
+        self.leaves = leaves
+        self.state = state
+        self.state_dir = state_dir
+        self.durable = durable
+
+    def run(self, jobs: Iterator[Job], checkpoint_interval: float) -> None:
+        try:
+            with Checkpointer(self.checkpoint, checkpoint_interval):
+                self.p.run(jobs, self.first, self.finish, COPY_WORKERS)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.checkpoint()
+            raise
+
+    def first(self, job: Job, buf: bytearray) -> Hashed | Work:
+        """Copy the block in the kernel, or read it and write its non-zero pages (a zero block: nothing)."""
+        p = self.p
+        if (
+            p.copy_range_ok
+            and p.probe_has_data(job)
+            and all(p.copy_range(job.offset + a, b - a) for a, b in job.segments)
+        ):
+            p.bytes_read += job.work
+            # Hashed here, not on the pool: blake3 keeps the GIL for a 64 KiB leaf, and a
+            # pool thread holding it would stall this thread after every system call.
+            return p.hash_target(job)
+        p.read(p.src_fd, buf, 0, job.length, job.offset)
+        p.bytes_read += job.length
+        if is_zero(buf, 0, job.length):
+            p.zero_skipped += job.work
+            return Hashed(bytes(LEAF * block_count(job.length, p.grain)))
+        for a, b in _write_ranges(job, buf):
+            for x, y, zero in zero_page_runs(buf, a, b):
+                if zero:
+                    p.zero_skipped += y - x
+                else:
+                    p.write(memoryview(buf)[x:y], job.offset + x)
+        return lambda: p.hash_buffer(job, buf)
+
+    def finish(self, job: Job, buf: bytearray, h: Hashed) -> None:
+        """Punch out copied grains found all zero, then record the block's leaves on both sides."""
+        p, g_size = self.p, self.p.grain
+        first_grain = job.offset // g_size
+        for k in range(len(h.leaves) // LEAF if h.copied else 0):
+            if h.leaves[k * LEAF : (k + 1) * LEAF] != ZERO_LEAF:
+                continue
+            a, b = k * g_size, min((k + 1) * g_size, job.length)
+            data = sum(min(y, b) - max(x, a) for x, y in job.segments if x < b and y > a)
+            p.zero_skipped += data
+            if h.copied and data:  # copied, then found empty: make the grain a hole again
+                zero_range(p.dst_fd, job.offset + a, b - a)
+        self.leaves.source.put(first_grain, h.leaves)
+        self.leaves.target.put(first_grain, h.leaves)
+        p.reporter.done += job.work
+        p.position = job.offset + job.length
+
+    def checkpoint(self) -> None:
+        pos = self.p.position
+        if self.durable:
+            os.fdatasync(self.p.dst_fd)
+            self.leaves.sync()
+        save_state(self.state_dir, dataclasses.replace(self.state, position=pos), durable=self.durable)
+
+    def complete(self) -> None:
+        """The copy is whole: flush, then record it complete with both digests and fresh seals."""
+        state = self.state
+        if self.durable:
+            os.fdatasync(self.p.dst_fd)
+            self.leaves.sync()
+        state.position, state.complete, state.pending = state.size, True, []
+        finish_state(state, self.leaves, self.p.src_fd, self.p.dst_fd)
+        save_state(self.state_dir, state, durable=self.durable)
+
+    def result(self, started: float, resumed_from: int) -> CopyResult:
+        p, state = self.p, self.state
+        assert state.digest is not None
+        return CopyResult(
+            "full",
+            p.reporter.total,
+            p.bytes_read,
+            p.bytes_written,
+            p.zero_skipped,
+            time.monotonic() - started,
+            state.digest,
+            resumed_from,
+            state.source_digest or "",
+        )
+
+
+def _write_ranges(job: Job, buf: bytearray) -> tuple[tuple[int, int], ...]:
+    """What of a non-zero block to write in a full copy: its data ranges, and any "hole" that holds
+    data after all (the source is live: data may land there between lseek and read)."""
+    n = job.length
+    if not job.segments or job.segments == ((0, n),):
+        return ((0, n),)
+    ranges: list[tuple[int, int]] = []
+    cur = 0
+    for a, b in (*job.segments, (n, n)):
+        if a > cur and not is_zero(buf, cur, a):
+            a = cur
+        if b > a:
+            if ranges and ranges[-1][1] >= a:
+                ranges[-1] = (ranges[-1][0], max(b, ranges[-1][1]))
+            else:
+                ranges.append((a, b))
+        cur = max(cur, b)
+    return tuple(ranges)

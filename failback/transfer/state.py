@@ -1,0 +1,61 @@
+"""The engine's side of the state directory (its format is :mod:`.blockmap`'s): the recorded full
+copy a later pass builds on, checkpoints saved from a background thread, and the digests and seals a
+finished pass leaves."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .blockmap import DiskState, Leaves, block_count, fingerprint, seal
+from .results import TransferStateError
+
+
+def load_state(state_dir: str, size: int, block_size: int | None) -> DiskState:
+    state = DiskState.load(state_dir)
+    if state is None or not state.complete:
+        raise TransferStateError(f"no completed full copy recorded in {state_dir}")
+    if state.size != size:
+        raise TransferStateError(f"source is {size} bytes, the recorded copy {state.size}")
+    if block_size is not None and block_size != state.block_size:
+        raise TransferStateError(f"block_size {block_size} differs from the recorded {state.block_size}")
+    if not Leaves.exist(state_dir, block_count(size, state.grain)):
+        raise TransferStateError(f"the leaf files in {state_dir} are missing or of another size")
+    return state
+
+
+def finish_state(state: DiskState, leaves: Leaves, sfd: int, dfd: int) -> None:
+    """Both digests from the leaves, and fresh seals of both files (after the engine's last write)."""
+    state.digest = leaves.target.digest(state.size, state.grain)
+    state.source_digest = leaves.source.digest(state.size, state.grain)
+    state.target_seal = seal(dfd)
+    state.source_seal = fingerprint(sfd)
+
+
+class Checkpointer:
+    """Saves the checkpoint every ``interval`` seconds from a background thread.
+
+    When durable, the target and the leaves are flushed (fdatasync) before the checkpoint that claims
+    them, so it survives a power loss too, not only a killed worker; the flush runs beside the copy.
+    """
+
+    def __init__(self, save: Callable[[], None], interval: float) -> None:
+        self._save = save
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="transfer-checkpoint", daemon=True)
+
+    def __enter__(self) -> Checkpointer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._save()
+            except Exception:  # e.g. no space for state.json: try again next time; the final save reports
+                pass

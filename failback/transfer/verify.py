@@ -1,0 +1,184 @@
+"""Read-only passes and checks: a file's disk digest, the full re-read of a target against its leaves,
+the seal check, and the switch's verification from the leaves and seals (public entries in
+:mod:`.engine`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from typing import NamedTuple
+
+from .blockio import check_block_size, data_blocks, fadvise, opened
+from .blockmap import (
+    LEAF,
+    ZERO_LEAF,
+    DiskState,
+    LeafFile,
+    Leaves,
+    TreeDigest,
+    block_count,
+    block_length,
+    fingerprint,
+    leaves_of,
+)
+from .passes import HASH_WORKERS, CancelFlag, Controls, Hashed, Job, Pass, Work, verify_jobs
+from .results import DiskProof, TransferCancelled, TransferStateError, VerificationError
+from .sparse import allocated_bytes
+from .state import load_state
+
+
+def digest(path: str, block_size: int, controls: Controls) -> str:
+    """The disk digest of a file, from a read of all its data."""
+    check_block_size(block_size)
+    bs = block_size
+    with opened(path, os.O_RDONLY) as fd:
+        size = os.fstat(fd).st_size
+        p = Pass(block_size=bs, controls=controls, src_fd=fd)
+        tree = TreeDigest(size, p.grain)
+        p.reporter.total = allocated_bytes(fd, 0, size)
+        fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
+
+        def first(job: Job, buf: bytearray) -> Work:
+            return lambda: p.hash_file(fd, job, buf)
+
+        def finish(job: Job, buf: bytearray, h: Hashed) -> None:
+            tree.add(job.offset // p.grain, h.leaves)
+            p.reporter.done += job.work
+
+        jobs = (
+            Job(i, i * bs, block_length(i, size, bs), sum(b - a for a, b in segs))
+            for i, segs in data_blocks(fd, 0, size, bs)
+        )
+        p.run(jobs, first, finish, HASH_WORKERS)
+    p.reporter.final()
+    return tree.hexdigest()
+
+
+def check_target(dst: str, *, state_dir: str, controls: Controls) -> str:
+    """Re-read all of dst's data against the target leaves; dst's digest."""
+    with opened(dst, os.O_RDONLY) as fd:
+        size = os.fstat(fd).st_size
+        state = load_state(state_dir, size, None)
+        bs, g_size = state.block_size, state.grain
+        p = Pass(block_size=bs, controls=controls, src_fd=fd)
+        tree = TreeDigest(size, g_size)
+        fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
+        with Leaves(state_dir, block_count(size, g_size), fresh=False) as leaves:
+            p.reporter.total = sum(block_length(i, size, bs) for i, _ in data_blocks(fd, 0, size, bs))
+
+            def first(job: Job, buf: bytearray) -> Work:
+                return lambda: p.hash_file(fd, job, buf)
+
+            def finish(job: Job, buf: bytearray, h: Hashed) -> None:
+                if h.leaves != job.old_target:
+                    raise _mismatch(dst, job, h.leaves, g_size)
+                tree.add(job.offset // g_size, h.leaves)
+                p.reporter.done += job.work
+
+            p.run(verify_jobs(fd, leaves, size, bs, g_size), first, finish, HASH_WORKERS)
+    p.reporter.final()
+    return tree.hexdigest()
+
+
+def _mismatch(dst: str, job: Job, leaves: bytes, g_size: int) -> VerificationError:
+    """The error naming the first grain of the block whose leaf differs from the recorded one."""
+    k = next(k for k in range(0, len(leaves), LEAF) if leaves[k : k + LEAF] != job.old_target[k : k + LEAF])
+    offset = job.offset + k // LEAF * g_size
+    expected = job.old_target[k : k + LEAF]
+    what = "holds data where the leaves say zeros" if expected == ZERO_LEAF else "content differs"
+    return VerificationError(
+        f"{dst}: grain at offset {offset} ({g_size} bytes) does not match its leaf: {what}", offset
+    )
+
+
+def sealed_target(dst: str, *, state_dir: str) -> bool:
+    """Whether dst's seal still matches the one the last pass took."""
+    state = DiskState.load(state_dir)
+    if state is None or state.target_seal is None:
+        return False
+    try:
+        with opened(dst, os.O_RDONLY) as fd:
+            return state.same_target(fd) and fingerprint(fd) == state.target_seal
+    except OSError:
+        return False
+
+
+class _Side(NamedTuple):
+    name: str
+    fd: int
+    leaves: LeafFile
+    sealed: bool
+
+
+def prove(src: str, dst: str, *, state_dir: str, samples: int, controls: Controls) -> DiskProof:
+    """Both disk digests from the leaves (a side whose seal broke is re-read), then sampled grains."""
+    started = time.monotonic()
+    with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDONLY) as dfd:
+        size = os.fstat(sfd).st_size
+        state = load_state(state_dir, size, None)
+        if not state.same_target(dfd):
+            raise TransferStateError(f"{dst} is not the file the full copy wrote")
+        target_sealed = state.target_seal is not None and fingerprint(dfd) == state.target_seal
+        source_sealed = state.source_seal is not None and fingerprint(sfd) == state.source_seal
+        with Leaves(state_dir, block_count(size, state.grain), fresh=False) as leaves:
+            source = _Side(src, sfd, leaves.source, source_sealed)
+            target = _Side(dst, dfd, leaves.target, target_sealed)
+            source_digest, source_read = _side_digest(source, state, controls)
+            target_digest, target_read = _side_digest(target, state, controls)
+            sample_read, checked = _check_samples((source, target), state, samples, controls.cancel)
+    return DiskProof(
+        source_digest,
+        target_digest,
+        source_digest == target_digest,
+        source_sealed,
+        target_sealed,
+        source_read + target_read + sample_read,
+        checked,
+        time.monotonic() - started,
+    )
+
+
+def _side_digest(side: _Side, state: DiskState, controls: Controls) -> tuple[str, int]:
+    """(digest, bytes read): from the leaves when the side is sealed, else from a full read of it."""
+    if side.sealed:
+        return side.leaves.digest(state.size, state.grain), 0
+    figure = digest(side.name, state.block_size, controls)
+    return figure, allocated_bytes(side.fd, 0, state.size)
+
+
+def _check_samples(
+    sides: tuple[_Side, ...], state: DiskState, samples: int, cancel: CancelFlag | None
+) -> tuple[int, int]:
+    """Re-read ``samples`` random data grains of each sealed side against their leaves: (bytes read,
+    grains checked). Raises VerificationError at the first that does not match."""
+    size, g_size = state.size, state.grain
+    rng = random.SystemRandom()
+    bytes_read = checked = 0
+    for side in sides:
+        if not side.sealed or size == 0:
+            continue
+        for _ in range(samples):
+            if cancel is not None and cancel.is_set():
+                raise TransferCancelled("transfer cancelled")
+            g = _sample_grain(side.fd, size, g_size, rng)
+            a = g * g_size
+            n = min(g_size, size - a)
+            data = bytearray(os.pread(side.fd, n, a))
+            bytes_read += n
+            checked += 1
+            if leaves_of(data, 0, len(data), g_size) != side.leaves.get(g, 1):
+                raise VerificationError(f"{side.name}: grain at offset {a} does not match its leaf (sampled)", a)
+    return bytes_read, checked
+
+
+def _sample_grain(fd: int, size: int, g_size: int, rng: random.SystemRandom) -> int:
+    """A random grain, drawn among the file's data when it has some (a random offset, then SEEK_DATA)."""
+    offset = rng.randrange(size)
+    try:
+        offset = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        with contextlib.suppress(OSError):
+            offset = os.lseek(fd, 0, os.SEEK_DATA)
+    return min(offset, size - 1) // g_size
