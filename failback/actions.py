@@ -14,7 +14,8 @@ from django import forms
 from django.template import Context, Template
 from django.utils import timezone
 
-from . import workflow
+from . import plans, workflow
+from .choices import AuditAction
 from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, SwitchForm
 
 
@@ -99,3 +100,33 @@ def offered(session):
 def perform(name, actor, session_id, data):
     """Run the named action with already-validated data (a form's cleaned data or an API body)."""
     return ACTIONS[name].perform(actor, session_id, data)
+
+
+# -- a plan's actions (its page; the API has one endpoint each) ------------------------------------
+
+@dataclass(frozen=True)
+class PlanAction:
+    audit: AuditAction
+    form: type[forms.Form]
+    perform: Callable[[Any, int, dict], Any]  # (actor, plan id, cleaned data) -> the service's answer
+    notice: Callable[[Any, Any, dict], str]  # (plan, answer, data) -> the page's message
+
+
+PLAN_ACTIONS = {
+    "switch": PlanAction(
+        AuditAction.SWITCH_PLAN, ReasonForm,
+        lambda actor, pk, d: plans.switch_now(actor, pk, reason=d["reason"]),
+        lambda plan, done, d: f"Plan {plan.name} is switching, member by member."),
+    "schedule": PlanAction(
+        AuditAction.SCHEDULE_PLAN_SWITCH, ScheduleSwitchForm,
+        lambda actor, pk, d: plans.schedule_switch(actor, pk, d["switch_at"], reason=d["reason"]),
+        lambda plan, done, d: f"Plan {plan.name} will switch at {timezone.localtime(d['switch_at']):%Y-%m-%d %H:%M %Z}."),
+    "commit": PlanAction(
+        AuditAction.COMMIT_PLAN, ReasonForm,
+        lambda actor, pk, d: plans.commit(actor, pk, reason=d["reason"]),
+        lambda plan, done, d: f"Commit started for {len(done)} member(s)."),
+    "undo": PlanAction(
+        AuditAction.UNDO_PLAN, ReasonForm,
+        lambda actor, pk, d: plans.undo(actor, pk, reason=d["reason"]),
+        lambda plan, done, d: f"Undo started for {len(done)} member(s)."),
+}

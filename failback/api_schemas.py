@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from ninja import Schema
 from pydantic import AwareDatetime, Field, StrictBool, StrictInt, StringConstraints
 
-from .choices import CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
+from .choices import AuditAction, CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
 from .forms import DATE_MAX, DATE_MIN, DB_INT_MAX
 from .workflow import REASON_MAX
 
@@ -215,7 +215,7 @@ class AuditFilters(Schema):
     user: Text(150) = ""
     replica: Text(200) = ""
     session: Id | None = None
-    action: Text(50) = ""
+    action: AuditAction | None = None
     outcome: Outcome | None = None
     since: Annotated[date, Field(ge=DATE_MIN, le=DATE_MAX)] | None = None
     until: Annotated[date, Field(ge=DATE_MIN, le=DATE_MAX, description="Inclusive")] | None = None

@@ -7,7 +7,7 @@ from django.db.models import Q, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
-from .choices import Outcome
+from .choices import AuditAction, Outcome
 from .forms import FilterDateField, IdField
 from .models import AuditEvent
 
@@ -17,7 +17,7 @@ class AuditFilterForm(forms.Form):
     user = forms.CharField(label="User", required=False, max_length=150)
     replica = forms.CharField(label="Replica", required=False, max_length=200)
     session = IdField(label="Session #")
-    action = forms.CharField(label="Action", required=False, max_length=50)
+    action = forms.ChoiceField(label="Action", required=False, choices=[("", "Any")] + list(AuditAction.choices))
     outcome = forms.ChoiceField(label="Result", required=False, choices=[("", "Any")] + list(Outcome.choices))
     since = FilterDateField(label="From (date)")
     until = FilterDateField(label="To (date, inclusive)")

@@ -7,6 +7,7 @@ from .choices import (
     GUARDS,
     REPLICA_COLOURS,
     STATUS_COLOURS,
+    AuditAction,
     CommitPolicy,
     Outcome,
     ReplicaState,
@@ -361,7 +362,7 @@ class AuditEvent(models.Model):
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     actor_name = models.CharField(max_length=150)  # copied: stays readable whatever happens to the user
-    action = models.CharField(max_length=50, db_index=True)
+    action = models.CharField(max_length=50, db_index=True, choices=AuditAction.choices)
     replica = models.ForeignKey(Replica, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     session = models.ForeignKey(FailbackSession, null=True, blank=True, on_delete=models.PROTECT, related_name="events")
     from_state = models.CharField(max_length=30, blank=True)
