@@ -334,7 +334,7 @@ def list_audit(request, filters: Query[AuditFilters], limit: int = Limit, offset
           summary="Start a failback of one replica in Failover (phase 1 is queued)")
 def start_failback(request, replica_id: PathId, body: StartFailbackIn):
     _one(Replica.objects, replica_id, "replica")
-    session = workflow.start_failback(request.auth, replica_id, **body.dict())
+    session = workflow.start_failback(request.auth, replica_id, workflow.StartOptions(**body.dict()))
     return Status(201, _fresh_session(session.pk))
 
 

@@ -1,10 +1,11 @@
+from dataclasses import fields
 from datetime import date
 
 from django import forms
 from django.utils import timezone
 
 from .choices import CommitPolicy, SessionStatus, SwitchMode
-from .workflow import REASON_MAX
+from .workflow import REASON_MAX, StartOptions
 
 DATETIME_HELP = "{tz} time"
 DB_INT_MAX = 2**31 - 1  # ids and counts fit a 32-bit column on every database we support
@@ -131,6 +132,10 @@ class StartFailbackForm(forms.Form):
         data.setdefault("resource_pool", "")
         data.setdefault("folder", "")
         return data
+
+    def options(self):
+        """The cleaned form as the workflow's StartOptions (the API and plans build the same object)."""
+        return StartOptions(**{f.name: self.cleaned_data[f.name] for f in fields(StartOptions) if f.name in self.cleaned_data})
 
 
 class ScheduleSwitchForm(forms.Form):

@@ -79,10 +79,11 @@ def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MA
     started = []
     try:
         for order, m in enumerate(members, 1):
-            started.append(workflow.start_failback(
-                actor, m["replica_id"], vm_name=m["vm_name"], target_host=m["target_host"], target_datastore=m["target_datastore"],
+            options = workflow.StartOptions(
+                vm_name=m["vm_name"], target_host=m["target_host"], target_datastore=m["target_datastore"],
                 network_map=m.get("network_map") or {}, switch_mode=switch_mode, switch_at=switch_at, power_on_after=power_on_after,
-                reason=reason, plan=plan, plan_order=order))
+                reason=reason)
+            started.append(workflow.start_failback(actor, m["replica_id"], options, plan=plan, plan_order=order))
     except Refused as refused:
         for session in started:  # all or nothing: withdraw the members already accepted
             workflow.transition(session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member")

@@ -13,12 +13,12 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import checks, workflow
+from .actions import ACTIONS
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
 from .choices import ReplicaState
 from .forms import StartFailbackForm
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackSession, Replica
-from .actions import ACTIONS
 from .presenters import can_operate, dashboard_context, session_context
 from .queries import attach_power_states, filtered_replicas, filtered_sessions, page_by_ids
 
@@ -79,15 +79,8 @@ def start_failback(request, pk):
     form = _start_form(request, replica, request.POST or None)
     error = None
     if request.method == "POST" and form.is_valid():
-        data = form.cleaned_data
         try:
-            session = workflow.start_failback(
-                request.user, replica.pk, vm_name=data["vm_name"], target_host=data["target_host"], target_datastore=data["target_datastore"],
-                switch_mode=data["switch_mode"], switch_at=data["switch_at"], power_on_after=data["power_on_after"],
-                network_map=data["network_map"], reason=data["reason"], resource_pool=data["resource_pool"], folder=data["folder"],
-                bandwidth_mbps=data["bandwidth_mbps"], commit_policy=data["commit_policy"], commit_after_min=data["commit_after_min"],
-                override_checks=data["override_checks"],
-            )
+            session = workflow.start_failback(request.user, replica.pk, form.options())
         except workflow.Refused as refused:
             error = refused.message
         else:
