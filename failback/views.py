@@ -119,7 +119,7 @@ def session_report(request, pk):
 
 @require_GET
 def session_detail(request, pk):
-    session = get_object_or_404(FailbackSession.objects.select_related("replica", "started_by"), pk=pk)
+    session = get_object_or_404(FailbackSession.objects.select_related("replica", "started_by", "plan"), pk=pk)
     return render(request, "failback/session_detail.html", session_context(session, request.user))
 
 
