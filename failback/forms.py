@@ -246,9 +246,6 @@ class PlanForm(forms.Form):
         data = super().clean()
         if data.get("switch_mode") == SwitchMode.SCHEDULED and not data.get("switch_at"):
             self.add_error("switch_at", "A scheduled switch needs a date and time.")
-        data["commit_policy"] = data.get("commit_policy") or CommitPolicy.NONE
-        if data["commit_policy"] != CommitPolicy.NONE and not data.get("commit_after_min"):
-            self.add_error("commit_after_min", "An automatic commit or undo needs a number of minutes.")
         return data
 
     BASE = ("name", "concurrency", "switch_mode", "switch_at", "power_on_after", "power_on_delay_s", "reason")
