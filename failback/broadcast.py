@@ -1,9 +1,10 @@
-"""The one way out for live updates: a nudge to the session's group, sent after commit.
+"""The one way out for live updates: a nudge to the session's group and to the group of all sessions, sent after commit.
 
-The nudge carries no state, only a unique id and its publish time; each web process re-reads the
-session from the database and renders the same fragments the page uses (see consumers.py). So a
-missed nudge costs nothing: the next one, a reconnect or a reload shows the truth. Id and time go out
-with the update that answers the nudge, so a client can count deliveries and measure
+The nudge carries no state, only the session, the group it was sent to, a unique id and its publish
+time; each web process re-reads the database and renders the same fragments the pages use (see
+consumers.py: a session's page, the plans it belongs to and the dashboard all follow these two groups).
+So a missed nudge costs nothing: the next one, a reconnect or a reload shows the truth. Id and time go
+out with the update that answers the nudge, so a client can count deliveries and measure
 publish-to-receive latency (bench/ws_load.py).
 """
 
@@ -37,13 +38,26 @@ def send_now(session_id):
 
 async def _publish(layer, session_id, message):
     # Both sends in one event loop: async_to_sync runs each call in a new loop, and the layer connects per loop.
-    await layer.group_send(session_group(session_id), message)
-    await layer.group_send(SESSIONS_GROUP, message)
+    # Each copy names its group: a relay in both groups tells them apart (consumers.py).
+    for group in (session_group(session_id), SESSIONS_GROUP):
+        await layer.group_send(group, {**message, "group": group})
 
 
 def session_changed(session_id):
     """Publish once the current transaction commits (immediately when there is none)."""
     transaction.on_commit(lambda: send_now(session_id))
+
+
+def plan_changed(plan_id):
+    """A change to a plan that changed none of its sessions' statuses (a new switch time, say): nudge each
+    member once the transaction commits, so the plan's page, the members' pages and the dashboard re-render."""
+    def send():
+        from .models import FailbackSession
+
+        for session_id in FailbackSession.objects.filter(plan_id=plan_id).values_list("pk", flat=True):
+            send_now(session_id)
+
+    transaction.on_commit(send)
 
 
 # -- closing the sockets of a login that ended --------------------------------------------------------

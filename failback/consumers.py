@@ -1,25 +1,31 @@
-"""Websocket: authenticates, checks access, watches the session, and writes nothing.
+"""Websockets: authenticate, check access, watch a topic (a session, the dashboard, a plan), write nothing.
 
-Every nudge (see broadcast.py) re-reads the session and sends the page's own fragments; htmx's ws
-extension swaps them in by id. The action buttons depend on the user's role: they are rendered for
-each user, and re-sent only when the status changed, so a reason being typed is not wiped by progress
-updates. Each update ends with one HTML comment per nudge it answers, naming the nudge and its publish
-time: htmx ignores them, a load test (bench/ws_load.py) counts them.
+Every nudge (see broadcast.py) re-reads the database and sends the page's own fragments; htmx's ws
+extension swaps them in by id. Each update ends with one HTML comment per nudge it answers, naming the
+nudge and its publish time: htmx ignores them, a load test (bench/ws_load.py) counts them.
 
-One relay per web process receives the nudges of the sessions watched here, once (its own channel
-joins the session's group), renders the progress fragment, which is the same for every user, once
-per round, and hands it to every consumer watching that session. A round takes every nudge that has
-arrived and only then reads the database, so it shows all they announced; nudges that come faster
-than the process renders share the next round instead of queueing. Per-consumer group membership
-cost each process, per watcher and nudge, one channel message, one trip through the database thread
-(channels closes old connections before every handler) and one render: 200 watchers of 20 copying
-sessions fell tens of seconds behind (bench/ws_load.py). A missed nudge still costs nothing: the
-next one, or a reconnect, renders the database as it is.
+One relay per web process (event loop) receives the nudges of the topics watched here, once: its own
+channel joins the topics' groups (a session's group for its page and for the plans it is a member
+of, the group of all sessions for the dashboard). A topic's fragment is the same for every user: the
+relay renders it once per round and hands it to every consumer watching it. A round takes every
+request that has arrived and only then reads the database, so it shows all the nudges announced;
+nudges that come faster than the process renders share the next round instead of queueing, and the
+last one is never dropped. A topic can ask for a pause between its renders (the dashboard, which any
+session's progress changes): its nudges then wait, trailing-edge, for the next round after the pause,
+and a new watcher's catch-up render never waits. Per-consumer group membership cost each process,
+per watcher and nudge, one channel message, one trip through the database thread (channels closes old
+connections before every handler) and one render: 200 watchers of 20 copying sessions fell tens of
+seconds behind (bench/ws_load.py). A missed nudge still costs nothing: the next one, or a reconnect,
+renders the database as it is.
 """
 
 import asyncio
+import contextlib
 import logging
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -30,56 +36,115 @@ from django.db import connection
 from django.template.loader import render_to_string
 
 from .broadcast import SESSIONS_GROUP, login_group, session_group, user_group
-from .models import FailbackSession
+from .models import FailbackPlan, FailbackSession
 
 log = logging.getLogger(__name__)
 
+DASHBOARD_INTERVAL_S = 1.0  # the dashboard renders at most this often; the last state of a burst still goes out
 
-def _render_progress(session_id):
-    """(status, progress fragment) as anyone sees it, or None once the session is gone."""
+
+# -- topics: what a page watches, which groups announce its changes, how its shared fragment renders ------
+# Render functions run on the database thread and return what every watcher gets, or None once it is gone.
+# They render for nobody in particular, so a shared copy can never carry one user's rights to another.
+
+@dataclass(frozen=True)
+class Topic:
+    key: str  # one relay entry per key: "session-7", "dashboard", "plan-3"
+    groups: tuple  # the channel-layer groups whose nudges concern it
+    render: Callable = field(compare=False)
+    interval: float = 0.0  # seconds between two renders of its nudges (0: every round)
+
+
+def _render_session(session_id):
+    """(status, progress fragment)."""
     from .presenters import session_context
 
     session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
     if session is None:
         return None
-    # Rendered for nobody in particular, so a shared copy can never carry one user's rights to another.
     context = session_context(session, AnonymousUser(), oob=True)
     return session.status, render_to_string("failback/partials/session_progress.html", context)
 
 
+def _render_dashboard():
+    from .presenters import dashboard_context
+
+    return render_to_string("failback/partials/dashboard_live.html", {**dashboard_context(), "oob": True})
+
+
+def _render_plan(plan_id):
+    from .presenters import plan_context
+
+    plan = FailbackPlan.objects.filter(pk=plan_id).first()
+    if plan is None:
+        return None
+    return render_to_string("failback/partials/plan_members.html", plan_context(plan, AnonymousUser(), oob=True))
+
+
+def session_topic(session_id):
+    return Topic(f"session-{session_id}", (session_group(session_id),), partial(_render_session, session_id))
+
+
+def dashboard_topic():
+    return Topic("dashboard", (SESSIONS_GROUP,), _render_dashboard, DASHBOARD_INTERVAL_S)
+
+
+def plan_topic(plan_id, member_ids):
+    """A plan changes with its members (fixed when the plan starts): their sessions' groups announce it."""
+    return Topic(f"plan-{plan_id}", tuple(session_group(m) for m in sorted(member_ids)), partial(_render_plan, plan_id))
+
+
 class _Relay:
-    """This process's (event loop's) subscription to the nudges of the sessions watched here."""
+    """This process's (event loop's) subscription to the nudges of the topics watched here."""
 
     def __init__(self):
         self.layer = get_channel_layer()
         self.channel = None
         self.receiver = None
-        self.watchers = {}  # session id -> consumers here
+        self.topics = {}  # key -> Topic watched here
+        self.watchers = {}  # key -> consumers here
+        self.subscribers = {}  # group -> keys of the topics it announces
         self.membership = asyncio.Lock()  # group_add and group_discard, in order
-        self.waiting = {}  # session id -> [(nudge or None, consumer or None)] for the next round
+        self.waiting = {}  # key -> [(nudge or None, consumer or None)] for a coming round
+        self.rendered_at = {}  # key -> loop time of its last round
+        self.wake = asyncio.Event()  # a request arrived while the rounds waited out an interval
         self.rounds = None  # the task running rounds while requests wait
         self.deliveries = set()
 
     async def watch(self, consumer):
+        topic = consumer.topic
         async with self.membership:
             if self.channel is None:
                 self.channel = await self.layer.new_channel()
-            # Every join refreshes the membership, which the channel layer expires after a day.
-            await self.layer.group_add(session_group(consumer.session_id), self.channel)
-            self.watchers.setdefault(consumer.session_id, set()).add(consumer)
+            known = self.topics.get(topic.key)
+            if known is not None:  # a plan watched since before all its members existed learns of the later ones
+                topic = replace(known, groups=tuple(sorted(set(known.groups) | set(topic.groups))))
+            self.topics[topic.key] = topic
+            # Every join refreshes the memberships, which the channel layer expires after a day.
+            for group in topic.groups:
+                await self.layer.group_add(group, self.channel)
+                self.subscribers.setdefault(group, set()).add(topic.key)
+            self.watchers.setdefault(topic.key, set()).add(consumer)
             if self.receiver is None:
                 self.receiver = asyncio.ensure_future(self.receive())
-        self.request(consumer.session_id, None, consumer)  # catch up: whatever was missed is in the database
+        self.request(topic.key, None, consumer)  # catch up: whatever was missed is in the database
 
     async def unwatch(self, consumer):
+        key = consumer.topic.key
         async with self.membership:
-            watchers = self.watchers.get(consumer.session_id, set())
+            watchers = self.watchers.get(key, set())
             if consumer not in watchers:
                 return
             watchers.discard(consumer)
             if not watchers:
-                del self.watchers[consumer.session_id]
-                await self.layer.group_discard(session_group(consumer.session_id), self.channel)
+                del self.watchers[key]
+                self.rendered_at.pop(key, None)
+                for group in self.topics.pop(key).groups:
+                    keys = self.subscribers.get(group, set())
+                    keys.discard(key)
+                    if not keys:
+                        self.subscribers.pop(group, None)
+                        await self.layer.group_discard(group, self.channel)
             if not self.watchers and self.receiver is not None:  # nobody left: let go of the layer
                 self.receiver.cancel()
                 self.receiver = None
@@ -88,8 +153,9 @@ class _Relay:
         try:
             while True:
                 event = await self.layer.receive(self.channel)
-                if event.get("type") == "session.changed" and event.get("session") in self.watchers:
-                    self.request(event["session"], event, None)
+                # Joined to several groups, the channel gets a copy from each: a copy goes to that group's topics.
+                for key in self.subscribers.get(event.get("group"), ()):
+                    self.request(key, event, None)
         except asyncio.CancelledError:
             raise
         except Exception:  # the layer failed: let every client reconnect, and so catch up
@@ -99,37 +165,59 @@ class _Relay:
                 for consumer in list(consumers):
                     await consumer.close(code=1011)
 
-    def request(self, session_id, nudge, consumer):
-        """Ask the next round for a render: for everyone watching (a nudge) or one consumer (its catch-up)."""
-        self.waiting.setdefault(session_id, []).append((nudge, consumer))
+    def request(self, key, nudge, consumer):
+        """Ask a coming round for a render: for everyone watching (a nudge) or one consumer (its catch-up)."""
+        self.waiting.setdefault(key, []).append((nudge, consumer))
+        self.wake.set()
         if self.rounds is None or self.rounds.done():
             self.rounds = asyncio.ensure_future(self.run_rounds())
 
+    def due_at(self, key, requests):
+        """When the topic's next round may run: at once for a catch-up, else once its interval has passed."""
+        topic = self.topics.get(key)
+        if topic is None or not topic.interval or any(consumer is not None for _, consumer in requests):
+            return 0.0
+        return self.rendered_at.get(key, float("-inf")) + topic.interval
+
     async def run_rounds(self):
-        """One round after another while requests wait; each takes what waited when it began, before any read."""
+        """One round after another while requests wait; each takes what waited for its due topics when it began, before any read."""
+        loop = asyncio.get_running_loop()
         while self.waiting:
-            waiting, self.waiting = self.waiting, {}
+            self.wake.clear()
+            now = loop.time()
+            due_at = {key: self.due_at(key, requests) for key, requests in self.waiting.items()}
+            due = [key for key, at in due_at.items() if at <= now]
+            if not due:  # only paced topics wait: sleep until the first is due, or a new request comes
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), min(due_at.values()) - now)
+                continue
+            taken = {key: self.waiting.pop(key) for key in due}
+            topics = [self.topics[key] for key in taken if key in self.topics]  # a topic left unwatched renders no more
+            for topic in topics:
+                self.rendered_at[topic.key] = now
             try:
-                rendered = await sync_to_async(self.render)(list(waiting))
+                rendered = await sync_to_async(self.render)(topics)
             except Exception:  # a missed update costs nothing: the next nudge renders again
                 log.warning("live updates: rendering failed", exc_info=True)
                 continue
             sends = []
-            for session_id, requests in waiting.items():
+            for key, requests in taken.items():
+                if key not in rendered:
+                    continue
                 nudges = [nudge for nudge, consumer in requests if consumer is None]
-                for consumer in self.watchers.get(session_id, ()):
+                for consumer in self.watchers.get(key, ()):
                     if nudges or any(c is consumer for _, c in requests):
-                        sends.append(consumer.deliver(rendered[session_id], nudges))
+                        sends.append(consumer.deliver(rendered[key], nudges))
             # Not awaited: the next round renders meanwhile; each consumer sends its updates in order.
             delivery = asyncio.ensure_future(_gather_logged(sends))
             self.deliveries.add(delivery)  # the loop keeps only weak references to tasks
             delivery.add_done_callback(self.deliveries.discard)
 
-    def render(self, session_ids):
+    def render(self, topics):
         """On the database thread, which keeps its connection while rounds follow one another: at ten
         rounds a second, opening a PostgreSQL connection for each cost more than the renders."""
         try:
-            rendered = {session_id: _render_progress(session_id) for session_id in session_ids}
+            rendered = {topic.key: topic.render() for topic in topics}
         except Exception:
             connection.close()
             raise
@@ -174,17 +262,19 @@ class LoginBoundConsumer(AsyncWebsocketConsumer):
         await self.close(code=4401)
 
 
-class SessionConsumer(LoginBoundConsumer):
+class LiveConsumer(LoginBoundConsumer):
+    """A page's live socket: refuses anonymous users (4401) and unknown objects (4404), watches its topic
+    through the relay, and sends each round's fragment, in the order the rounds rendered them."""
+
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        self.session_id = self.scope["url_route"]["kwargs"]["pk"]
-        if not await self._exists():
+        self.topic = await self.find_topic()
+        if self.topic is None:
             await self.close(code=4404)
             return
-        self.last_status = None
         self.sending = asyncio.Lock()  # one update at a time, in the order the rounds rendered them
         await self.join_login_groups()
         await self.accept()
@@ -199,18 +289,39 @@ class SessionConsumer(LoginBoundConsumer):
     async def receive(self, text_data=None, bytes_data=None):
         pass  # mutations go over HTTP, never over the websocket
 
-    async def deliver(self, progress, nudges):
-        """Send the round's progress fragment, the action buttons if the status changed, and the nudges answered."""
-        if progress is None:  # the session is gone
+    async def find_topic(self):
+        raise NotImplementedError
+
+    async def deliver(self, rendered, nudges):
+        """Send the round's fragment (and whatever this user's copy adds) and the nudges answered."""
+        if rendered is None:  # gone
             return
-        status, html = progress
         async with self.sending:
-            parts = [html]
-            if status != self.last_status:
-                self.last_status = status
-                parts.append(await self._render_actions())
+            parts = await self.parts(rendered)
             parts += [f"<!-- nudge {n['nudge']} sent {float(n['sent']):.6f} -->" for n in nudges if "nudge" in n]
             await self.send(text_data="".join(parts))
+
+    async def parts(self, rendered):
+        return [rendered]
+
+
+class SessionConsumer(LiveConsumer):
+    """The session page. The action buttons depend on the user's role: they are rendered for each user, and
+    re-sent only when the status changed, so a reason being typed is not wiped by progress updates."""
+
+    last_status = None
+
+    async def find_topic(self):
+        self.session_id = self.scope["url_route"]["kwargs"]["pk"]
+        return session_topic(self.session_id) if await self._exists() else None
+
+    async def parts(self, rendered):
+        status, html = rendered
+        parts = [html]
+        if status != self.last_status:
+            self.last_status = status
+            parts.append(await self._render_actions())
+        return parts
 
     @database_sync_to_async
     def _exists(self):
@@ -227,45 +338,23 @@ class SessionConsumer(LoginBoundConsumer):
         return render_to_string("failback/partials/session_actions.html", session_context(session, self.scope["user"], oob=True))
 
 
-class DashboardConsumer(LoginBoundConsumer):
-    """The dashboard: any session's nudge re-renders it from the database (at most every THROTTLE s)."""
+class DashboardConsumer(LiveConsumer):
+    """The dashboard: any session's nudge re-renders it, at most every DASHBOARD_INTERVAL_S, the last state always."""
 
-    THROTTLE = 1.0
+    async def find_topic(self):
+        return dashboard_topic()
 
-    async def connect(self):
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=4401)
-            return
-        self.joined = True
-        self.last_sent = 0.0
-        await self.join_login_groups()
-        await self.channel_layer.group_add(SESSIONS_GROUP, self.channel_name)
-        await self.accept()
-        await self.push()
 
-    async def disconnect(self, code):
-        await self.leave_login_groups()
-        if getattr(self, "joined", False):
-            await self.channel_layer.group_discard(SESSIONS_GROUP, self.channel_name)
+class PlanConsumer(LiveConsumer):
+    """A plan's page: its members' nudges re-render the members' table."""
 
-    async def receive(self, text_data=None, bytes_data=None):
-        pass
-
-    async def session_changed(self, event):
-        import time
-
-        if time.monotonic() - self.last_sent >= self.THROTTLE:
-            await self.push()
-
-    async def push(self):
-        import time
-
-        self.last_sent = time.monotonic()
-        await self.send(text_data=await self._render())
+    async def find_topic(self):
+        plan_id = self.scope["url_route"]["kwargs"]["pk"]
+        members = await self._members(plan_id)
+        return None if members is None else plan_topic(plan_id, members)
 
     @database_sync_to_async
-    def _render(self):
-        from .presenters import dashboard_context
-
-        return render_to_string("failback/partials/dashboard_live.html", {**dashboard_context(), "oob": True})
+    def _members(self, plan_id):
+        if not FailbackPlan.objects.filter(pk=plan_id).exists():
+            return None
+        return list(FailbackSession.objects.filter(plan_id=plan_id).values_list("pk", flat=True))

@@ -57,8 +57,7 @@ def plan_new(request):
 @require_GET
 def plan_detail(request, pk):
     plan = get_object_or_404(FailbackPlan, pk=pk)
-    template = "failback/partials/plan_members.html" if request.htmx else "failback/plan_detail.html"
-    return render(request, template, plan_context(plan, request.user))
+    return render(request, "failback/plan_detail.html", plan_context(plan, request.user))  # members kept live over /ws/plans/<pk>/
 
 
 @require_POST

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pyte
 LONG = 60_000  # ms: generous waits for worker steps on a busy machine (not a speed assertion)
 
 
-def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(page, portal):
+def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(page, portal):  # noqa: F811 (fixtures)
     lab = LabHypervisor(settings.LAB_ROOT)
     names = ["app-crm-01_replica", "web-01_replica", "app-erp-01_replica"]
     replicas = [Replica.objects.get(name=n) for n in names]
@@ -37,10 +37,16 @@ def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(pag
         page.get_by_label(f"Production VM name for {r.name}").fill(f"{r.source_name}-prod")
         page.get_by_label(f"Target host for {r.name}").select_option("esx-prod-01")
         page.get_by_label(f"Datastore for {r.name}").select_option("prod-ds-01")
+    fetches = []  # htmx requests made by the page (it polled every 2 s before the websocket)
+    page.on("request", lambda request: fetches.append(request.url) if request.resource_type in ("xhr", "fetch") else None)
     page.get_by_role("button", name="Start plan").click()
     expect(page.get_by_role("heading", name="Plan wave A")).to_be_visible()
+    doc = page.evaluate("window.__doc")
     members = page.locator("#plan-members")
-    expect(members).to_contain_text("3 Ready to switch", timeout=LONG)  # the page refreshes itself
+    expect(members).to_contain_text("3 Ready to switch", timeout=LONG)  # the page follows its members over its websocket
+    assert page.evaluate("window.__doc") == doc, "the page was reloaded"
+    assert page.evaluate("window.__ws.open") >= 1 and page.evaluate("window.__ws.messages") >= 1, page.evaluate("window.__ws")
+    assert fetches == []
     page.get_by_role("button", name="Switch now").click()
     expect(members).to_contain_text("3 Failback", timeout=LONG)
     page.get_by_role("button", name="Commit").click()
@@ -50,6 +56,6 @@ def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(pag
     sessions = list(FailbackSession.objects.filter(plan=plan).order_by("plan_order"))
     assert [s.replica.name for s in sessions] == names
     assert all(s.status == SessionStatus.COMMITTED and s.replica.state == ReplicaState.READY for s in sessions)
-    for before, after in zip(sessions, sessions[1:]):
+    for before, after in zip(sessions, sessions[1:], strict=False):
         assert before.phase1_ended_at <= after.phase1_started_at  # one at a time, in order
         assert (after.production_on_at - before.production_on_at).total_seconds() >= 1  # powered on in order, 1 s apart

@@ -1,6 +1,7 @@
 """Live progress over websockets: login and origin checked, fragments rendered from the database,
 and progress published by another process (as a worker does) reaching the browser's socket."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,19 @@ from .conftest import ROOT, subprocess_env
 from .helpers import replica_named, start
 
 pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.asyncio]
+
+
+@pytest.fixture(autouse=True)
+def own_channel_layer(settings):
+    """On the production profile parallel test workers share one Redis, and their sessions the same small ids:
+    each worker gets its own key prefix, so a nudge for another worker's session #1 never reaches this one's.
+    Returns the prefix (None when there is no need), which a publishing process must use too."""
+    worker, layer = os.environ.get("PYTEST_XDIST_WORKER"), settings.CHANNEL_LAYERS["default"]
+    if not worker or not layer["BACKEND"].startswith("channels_redis"):
+        return None
+    prefix = f"asgi-{worker}"
+    settings.CHANNEL_LAYERS = {"default": {**layer, "CONFIG": {**layer.get("CONFIG", {}), "prefix": prefix}}}
+    return prefix
 
 
 def cookie_for(user):
@@ -65,7 +79,7 @@ async def test_it_sends_the_current_state_on_connect(session, viewer):
     await ws.disconnect()
 
 
-async def test_it_delivers_progress_published_by_another_process(session, operator, settings):
+async def test_it_delivers_progress_published_by_another_process(session, operator, settings, own_channel_layer):
     ws = communicator(session.pk, await sync(cookie_for)(operator))
     connected, _ = await ws.connect()
     assert connected
@@ -73,6 +87,9 @@ async def test_it_delivers_progress_published_by_another_process(session, operat
     publisher = textwrap.dedent(f"""
         import django
         django.setup()
+        from django.conf import settings
+        if {own_channel_layer!r}:
+            settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = {own_channel_layer!r}
         from failback.models import SessionDisk
         from failback import broadcast
         SessionDisk.objects.filter(session_id={session.pk}).update(bytes_done=3 * 2**20, bytes_total=6 * 2**20, rate_bps=2**20, method="full")
