@@ -15,7 +15,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from . import workflow
+from . import broadcast, workflow
 from .audit import Refused, audit, clean_reason, refuse, require_operator
 from .choices import Outcome, SessionStatus, SwitchMode
 from .models import FailbackPlan, FailbackSession, Replica
@@ -168,6 +168,7 @@ def schedule_switch(actor, plan_id, switch_at, *, reason=""):
             plan.sessions.exclude(status__in=OUT_OF_PLAY).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at)
             plan.refresh_from_db()
             set_plan_schedule(plan)
+            broadcast.plan_changed(plan.pk)  # its members' pages and the dashboard show the new moment
             audit(action=action, actor=actor, detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
                            + (f": {reason}" if reason else ""), data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat()})
             return plan

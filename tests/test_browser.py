@@ -19,7 +19,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from failback import workflow
-from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
+from failback.choices import AuditAction, Outcome, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_ON
 from failback.hypervisors.lab import LabHypervisor
 from failback.models import AuditEvent, FailbackSession, Replica
@@ -336,7 +336,8 @@ def test_it_lists_filters_and_exports_the_audit_trail(page, portal):
     page.goto("/audit/")
     table = page.locator("table.grid tbody")
     for action in ("start_failback", "finish_phase1", "switch", "finish_switch", "commit", "finish_commit", "undo"):
-        expect(table).to_contain_text(action)
+        expect(table).to_contain_text(AuditAction(action).label)  # shown by label, the stored name in its title
+        expect(table.locator(f'td[title="{action}"]').first).to_be_visible()
     total = AuditEvent.objects.count()
     expect(page.locator("main")).to_contain_text(f"{total} events")
 
