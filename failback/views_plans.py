@@ -8,9 +8,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import plans, workflow
-from .forms import DB_INT_MAX, PlanForm, ReasonForm, ScheduleSwitchForm
+from .forms import DB_INT_MAX, PlanForm
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackPlan, Replica
+from .actions import PLAN_ACTIONS
 from .presenters import can_operate, plan_context
 from .workflow import Refused
 
@@ -27,9 +28,8 @@ def plan_new(request):
     if not replicas:
         messages.error(request, "Select one or more replicas in Failover, then press “Fail back selected as a plan”.")
         return redirect("failback:replicas")
-    platforms = {(r.platform, r.connection_id) for r in replicas}
-    if len(platforms) > 1:
-        messages.error(request, "A plan's replicas must be on one platform (the lab or one vCenter).")
+    if mixed := plans.mixed_platforms(replicas):
+        messages.error(request, mixed)
         return redirect("failback:replicas")
     with closing(hypervisor_for(replicas[0])) as hv:
         inventory = hv.inventory()
@@ -63,23 +63,17 @@ def plan_detail(request, pk):
 @require_POST
 def plan_action(request, pk, action):
     plan = get_object_or_404(FailbackPlan, pk=pk)
-    form = (ScheduleSwitchForm if action == "schedule" else ReasonForm)(request.POST)
+    spec = PLAN_ACTIONS.get(action)
+    if spec is None:
+        raise Http404("No such action")
+    form = spec.form(request.POST)
     try:
         if not form.is_valid():
-            raise Refused(workflow.refuse_input(f"Plan {action} refused: " + "; ".join(" ".join(e) for e in form.errors.values()),
-                                                action=f"plan_{action}", actor=request.user, data={"plan": plan.name}))
-        reason = form.cleaned_data["reason"]
-        if action == "switch":
-            plans.switch_now(request.user, plan.pk, reason=reason)
-            messages.success(request, f"Plan {plan.name} is switching, member by member.")
-        elif action == "schedule":
-            plans.schedule_switch(request.user, plan.pk, form.cleaned_data["switch_at"], reason=reason)
-            messages.success(request, f"Plan {plan.name} will switch at {form.cleaned_data['switch_at']:%Y-%m-%d %H:%M %Z}.")
-        elif action in ("commit", "undo"):
-            done = getattr(plans, action)(request.user, plan.pk, reason=reason)
-            messages.success(request, f"{action.capitalize()} started for {len(done)} member(s).")
-        else:
-            raise Http404("No such action")
+            problems = "; ".join(" ".join(e) for e in form.errors.values())
+            raise Refused(workflow.refuse_input(f"{spec.audit.label} refused: {problems}", action=spec.audit,
+                                                actor=request.user, data={"plan": plan.name}))
+        done = spec.perform(request.user, plan.pk, form.cleaned_data)
+        messages.success(request, spec.notice(plan, done, form.cleaned_data))
     except Refused as refused:
         messages.error(request, refused.message)
     return redirect("failback:plan", pk=plan.pk)
