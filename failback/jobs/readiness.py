@@ -1,0 +1,83 @@
+"""Ready to switch: catch-up syncs while the replica runs, and the predicted window beside the buttons."""
+
+import threading
+from contextlib import closing
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from .. import broadcast, prediction
+from .. import checks as prechecks
+from ..choices import Outcome, SessionStatus
+from ..hypervisors.registry import hypervisor_for
+from ..models import FailbackSession
+from ..transfer import TransferCancelled, delta_copy
+from .network import _network
+from .progress import ProgressSink
+from .runs import Run, _mib, _note, _save, _state_dir, session_lock, superseded
+
+
+def _catch_up(run, session, hv):
+    """Bring the production disks up to date while the replica runs, so the final delta stays small."""
+    cancel = threading.Event()
+    written, report = {}, []
+    for disk in session.disks.all():
+        if _network(hv):
+            return None  # network transport resends whole disks: a catch-up would not shrink the window
+        src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
+        new_id = hv.change_tracking(session.replica.vm_id, disk.key) if disk.change_id else None
+        extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents) if new_id else None
+        sink = ProgressSink(disk, expect=SessionStatus.READY_TO_SWITCH, cancel=cancel, run=run, show=False)
+        try:
+            result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents, progress=sink,
+                                progress_interval=settings.FAILBACK_PROGRESS_INTERVAL, cancel=run.fence(cancel))
+        except TransferCancelled:
+            run.check()  # a switch that took the lease: stop here, silently
+            return None  # a cancel: the copy map is consistent, the next pass carries on
+        _save(disk, run, change_id=new_id or "")
+        written[disk.key] = result.bytes_written
+        report.append(f"{disk.key}: {_mib(result.bytes_written)} ({'tracked' if new_id else 'digest'})")
+    _save(session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written})
+    _note(session, "catch_up", f"Catch-up sync while the replica runs: {', '.join(report)}", outcome=Outcome.INFO,
+          data={"bytes_written": written}, run=run)
+    return written
+
+
+def _refresh_readiness(session, hv):
+    """Predict the window of a switch started now and re-run the switch checks; shown beside the buttons."""
+    forecast = prediction.predict(hv, session)
+    found = prechecks.before_switch(hv, session)
+    FailbackSession.objects.filter(pk=session.pk, status=SessionStatus.READY_TO_SWITCH).update(
+        predicted_window_s=forecast["window_s"],
+        prediction={**(session.prediction or {}), "now": forecast, "checks": [c.as_dict() for c in found], "checked_at": timezone.now().isoformat()})
+    broadcast.send_now(session.pk)
+    return forecast
+
+
+def run_readiness(session_id, *, catch_up=None):
+    """Scheduled every minute per Ready-to-switch session: a catch-up when one is due, then a fresh prediction."""
+    with superseded(session_id, "catch-up"):
+        return _run_readiness(session_id, catch_up)
+
+
+def _run_readiness(session_id, catch_up):
+    session = FailbackSession.objects.select_related("replica").get(pk=session_id)
+    if session.status != SessionStatus.READY_TO_SWITCH:
+        return None
+    with session_lock(session.pk, wait=False) as mine:
+        if not mine:
+            return None  # a switch, a cancel or another catch-up holds the disks
+        run = Run.take(session_id, SessionStatus.READY_TO_SWITCH)  # taken under the lock: a switch that starts later fences it
+        if run is None:
+            return None
+        with run.beating(), closing(hypervisor_for(session.replica)) as platform:
+            hv = run.hypervisor(platform)
+            last = session.catchup_at or session.phase1_ended_at
+            due = last is None or timezone.now() - last >= timedelta(minutes=settings.FAILBACK_CATCHUP_MINUTES)
+            if catch_up if catch_up is not None else due:
+                _catch_up(run, session, hv)
+                session.refresh_from_db()
+            if session.status != SessionStatus.READY_TO_SWITCH:
+                return None
+            return _refresh_readiness(session, hv)
