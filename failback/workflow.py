@@ -560,13 +560,3 @@ def declare_failover(actor, replica_id, *, reason=""):
             return Replica.objects.get(pk=replica.pk)
     refuse(f"Declare failover refused: {replica.name} is {Replica.objects.get(pk=replica.pk).get_state_display()}, not Ready.",
            action=action, actor=actor, replica=replica)
-
-
-
-
-def __getattr__(name):  # TEMPORARY while the worker module moves: jobs still calls workflow.after_phase1
-    if name == "after_phase1":
-        from .automatic import after_phase1
-
-        return after_phase1
-    raise AttributeError(name)

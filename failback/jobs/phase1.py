@@ -9,7 +9,7 @@ from contextlib import closing
 from django.conf import settings
 from django.utils import timezone
 
-from .. import broadcast, prediction, workflow
+from .. import automatic, broadcast, prediction, workflow
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
@@ -46,7 +46,7 @@ def _run_phase1(session_id, resume):
         hv = run.hypervisor(platform)
         if _phase1(run, session, hv):
             _refresh_readiness(FailbackSession.objects.select_related("replica").get(pk=session.pk), hv)
-    workflow.after_phase1(session.pk)
+    automatic.after_phase1(session.pk)
 
 
 def _phase1(run, session, hv):
