@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/dr_portal
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/7
 
-.PHONY: run setup test test-embedded test-production services bench model screenshots clean
+.PHONY: run setup test lint test-embedded test-production services bench model screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { sh tests/apt.sh python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -24,7 +24,12 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/python manage.py runportal
 
-test: test-embedded test-production
+test: lint test-embedded test-production
+
+# Lint and format first: a style slip fails in seconds, not after twenty minutes of tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-embedded: $(STAMP)
 	sh tests/apt.sh chromium

@@ -65,16 +65,28 @@ def main():
     replica = max(Replica.objects.all(), key=allocated)
     alloc = allocated(replica)
     config = lab.vm_config(replica.vm_id)
-    print(f"largest: {replica.name}, {len(config.disks)} disk(s), {sum(d.capacity_bytes for d in config.disks) / 2**30:.2f} GiB capacity, "
-          f"{alloc / 2**20:.0f} MiB allocated, tools={config.tools_installed}, shutdown_seconds={lab.vm_meta(replica.vm_id)['shutdown_seconds']}")
+    print(
+        f"largest: {replica.name}, {len(config.disks)} disk(s), {sum(d.capacity_bytes for d in config.disks) / 2**30:.2f} GiB capacity, "
+        f"{alloc / 2**20:.0f} MiB allocated, tools={config.tools_installed}, shutdown_seconds={lab.vm_meta(replica.vm_id)['shutdown_seconds']}"
+    )
     lab.set_vm_options(replica.vm_id, shutdown_hangs=False)
     networks = {nic.network: nic.network.replace("dr-", "prod-") for nic in config.nics if nic.network}
 
     stop = threading.Event()
-    writer = threading.Thread(target=run_workload, args=(settings.LAB_ROOT,), kwargs={"stop": stop, "mib_per_s": args.rate}, daemon=True)
+    writer = threading.Thread(
+        target=run_workload, args=(settings.LAB_ROOT,), kwargs={"stop": stop, "mib_per_s": args.rate}, daemon=True
+    )
     writer.start()
-    session = workflow.start_failback(user, replica.pk, vm_name=f"{replica.source_name}-prod", target_host="esx-prod-01",
-                                      target_datastore="prod-ds-01", network_map=networks, switch_mode="manual", power_on_after=True)
+    session = workflow.start_failback(
+        user,
+        replica.pk,
+        vm_name=f"{replica.source_name}-prod",
+        target_host="esx-prod-01",
+        target_datastore="prod-ds-01",
+        network_map=networks,
+        switch_mode="manual",
+        power_on_after=True,
+    )
     session = FailbackSession.objects.get(pk=session.pk)
     assert session.status == "ready_to_switch", (session.status, session.error)
     time.sleep(args.busy_seconds)
@@ -90,13 +102,19 @@ def main():
     delta_s = (session.phase2_ended_at - session.replica_off_at).total_seconds()
     on_s = (session.production_on_at - session.phase2_ended_at).total_seconds()
     for d in session.disks.all():
-        print(f"  disk {d.key}: phase 1 wrote {d.phase1_bytes_written / 2**20:.1f} MiB; phase 2 ({d.method}) wrote {d.phase2_bytes_written / 2**20:.2f} MiB; verified={d.verified}")
-    print(f"phase 1 {phase1:.2f} s; switch window {window:.2f} s = replica stop {stop_s:.2f} s ({session.stop_method}) "
-          f"+ final delta and verify {delta_s:.2f} s + power on {on_s:.2f} s")
+        print(
+            f"  disk {d.key}: phase 1 wrote {d.phase1_bytes_written / 2**20:.1f} MiB; phase 2 ({d.method}) wrote {d.phase2_bytes_written / 2**20:.2f} MiB; verified={d.verified}"
+        )
+    print(
+        f"phase 1 {phase1:.2f} s; switch window {window:.2f} s = replica stop {stop_s:.2f} s ({session.stop_method}) "
+        f"+ final delta and verify {delta_s:.2f} s + power on {on_s:.2f} s"
+    )
     shutil.rmtree(var, ignore_errors=True)
     print(f"predicted before the switch: {predicted:.2f} s")
-    print(f"phase1_s={phase1:.2f} switch_window_s={window:.2f} window_vs_phase1={window / phase1:.3f} predicted_s={predicted:.2f} "
-          f"predicted_vs_actual={predicted / window:.3f} largest={replica.name} allocated_mib={alloc / 2**20:.0f}")
+    print(
+        f"phase1_s={phase1:.2f} switch_window_s={window:.2f} window_vs_phase1={window / phase1:.3f} predicted_s={predicted:.2f} "
+        f"predicted_vs_actual={predicted / window:.3f} largest={replica.name} allocated_mib={alloc / 2**20:.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,22 @@ def seed():
     rng = random.Random(7)
     states = [ReplicaState.READY] * 6 + [ReplicaState.FAILOVER] * 3 + [ReplicaState.READY_TO_SWITCH]
     Replica.objects.bulk_create(
-        Replica(name=f"vm-{i:05d}_replica", source_name=f"vm-{i:05d}", vm_id=f"bench-{i}", host=f"esx-dr-{i % 40:02d}",
-                site=f"DR-{i % 3}", state=rng.choice(states)) for i in range(REPLICAS))
+        Replica(
+            name=f"vm-{i:05d}_replica",
+            source_name=f"vm-{i:05d}",
+            vm_id=f"bench-{i}",
+            host=f"esx-dr-{i % 40:02d}",
+            site=f"DR-{i % 3}",
+            state=rng.choice(states),
+        )
+        for i in range(REPLICAS)
+    )
     replica_ids = list(Replica.objects.filter(vm_id__startswith="bench-").values_list("pk", flat=True))
-    ReplicaDisk.objects.bulk_create(ReplicaDisk(replica_id=r, key=f"scsi0:{k}", capacity_bytes=(k + 1) * 2**30, datastore="dr-ds-01")
-                                    for r in replica_ids for k in range(2))
+    ReplicaDisk.objects.bulk_create(
+        ReplicaDisk(replica_id=r, key=f"scsi0:{k}", capacity_bytes=(k + 1) * 2**30, datastore="dr-ds-01")
+        for r in replica_ids
+        for k in range(2)
+    )
     now = timezone.now()
     outcomes = [SessionStatus.COMMITTED] * 7 + [SessionStatus.UNDONE] * 2 + [SessionStatus.FAILED]
     batch = 5_000
@@ -53,22 +64,64 @@ def seed():
         sessions = []
         for i in range(start, min(SESSIONS, start + batch)):
             t = now - timedelta(minutes=(SESSIONS - i) * 15)
-            sessions.append(FailbackSession(
-                replica_id=replica_ids[i % len(replica_ids)], status=rng.choice(outcomes), vm_name=f"prod-{i}", target_host="esx-prod-01",
-                target_datastore="prod-ds-01", switch_mode=SwitchMode.MANUAL, shutdown_timeout_s=900, started_by=user, created_at=t,
-                phase1_started_at=t, phase1_ended_at=t + timedelta(minutes=5), switch_started_at=t + timedelta(minutes=6),
-                replica_off_at=t + timedelta(minutes=6, seconds=20), phase2_ended_at=t + timedelta(minutes=6, seconds=30),
-                production_on_at=t + timedelta(minutes=6, seconds=31), ended_at=t + timedelta(minutes=10)))
+            sessions.append(
+                FailbackSession(
+                    replica_id=replica_ids[i % len(replica_ids)],
+                    status=rng.choice(outcomes),
+                    vm_name=f"prod-{i}",
+                    target_host="esx-prod-01",
+                    target_datastore="prod-ds-01",
+                    switch_mode=SwitchMode.MANUAL,
+                    shutdown_timeout_s=900,
+                    started_by=user,
+                    created_at=t,
+                    phase1_started_at=t,
+                    phase1_ended_at=t + timedelta(minutes=5),
+                    switch_started_at=t + timedelta(minutes=6),
+                    replica_off_at=t + timedelta(minutes=6, seconds=20),
+                    phase2_ended_at=t + timedelta(minutes=6, seconds=30),
+                    production_on_at=t + timedelta(minutes=6, seconds=31),
+                    ended_at=t + timedelta(minutes=10),
+                )
+            )
         FailbackSession.objects.bulk_create(sessions, batch_size=1000)
     session_rows = list(FailbackSession.objects.values_list("pk", "replica_id", "created_at"))
     for start in range(0, len(session_rows), batch):
-        chunk = session_rows[start:start + batch]
-        SessionDisk.objects.bulk_create((SessionDisk(session_id=pk, key=f"scsi0:{k}", capacity_bytes=2**30, method="full", bytes_total=2**29,
-                                                     bytes_done=2**29, verified=True) for pk, _, _ in chunk for k in range(2)), batch_size=2000)
-        AuditEvent.objects.bulk_create((AuditEvent(at=created + timedelta(seconds=e), actor=user if e in (0, 5, 9) else None,
-                                                   actor_name="olivia" if e in (0, 5, 9) else "system", action=f"step_{e}", session_id=pk,
-                                                   replica_id=replica, outcome=Outcome.OK, detail=f"step {e} of session {pk}", data={"n": e})
-                                        for pk, replica, created in chunk for e in range(EVENTS_PER_SESSION)), batch_size=2000)
+        chunk = session_rows[start : start + batch]
+        SessionDisk.objects.bulk_create(
+            (
+                SessionDisk(
+                    session_id=pk,
+                    key=f"scsi0:{k}",
+                    capacity_bytes=2**30,
+                    method="full",
+                    bytes_total=2**29,
+                    bytes_done=2**29,
+                    verified=True,
+                )
+                for pk, _, _ in chunk
+                for k in range(2)
+            ),
+            batch_size=2000,
+        )
+        AuditEvent.objects.bulk_create(
+            (
+                AuditEvent(
+                    at=created + timedelta(seconds=e),
+                    actor=user if e in (0, 5, 9) else None,
+                    actor_name="olivia" if e in (0, 5, 9) else "system",
+                    action=f"step_{e}",
+                    session_id=pk,
+                    replica_id=replica,
+                    outcome=Outcome.OK,
+                    detail=f"step {e} of session {pk}",
+                    data={"n": e},
+                )
+                for pk, replica, created in chunk
+                for e in range(EVENTS_PER_SESSION)
+            ),
+            batch_size=2000,
+        )
     return user, session_rows[-1][0]
 
 
@@ -96,8 +149,14 @@ def main():
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
     var = tempfile.mkdtemp(prefix="dr-pages-")
-    os.environ.update({"DR_PORTAL_VAR": var, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING",
-                       "DJANGO_ALLOWED_HOSTS": "testserver"})
+    os.environ.update(
+        {
+            "DR_PORTAL_VAR": var,
+            "DJANGO_SETTINGS_MODULE": "dr_portal.settings",
+            "LOG_LEVEL": "WARNING",
+            "DJANGO_ALLOWED_HOSTS": "testserver",
+        }
+    )
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("REDIS_URL", None)
     import django
@@ -110,24 +169,34 @@ def main():
     call_command("migrate", database="channels", verbosity=0)
     started = time.monotonic()
     user, last_session = seed()
-    print(f"seeded {REPLICAS} replicas, {SESSIONS} sessions, {SESSIONS * EVENTS_PER_SESSION} audit rows in {time.monotonic() - started:.0f} s")
+    print(
+        f"seeded {REPLICAS} replicas, {SESSIONS} sessions, {SESSIONS * EVENTS_PER_SESSION} audit rows in {time.monotonic() - started:.0f} s"
+    )
     client = Client()
     client.force_login(user)
     anonymous = Client()
     peer_median, peer_p95, _ = measure(anonymous, "/accounts/login/", args.runs)
     print(f"{'peer: login page':38} median {peer_median:7.1f} ms  p95 {peer_p95:7.1f} ms")
     pages = [
-        ("dashboard", "/"), ("replicas", "/replicas/"), ("replicas, page 100 (deep)", "/replicas/?page=100"),
+        ("dashboard", "/"),
+        ("replicas", "/replicas/"),
+        ("replicas, page 100 (deep)", "/replicas/?page=100"),
         ("replicas, filtered", "/replicas/?state=failover&q=vm-04&sort=host"),
-        ("sessions", "/sessions/"), ("sessions, page 1000 (deep)", "/sessions/?page=1000"),
-        ("session page", f"/sessions/{last_session}/"), ("session report", f"/sessions/{last_session}/report/"),
-        ("audit", "/audit/"), ("audit, page 5000 (deep)", "/audit/?page=5000"), ("audit, filtered", "/audit/?user=olivia&action=step_5"),
+        ("sessions", "/sessions/"),
+        ("sessions, page 1000 (deep)", "/sessions/?page=1000"),
+        ("session page", f"/sessions/{last_session}/"),
+        ("session report", f"/sessions/{last_session}/report/"),
+        ("audit", "/audit/"),
+        ("audit, page 5000 (deep)", "/audit/?page=5000"),
+        ("audit, filtered", "/audit/?user=olivia&action=step_5"),
     ]
     worst_p95 = max_queries = 0
     for name, url in pages:
         median, p95, queries = measure(client, url, args.runs)
         worst_p95, max_queries = max(worst_p95, p95), max(max_queries, queries)
-        print(f"{name:38} median {median:7.1f} ms  p95 {p95:7.1f} ms  queries {queries:3d}  p95 vs peer {p95 / peer_p95:5.1f}x")
+        print(
+            f"{name:38} median {median:7.1f} ms  p95 {p95:7.1f} ms  queries {queries:3d}  p95 vs peer {p95 / peer_p95:5.1f}x"
+        )
     shutil.rmtree(var, ignore_errors=True)
     print(f"p95_ms={worst_p95:.0f} max_queries={max_queries}")
 

@@ -300,7 +300,7 @@ def main() -> None:
             sizes = [GiB // d, 4 * GiB // d, 16 * GiB // d]
             windows = [window(work, s, rng, args.rounds) for s in sizes]
             growth = windows[-1] / windows[0]
-            for s, w in zip(sizes, windows):
+            for s, w in zip(sizes, windows, strict=True):
                 print(f"sweep {s / GiB:.2f} GiB: switch data window {w:.3f} s")
         if args.bandwidth:
             bandwidth(work)

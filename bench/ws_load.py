@@ -53,7 +53,9 @@ SETUP_MARGIN_S = 60  # phase 1 lasts this much longer than the window: start, co
 GRACE_S = 2.0
 DRAIN_S = 15.0  # after the window, how long the clients may take to receive what was published in it
 STAMP = re.compile(r"<!-- nudge (\w+) sent ([\d.]+) -->")
-DB_ERRORS = re.compile(r"OperationalError|InterfaceError|DatabaseError|IntegrityError|database is locked|psycopg\.errors|connection (?:refused|reset)")
+DB_ERRORS = re.compile(
+    r"OperationalError|InterfaceError|DatabaseError|IntegrityError|database is locked|psycopg\.errors|connection (?:refused|reset)"
+)
 PROFILES = {"production": (200, 20), "embedded": (50, 5)}
 
 
@@ -89,9 +91,21 @@ class Bench:
         self.args, self.var = args, var
         self.procs = {}  # name -> Popen, each the leader of its own process group
         self.database_created = False
-        self.env = {**os.environ, "DR_PORTAL_VAR": str(var), "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING",
-                    "Q_WORKERS": str(args.sessions + 1)}  # any cluster may pick up every phase 1, plus the watchdog
-        for name in ("DATABASE_URL", "REDIS_URL", "CHANNELS_DB_PATH", "LAB_ROOT", "FAILBACK_STATE_DIR", "FAILBACK_PROGRESS_INTERVAL"):
+        self.env = {
+            **os.environ,
+            "DR_PORTAL_VAR": str(var),
+            "DJANGO_SETTINGS_MODULE": "dr_portal.settings",
+            "LOG_LEVEL": "WARNING",
+            "Q_WORKERS": str(args.sessions + 1),
+        }  # any cluster may pick up every phase 1, plus the watchdog
+        for name in (
+            "DATABASE_URL",
+            "REDIS_URL",
+            "CHANNELS_DB_PATH",
+            "LAB_ROOT",
+            "FAILBACK_STATE_DIR",
+            "FAILBACK_PROGRESS_INTERVAL",
+        ):
             self.env.pop(name, None)
         if args.profile == "production":
             self.env.update(DATABASE_URL=f"{PG_SERVER}/{PG_DATABASE}", REDIS_URL=REDIS_URL)
@@ -114,21 +128,39 @@ class Bench:
         data_mib = int((args.seconds + SETUP_MARGIN_S) * LIMIT_MB_S * 1e6 / 2**20) + 1
         started = time.monotonic()
         self.build_lab(data_mib)
-        print(f"{args.profile} profile; lab of {args.sessions} replicas x {data_mib} MiB built in {time.monotonic() - started:.1f} s under {self.var}")
+        print(
+            f"{args.profile} profile; lab of {args.sessions} replicas x {data_mib} MiB built in {time.monotonic() - started:.1f} s under {self.var}"
+        )
         users = self.users()
         ports = [free_port() for _ in range(args.web)]
         for i, port in enumerate(ports):
-            self.start(f"web-{i + 1}", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "dr_portal.asgi:application"])
+            self.start(
+                f"web-{i + 1}",
+                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "dr_portal.asgi:application"],
+            )
         for port in ports:
-            wait_for(lambda port=port: http_ok(f"http://127.0.0.1:{port}/accounts/login/"), 60, f"Daphne on port {port}")
+            wait_for(
+                lambda port=port: http_ok(f"http://127.0.0.1:{port}/accounts/login/"), 60, f"Daphne on port {port}"
+            )
         sessions = self.start_failbacks(users[0])
         # Client n watches session n mod S through web process (n div S) mod W; operators and viewers take turns per round.
-        clients = [Client(n, sessions[n % len(sessions)], ports[n // len(sessions) % len(ports)], cookie_for(users[n // (len(sessions) * len(ports)) % 2]))
-                   for n in range(args.clients)]
-        print(f"{len(sessions)} failbacks queued, to copy at {LIMIT_MB_S} MB/s each; {args.web} web processes on ports {', '.join(map(str, ports))}; "
-              f"connecting {len(clients)} clients, then starting {args.workers} worker clusters of {self.env['Q_WORKERS']}")
+        clients = [
+            Client(
+                n,
+                sessions[n % len(sessions)],
+                ports[n // len(sessions) % len(ports)],
+                cookie_for(users[n // (len(sessions) * len(ports)) % 2]),
+            )
+            for n in range(args.clients)
+        ]
+        print(
+            f"{len(sessions)} failbacks queued, to copy at {LIMIT_MB_S} MB/s each; {args.web} web processes on ports {', '.join(map(str, ports))}; "
+            f"connecting {len(clients)} clients, then starting {args.workers} worker clusters of {self.env['Q_WORKERS']}"
+        )
         published, t0, t_end, cpu = asyncio.run(self.measure(sessions, clients))
-        logs = {name: (self.var / f"{name}.log").read_text(errors="replace") for name in self.procs}  # before anything is stopped
+        logs = {
+            name: (self.var / f"{name}.log").read_text(errors="replace") for name in self.procs
+        }  # before anything is stopped
         return self.report(sessions, clients, published, t0, t_end, cpu, logs)
 
     def reset_services(self):
@@ -159,8 +191,14 @@ class Bench:
             lab.add_network(network)
         chunk = os.urandom(4 * 2**20)
         for i in range(self.args.sessions):
-            vm = lab.create_vm(f"load-{i + 1:02d}_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[capacity], networks=["dr-net"],
-                               power_on=True)
+            vm = lab.create_vm(
+                f"load-{i + 1:02d}_replica",
+                host="esx-dr-01",
+                datastore="dr-ds-01",
+                disks=[capacity],
+                networks=["dr-net"],
+                power_on=True,
+            )
             for offset in range(0, data_mib * 2**20, len(chunk)):
                 lab.guest_write(vm, "scsi0:0", offset, chunk)
         call_command("seed_lab", "--no-user", stdout=open(os.devnull, "w"))  # imports the replicas
@@ -176,16 +214,28 @@ class Bench:
 
     def start(self, name, command):
         log = open(self.var / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def start_failbacks(self, operator):
         """Queued in the broker: the workers start only once every client is connected."""
         from failback import workflow
         from failback.models import Replica
 
-        return [workflow.start_failback(operator, replica.pk, vm_name=replica.source_name, target_host="esx-prod-01", target_datastore="prod-ds-01",
-                                        network_map={"dr-net": "prod-net"}, power_on_after=False, bandwidth_mbps=LIMIT_MB_S).pk
-                for replica in Replica.objects.order_by("name")]
+        return [
+            workflow.start_failback(
+                operator,
+                replica.pk,
+                vm_name=replica.source_name,
+                target_host="esx-prod-01",
+                target_datastore="prod-ds-01",
+                network_map={"dr-net": "prod-net"},
+                power_on_after=False,
+                bandwidth_mbps=LIMIT_MB_S,
+            ).pk
+            for replica in Replica.objects.order_by("name")
+        ]
 
     def start_workers(self, sessions):
         from failback.models import FailbackSession
@@ -197,7 +247,9 @@ class Bench:
             dead = [name for name, p in self.procs.items() if p.poll() is not None]
             if dead:
                 raise SystemExit(f"{', '.join(dead)} exited; see its log in {self.var}")
-            return FailbackSession.objects.filter(pk__in=sessions, status="phase1", disks__bytes_done__gt=0).distinct().count() == len(sessions)
+            return FailbackSession.objects.filter(
+                pk__in=sessions, status="phase1", disks__bytes_done__gt=0
+            ).distinct().count() == len(sessions)
 
         wait_for(all_copying, 120, "every failback to be copying")
 
@@ -226,7 +278,9 @@ class Bench:
             await asyncio.sleep(self.args.seconds)
             cpu1, t_end = cpu_sample(self.procs), time.time()
             drain_end = time.monotonic() + DRAIN_S
-            while time.monotonic() < drain_end and any(c.missing(published[c.session], t0, t_end - GRACE_S) for c in clients):
+            while time.monotonic() < drain_end and any(
+                c.missing(published[c.session], t0, t_end - GRACE_S) for c in clients
+            ):
                 await asyncio.sleep(0.5)
             await asyncio.gather(*(c.close() for c in clients))
         finally:
@@ -249,7 +303,9 @@ class Bench:
             received += len(got)
             late += sum(c.got[n][1] > t_end for n in got)
             latencies += [(c.got[n][1] - c.got[n][0]) * 1000 for n in got]
-        layer_ms = sorted((seen - sent) * 1000 for s in sessions for sent, seen in published[s].values() if t0 <= sent <= window_end)
+        layer_ms = sorted(
+            (seen - sent) * 1000 for s in sessions for sent, seen in published[s].values() if t0 <= sent <= window_end
+        )
         nudges = len(layer_ms)
         stray = sum(len(c.got.keys() - published[c.session].keys()) for c in clients)
         dropped = sum(bool(c.error) for c in clients)
@@ -258,16 +314,22 @@ class Bench:
         db_errors = sum(len(DB_ERRORS.findall(text)) for text in logs.values())
         latencies.sort()
         p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
-        print(f"window {t_end - t0:.1f} s ({GRACE_S:.0f} s grace): {nudges} nudges published for {len(sessions)} sessions "
-              f"({nudges / (window_end - t0):.1f}/s); {received} of {expected} updates due reached the clients ({late} after the window); "
-              f"{stray} received that the reference listeners did not see; {dropped} clients lost their connection")
+        print(
+            f"window {t_end - t0:.1f} s ({GRACE_S:.0f} s grace): {nudges} nudges published for {len(sessions)} sessions "
+            f"({nudges / (window_end - t0):.1f}/s); {received} of {expected} updates due reached the clients ({late} after the window); "
+            f"{stray} received that the reference listeners did not see; {dropped} clients lost their connection"
+        )
         if latencies:
-            print(f"publish-to-receive ms: median {statistics.median(latencies):.0f}, p95 {p95:.0f}, "
-                  f"p99 {latencies[int(0.99 * (len(latencies) - 1))]:.0f}, max {latencies[-1]:.0f}; "
-                  f"publish to the reference listener (channel layer alone): median {statistics.median(layer_ms):.0f}, "
-                  f"p95 {layer_ms[int(0.95 * (len(layer_ms) - 1))]:.0f}")
-        print(f"sessions still in phase 1 at the end: {copying}/{len(sessions)}; logs of {len(logs)} processes: "
-              f"{tracebacks} tracebacks, {db_errors} database errors")
+            print(
+                f"publish-to-receive ms: median {statistics.median(latencies):.0f}, p95 {p95:.0f}, "
+                f"p99 {latencies[int(0.99 * (len(latencies) - 1))]:.0f}, max {latencies[-1]:.0f}; "
+                f"publish to the reference listener (channel layer alone): median {statistics.median(layer_ms):.0f}, "
+                f"p95 {layer_ms[int(0.95 * (len(layer_ms) - 1))]:.0f}"
+            )
+        print(
+            f"sessions still in phase 1 at the end: {copying}/{len(sessions)}; logs of {len(logs)} processes: "
+            f"{tracebacks} tracebacks, {db_errors} database errors"
+        )
         for name, text in logs.items():
             for line in text.splitlines():
                 if DB_ERRORS.search(line) or "Traceback" in line:
@@ -321,8 +383,14 @@ class Client:
 
         try:
             async with connecting:
-                self.ws = await connect(f"ws://127.0.0.1:{self.port}/ws/sessions/{self.session}/", origin=f"http://127.0.0.1:{self.port}",
-                                        additional_headers={"Cookie": self.cookie}, compression=None, max_size=None, open_timeout=60)
+                self.ws = await connect(
+                    f"ws://127.0.0.1:{self.port}/ws/sessions/{self.session}/",
+                    origin=f"http://127.0.0.1:{self.port}",
+                    additional_headers={"Cookie": self.cookie},
+                    compression=None,
+                    max_size=None,
+                    open_timeout=60,
+                )
                 await self.ws.recv()  # the page's state, rendered once the consumer watches the session
                 self.opened = time.time()
             self.ready.set()
@@ -376,7 +444,7 @@ def cpu_sample(procs):
             raw = Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        comm, fields = raw[raw.index("(") + 1:raw.rindex(")")], raw[raw.rindex(")") + 2:].split()
+        comm, fields = raw[raw.index("(") + 1 : raw.rindex(")")], raw[raw.rindex(")") + 2 :].split()
         used = int(fields[11]) + int(fields[12])
         session = int(fields[3])
         if session in roles:
@@ -393,7 +461,9 @@ def cpu_sample(procs):
 def cpu_usage(before, after, seconds):
     hz = os.sysconf("SC_CLK_TCK")
     usage = {k: 100 * (after[k] - before[k]) / hz / seconds for k in before}
-    usage["others"] = usage["machine"] - sum(v for k, v in usage.items() if k != "machine")  # whatever else shares the machine
+    usage["others"] = usage["machine"] - sum(
+        v for k, v in usage.items() if k != "machine"
+    )  # whatever else shares the machine
     return usage
 
 

@@ -46,8 +46,11 @@ def env_str(name, default="", *, check=None, form="", secret=False):
 
 
 def _bounds(min, max, above, unit):
-    parts = [f"> {above:g}" if above is not None else "", f">= {min:g}" if min is not None else "",
-             f"<= {max:g}" if max is not None else ""]
+    parts = [
+        f"> {above:g}" if above is not None else "",
+        f">= {min:g}" if min is not None else "",
+        f"<= {max:g}" if max is not None else "",
+    ]
     return " ".join(p for p in [unit, *parts] if p)
 
 
@@ -60,8 +63,12 @@ def _number(name, default, parse, kind, min, max, above, unit):
         number = parse(value)
     except ValueError:
         raise _refuse(name, form, value) from None
-    if (not math.isfinite(number) or (above is not None and number <= above)
-            or (min is not None and number < min) or (max is not None and number > max)):
+    if (
+        not math.isfinite(number)
+        or (above is not None and number <= above)
+        or (min is not None and number < min)
+        or (max is not None and number > max)
+    ):
         raise _refuse(name, form, value)
     return number
 
@@ -97,7 +104,9 @@ def env_url(name, default="", *, schemes=None, form=""):
     value = _raw(name, default)
     if not value:
         return default
-    form = form or (f"a {' or '.join(s + '://' for s in schemes)} URL" if schemes else "a URL such as scheme://host/name")
+    form = form or (
+        f"a {' or '.join(s + '://' for s in schemes)} URL" if schemes else "a URL such as scheme://host/name"
+    )
     parts = urlsplit(value)
     if not parts.scheme or "://" not in value or (schemes and parts.scheme not in schemes):
         raise _refuse(name, form, value)

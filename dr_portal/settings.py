@@ -58,7 +58,9 @@ def _credentials_keys():
         for key in keys:
             Fernet(key)
     except ValueError:
-        raise ImproperlyConfigured("FAILBACK_CREDENTIALS_KEYS must be comma-separated Fernet keys (32 url-safe base64 bytes each)") from None
+        raise ImproperlyConfigured(
+            "FAILBACK_CREDENTIALS_KEYS must be comma-separated Fernet keys (32 url-safe base64 bytes each)"
+        ) from None
     return keys
 
 
@@ -171,7 +173,13 @@ else:
 # The cache holds short-lived counters only (failed logins per address, failback/logins.py): in Redis when
 # there is one, so that every web process counts together; else in the process's memory.
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "dr_portal"}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "dr_portal",
+        }
+    }
 
 TASK_TIMEOUT = env_int("FAILBACK_TASK_TIMEOUT", 6 * 3600, min=60, unit="seconds")
 Q_CLUSTER = {
@@ -202,8 +210,10 @@ FAILBACK_STALL_SECONDS = env_int("FAILBACK_STALL_SECONDS", 120, min=2, unit="sec
 # step is not taken over; only a silent one (killed, paused, its machine gone) is. Keep it well under the above.
 FAILBACK_HEARTBEAT_SECONDS = env_float("FAILBACK_HEARTBEAT_SECONDS", 10.0, above=0, unit="seconds")
 if not FAILBACK_HEARTBEAT_SECONDS < FAILBACK_STALL_SECONDS:
-    raise ImproperlyConfigured(f"FAILBACK_HEARTBEAT_SECONDS must be below FAILBACK_STALL_SECONDS ({FAILBACK_STALL_SECONDS}), "
-                               f"got {FAILBACK_HEARTBEAT_SECONDS:g}")
+    raise ImproperlyConfigured(
+        f"FAILBACK_HEARTBEAT_SECONDS must be below FAILBACK_STALL_SECONDS ({FAILBACK_STALL_SECONDS}), "
+        f"got {FAILBACK_HEARTBEAT_SECONDS:g}"
+    )
 # vCenter calls: socket timeout (seconds) and retries of a call that failed on the network (see vsphere.py).
 FAILBACK_VSPHERE_TIMEOUT = env_int("FAILBACK_VSPHERE_TIMEOUT", 30, min=1, unit="seconds")
 FAILBACK_VSPHERE_RETRIES = env_int("FAILBACK_VSPHERE_RETRIES", 3, min=0)

@@ -82,8 +82,8 @@ api = PortalAPI(
     title="DR portal automation API",
     version="1",
     description="Failback of DR replicas: list and read replicas, sessions, plans and the audit trail; start, switch, "
-                "schedule, cancel, commit and undo. Authenticate with a personal token: `Authorization: Bearer drp_…` "
-                "(create one on the portal's API tokens page or with `manage.py create_api_token`).",
+    "schedule, cancel, commit and undo. Authenticate with a personal token: `Authorization: Bearer drp_…` "
+    "(create one on the portal's API tokens page or with `manage.py create_api_token`).",
     urls_namespace="api-v1",
     openapi_url="/schema/",
     docs_url="/docs",
@@ -93,7 +93,13 @@ api = PortalAPI(
 
 READ = {401: Error, 422: ValidationProblem}
 ONE = {**READ, 404: Error}
-ACT = {**ONE, 400: Error, 403: Error, 409: Error, 413: Error}  # 400: the body is not a JSON object; 413: it is too large
+ACT = {
+    **ONE,
+    400: Error,
+    403: Error,
+    409: Error,
+    413: Error,
+}  # 400: the body is not a JSON object; 413: it is too large
 Limit = Query(50, ge=1, le=500, description="Rows per page (at most 500)")
 Offset = Query(0, ge=0, le=DB_INT_MAX, description="Rows to skip")
 PathId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An id (404 when there is none)")]
@@ -104,6 +110,7 @@ PathId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An id (404 when t
 # A call refused before the service is reached (the schema's validation, a body that is not JSON or too
 # large) is audited under that name too, once, by the token's user; reads and anonymous calls are not.
 
+
 def _audited(action):
     return {"openapi_extra": {"x-audit-action": action}}
 
@@ -112,7 +119,12 @@ def _audited(action):
 def _audit_actions():
     """{(method, path template): audit action} from the API's own OpenAPI schema."""
     paths = api.get_openapi_schema()["paths"]
-    return {(method.upper(), path): op["x-audit-action"] for path, ops in paths.items() for method, op in ops.items() if "x-audit-action" in op}
+    return {
+        (method.upper(), path): op["x-audit-action"]
+        for path, ops in paths.items()
+        for method, op in ops.items()
+        if "x-audit-action" in op
+    }
 
 
 def _refuse_request(request, problem, errors=()):
@@ -124,7 +136,11 @@ def _refuse_request(request, problem, errors=()):
     if action is None:
         return
     where = {"data": {"errors": list(errors)} if errors else {}}
-    ids = {name: int(value) for name, value in match.kwargs.items() if str(value).isdecimal() and 0 < int(value) <= DB_INT_MAX}
+    ids = {
+        name: int(value)
+        for name, value in match.kwargs.items()
+        if str(value).isdecimal() and 0 < int(value) <= DB_INT_MAX
+    }
     if "session_id" in ids:
         where["session"] = FailbackSession.objects.filter(pk=ids["session_id"]).first()
     if "replica_id" in ids:
@@ -181,13 +197,15 @@ def platform_failed(request, exc):
 
 @api.exception_handler(AuthenticationError)
 def unauthenticated(request, exc):
-    response = api.create_response(request, {"detail": "A valid API token is needed: Authorization: Bearer <token>."}, status=401)
+    response = api.create_response(
+        request, {"detail": "A valid API token is needed: Authorization: Bearer <token>."}, status=401
+    )
     response["WWW-Authenticate"] = 'Bearer realm="api"'
     return response
 
 
 def _page(queryset, limit, offset, render):
-    ids = list(queryset.values_list("pk", flat=True)[offset:offset + limit])
+    ids = list(queryset.values_list("pk", flat=True)[offset : offset + limit])
     rows = queryset.in_bulk(ids)
     return {"count": queryset.count(), "limit": limit, "offset": offset, "items": render([rows[pk] for pk in ids])}
 
@@ -201,32 +219,104 @@ def _one(queryset, pk, what):
 
 # -- rendering ---------------------------------------------------------------------------------------
 
+
 def _replicas(rows):
     attach_power_states(rows)
-    return [{
-        "id": r.pk, "name": r.name, "source_name": r.source_name, "platform": r.platform, "vm_id": r.vm_id, "host": r.host, "site": r.site,
-        "state": r.state, "state_label": r.get_state_display(), "power": r.power, "production_vm_id": r.production_vm_id,
-        "active_session_id": getattr(r.active_session, "pk", None), "can_start_failback": r.can_start_failback, "updated_at": r.updated_at,
-        "disks": [{"key": d.key, "capacity_bytes": d.capacity_bytes, "datastore": d.datastore} for d in r.disks.all()],
-    } for r in rows]
+    return [
+        {
+            "id": r.pk,
+            "name": r.name,
+            "source_name": r.source_name,
+            "platform": r.platform,
+            "vm_id": r.vm_id,
+            "host": r.host,
+            "site": r.site,
+            "state": r.state,
+            "state_label": r.get_state_display(),
+            "power": r.power,
+            "production_vm_id": r.production_vm_id,
+            "active_session_id": getattr(r.active_session, "pk", None),
+            "can_start_failback": r.can_start_failback,
+            "updated_at": r.updated_at,
+            "disks": [
+                {"key": d.key, "capacity_bytes": d.capacity_bytes, "datastore": d.datastore} for d in r.disks.all()
+            ],
+        }
+        for r in rows
+    ]
 
 
 def _session(s):
     window = s.switch_window
     return {
-        "id": s.pk, "replica_id": s.replica_id, "replica_name": s.replica.name, "plan_id": s.plan_id, "plan_order": s.plan_order,
-        "status": s.status, "status_label": s.get_status_display(), "allowed_actions": actions.allowed(s),
-        **{f: getattr(s, f) for f in (
-            "vm_name", "target_host", "target_datastore", "network_map", "resource_pool", "folder", "production_vm_id", "switch_mode",
-            "switch_at", "power_on_after", "shutdown_timeout_s", "bandwidth_mbps", "commit_policy", "commit_after_min", "policy_due_at",
-            "policy_stopped_at",
-            "reason", "created_at", "phase1_started_at", "phase1_ended_at", "switch_started_at", "replica_off_at", "phase2_ended_at",
-            "production_on_at", "ended_at", "predicted_window_s", "stop_method", "error")},
+        "id": s.pk,
+        "replica_id": s.replica_id,
+        "replica_name": s.replica.name,
+        "plan_id": s.plan_id,
+        "plan_order": s.plan_order,
+        "status": s.status,
+        "status_label": s.get_status_display(),
+        "allowed_actions": actions.allowed(s),
+        **{
+            f: getattr(s, f)
+            for f in (
+                "vm_name",
+                "target_host",
+                "target_datastore",
+                "network_map",
+                "resource_pool",
+                "folder",
+                "production_vm_id",
+                "switch_mode",
+                "switch_at",
+                "power_on_after",
+                "shutdown_timeout_s",
+                "bandwidth_mbps",
+                "commit_policy",
+                "commit_after_min",
+                "policy_due_at",
+                "policy_stopped_at",
+                "reason",
+                "created_at",
+                "phase1_started_at",
+                "phase1_ended_at",
+                "switch_started_at",
+                "replica_off_at",
+                "phase2_ended_at",
+                "production_on_at",
+                "ended_at",
+                "predicted_window_s",
+                "stop_method",
+                "error",
+            )
+        },
         "started_by": s.started_by.get_username(),
         "switch_window_s": window.total_seconds() if window is not None else None,
-        "disks": [{**{f: getattr(d, f) for f in (
-            "key", "capacity_bytes", "phase", "method", "method_reason", "bytes_total", "bytes_done", "bytes_written", "rate_bps", "eta_s",
-            "phase1_digest", "source_digest", "target_digest", "verified")}, "percent": d.percent} for d in s.disks.all()],
+        "disks": [
+            {
+                **{
+                    f: getattr(d, f)
+                    for f in (
+                        "key",
+                        "capacity_bytes",
+                        "phase",
+                        "method",
+                        "method_reason",
+                        "bytes_total",
+                        "bytes_done",
+                        "bytes_written",
+                        "rate_bps",
+                        "eta_s",
+                        "phase1_digest",
+                        "source_digest",
+                        "target_digest",
+                        "verified",
+                    )
+                },
+                "percent": d.percent,
+            }
+            for d in s.disks.all()
+        ],
     }
 
 
@@ -238,13 +328,38 @@ def _plans(rows):
     out = []
     for plan in rows:
         members = list(plan.sessions.all())
-        out.append({
-            **{f: getattr(plan, f) for f in ("id", "name", "created_at", "reason", "concurrency", "switch_mode", "switch_at", "power_on_after",
-                                             "power_on_delay_s", "switch_started_at")},
-            "created_by": plan.created_by.get_username(), "percent": FailbackPlan.summary(members)["percent"],
-            "members": [{"session_id": s.pk, "plan_order": s.plan_order, "replica_id": s.replica_id, "replica_name": s.replica.name,
-                         "status": s.status, "status_label": s.get_status_display()} for s in members],
-        })
+        out.append(
+            {
+                **{
+                    f: getattr(plan, f)
+                    for f in (
+                        "id",
+                        "name",
+                        "created_at",
+                        "reason",
+                        "concurrency",
+                        "switch_mode",
+                        "switch_at",
+                        "power_on_after",
+                        "power_on_delay_s",
+                        "switch_started_at",
+                    )
+                },
+                "created_by": plan.created_by.get_username(),
+                "percent": FailbackPlan.summary(members)["percent"],
+                "members": [
+                    {
+                        "session_id": s.pk,
+                        "plan_order": s.plan_order,
+                        "replica_id": s.replica_id,
+                        "replica_name": s.replica.name,
+                        "status": s.status,
+                        "status_label": s.get_status_display(),
+                    }
+                    for s in members
+                ],
+            }
+        )
     return out
 
 
@@ -267,11 +382,23 @@ def _fresh_plan(pk):
 
 # -- reads -------------------------------------------------------------------------------------------
 
-@api.get("/replicas", response={200: ReplicaPage, **READ}, tags=["replicas"], summary="List replicas (the replica page's search, filters and sort)")
-def list_replicas(request, q: str = Query("", max_length=200, pattern=r"^[^\x00]*$", description="Name or source name contains"),
-                  state: ReplicaState | None = None, site: str = Query("", max_length=100, pattern=r"^[^\x00]*$"),
-                  host: str = Query("", max_length=200, pattern=r"^[^\x00]*$"),
-                  sort: Literal[tuple(REPLICA_SORTS)] = "name", limit: int = Limit, offset: int = Offset):
+
+@api.get(
+    "/replicas",
+    response={200: ReplicaPage, **READ},
+    tags=["replicas"],
+    summary="List replicas (the replica page's search, filters and sort)",
+)
+def list_replicas(
+    request,
+    q: str = Query("", max_length=200, pattern=r"^[^\x00]*$", description="Name or source name contains"),
+    state: ReplicaState | None = None,
+    site: str = Query("", max_length=100, pattern=r"^[^\x00]*$"),
+    host: str = Query("", max_length=200, pattern=r"^[^\x00]*$"),
+    sort: Literal[tuple(REPLICA_SORTS)] = "name",
+    limit: int = Limit,
+    offset: int = Offset,
+):
     replicas, _, _ = filtered_replicas({"q": q, "state": state or "", "site": site, "host": host, "sort": sort})
     return _page(replicas, limit, offset, _replicas)
 
@@ -281,30 +408,56 @@ def get_replica(request, replica_id: PathId):
     return _replicas([_one(filtered_replicas({})[0], replica_id, "replica")])[0]
 
 
-@api.get("/replicas/{replica_id}/targets", response={200: TargetsOut, **ONE, 502: Error}, tags=["replicas"],
-         summary="Where the replica can fail back to: hosts, datastores, networks, and the network map the start form suggests")
+@api.get(
+    "/replicas/{replica_id}/targets",
+    response={200: TargetsOut, **ONE, 502: Error},
+    tags=["replicas"],
+    summary="Where the replica can fail back to: hosts, datastores, networks, and the network map the start form suggests",
+)
 def replica_targets(request, replica_id: PathId):
     replica = _one(Replica.objects, replica_id, "replica")
     with closing(hypervisor_for(replica)) as hv:
         inventory = hv.inventory()
         placement = hv.placement()
     config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
-    nics = [{"key": n.key, "network": n.network, "suggested": suggest_network(n.network, inventory.networks) or None}
-            for n in (config.nics if config else ())]
-    return {"hosts": list(inventory.hosts), "datastores": [{"name": n, "free_bytes": free} for n, free in inventory.datastores.items()],
-            "networks": list(inventory.networks), "nics": nics,
-            "suggested_network_map": {n["network"]: n["suggested"] for n in nics if n["network"]},
-            "resource_pools": dict(placement.resource_pools) if placement else {}, "folders": dict(placement.folders) if placement else {}}
+    nics = [
+        {"key": n.key, "network": n.network, "suggested": suggest_network(n.network, inventory.networks) or None}
+        for n in (config.nics if config else ())
+    ]
+    return {
+        "hosts": list(inventory.hosts),
+        "datastores": [{"name": n, "free_bytes": free} for n, free in inventory.datastores.items()],
+        "networks": list(inventory.networks),
+        "nics": nics,
+        "suggested_network_map": {n["network"]: n["suggested"] for n in nics if n["network"]},
+        "resource_pools": dict(placement.resource_pools) if placement else {},
+        "folders": dict(placement.folders) if placement else {},
+    }
 
 
-@api.get("/sessions", response={200: SessionPage, **READ}, tags=["sessions"], summary="List failback sessions, newest first")
-def list_sessions(request, status: SessionStatus | None = None, replica: int | None = Query(None, ge=1, le=DB_INT_MAX),
-                  plan: int | None = Query(None, ge=1, le=DB_INT_MAX), limit: int = Limit, offset: int = Offset):
-    sessions, _ = filtered_sessions({"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")})  # typed and bounded above
+@api.get(
+    "/sessions", response={200: SessionPage, **READ}, tags=["sessions"], summary="List failback sessions, newest first"
+)
+def list_sessions(
+    request,
+    status: SessionStatus | None = None,
+    replica: int | None = Query(None, ge=1, le=DB_INT_MAX),
+    plan: int | None = Query(None, ge=1, le=DB_INT_MAX),
+    limit: int = Limit,
+    offset: int = Offset,
+):
+    sessions, _ = filtered_sessions(
+        {"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")}
+    )  # typed and bounded above
     return _page(sessions.prefetch_related("disks"), limit, offset, _sessions)
 
 
-@api.get("/sessions/{session_id}", response={200: SessionOut, **ONE}, tags=["sessions"], summary="One failback session, with its disks")
+@api.get(
+    "/sessions/{session_id}",
+    response={200: SessionOut, **ONE},
+    tags=["sessions"],
+    summary="One failback session, with its disks",
+)
 def get_session(request, session_id: PathId):
     return _session(_one(_session_rows(), session_id, "failback"))
 
@@ -314,109 +467,187 @@ def list_plans(request, limit: int = Limit, offset: int = Offset):
     return _page(_plan_rows(), limit, offset, _plans)
 
 
-@api.get("/plans/{plan_id}", response={200: PlanOut, **ONE}, tags=["plans"], summary="One plan, with its members in boot order")
+@api.get(
+    "/plans/{plan_id}",
+    response={200: PlanOut, **ONE},
+    tags=["plans"],
+    summary="One plan, with its members in boot order",
+)
 def get_plan(request, plan_id: PathId):
     return _plans([_one(_plan_rows(), plan_id, "plan")])[0]
 
 
-@api.get("/audit", response={200: AuditPage, **READ}, tags=["audit"], summary="The audit trail, newest first (the audit page's filters)")
+@api.get(
+    "/audit",
+    response={200: AuditPage, **READ},
+    tags=["audit"],
+    summary="The audit trail, newest first (the audit page's filters)",
+)
 def list_audit(request, filters: Query[AuditFilters], limit: int = Limit, offset: int = Offset):
     params = {k: str(v) for k, v in filters.dict().items() if v not in (None, "")}
     form, events = filtered_events(params)
     if form.is_bound and not form.is_valid():
-        raise ValidationError([{"loc": ["query", field], "msg": " ".join(messages), "type": "value_error"} for field, messages in form.errors.items()])
+        raise ValidationError(
+            [
+                {"loc": ["query", field], "msg": " ".join(messages), "type": "value_error"}
+                for field, messages in form.errors.items()
+            ]
+        )
     return _page(events, limit, offset, lambda rows: [{"id": e.pk, **export_row(e)} for e in rows])
 
 
 # -- actions: each one service call --------------------------------------------------------------------
 
-@api.post("/replicas/{replica_id}/failback", response={201: SessionOut, **ACT, 502: Error}, tags=["actions"], **_audited("start_failback"),
-          summary="Start a failback of one replica in Failover (phase 1 is queued)")
+
+@api.post(
+    "/replicas/{replica_id}/failback",
+    response={201: SessionOut, **ACT, 502: Error},
+    tags=["actions"],
+    **_audited("start_failback"),
+    summary="Start a failback of one replica in Failover (phase 1 is queued)",
+)
 def start_failback(request, replica_id: PathId, body: StartFailbackIn):
     _one(Replica.objects, replica_id, "replica")
     session = workflow.start_failback(request.auth, replica_id, workflow.StartOptions(**body.dict()))
     return Status(201, _fresh_session(session.pk))
 
 
-@api.post("/sessions/{session_id}/switch", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("switch"), summary="Switch now (phase 2)")
+@api.post(
+    "/sessions/{session_id}/switch",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("switch"),
+    summary="Switch now (phase 2)",
+)
 def switch_now(request, session_id: PathId, body: SwitchIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("switch", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/schedule", response={200: SessionOut, **ACT}, tags=["actions"],
-          **_audited("schedule_switch"), summary="Schedule or change the switch time")
+@api.post(
+    "/sessions/{session_id}/schedule",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("schedule_switch"),
+    summary="Schedule or change the switch time",
+)
 def schedule_switch(request, session_id: PathId, body: ScheduleIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("schedule", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/cancel", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("cancel"),
-          summary="Cancel before the switch (the replica keeps running)")
+@api.post(
+    "/sessions/{session_id}/cancel",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("cancel"),
+    summary="Cancel before the switch (the replica keeps running)",
+)
 def cancel(request, session_id: PathId, body: CancelIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("cancel", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/stop-commit-policy", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("stop_commit_policy"),
-          summary="Stop the automatic commit or undo countdown")
+@api.post(
+    "/sessions/{session_id}/stop-commit-policy",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("stop_commit_policy"),
+    summary="Stop the automatic commit or undo countdown",
+)
 def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("stop_commit_policy", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/commit", response={200: SessionOut, **ACT}, tags=["actions"],
-          **_audited("commit"), summary="Commit: keep production")
+@api.post(
+    "/sessions/{session_id}/commit",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("commit"),
+    summary="Commit: keep production",
+)
 def commit(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("commit", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
-@api.post("/sessions/{session_id}/undo", response={200: SessionOut, **ACT}, tags=["actions"], **_audited("undo"),
-          summary="Undo: back to the replica (production's changes since the switch are discarded)")
+@api.post(
+    "/sessions/{session_id}/undo",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("undo"),
+    summary="Undo: back to the replica (production's changes since the switch are discarded)",
+)
 def undo(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("undo", request.auth, session_id, body.dict())
     return _fresh_session(session_id)
 
 
-@api.post("/plans", response={201: PlanOut, **ACT, 502: Error}, tags=["actions"],
-          **_audited("start_plan"), summary="Start a plan: several replicas, one switch, power-on in order")
+@api.post(
+    "/plans",
+    response={201: PlanOut, **ACT, 502: Error},
+    tags=["actions"],
+    **_audited("start_plan"),
+    summary="Start a plan: several replicas, one switch, power-on in order",
+)
 def start_plan(request, body: StartPlanIn):
     plan = plans.start_plan(request.auth, **body.dict())
     return Status(201, _fresh_plan(plan.pk))
 
 
-@api.post("/plans/{plan_id}/switch", response={200: PlanOut, **ACT}, tags=["actions"], **_audited("switch_plan"),
-          summary="Switch every member now (when all are Ready to switch), in boot order")
+@api.post(
+    "/plans/{plan_id}/switch",
+    response={200: PlanOut, **ACT},
+    tags=["actions"],
+    **_audited("switch_plan"),
+    summary="Switch every member now (when all are Ready to switch), in boot order",
+)
 def switch_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.switch_now(request.auth, plan_id, reason=body.reason)
     return _fresh_plan(plan_id)
 
 
-@api.post("/plans/{plan_id}/commit", response={200: PlanOut, **ACT}, tags=["actions"],
-          **_audited("commit_plan"), summary="Commit every member in Failback")
+@api.post(
+    "/plans/{plan_id}/commit",
+    response={200: PlanOut, **ACT},
+    tags=["actions"],
+    **_audited("commit_plan"),
+    summary="Commit every member in Failback",
+)
 def commit_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.commit(request.auth, plan_id, reason=body.reason)
     return _fresh_plan(plan_id)
 
 
-@api.post("/plans/{plan_id}/undo", response={200: PlanOut, **ACT}, tags=["actions"], **_audited("undo_plan"), summary="Undo every member in Failback")
+@api.post(
+    "/plans/{plan_id}/undo",
+    response={200: PlanOut, **ACT},
+    tags=["actions"],
+    **_audited("undo_plan"),
+    summary="Undo every member in Failback",
+)
 def undo_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.undo(request.auth, plan_id, reason=body.reason)
     return _fresh_plan(plan_id)
 
 
-@api.post("/plans/{plan_id}/schedule", response={200: PlanOut, **ACT}, tags=["actions"],
-          **_audited("schedule_plan_switch"), summary="Schedule or change the plan's switch time")
+@api.post(
+    "/plans/{plan_id}/schedule",
+    response={200: PlanOut, **ACT},
+    tags=["actions"],
+    **_audited("schedule_plan_switch"),
+    summary="Schedule or change the plan's switch time",
+)
 def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.schedule_switch(request.auth, plan_id, body.switch_at, reason=body.reason)

@@ -42,6 +42,7 @@ class ValidationProblem(Schema):
 
 # -- reads -----------------------------------------------------------------------------------------
 
+
 class Page(Schema):
     count: int = Field(description="Rows matching the filters, all pages together")
     limit: int
@@ -84,7 +85,9 @@ class DatastoreOut(Schema):
 class NicOut(Schema):
     key: str
     network: str | None = Field(description="The replica's network (null: disconnected)")
-    suggested: str | None = Field(description="The production twin the start form pre-selects (dr-net -> prod-net), if any")
+    suggested: str | None = Field(
+        description="The production twin the start form pre-selects (dr-net -> prod-net), if any"
+    )
 
 
 class TargetsOut(Schema):
@@ -92,7 +95,9 @@ class TargetsOut(Schema):
     datastores: list[DatastoreOut]
     networks: list[str]
     nics: list[NicOut]
-    suggested_network_map: dict[str, str | None] = Field(description="Ready to pass as network_map when starting a failback")
+    suggested_network_map: dict[str, str | None] = Field(
+        description="Ready to pass as network_map when starting a failback"
+    )
     resource_pools: dict[str, str] = Field(description="vSphere: id -> path (empty on the lab)")
     folders: dict[str, str] = Field(description="vSphere: id -> path (empty on the lab)")
 
@@ -223,21 +228,27 @@ class AuditFilters(Schema):
 
 # -- actions ---------------------------------------------------------------------------------------
 
+
 class StartFailbackIn(Schema):
     vm_name: Text(80, 1) = Field(description="Name of the production VM to build")
     target_host: Text(200, 1)
     target_datastore: Text(200, 1)
     network_map: dict[Text(200, 1), Text(200, 1) | None] = Field(
-        default_factory=dict, description="Every replica network -> a target network, or null for disconnected")
+        default_factory=dict, description="Every replica network -> a target network, or null for disconnected"
+    )
     resource_pool: Text(200) = ""
     folder: Text(200) = ""
     switch_mode: SwitchMode = SwitchMode.MANUAL
-    switch_at: AwareDatetime | None = Field(None, description="With a time zone offset; required when switch_mode is scheduled")
+    switch_at: AwareDatetime | None = Field(
+        None, description="With a time zone offset; required when switch_mode is scheduled"
+    )
     power_on_after: StrictBool = True
     bandwidth_mbps: Int(1, 100_000) | None = None
     commit_policy: CommitPolicy = CommitPolicy.NONE
     commit_after_min: Int(1, DB_INT_MAX) | None = None
-    override_checks: StrictBool = Field(False, description="Start despite a failed pre-failback check (needs the permission; give a reason)")
+    override_checks: StrictBool = Field(
+        False, description="Start despite a failed pre-failback check (needs the permission; give a reason)"
+    )
     reason: Reason = ""
 
 
@@ -265,7 +276,9 @@ class ReasonIn(Schema):
 
 
 class SwitchIn(ReasonIn):
-    override_checks: StrictBool = Field(False, description="Switch despite a failed pre-switch check (needs the permission; give a reason)")
+    override_checks: StrictBool = Field(
+        False, description="Switch despite a failed pre-switch check (needs the permission; give a reason)"
+    )
 
 
 class ScheduleIn(ReasonIn):
@@ -273,4 +286,6 @@ class ScheduleIn(ReasonIn):
 
 
 class CancelIn(ReasonIn):
-    keep_production_vm: StrictBool = Field(False, description="Keep the half-built production VM so that a later failback sends only what differs")
+    keep_production_vm: StrictBool = Field(
+        False, description="Keep the half-built production VM so that a later failback sends only what differs"
+    )

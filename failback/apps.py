@@ -6,8 +6,13 @@ from django.db.models.signals import post_migrate
 ROLES = {
     "Viewer": [],
     "Operator": ["failback.operate_failback"],
-    "Administrator": ["failback.operate_failback", "failback.override_checks", "failback.add_vcenterconnection", "failback.change_vcenterconnection",
-                      "failback.view_vcenterconnection"],
+    "Administrator": [
+        "failback.operate_failback",
+        "failback.override_checks",
+        "failback.add_vcenterconnection",
+        "failback.change_vcenterconnection",
+        "failback.view_vcenterconnection",
+    ],
 }
 
 
@@ -31,11 +36,15 @@ def ensure_schedules(sender, using="default", **kwargs):
     from django_q.models import Schedule
 
     # Every minute: queue again any step whose worker died (see watchdog.recover_stalled).
-    Schedule.objects.update_or_create(name="failback-watchdog", defaults={
-        "func": "failback.tasks.watchdog", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1})
+    Schedule.objects.update_or_create(
+        name="failback-watchdog",
+        defaults={"func": "failback.tasks.watchdog", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
+    )
     # Every minute: catch-up syncs (when due) and fresh switch-window predictions for Ready-to-switch sessions.
-    Schedule.objects.update_or_create(name="failback-readiness", defaults={
-        "func": "failback.tasks.readiness", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1})
+    Schedule.objects.update_or_create(
+        name="failback-readiness",
+        defaults={"func": "failback.tasks.readiness", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
+    )
 
 
 class FailbackConfig(AppConfig):

@@ -39,11 +39,15 @@ def filtered_events(params):
     data = form.cleaned_data
     tz = timezone.get_current_timezone()
     if data["q"]:  # the detail and the structured data (reasons, options, digests)
-        events = events.annotate(data_text=Cast("data", TextField())).filter(Q(detail__icontains=data["q"]) | Q(data_text__icontains=data["q"]))
+        events = events.annotate(data_text=Cast("data", TextField())).filter(
+            Q(detail__icontains=data["q"]) | Q(data_text__icontains=data["q"])
+        )
     if data["user"]:
         events = events.filter(actor_name__iexact=data["user"])
     if data["replica"]:
-        events = events.filter(Q(replica__name__icontains=data["replica"]) | Q(session__replica__name__icontains=data["replica"]))
+        events = events.filter(
+            Q(replica__name__icontains=data["replica"]) | Q(session__replica__name__icontains=data["replica"])
+        )
     if data["session"]:
         events = events.filter(session_id=data["session"])
     if data["action"]:
@@ -78,7 +82,14 @@ EXPORT_FIELDS = ["at", "actor", "action", "outcome", "from_state", "to_state", "
 
 def export_row(event):
     return {
-        "at": event.at.isoformat(), "actor": event.actor_name, "action": event.action, "outcome": event.outcome,
-        "from_state": event.from_state, "to_state": event.to_state, "replica": event.replica.name if event.replica else "",
-        "session": event.session_id, "detail": event.detail, "data": event.data,
+        "at": event.at.isoformat(),
+        "actor": event.actor_name,
+        "action": event.action,
+        "outcome": event.outcome,
+        "from_state": event.from_state,
+        "to_state": event.to_state,
+        "replica": event.replica.name if event.replica else "",
+        "session": event.session_id,
+        "detail": event.detail,
+        "data": event.data,
     }

@@ -15,6 +15,7 @@ from .models import FailbackSession
 from .schedules import set_switch_schedule
 from .workflow import begin_switch, finalise, transition
 
+
 def after_phase1(session_id):
     """Phase 1 is done (or failed): switch now if the chosen moment says so; plans go on with the next member."""
     session = FailbackSession.objects.get(pk=session_id)
@@ -28,8 +29,12 @@ def after_phase1(session_id):
         begin_switch(session_id, actor=None, detail="Automatic switch after phase 1", data={"trigger": "auto"})
     elif session.switch_mode == SwitchMode.SCHEDULED and session.switch_at and session.switch_at <= timezone.now():
         late = (timezone.now() - session.switch_at).total_seconds()
-        begin_switch(session_id, actor=None, detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}) started when phase 1 ended, {late:.0f} s late",
-                      data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": late})
+        begin_switch(
+            session_id,
+            actor=None,
+            detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}) started when phase 1 ended, {late:.0f} s late",
+            data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": late},
+        )
 
 
 # A scheduled switch that starts more than this after its time is audited as late (with late_s). django-q2's
@@ -45,24 +50,43 @@ def scheduled_switch_due(session_id):
     now = timezone.now()
     if session.switch_mode != SwitchMode.SCHEDULED or session.status not in SCHEDULABLE:
         with transaction.atomic():
-            audit(action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail=f"Scheduled switch skipped: failback #{session.pk} is {session.get_status_display()} with switch {session.get_switch_mode_display().lower()}.")
+            audit(
+                action="scheduled_switch",
+                outcome=Outcome.INFO,
+                session=session,
+                from_state=session.status,
+                detail=f"Scheduled switch skipped: failback #{session.pk} is {session.get_status_display()} with switch {session.get_switch_mode_display().lower()}.",
+            )
         return
     if session.switch_at and session.switch_at > now + timedelta(seconds=1):
         with transaction.atomic():
-            audit(action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail=f"Scheduled switch skipped: it was moved to {session.switch_at:%Y-%m-%d %H:%M:%S %Z}.")
+            audit(
+                action="scheduled_switch",
+                outcome=Outcome.INFO,
+                session=session,
+                from_state=session.status,
+                detail=f"Scheduled switch skipped: it was moved to {session.switch_at:%Y-%m-%d %H:%M:%S %Z}.",
+            )
             set_switch_schedule(session)
         return
     if session.status != SessionStatus.READY_TO_SWITCH:
         with transaction.atomic():
-            audit(action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail="Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.")
+            audit(
+                action="scheduled_switch",
+                outcome=Outcome.INFO,
+                session=session,
+                from_state=session.status,
+                detail="Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.",
+            )
         return
     late = (now - session.switch_at).total_seconds()
     is_late = late > SCHEDULE_LATE_AFTER_S
-    begin_switch(session_id, actor=None, detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}){f', {late:.0f} s late' if is_late else ''}",
-                  data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": round(late, 1), "late": is_late})
+    begin_switch(
+        session_id,
+        actor=None,
+        detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}){f', {late:.0f} s late' if is_late else ''}",
+        data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": round(late, 1), "late": is_late},
+    )
 
 
 def commit_policy_due(session_id):
@@ -70,19 +94,37 @@ def commit_policy_due(session_id):
     session = FailbackSession.objects.filter(pk=session_id).first()
     if session is None:
         return None
-    if (session.status != SessionStatus.FAILBACK or session.policy_due_at is None or session.policy_stopped_at is not None
-            or session.policy_due_at > timezone.now() + timedelta(seconds=1)):
+    if (
+        session.status != SessionStatus.FAILBACK
+        or session.policy_due_at is None
+        or session.policy_stopped_at is not None
+        or session.policy_due_at > timezone.now() + timedelta(seconds=1)
+    ):
         with transaction.atomic():
-            audit(action="commit_policy", outcome=Outcome.INFO, session=session, from_state=session.status,
-                  detail=f"Automatic {session.get_commit_policy_display().split()[0].lower()} not run: failback #{session.pk} is {session.get_status_display()}"
-                  + (", countdown stopped" if session.policy_stopped_at else ""))
+            audit(
+                action="commit_policy",
+                outcome=Outcome.INFO,
+                session=session,
+                from_state=session.status,
+                detail=f"Automatic {session.get_commit_policy_display().split()[0].lower()} not run: failback #{session.pk} is {session.get_status_display()}"
+                + (", countdown stopped" if session.policy_stopped_at else ""),
+            )
         return None
     step = "commit" if session.commit_policy == CommitPolicy.AUTO_COMMIT else "undo"
     late = (timezone.now() - session.policy_due_at).total_seconds()
     try:
-        return transition(session.pk, step, detail=f"Automatic {step}: nobody acted within {session.commit_after_min} min of the switch (commit policy)"
-                          + (f", {late:.0f} s late" if late > 60 else ""),
-                          data={"trigger": "commit_policy", "policy": session.commit_policy, "due": session.policy_due_at.isoformat(), "late_s": round(late, 1)},
-                          then=finalise(step))
+        return transition(
+            session.pk,
+            step,
+            detail=f"Automatic {step}: nobody acted within {session.commit_after_min} min of the switch (commit policy)"
+            + (f", {late:.0f} s late" if late > 60 else ""),
+            data={
+                "trigger": "commit_policy",
+                "policy": session.commit_policy,
+                "due": session.policy_due_at.isoformat(),
+                "late_s": round(late, 1),
+            },
+            then=finalise(step),
+        )
     except Refused:
         return None  # an operator acted at the same moment: their action won, the refusal is audited

@@ -51,6 +51,7 @@ def session_changed(session_id):
 def plan_changed(plan_id):
     """A change to a plan that changed none of its sessions' statuses (a new switch time, say): nudge each
     member once the transaction commits, so the plan's page, the members' pages and the dashboard re-render."""
+
     def send():
         from .models import FailbackSession
 
@@ -66,6 +67,7 @@ def plan_changed(plan_id):
 # cannot be deleted). The
 # consumers only re-check the login when a socket opens, so without this an open socket kept streaming.
 
+
 def user_group(user_id):
     return f"user-{user_id}"
 
@@ -77,6 +79,7 @@ def login_group(session_key):
 
 def close_sockets(group):
     """Close every socket in ``group`` once the current transaction commits (at once when there is none)."""
+
     def send():
         try:
             async_to_sync(get_channel_layer().group_send)(group, {"type": "auth.revoked"})

@@ -6,8 +6,7 @@ A warning is shown but does not block. Nothing here changes anything.
 """
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import connection
@@ -38,7 +37,7 @@ def _db_now():
         cursor.execute("SELECT CURRENT_TIMESTAMP")
         value = cursor.fetchone()[0]
     if isinstance(value, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS' in UTC
-        value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt_timezone.utc)
+        value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
     return value
 
 
@@ -61,18 +60,35 @@ def scheduler_clock():
     db_now = _db_now()
     here_skew = (timezone.now() - db_now).total_seconds()
     if clock is None:
-        return Check("scheduler_clock", "Scheduler running, clocks agree", WARN,
-                     "No scheduler has reported yet: scheduled switches, commit policies and the watchdog need a running worker (manage.py qcluster).")
+        return Check(
+            "scheduler_clock",
+            "Scheduler running, clocks agree",
+            WARN,
+            "No scheduler has reported yet: scheduled switches, commit policies and the watchdog need a running worker (manage.py qcluster).",
+        )
     silent = (db_now - clock.db_time).total_seconds()
     skew = clock.skew_s - here_skew
     limit = settings.FAILBACK_MAX_CLOCK_SKEW_S
     if abs(skew) > limit:
-        return Check("scheduler_clock", "Scheduler running, clocks agree", FAIL,
-                     f"The scheduler's clock is {skew:+.0f} s off this server's (at most ±{limit} s allowed): a scheduled switch would run at the wrong time.")
+        return Check(
+            "scheduler_clock",
+            "Scheduler running, clocks agree",
+            FAIL,
+            f"The scheduler's clock is {skew:+.0f} s off this server's (at most ±{limit} s allowed): a scheduled switch would run at the wrong time.",
+        )
     if silent > 180:
-        return Check("scheduler_clock", "Scheduler running, clocks agree", WARN,
-                     f"No scheduler seen for {silent / 60:.0f} min: scheduled switches and commit policies wait until a worker runs.")
-    return Check("scheduler_clock", "Scheduler running, clocks agree", OK, f"Scheduler seen {silent:.0f} s ago; clock skew {skew:+.1f} s (limit ±{limit} s).")
+        return Check(
+            "scheduler_clock",
+            "Scheduler running, clocks agree",
+            WARN,
+            f"No scheduler seen for {silent / 60:.0f} min: scheduled switches and commit policies wait until a worker runs.",
+        )
+    return Check(
+        "scheduler_clock",
+        "Scheduler running, clocks agree",
+        OK,
+        f"Scheduler seen {silent:.0f} s ago; clock skew {skew:+.1f} s (limit ±{limit} s).",
+    )
 
 
 def _host(hv, host):
@@ -92,7 +108,12 @@ def _replica_power(hv, replica):
     state = hv.power_state(replica.vm_id)
     if state == POWERED_ON:
         return Check("replica_power", "Replica powered on", OK, f"{replica.name} is powered on and serving.")
-    return Check("replica_power", "Replica powered on", FAIL, f"{replica.name} is {state}: a failback copies from a running replica.")
+    return Check(
+        "replica_power",
+        "Replica powered on",
+        FAIL,
+        f"{replica.name} is {state}: a failback copies from a running replica.",
+    )
 
 
 def before_start(hv, replica, *, target_host, target_datastore, network_map, inventory=None):
@@ -104,25 +125,60 @@ def before_start(hv, replica, *, target_host, target_datastore, network_map, inv
     needed = sum(d.capacity_bytes for d in replica.disks.all())
     free = inventory.datastores.get(target_datastore)
     if free is None:
-        checks.append(Check("datastore", "Datastore room for the disks", FAIL, f"{target_datastore} is not in the inventory (or not accessible)."))
+        checks.append(
+            Check(
+                "datastore",
+                "Datastore room for the disks",
+                FAIL,
+                f"{target_datastore} is not in the inventory (or not accessible).",
+            )
+        )
     elif free < needed:
-        checks.append(Check("datastore", "Datastore room for the disks", FAIL,
-                            f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB."))
+        checks.append(
+            Check(
+                "datastore",
+                "Datastore room for the disks",
+                FAIL,
+                f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB.",
+            )
+        )
     else:
-        checks.append(Check("datastore", "Datastore room for the disks", OK,
-                            f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB."))
+        checks.append(
+            Check(
+                "datastore",
+                "Datastore room for the disks",
+                OK,
+                f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB.",
+            )
+        )
     config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
     sources = sorted({nic.network for nic in config.nics if nic.network}) if config else []
     unmapped = [n for n in sources if n not in (network_map or {})]
     if unmapped:
-        checks.append(Check("networks", "Networks mapped", FAIL, f"{', '.join(unmapped)} not mapped to a target network (or to disconnected)."))
+        checks.append(
+            Check(
+                "networks",
+                "Networks mapped",
+                FAIL,
+                f"{', '.join(unmapped)} not mapped to a target network (or to disconnected).",
+            )
+        )
     else:
-        shown = ", ".join(f"{s} → {(network_map or {}).get(s) or 'disconnected'}" for s in sources) or "the replica has no network"
+        shown = (
+            ", ".join(f"{s} → {(network_map or {}).get(s) or 'disconnected'}" for s in sources)
+            or "the replica has no network"
+        )
         checks.append(Check("networks", "Networks mapped", OK, shown))
     checks.append(_replica_power(hv, replica))
     other = replica.sessions.filter(status__in=ACTIVE).first()
-    checks.append(Check("no_other_session", "No other failback on this replica", FAIL if other else OK,
-                        f"Failback #{other.pk} is {other.get_status_display()}." if other else "None in progress."))
+    checks.append(
+        Check(
+            "no_other_session",
+            "No other failback on this replica",
+            FAIL if other else OK,
+            f"Failback #{other.pk} is {other.get_status_display()}." if other else "None in progress.",
+        )
+    )
     checks.append(scheduler_clock())
     return checks
 
@@ -132,9 +188,13 @@ def before_switch(hv, session):
     inventory = hv.inventory()
     checks = [_host(hv, session.target_host)]
     if session.target_datastore in inventory.datastores:
-        checks.append(Check("datastore", "Target datastore accessible", OK, f"{session.target_datastore} is accessible."))
+        checks.append(
+            Check("datastore", "Target datastore accessible", OK, f"{session.target_datastore} is accessible.")
+        )
     else:
-        checks.append(Check("datastore", "Target datastore accessible", FAIL, f"{session.target_datastore} is not accessible."))
+        checks.append(
+            Check("datastore", "Target datastore accessible", FAIL, f"{session.target_datastore} is not accessible.")
+        )
     checks.append(_replica_power(hv, session.replica))
     checks.append(_production_vm(hv, session))
     checks.append(scheduler_clock())
@@ -152,7 +212,12 @@ def _production_vm(hv, session):
     except NotFound:
         return Check("production_vm", label, FAIL, f"Production VM {session.vm_name} ({vm_id}) no longer exists.")
     if session.owner_tag and owner != session.owner_tag:
-        return Check("production_vm", label, FAIL, f"VM {vm_id} is not the one failback #{session.pk} created (owner tag differs).")
+        return Check(
+            "production_vm",
+            label,
+            FAIL,
+            f"VM {vm_id} is not the one failback #{session.pk} created (owner tag differs).",
+        )
     return Check("production_vm", label, OK, f"{session.vm_name} ({vm_id}) was created by this failback.")
 
 
@@ -162,4 +227,3 @@ def failures(checks):
 
 def summary(checks):
     return "; ".join(f"{c.label}: {c.detail.rstrip('.')}" for c in failures(checks))
-

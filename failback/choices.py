@@ -45,8 +45,16 @@ ACTIVE = frozenset(
 )
 TERMINAL = frozenset(set(SessionStatus) - ACTIVE)
 # Statuses in which a worker is (or should be) doing something.
-RUNNING = frozenset({SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.SWITCHING, SessionStatus.COMMITTING, SessionStatus.UNDOING,
-                     SessionStatus.CANCELLING})
+RUNNING = frozenset(
+    {
+        SessionStatus.QUEUED,
+        SessionStatus.PHASE1,
+        SessionStatus.SWITCHING,
+        SessionStatus.COMMITTING,
+        SessionStatus.UNDOING,
+        SessionStatus.CANCELLING,
+    }
+)
 
 STATUS_COLOURS = {
     SessionStatus.QUEUED: "grey",
@@ -101,7 +109,9 @@ class Transition:
 S, R = SessionStatus, ReplicaState
 TRANSITIONS = {
     "begin_phase1": Transition("Begin phase 1", frozenset({S.QUEUED}), S.PHASE1),
-    "finish_phase1": Transition("Finish phase 1", frozenset({S.PHASE1}), S.READY_TO_SWITCH, R.FAILOVER, R.READY_TO_SWITCH),
+    "finish_phase1": Transition(
+        "Finish phase 1", frozenset({S.PHASE1}), S.READY_TO_SWITCH, R.FAILOVER, R.READY_TO_SWITCH
+    ),
     "fail_phase1": Transition("Fail phase 1", frozenset({S.QUEUED, S.PHASE1}), S.FAILED),
     "switch": Transition("Switch now", frozenset({S.READY_TO_SWITCH}), S.SWITCHING),
     "finish_switch": Transition("Finish switch", frozenset({S.SWITCHING}), S.FAILBACK, R.READY_TO_SWITCH, R.FAILBACK),
@@ -128,13 +138,17 @@ SCHEDULABLE = frozenset({S.QUEUED, S.PHASE1, S.READY_TO_SWITCH})
 del S, R
 
 # Which step a running status belongs to, for the watchdog (a status a worker step owns).
-STEP_OF = {SessionStatus.PHASE1: "phase1", SessionStatus.SWITCHING: "phase2", SessionStatus.COMMITTING: "commit", SessionStatus.UNDOING: "undo",
-           SessionStatus.CANCELLING: "cancel"}
-
-
+STEP_OF = {
+    SessionStatus.PHASE1: "phase1",
+    SessionStatus.SWITCHING: "phase2",
+    SessionStatus.COMMITTING: "commit",
+    SessionStatus.UNDOING: "undo",
+    SessionStatus.CANCELLING: "cancel",
+}
 
 
 # -- what an operator may do to one session now: asked by the pages, the API and the service layer ------
+
 
 @dataclass(frozen=True)
 class Guard:
@@ -221,4 +235,3 @@ class AuditAction(models.TextChoices):
     LOGIN_LOCKED_OUT = "login_locked_out", "Login locked out"
     API_TOKEN_CREATED = "api_token_created", "API token created"
     API_TOKEN_REVOKED = "api_token_revoked", "API token revoked"
-

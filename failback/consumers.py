@@ -47,6 +47,7 @@ DASHBOARD_INTERVAL_S = 1.0  # the dashboard renders at most this often; the last
 # Render functions run on the database thread and return what every watcher gets, or None once it is gone.
 # They render for nobody in particular, so a shared copy can never carry one user's rights to another.
 
+
 @dataclass(frozen=True)
 class Topic:
     key: str  # one relay entry per key: "session-7", "dashboard", "plan-3"
@@ -335,7 +336,9 @@ class SessionConsumer(LiveConsumer):
         session = FailbackSession.objects.select_related("replica", "started_by").filter(pk=self.session_id).first()
         if session is None:
             return ""
-        return render_to_string("failback/partials/session_actions.html", session_context(session, self.scope["user"], oob=True))
+        return render_to_string(
+            "failback/partials/session_actions.html", session_context(session, self.scope["user"], oob=True)
+        )
 
 
 class DashboardConsumer(LiveConsumer):

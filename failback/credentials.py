@@ -25,7 +25,9 @@ def decrypt(token: str) -> str:
     try:
         return _fernet().decrypt(token.encode()).decode()
     except InvalidToken:
-        raise CredentialError("The stored password cannot be decrypted with the configured keys (FAILBACK_CREDENTIALS_KEYS changed?). Enter it again.") from None
+        raise CredentialError(
+            "The stored password cannot be decrypted with the configured keys (FAILBACK_CREDENTIALS_KEYS changed?). Enter it again."
+        ) from None
 
 
 def rotate(token: str) -> str:

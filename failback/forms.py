@@ -17,7 +17,9 @@ class FilterDateField(forms.DateField):
     """A date to filter by, within the range the filters can compute with."""
 
     def __init__(self, **kwargs):
-        super().__init__(required=False, widget=forms.DateInput(attrs={"type": "date", "min": DATE_MIN, "max": DATE_MAX}), **kwargs)
+        super().__init__(
+            required=False, widget=forms.DateInput(attrs={"type": "date", "min": DATE_MIN, "max": DATE_MAX}), **kwargs
+        )
 
     def validate(self, value):
         super().validate(value)
@@ -52,21 +54,32 @@ class ReplicaFilterForm(forms.Form):
 
 class ReasonField(forms.CharField):
     def __init__(self, **kwargs):
-        super().__init__(required=False, max_length=REASON_MAX, label="Reason or ticket (optional)",
-                         widget=forms.TextInput(attrs={"placeholder": "e.g. CHG-1234", "maxlength": REASON_MAX}), **kwargs)
+        super().__init__(
+            required=False,
+            max_length=REASON_MAX,
+            label="Reason or ticket (optional)",
+            widget=forms.TextInput(attrs={"placeholder": "e.g. CHG-1234", "maxlength": REASON_MAX}),
+            **kwargs,
+        )
 
 
 class SwitchTimeField(forms.DateTimeField):
     def __init__(self, **kwargs):
         kwargs.setdefault("help_text", DATETIME_HELP.format(tz=timezone.get_current_timezone_name()))
-        super().__init__(widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": 60}, format="%Y-%m-%dT%H:%M"),
-                         input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"], **kwargs)
+        super().__init__(
+            widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": 60}, format="%Y-%m-%dT%H:%M"),
+            input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"],
+            **kwargs,
+        )
 
 
 def pools_for_host(placement, host):
     """Resource pools of the host's cluster (or of the standalone host), as (id, path) choices."""
     owner = placement.hosts.get(host) or host
-    return sorted(((pid, path) for pid, path in placement.resource_pools.items() if owner and owner in path.split("/")), key=lambda kv: kv[1])
+    return sorted(
+        ((pid, path) for pid, path in placement.resource_pools.items() if owner and owner in path.split("/")),
+        key=lambda kv: kv[1],
+    )
 
 
 def suggest_network(source, networks):
@@ -83,43 +96,77 @@ class StartFailbackForm(forms.Form):
     vm_name = forms.CharField(label="Production VM name", max_length=80)
     target_host = forms.ChoiceField(label="Target host")
     target_datastore = forms.ChoiceField(label="Datastore")
-    switch_mode = forms.ChoiceField(label="Switch", choices=SwitchMode.choices, initial=SwitchMode.MANUAL, widget=forms.RadioSelect)
+    switch_mode = forms.ChoiceField(
+        label="Switch", choices=SwitchMode.choices, initial=SwitchMode.MANUAL, widget=forms.RadioSelect
+    )
     switch_at = SwitchTimeField(label="Switch at", required=False)
-    power_on_after = forms.BooleanField(label="Power on the production VM after the switch", required=False, initial=True)
-    bandwidth_mbps = forms.IntegerField(label="Bandwidth limit, MB/s (optional)", required=False, min_value=1, max_value=100_000,
-                                        help_text="Leave empty to copy as fast as the disks allow.")
-    commit_policy = forms.ChoiceField(label="After the switch", choices=CommitPolicy.choices, initial=CommitPolicy.NONE, required=False,
-                                      widget=forms.RadioSelect)
-    commit_after_min = forms.IntegerField(label="Minutes in Failback before the automatic action", required=False, min_value=1, max_value=7 * 24 * 60,
-                                          help_text="The countdown is shown on the session and the dashboard, and can be stopped.")
-    override_checks = forms.BooleanField(required=False, label="Override failed checks (Administrator; the reason is required)")
+    power_on_after = forms.BooleanField(
+        label="Power on the production VM after the switch", required=False, initial=True
+    )
+    bandwidth_mbps = forms.IntegerField(
+        label="Bandwidth limit, MB/s (optional)",
+        required=False,
+        min_value=1,
+        max_value=100_000,
+        help_text="Leave empty to copy as fast as the disks allow.",
+    )
+    commit_policy = forms.ChoiceField(
+        label="After the switch",
+        choices=CommitPolicy.choices,
+        initial=CommitPolicy.NONE,
+        required=False,
+        widget=forms.RadioSelect,
+    )
+    commit_after_min = forms.IntegerField(
+        label="Minutes in Failback before the automatic action",
+        required=False,
+        min_value=1,
+        max_value=7 * 24 * 60,
+        help_text="The countdown is shown on the session and the dashboard, and can be stopped.",
+    )
+    override_checks = forms.BooleanField(
+        required=False, label="Override failed checks (Administrator; the reason is required)"
+    )
     reason = ReasonField()
 
     def __init__(self, *args, replica, inventory, placement=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["vm_name"].initial = replica.source_name
         self.fields["target_host"].choices = [(h, h) for h in inventory.hosts]
-        self.fields["target_datastore"].choices = [(name, f"{name} ({free / 2**30:,.0f} GiB free)") for name, free in inventory.datastores.items()]
+        self.fields["target_datastore"].choices = [
+            (name, f"{name} ({free / 2**30:,.0f} GiB free)") for name, free in inventory.datastores.items()
+        ]
         # Production goes back to production: pre-select a host and datastore the replica does not use.
         replica_stores = {d.datastore for d in replica.disks.all()}
         self.fields["target_host"].initial = next((h for h in inventory.hosts if h != replica.host), None)
-        self.fields["target_datastore"].initial = next((d for d in inventory.datastores if d not in replica_stores), None)
+        self.fields["target_datastore"].initial = next(
+            (d for d in inventory.datastores if d not in replica_stores), None
+        )
         config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
         self.nic_fields = []
         for nic in config.nics if config else ():
             name = f"net_{nic.key}"
             self.fields[name] = forms.ChoiceField(
-                label=f"Network for {nic.key} (replica: {nic.network or 'disconnected'})", required=False,
+                label=f"Network for {nic.key} (replica: {nic.network or 'disconnected'})",
+                required=False,
                 choices=[("", "Disconnected")] + [(n, n) for n in inventory.networks],
-                initial=suggest_network(nic.network, inventory.networks))
+                initial=suggest_network(nic.network, inventory.networks),
+            )
             self.nic_fields.append((nic.network, name))
-        if placement is not None and (placement.resource_pools or placement.folders):  # vSphere: where in the inventory the VM goes
+        if placement is not None and (
+            placement.resource_pools or placement.folders
+        ):  # vSphere: where in the inventory the VM goes
             host = self.data.get("target_host") or self.fields["target_host"].initial
             self.fields["resource_pool"] = forms.ChoiceField(
-                label="Resource pool", required=False,
-                choices=[("", "Default pool of the host or cluster")] + pools_for_host(placement, host))
+                label="Resource pool",
+                required=False,
+                choices=[("", "Default pool of the host or cluster")] + pools_for_host(placement, host),
+            )
             self.fields["folder"] = forms.ChoiceField(
-                label="VM folder", required=False, choices=[("", "The datacenter's VM folder")] + sorted(placement.folders.items(), key=lambda kv: kv[1]))
+                label="VM folder",
+                required=False,
+                choices=[("", "The datacenter's VM folder")] + sorted(placement.folders.items(), key=lambda kv: kv[1]),
+            )
 
     def clean(self):
         data = super().clean()
@@ -135,7 +182,9 @@ class StartFailbackForm(forms.Form):
 
     def options(self):
         """The cleaned form as the workflow's StartOptions (the API and plans build the same object)."""
-        return StartOptions(**{f.name: self.cleaned_data[f.name] for f in fields(StartOptions) if f.name in self.cleaned_data})
+        return StartOptions(
+            **{f.name: self.cleaned_data[f.name] for f in fields(StartOptions) if f.name in self.cleaned_data}
+        )
 
 
 class ScheduleSwitchForm(forms.Form):
@@ -148,31 +197,55 @@ class ReasonForm(forms.Form):
 
 
 class SwitchForm(ReasonForm):
-    override_checks = forms.BooleanField(required=False, label="Override failed checks (Administrator; the reason is required)")
+    override_checks = forms.BooleanField(
+        required=False, label="Override failed checks (Administrator; the reason is required)"
+    )
 
 
 class CancelForm(ReasonForm):
-    keep_production_vm = forms.BooleanField(required=False, label="Keep the production VM for a retry (the next failback sends only what differs)")
+    keep_production_vm = forms.BooleanField(
+        required=False, label="Keep the production VM for a retry (the next failback sends only what differs)"
+    )
 
 
 class ConnectionForm(forms.ModelForm):
-    password = forms.CharField(widget=forms.PasswordInput(render_value=False), required=False, max_length=500,
-                               help_text="Stored encrypted; never shown again. Leave blank to keep the current one.")
+    password = forms.CharField(
+        widget=forms.PasswordInput(render_value=False),
+        required=False,
+        max_length=500,
+        help_text="Stored encrypted; never shown again. Leave blank to keep the current one.",
+    )
     datastore_paths_text = forms.CharField(
-        label="Datastore mounts (direct transport)", required=False, widget=forms.Textarea(attrs={"rows": 3}),
-        help_text="One per line: datastore name = local path on the worker host, e.g. ds-01 = /mnt/ds-01")
+        label="Datastore mounts (direct transport)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="One per line: datastore name = local path on the worker host, e.g. ds-01 = /mnt/ds-01",
+    )
 
     class Meta:
         from .models import VCenterConnection
 
         model = VCenterConnection
-        fields = ["name", "host", "port", "username", "tls_mode", "thumbprint", "transport", "replica_suffix", "replica_attribute", "sync_minutes"]
+        fields = [
+            "name",
+            "host",
+            "port",
+            "username",
+            "tls_mode",
+            "thumbprint",
+            "transport",
+            "replica_suffix",
+            "replica_attribute",
+            "sync_minutes",
+        ]
         labels = {"replica_suffix": "Replica name suffix", "replica_attribute": "Replica custom attribute"}
         help_texts = {"replica_attribute": "Optional: a VM custom attribute whose value names the source workload."}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["datastore_paths_text"].initial = "\n".join(f"{k} = {v}" for k, v in (self.instance.datastore_paths or {}).items())
+        self.fields["datastore_paths_text"].initial = "\n".join(
+            f"{k} = {v}" for k, v in (self.instance.datastore_paths or {}).items()
+        )
         if not self.instance.pk:
             self.fields["password"].required = True
             self.fields["password"].help_text = "Stored encrypted; never shown again."
@@ -185,7 +258,10 @@ class ConnectionForm(forms.ModelForm):
 
     def clean_thumbprint(self):
         value = self.cleaned_data["thumbprint"].strip().upper().replace("-", ":")
-        if value and (len(value.split(":")) != 32 or any(len(b) != 2 or any(c not in "0123456789ABCDEF" for c in b) for b in value.split(":"))):
+        if value and (
+            len(value.split(":")) != 32
+            or any(len(b) != 2 or any(c not in "0123456789ABCDEF" for c in b) for b in value.split(":"))
+        ):
             raise forms.ValidationError("A SHA-256 thumbprint is 32 hexadecimal bytes separated by colons.")
         return value
 
@@ -214,9 +290,16 @@ class PairReplicaForm(forms.Form):
 class PlanForm(forms.Form):
     name = forms.CharField(label="Plan name", max_length=100)
     concurrency = forms.IntegerField(label="Phase 1 copies at once", min_value=1, max_value=20, initial=2)
-    switch_mode = forms.ChoiceField(label="Switch (all members together)", choices=SwitchMode.choices, initial=SwitchMode.MANUAL, widget=forms.RadioSelect)
+    switch_mode = forms.ChoiceField(
+        label="Switch (all members together)",
+        choices=SwitchMode.choices,
+        initial=SwitchMode.MANUAL,
+        widget=forms.RadioSelect,
+    )
     switch_at = SwitchTimeField(label="Switch at", required=False)
-    power_on_after = forms.BooleanField(label="Power on the production VMs after the switch", required=False, initial=True)
+    power_on_after = forms.BooleanField(
+        label="Power on the production VMs after the switch", required=False, initial=True
+    )
     power_on_delay_s = forms.IntegerField(label="Seconds between power-ons", min_value=0, max_value=3600, initial=0)
     reason = ReasonField()
 
@@ -229,18 +312,38 @@ class PlanForm(forms.Form):
         for position, replica in enumerate(replicas, 1):
             prefix = f"m{replica.pk}"
             replica_stores = {d.datastore for d in replica.disks.all()}
-            self.fields[f"{prefix}_order"] = forms.IntegerField(label=f"Boot order of {replica.name}", min_value=1, max_value=999, initial=position)
-            self.fields[f"{prefix}_vm_name"] = forms.CharField(label=f"Production VM name for {replica.name}", max_length=80, initial=replica.source_name)
-            self.fields[f"{prefix}_host"] = forms.ChoiceField(label=f"Target host for {replica.name}", choices=hosts,
-                                                              initial=next((h for h in inventory.hosts if h != replica.host), None))
-            self.fields[f"{prefix}_datastore"] = forms.ChoiceField(label=f"Datastore for {replica.name}", choices=stores,
-                                                                   initial=next((d for d in inventory.datastores if d not in replica_stores), None))
+            self.fields[f"{prefix}_order"] = forms.IntegerField(
+                label=f"Boot order of {replica.name}", min_value=1, max_value=999, initial=position
+            )
+            self.fields[f"{prefix}_vm_name"] = forms.CharField(
+                label=f"Production VM name for {replica.name}", max_length=80, initial=replica.source_name
+            )
+            self.fields[f"{prefix}_host"] = forms.ChoiceField(
+                label=f"Target host for {replica.name}",
+                choices=hosts,
+                initial=next((h for h in inventory.hosts if h != replica.host), None),
+            )
+            self.fields[f"{prefix}_datastore"] = forms.ChoiceField(
+                label=f"Datastore for {replica.name}",
+                choices=stores,
+                initial=next((d for d in inventory.datastores if d not in replica_stores), None),
+            )
             for field in ("order", "vm_name", "host", "datastore"):  # the table shows no <label>: name each control
                 self.fields[f"{prefix}_{field}"].widget.attrs["aria-label"] = self.fields[f"{prefix}_{field}"].label
             config = configs.get(replica.vm_id)
-            networks = {nic.network: suggest_network(nic.network, inventory.networks) or None for nic in (config.nics if config else ()) if nic.network}
-            self.rows.append({"replica": replica, "prefix": prefix, "networks": networks,
-                              "fields": [self[f"{prefix}_{n}"] for n in ("order", "vm_name", "host", "datastore")]})
+            networks = {
+                nic.network: suggest_network(nic.network, inventory.networks) or None
+                for nic in (config.nics if config else ())
+                if nic.network
+            }
+            self.rows.append(
+                {
+                    "replica": replica,
+                    "prefix": prefix,
+                    "networks": networks,
+                    "fields": [self[f"{prefix}_{n}"] for n in ("order", "vm_name", "host", "datastore")],
+                }
+            )
 
     def clean(self):
         data = super().clean()
@@ -257,5 +360,13 @@ class PlanForm(forms.Form):
         """The members in boot order, as plans.start_plan wants them."""
         data = self.cleaned_data
         rows = sorted(self.rows, key=lambda r: (data[f"{r['prefix']}_order"], r["replica"].name))
-        return [{"replica_id": r["replica"].pk, "vm_name": data[f"{r['prefix']}_vm_name"], "target_host": data[f"{r['prefix']}_host"],
-                 "target_datastore": data[f"{r['prefix']}_datastore"], "network_map": r["networks"]} for r in rows]
+        return [
+            {
+                "replica_id": r["replica"].pk,
+                "vm_name": data[f"{r['prefix']}_vm_name"],
+                "target_host": data[f"{r['prefix']}_host"],
+                "target_datastore": data[f"{r['prefix']}_datastore"],
+                "network_map": r["networks"],
+            }
+            for r in rows
+        ]

@@ -24,7 +24,12 @@ def failure_limit(request, credentials):
     username = get_client_username(request, credentials)
     address = getattr(request, "axes_ip_address", None)
     if username and address:
-        failed = AccessAttempt.objects.filter(username=username, ip_address=address).aggregate(n=Sum("failures_since_start"))["n"] or 0
+        failed = (
+            AccessAttempt.objects.filter(username=username, ip_address=address).aggregate(
+                n=Sum("failures_since_start")
+            )["n"]
+            or 0
+        )
         if failed >= settings.LOGIN_FAILURE_LIMIT_PER_NAME:
             return 1
     return settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS

@@ -72,8 +72,12 @@ class Replica(models.Model):
 
     name = models.CharField(max_length=200, unique=True)  # the replica VM's name
     source_name = models.CharField(max_length=200)  # the workload it protects
-    platform = models.CharField(max_length=20, choices=Platform.choices, default=Platform.LAB)  # which hypervisor holds it
-    connection = models.ForeignKey(VCenterConnection, null=True, blank=True, on_delete=models.PROTECT, related_name="replicas")
+    platform = models.CharField(
+        max_length=20, choices=Platform.choices, default=Platform.LAB
+    )  # which hypervisor holds it
+    connection = models.ForeignKey(
+        VCenterConnection, null=True, blank=True, on_delete=models.PROTECT, related_name="replicas"
+    )
     vm_id = models.CharField(max_length=100)  # the replica VM's id at the platform
     host = models.CharField(max_length=200)
     site = models.CharField(max_length=100, default="DR")
@@ -87,8 +91,10 @@ class Replica(models.Model):
 
     class Meta:
         ordering = ["name"]
-        permissions = [("operate_failback", "Can start, switch, schedule, commit and undo failbacks"),
-                       ("override_checks", "Can start or switch despite a failed pre-failback check (with a reason)")]
+        permissions = [
+            ("operate_failback", "Can start, switch, schedule, commit and undo failbacks"),
+            ("override_checks", "Can start or switch despite a failed pre-failback check (with a reason)"),
+        ]
 
     def __str__(self):
         return self.name
@@ -199,7 +205,9 @@ class FailbackSession(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)  # last sign of life from the worker
     plan = models.ForeignKey(FailbackPlan, null=True, blank=True, on_delete=models.PROTECT, related_name="sessions")
     plan_order = models.PositiveSmallIntegerField(default=0)  # boot priority within the plan
-    enqueued_at = models.DateTimeField(null=True, blank=True)  # phase 1 handed to a worker (plans queue within their limit)
+    enqueued_at = models.DateTimeField(
+        null=True, blank=True
+    )  # phase 1 handed to a worker (plans queue within their limit)
     throughput = models.JSONField(default=list, blank=True)  # [[unix seconds, bytes/s, phase], ...] for the chart
     # Commit policy: what happens after N minutes in Failback unless an operator acts (or stops the countdown).
     commit_policy = models.CharField(max_length=20, choices=CommitPolicy.choices, default=CommitPolicy.NONE)
@@ -217,7 +225,9 @@ class FailbackSession(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [
-            models.Index(fields=["-created_at", "-id"], name="session_newest_first"),  # the sessions list, deep pages too
+            models.Index(
+                fields=["-created_at", "-id"], name="session_newest_first"
+            ),  # the sessions list, deep pages too
             models.Index(fields=["status"], name="session_status"),  # the dashboard's sections
         ]
         constraints = [
@@ -268,7 +278,11 @@ class FailbackSession(models.Model):
         """The running phase's time left: bytes still to move on every disk at the current rate."""
         if self.status not in (SessionStatus.PHASE1, SessionStatus.SWITCHING):
             return None
-        remaining = sum(max(0, d.bytes_total - d.bytes_done) for d in disks if d.phase == (1 if self.status == SessionStatus.PHASE1 else 2))
+        remaining = sum(
+            max(0, d.bytes_total - d.bytes_done)
+            for d in disks
+            if d.phase == (1 if self.status == SessionStatus.PHASE1 else 2)
+        )
         rate = max((d.rate_bps for d in disks if d.rate_bps), default=0)
         if not remaining:
             return 0.0 if rate else None
@@ -280,8 +294,14 @@ class FailbackSession(models.Model):
         from django.utils.dateparse import parse_datetime
 
         data = self.prediction or {}
-        return {"now": data.get("now"), "now_at": parse_datetime((data.get("now") or {}).get("at") or ""), "checks": data.get("checks") or [], "checked_at": data.get("checked_at"),
-                "at_switch": data.get("at_switch"), "start_checks": data.get("start_checks") or []}
+        return {
+            "now": data.get("now"),
+            "now_at": parse_datetime((data.get("now") or {}).get("at") or ""),
+            "checks": data.get("checks") or [],
+            "checked_at": data.get("checked_at"),
+            "at_switch": data.get("at_switch"),
+            "start_checks": data.get("start_checks") or [],
+        }
 
     @property
     def switch_window(self):
@@ -360,7 +380,9 @@ class AuditEvent(models.Model):
     """Append-only trail: who, when, what, from, to, result. Written by the workflow, never updated."""
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     actor_name = models.CharField(max_length=150)  # copied: stays readable whatever happens to the user
     action = models.CharField(max_length=50, db_index=True, choices=AuditAction.choices)
     replica = models.ForeignKey(Replica, null=True, blank=True, on_delete=models.PROTECT, related_name="+")

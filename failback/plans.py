@@ -27,11 +27,22 @@ OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
 
 def _audit(action, actor, plan, detail, outcome=Outcome.OK, **data):
     with transaction.atomic():
-        audit(action=action, outcome=outcome, actor=actor, detail=detail, data={"plan": plan.name, "plan_id": plan.pk, **data})
+        audit(
+            action=action,
+            outcome=outcome,
+            actor=actor,
+            detail=detail,
+            data={"plan": plan.name, "plan_id": plan.pk, **data},
+        )
 
 
 def _refuse(message, action, actor, plan=None, **data):
-    refuse(message, action=action, actor=actor, data={"plan": getattr(plan, "name", None), "plan_id": getattr(plan, "pk", None), **data})
+    refuse(
+        message,
+        action=action,
+        actor=actor,
+        data={"plan": getattr(plan, "name", None), "plan_id": getattr(plan, "pk", None), **data},
+    )
 
 
 ONE_PLATFORM = "A plan's replicas must be on one platform (the lab or one vCenter): its members switch together."
@@ -42,8 +53,18 @@ def mixed_platforms(replicas):
     return ONE_PLATFORM if len({(r.platform, r.connection_id) for r in replicas}) > 1 else None
 
 
-def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MANUAL, switch_at=None, power_on_after=True,
-               power_on_delay_s=0, reason=""):
+def start_plan(
+    actor,
+    *,
+    name,
+    members,
+    concurrency=2,
+    switch_mode=SwitchMode.MANUAL,
+    switch_at=None,
+    power_on_after=True,
+    power_on_delay_s=0,
+    reason="",
+):
     """members: [{"replica_id", "vm_name", "target_host", "target_datastore", "network_map"}] in boot order."""
     require_operator(actor, ACTION_START)
     reason = clean_reason(reason, action=ACTION_START, actor=actor)
@@ -69,24 +90,53 @@ def start_plan(actor, *, name, members, concurrency=2, switch_mode=SwitchMode.MA
     else:
         switch_at = None
     with transaction.atomic():
-        plan = FailbackPlan.objects.create(name=name, created_by=actor, reason=reason, concurrency=concurrency, switch_mode=switch_mode,
-                                           switch_at=switch_at, power_on_after=power_on_after, power_on_delay_s=power_on_delay_s)
-        audit(action=ACTION_START, actor=actor, detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
-                       f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s" + (f"; reason: {reason}" if reason else ""),
-                       data={"plan": name, "plan_id": plan.pk, "members": members, "concurrency": concurrency, "switch_mode": switch_mode,
-                             "switch_at": switch_at.isoformat() if switch_at else None, "power_on_after": power_on_after,
-                             "power_on_delay_s": power_on_delay_s, "reason": reason})
+        plan = FailbackPlan.objects.create(
+            name=name,
+            created_by=actor,
+            reason=reason,
+            concurrency=concurrency,
+            switch_mode=switch_mode,
+            switch_at=switch_at,
+            power_on_after=power_on_after,
+            power_on_delay_s=power_on_delay_s,
+        )
+        audit(
+            action=ACTION_START,
+            actor=actor,
+            detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
+            f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s"
+            + (f"; reason: {reason}" if reason else ""),
+            data={
+                "plan": name,
+                "plan_id": plan.pk,
+                "members": members,
+                "concurrency": concurrency,
+                "switch_mode": switch_mode,
+                "switch_at": switch_at.isoformat() if switch_at else None,
+                "power_on_after": power_on_after,
+                "power_on_delay_s": power_on_delay_s,
+                "reason": reason,
+            },
+        )
     started = []
     try:
         for order, m in enumerate(members, 1):
             options = workflow.StartOptions(
-                vm_name=m["vm_name"], target_host=m["target_host"], target_datastore=m["target_datastore"],
-                network_map=m.get("network_map") or {}, switch_mode=switch_mode, switch_at=switch_at, power_on_after=power_on_after,
-                reason=reason)
+                vm_name=m["vm_name"],
+                target_host=m["target_host"],
+                target_datastore=m["target_datastore"],
+                network_map=m.get("network_map") or {},
+                switch_mode=switch_mode,
+                switch_at=switch_at,
+                power_on_after=power_on_after,
+                reason=reason,
+            )
             started.append(workflow.start_failback(actor, m["replica_id"], options, plan=plan, plan_order=order))
     except Refused as refused:
         for session in started:  # all or nothing: withdraw the members already accepted
-            workflow.transition(session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member")
+            workflow.transition(
+                session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member"
+            )
         # The row stays with its withdrawn members, for the record; the name is freed for the corrected attempt.
         FailbackPlan.objects.filter(pk=plan.pk).update(name=f"{name[:70]} (not started, #{plan.pk})")
         _refuse(f"Plan {name} not started: {refused.message}", ACTION_START, actor, plan)
@@ -100,8 +150,12 @@ def queue_next(plan_id):
     """Hand the next members' phase 1 to workers, in plan order, within the concurrency limit."""
     with transaction.atomic():
         plan = FailbackPlan.objects.select_for_update().get(pk=plan_id)
-        busy = plan.sessions.filter(Q(status=SessionStatus.PHASE1) | Q(status=SessionStatus.QUEUED, enqueued_at__isnull=False)).count()
-        waiting = plan.sessions.filter(status=SessionStatus.QUEUED, enqueued_at__isnull=True).order_by("plan_order", "pk")
+        busy = plan.sessions.filter(
+            Q(status=SessionStatus.PHASE1) | Q(status=SessionStatus.QUEUED, enqueued_at__isnull=False)
+        ).count()
+        waiting = plan.sessions.filter(status=SessionStatus.QUEUED, enqueued_at__isnull=True).order_by(
+            "plan_order", "pk"
+        )
         for session in waiting[: max(0, plan.concurrency - busy)]:
             FailbackSession.objects.filter(pk=session.pk).update(enqueued_at=timezone.now())
             enqueue("phase1", session.pk)
@@ -112,19 +166,37 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
     plan = FailbackPlan.objects.get(pk=plan_id)
     if plan.switch_started_at is not None:
         if trigger == "manual":
-            _refuse(f"Switch refused: plan {plan.name} has already switched (at {plan.switch_started_at:%Y-%m-%d %H:%M:%S %Z}).", "switch_plan", actor, plan)
+            _refuse(
+                f"Switch refused: plan {plan.name} has already switched (at {plan.switch_started_at:%Y-%m-%d %H:%M:%S %Z}).",
+                "switch_plan",
+                actor,
+                plan,
+            )
         return False
     live = [s for s in plan.sessions.order_by("plan_order", "pk") if s.status not in OUT_OF_PLAY]
     ready = [s for s in live if s.status == SessionStatus.READY_TO_SWITCH]
-    if trigger == "auto" and (plan.switch_mode == SwitchMode.MANUAL or
-                              (plan.switch_mode == SwitchMode.SCHEDULED and (not plan.switch_at or plan.switch_at > timezone.now()))):
+    if trigger == "auto" and (
+        plan.switch_mode == SwitchMode.MANUAL
+        or (plan.switch_mode == SwitchMode.SCHEDULED and (not plan.switch_at or plan.switch_at > timezone.now()))
+    ):
         return False
     if not live or len(ready) != len(live):
         if trigger == "manual":
-            _refuse(f"Switch refused: plan {plan.name} is not ready: {len(ready)} of {len(live)} member(s) are Ready to switch.", "switch_plan", actor, plan)
+            _refuse(
+                f"Switch refused: plan {plan.name} is not ready: {len(ready)} of {len(live)} member(s) are Ready to switch.",
+                "switch_plan",
+                actor,
+                plan,
+            )
         if trigger == "scheduled":
-            _audit("switch_plan", None, plan, f"Plan {plan.name}: the scheduled switch is due; it starts when every member is Ready to switch "
-                   f"({len(ready)} of {len(live)} now).", Outcome.INFO)
+            _audit(
+                "switch_plan",
+                None,
+                plan,
+                f"Plan {plan.name}: the scheduled switch is due; it starts when every member is Ready to switch "
+                f"({len(ready)} of {len(live)} now).",
+                Outcome.INFO,
+            )
         return False
     now = timezone.now()
     if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_started_at=now) != 1:
@@ -132,16 +204,34 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
             _refuse(f"Switch refused: plan {plan.name} has already switched.", "switch_plan", actor, plan)
         return False
     late = (now - plan.switch_at).total_seconds() if trigger != "manual" and plan.switch_at else 0
-    _audit("switch_plan", actor, plan, f"Plan {plan.name} switches {len(live)} member(s) in order ({trigger}"
-           + (f", {late:.0f} s late" if late > 60 else "") + ")" + (f": {reason}" if reason else ""), trigger=trigger, reason=reason)
+    _audit(
+        "switch_plan",
+        actor,
+        plan,
+        f"Plan {plan.name} switches {len(live)} member(s) in order ({trigger}"
+        + (f", {late:.0f} s late" if late > 60 else "")
+        + ")"
+        + (f": {reason}" if reason else ""),
+        trigger=trigger,
+        reason=reason,
+    )
     for s in live:
         try:
-            workflow.transition(s.pk, "switch", actor=actor, detail=f"Plan {plan.name} switch ({trigger})", switch_started_at=now,
-                                heartbeat_at=now, data={"plan": plan.name, "trigger": trigger})
+            workflow.transition(
+                s.pk,
+                "switch",
+                actor=actor,
+                detail=f"Plan {plan.name} switch ({trigger})",
+                switch_started_at=now,
+                heartbeat_at=now,
+                data={"plan": plan.name, "trigger": trigger},
+            )
         except Refused:
             pass  # audited; the others go on
     drop_plan_schedule(plan.pk)
-    transaction.on_commit(lambda: async_task("failback.tasks.plan_switch", plan.pk, task_name=f"plan-switch-{plan.pk}-{now:%H%M%S%f}"))
+    transaction.on_commit(
+        lambda: async_task("failback.tasks.plan_switch", plan.pk, task_name=f"plan-switch-{plan.pk}-{now:%H%M%S%f}")
+    )
     return True
 
 
@@ -153,7 +243,12 @@ def switch_now(actor, plan_id, *, reason=""):
 
 def scheduled_switch_due(plan_id):
     plan = FailbackPlan.objects.filter(pk=plan_id).first()
-    if plan is not None and plan.switch_mode == SwitchMode.SCHEDULED and plan.switch_at and plan.switch_at <= timezone.now() + timedelta(seconds=1):
+    if (
+        plan is not None
+        and plan.switch_mode == SwitchMode.SCHEDULED
+        and plan.switch_at
+        and plan.switch_at <= timezone.now() + timedelta(seconds=1)
+    ):
         switch_if_due(plan_id, trigger="scheduled")
 
 
@@ -164,13 +259,23 @@ def schedule_switch(actor, plan_id, switch_at, *, reason=""):
     workflow.validate_switch_time(switch_at, action=action, actor=actor)
     plan = FailbackPlan.objects.get(pk=plan_id)
     with transaction.atomic():
-        if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at) == 1:
+        if (
+            FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(
+                switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at
+            )
+            == 1
+        ):
             plan.sessions.exclude(status__in=OUT_OF_PLAY).update(switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at)
             plan.refresh_from_db()
             set_plan_schedule(plan)
             broadcast.plan_changed(plan.pk)  # its members' pages and the dashboard show the new moment
-            audit(action=action, actor=actor, detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
-                           + (f": {reason}" if reason else ""), data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat()})
+            audit(
+                action=action,
+                actor=actor,
+                detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
+                + (f": {reason}" if reason else ""),
+                data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat()},
+            )
             return plan
     _refuse(f"Schedule switch refused: plan {plan.name} has already switched.", action, actor, plan)
 
@@ -186,9 +291,20 @@ def _finalise(actor, plan_id, action, reason):
         except Refused as exc:
             refused.append(exc.message)
     if not done:
-        _refuse(f"{action.capitalize()} refused: no member of plan {plan.name} is in Failback.", f"{action}_plan", actor, plan)
-    _audit(f"{action}_plan", actor, plan, f"Plan {plan.name}: {action} of {len(done)} member(s)" + (f"; {len(refused)} refused" if refused else ""),
-           sessions=done, refused=refused)
+        _refuse(
+            f"{action.capitalize()} refused: no member of plan {plan.name} is in Failback.",
+            f"{action}_plan",
+            actor,
+            plan,
+        )
+    _audit(
+        f"{action}_plan",
+        actor,
+        plan,
+        f"Plan {plan.name}: {action} of {len(done)} member(s)" + (f"; {len(refused)} refused" if refused else ""),
+        sessions=done,
+        refused=refused,
+    )
     return done
 
 

@@ -68,27 +68,49 @@ def pending(hv, session):
     out = []
     for disk in session.disks.all():
         if hv.transport == "network":
-            out.append({"disk": disk.key, "method": "full", "why": "Network transport cannot write ranges: the whole disk is sent again",
-                        "pending_bytes": disk.capacity_bytes})
+            out.append(
+                {
+                    "disk": disk.key,
+                    "method": "full",
+                    "why": "Network transport cannot write ranges: the whole disk is sent again",
+                    "pending_bytes": disk.capacity_bytes,
+                }
+            )
             continue
         current = hv.change_tracking(replica.vm_id, disk.key) if disk.change_id else None
         if current:
             extents = hv.changed_areas(replica.vm_id, disk.key, disk.change_id).extents
             size = sum(n for _, n in extents)
-            out.append({"disk": disk.key, "method": "tracked", "pending_bytes": size,
-                        "why": f"Change tracking: {len(extents)} extents changed since the production disk was last brought up to date"})
+            out.append(
+                {
+                    "disk": disk.key,
+                    "method": "tracked",
+                    "pending_bytes": size,
+                    "why": f"Change tracking: {len(extents)} extents changed since the production disk was last brought up to date",
+                }
+            )
         else:
             guess = int((session.prediction or {}).get("catchup_written", {}).get(disk.key, 0))
-            out.append({"disk": disk.key, "method": "digest", "pending_bytes": guess,
-                        "why": "Change tracking unavailable on this VM: the replica is read once and block digests compared"})
+            out.append(
+                {
+                    "disk": disk.key,
+                    "method": "digest",
+                    "pending_bytes": guess,
+                    "why": "Change tracking unavailable on this VM: the replica is read once and block digests compared",
+                }
+            )
     return out
 
 
 def _last_measured(session):
     from .models import FailbackSession
 
-    for data in (FailbackSession.objects.filter(replica_id=session.replica_id, phase2_ended_at__isnull=False).exclude(pk=session.pk)
-                 .order_by("-phase2_ended_at").values_list("prediction", flat=True)[:1]):
+    for data in (
+        FailbackSession.objects.filter(replica_id=session.replica_id, phase2_ended_at__isnull=False)
+        .exclude(pk=session.pk)
+        .order_by("-phase2_ended_at")
+        .values_list("prediction", flat=True)[:1]
+    ):
         measured = (data or {}).get("measured") or {}
         if measured.get("verify_bps"):
             return measured
@@ -108,7 +130,11 @@ def predict(hv, session):
     copy_bps = float(base.get("copy_bps") or 100e6)
     read_bps = float(base.get("read_bps") or 200e6)
     if last:
-        data_s = (changed / (replica.measured_delta_bps or copy_bps) + reads / last["verify_bps"] + last.get("overhead_s", 0.0))
+        data_s = (
+            changed / (replica.measured_delta_bps or copy_bps)
+            + reads / last["verify_bps"]
+            + last.get("overhead_s", 0.0)
+        )
         data_basis = "rates and overhead measured on this VM's last switch"
     else:
         data_s = changed / copy_bps + reads / read_bps
@@ -117,10 +143,16 @@ def predict(hv, session):
     power_on_s, power_on_basis = _power_on(hv, session)
     window = shutdown_s + data_s + power_on_s
     return {
-        "at": timezone.now().isoformat(), "window_s": round(window, 2),
-        "shutdown_s": round(shutdown_s, 2), "shutdown_basis": shutdown_basis,
-        "data_s": round(data_s, 2), "data_basis": data_basis, "changed_bytes": changed, "read_bytes": int(reads),
-        "power_on_s": round(power_on_s, 2), "power_on_basis": power_on_basis,
+        "at": timezone.now().isoformat(),
+        "window_s": round(window, 2),
+        "shutdown_s": round(shutdown_s, 2),
+        "shutdown_basis": shutdown_basis,
+        "data_s": round(data_s, 2),
+        "data_basis": data_basis,
+        "changed_bytes": changed,
+        "read_bytes": int(reads),
+        "power_on_s": round(power_on_s, 2),
+        "power_on_basis": power_on_basis,
         "disks": disks,
     }
 
@@ -143,7 +175,9 @@ def learn(session, timing):
         measured["overhead_s"] = max(0.0, data_s - timing["delta_s"] - timing["verify_s"])
     if not measured:
         return measured
-    FailbackSession.objects.filter(pk=session.pk).update(prediction={**(session.prediction or {}), "measured": measured})
+    FailbackSession.objects.filter(pk=session.pk).update(
+        prediction={**(session.prediction or {}), "measured": measured}
+    )
     fields = {"measured_shutdown_s": measured.get("shutdown_s"), "measured_power_on_s": measured.get("power_on_s")}
     if "delta_bps" in measured:
         previous = session.replica.measured_delta_bps

@@ -20,13 +20,22 @@ def dashboard_context():
     counts = dict(Replica.objects.order_by().values_list("state").annotate(n=Count("pk")))
     sessions = FailbackSession.objects.select_related("replica").prefetch_related("disks")
     running = list(sessions.filter(status__in=RUNNING).order_by("created_at")[:50])
-    scheduled = list(sessions.filter(status__in=SCHEDULABLE, switch_mode=SwitchMode.SCHEDULED).order_by("switch_at")[:50])
+    scheduled = list(
+        sessions.filter(status__in=SCHEDULABLE, switch_mode=SwitchMode.SCHEDULED).order_by("switch_at")[:50]
+    )
     waiting = list(sessions.filter(status=SessionStatus.FAILBACK).order_by("phase2_ended_at")[:50])
     ready = list(sessions.filter(status=SessionStatus.READY_TO_SWITCH).order_by("phase1_ended_at")[:50])
     failures = list(sessions.filter(status=SessionStatus.FAILED).order_by("-ended_at")[:10])
     return {
-        "states": [(value, label, counts.get(value, 0), REPLICA_COLOURS[value]) for value, label in ReplicaState.choices],
-        "running": running, "scheduled": scheduled, "waiting": waiting, "failures": failures, "now": now, "ready": ready,
+        "states": [
+            (value, label, counts.get(value, 0), REPLICA_COLOURS[value]) for value, label in ReplicaState.choices
+        ],
+        "running": running,
+        "scheduled": scheduled,
+        "waiting": waiting,
+        "failures": failures,
+        "now": now,
+        "ready": ready,
         "ready_to_switch": sessions.filter(status=SessionStatus.READY_TO_SWITCH).count(),
     }
 
@@ -60,6 +69,14 @@ def plan_prediction(plan, members):
 
 def plan_context(plan, user, **extra):
     members = list(plan.members())
-    return {"plan": plan, "members": members, "summary": plan.summary(members), "can_operate": can_operate(user),
-            "in_failback": any(s.status == SessionStatus.FAILBACK for s in members), "predicted": plan_prediction(plan, members),
-            "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}), "reason_form": ReasonForm(), **extra}
+    return {
+        "plan": plan,
+        "members": members,
+        "summary": plan.summary(members),
+        "can_operate": can_operate(user),
+        "in_failback": any(s.status == SessionStatus.FAILBACK for s in members),
+        "predicted": plan_prediction(plan, members),
+        "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}),
+        "reason_form": ReasonForm(),
+        **extra,
+    }

@@ -11,7 +11,14 @@ from .forms import ReplicaFilterForm, SessionFilterForm
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackSession, Replica
 
-REPLICA_SORTS = {"name": "name", "-name": "-name", "state": "state", "host": "host", "site": "site", "updated": "-updated_at"}
+REPLICA_SORTS = {
+    "name": "name",
+    "-name": "-name",
+    "state": "state",
+    "host": "host",
+    "site": "site",
+    "updated": "-updated_at",
+}
 
 
 def attach_power_states(replicas):
@@ -36,7 +43,8 @@ def filtered_replicas(params):
     """(queryset, filters, errors) for the replica list's search, filters and sort; shared by the page and the API.
     A filter that cannot be used (a NUL, too long) is left out, and errors says why."""
     replicas = Replica.objects.select_related("connection").prefetch_related(
-        Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks")
+        Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks"
+    )
     form = ReplicaFilterForm(params)
     form.is_valid()
     q, state, site, host, sort = (form.cleaned_data.get(k) or "" for k in ("q", "state", "site", "host", "sort"))

@@ -24,7 +24,12 @@ def _address(request):
 
 @receiver(user_logged_in)
 def logged_in(sender, request, user, **kwargs):
-    audit(action="login", actor=user, detail=f"{user.get_username()} logged in from {_address(request)}", data={"ip": _address(request)})
+    audit(
+        action="login",
+        actor=user,
+        detail=f"{user.get_username()} logged in from {_address(request)}",
+        data={"ip": _address(request)},
+    )
 
 
 @receiver(user_login_failed)
@@ -33,8 +38,14 @@ def login_failed(sender, credentials, request=None, **kwargs):
     count, row = logins.row_to_write("login_failed", address)
     if row == "each":
         user = get_user_model().objects.filter(username=name).first()
-        audit(action="login_failed", actor=user, name=name or "(blank)", outcome=Outcome.REFUSED,
-              detail=f"Failed login for {name!r} from {address}", data={"username": name, "ip": address})
+        audit(
+            action="login_failed",
+            actor=user,
+            name=name or "(blank)",
+            outcome=Outcome.REFUSED,
+            detail=f"Failed login for {name!r} from {address}",
+            data={"username": name, "ip": address},
+        )
     elif row == "summary":
         _summary("login_failed", address, count, f"{count} failed logins from {address}", name)
 
@@ -43,27 +54,51 @@ def login_failed(sender, credentials, request=None, **kwargs):
 def locked_out(sender, request, username, ip_address, **kwargs):
     count, row = logins.row_to_write("login_locked_out", ip_address)
     if row == "each":
-        audit(action="login_locked_out", name=str(username)[:150] or "(blank)", outcome=Outcome.REFUSED,
-              detail=f"{username!r} locked out from {ip_address} after repeated failures", data={"username": username, "ip": ip_address})
+        audit(
+            action="login_locked_out",
+            name=str(username)[:150] or "(blank)",
+            outcome=Outcome.REFUSED,
+            detail=f"{username!r} locked out from {ip_address} after repeated failures",
+            data={"username": username, "ip": ip_address},
+        )
     elif row == "summary":
-        _summary("login_locked_out", ip_address, count, f"{count} attempts from {ip_address} refused while locked out", username)
+        _summary(
+            "login_locked_out",
+            ip_address,
+            count,
+            f"{count} attempts from {ip_address} refused while locked out",
+            username,
+        )
 
 
 def _summary(action, address, count, what, last_name):
     """One row for many: how many there were from the address in this window (the rows for each stopped earlier)."""
     window_min = settings.LOGIN_AUDIT_WINDOW_S // 60
-    audit(action=action, name="(many)", outcome=Outcome.REFUSED,
-          detail=f"{what} within {window_min} min (rows for each one stop after the first {settings.LOGIN_AUDIT_ROWS_PER_ADDRESS}); "
-                 f"the latest for {str(last_name)[:150]!r}",
-          data={"ip": address, "count": count, "summary": True, "window_min": window_min, "last_username": str(last_name)[:150]})
+    audit(
+        action=action,
+        name="(many)",
+        outcome=Outcome.REFUSED,
+        detail=f"{what} within {window_min} min (rows for each one stop after the first {settings.LOGIN_AUDIT_ROWS_PER_ADDRESS}); "
+        f"the latest for {str(last_name)[:150]!r}",
+        data={
+            "ip": address,
+            "count": count,
+            "summary": True,
+            "window_min": window_min,
+            "last_username": str(last_name)[:150],
+        },
+    )
 
 
 # -- open websockets follow the login: closed when it ends, not only refused on reconnect ----------------
 
+
 @receiver(user_logged_out)
 def logged_out(sender, request, user, **kwargs):
     """This login's sockets (the other browsers' logins of the same user stay open)."""
-    session_key = getattr(getattr(request, "session", None), "session_key", None)  # still there: flushed after the signal
+    session_key = getattr(
+        getattr(request, "session", None), "session_key", None
+    )  # still there: flushed after the signal
     if session_key:
         close_sockets(login_group(session_key))
 
@@ -72,4 +107,3 @@ def logged_out(sender, request, user, **kwargs):
 def user_saved(sender, instance, **kwargs):
     if not instance.is_active:  # deactivated: every socket of theirs, whatever login opened it
         close_sockets(user_group(instance.pk))
-

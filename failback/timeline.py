@@ -22,8 +22,12 @@ class Step:
     window: timedelta | None = None  # Failback: the switch window users felt
 
 
-ENDINGS = {SessionStatus.CANCELLED: "cancelled", SessionStatus.FAILED: "failed", SessionStatus.UNDONE: "undone",
-           SessionStatus.COMMITTED: "committed"}
+ENDINGS = {
+    SessionStatus.CANCELLED: "cancelled",
+    SessionStatus.FAILED: "failed",
+    SessionStatus.UNDONE: "undone",
+    SessionStatus.COMMITTED: "committed",
+}
 
 
 def session_timeline(session):
@@ -49,7 +53,9 @@ def _step(session, label, start, end, detail):
     if start is None or end is not None:
         return Step(label, start, end, detail if end else "")
     if session.status in TERMINAL:  # it stopped here: closed when the session ended
-        return Step(label, start, session.ended_at, note=ENDINGS.get(session.status, session.get_status_display().lower()))
+        return Step(
+            label, start, session.ended_at, note=ENDINGS.get(session.status, session.get_status_display().lower())
+        )
     if session.status == SessionStatus.CANCELLING:
         return Step(label, start, note="stopping (cancel asked)")
     return Step(label, start, note="running" if label != "Ready to switch" else "")

@@ -28,14 +28,22 @@ def issue(actor, user, name, *, via="page"):
     """Create a token for ``user``; returns (ApiToken, the token in clear, to show once)."""
     name = (name or "").strip()
     if not 1 <= len(name) <= NAME_MAX:
-        workflow.refuse(f"Name the token (1-{NAME_MAX} characters), e.g. after the script that will use it.",
-                        action="api_token_created", actor=actor, data={"user": user.get_username()})
+        workflow.refuse(
+            f"Name the token (1-{NAME_MAX} characters), e.g. after the script that will use it.",
+            action="api_token_created",
+            actor=actor,
+            data={"user": user.get_username()},
+        )
     public = secrets.token_hex(4)
     token = f"{PREFIX}{public}_{secrets.token_urlsafe(32)}"
     with transaction.atomic():
         row = ApiToken.objects.create(user=user, name=name, prefix=f"{PREFIX}{public}", key_hash=digest(token))
-        workflow.audit(action="api_token_created", actor=actor, detail=f"API token {row.prefix} ({name}) created for {user.get_username()} ({via})",
-                       data={"token_id": row.pk, "prefix": row.prefix, "name": name, "user": user.get_username(), "via": via})
+        workflow.audit(
+            action="api_token_created",
+            actor=actor,
+            detail=f"API token {row.prefix} ({name}) created for {user.get_username()} ({via})",
+            data={"token_id": row.pk, "prefix": row.prefix, "name": name, "user": user.get_username(), "via": via},
+        )
     return row, token
 
 
@@ -46,11 +54,17 @@ def revoke(actor, token_id):
         if row is not None and row.revoked_at is None:
             row.revoked_at = timezone.now()
             row.save(update_fields=["revoked_at"])
-            workflow.audit(action="api_token_revoked", actor=actor, detail=f"API token {row.prefix} ({row.name}) revoked",
-                           data={"token_id": row.pk, "prefix": row.prefix, "name": row.name, "user": actor.get_username()})
+            workflow.audit(
+                action="api_token_revoked",
+                actor=actor,
+                detail=f"API token {row.prefix} ({row.name}) revoked",
+                data={"token_id": row.pk, "prefix": row.prefix, "name": row.name, "user": actor.get_username()},
+            )
             return row
     why = "it is already revoked" if row is not None else "it is not one of your tokens"
-    workflow.refuse(f"Revoke token refused: {why}.", action="api_token_revoked", actor=actor, data={"token_id": token_id})
+    workflow.refuse(
+        f"Revoke token refused: {why}.", action="api_token_revoked", actor=actor, data={"token_id": token_id}
+    )
 
 
 def authenticate(token):

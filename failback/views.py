@@ -31,11 +31,21 @@ def replica_list(request):
     query = request.GET.copy()
     query.pop("page", None)
     facets = Replica.objects.order_by()
-    return render(request, "failback/replica_list.html", {
-        "page": page, "replicas": page.object_list, "can_operate": can_operate(request.user), "query": query.urlencode(),
-        "filters": filters, "filter_errors": errors, "states": ReplicaState.choices,
-        "sites": facets.values_list("site", flat=True).distinct(), "hosts": facets.values_list("host", flat=True).distinct(),
-    })
+    return render(
+        request,
+        "failback/replica_list.html",
+        {
+            "page": page,
+            "replicas": page.object_list,
+            "can_operate": can_operate(request.user),
+            "query": query.urlencode(),
+            "filters": filters,
+            "filter_errors": errors,
+            "states": ReplicaState.choices,
+            "sites": facets.values_list("site", flat=True).distinct(),
+            "hosts": facets.values_list("host", flat=True).distinct(),
+        },
+    )
 
 
 @require_GET
@@ -58,19 +68,30 @@ def start_failback_pickers(request, pk):
 
 def _start_checks(replica, form):
     """The pre-failback checks for what the form currently says (its initial choices before any input)."""
+
     def value(name):
         return form.data.get(name) if form.is_bound else form.fields[name].initial
 
     network_map = {source: (value(field) or None) for source, field in form.nic_fields if source}
     with closing(hypervisor_for(replica)) as hv:
-        return checks.before_start(hv, replica, target_host=value("target_host"), target_datastore=value("target_datastore"), network_map=network_map)
+        return checks.before_start(
+            hv,
+            replica,
+            target_host=value("target_host"),
+            target_datastore=value("target_datastore"),
+            network_map=network_map,
+        )
 
 
 @require_GET
 def start_failback_checks(request, pk):
     """htmx: the summary's checks, run again for the host, datastore and networks just picked."""
     replica = get_object_or_404(Replica, pk=pk)
-    return render(request, "failback/partials/start_checks.html", {"checks": _start_checks(replica, _start_form(request, replica, request.GET))})
+    return render(
+        request,
+        "failback/partials/start_checks.html",
+        {"checks": _start_checks(replica, _start_form(request, replica, request.GET))},
+    )
 
 
 @require_http_methods(["GET", "POST"])
@@ -87,15 +108,29 @@ def start_failback(request, pk):
             messages.success(request, f"Failback #{session.pk} of {replica.name} started.")
             return redirect("failback:session", pk=session.pk)
     elif request.method == "POST":
-        error = workflow.refuse_input("Start failback refused: please correct the fields marked below ("
-                                      + "; ".join(f"{f}: {' '.join(e)}" for f, e in form.errors.items())[:400] + ").",
-                                      action="start_failback", actor=request.user, replica=replica)
+        error = workflow.refuse_input(
+            "Start failback refused: please correct the fields marked below ("
+            + "; ".join(f"{f}: {' '.join(e)}" for f, e in form.errors.items())[:400]
+            + ").",
+            action="start_failback",
+            actor=request.user,
+            replica=replica,
+        )
     elif not can_operate(request.user):
         error = "You may look, but starting a failback needs the Operator role."
-    return render(request, "failback/start_failback.html", {"replica": replica, "form": form, "error": error,
-                                                            "can_operate": can_operate(request.user), "checks": _start_checks(replica, form),
-                                                            "can_override": request.user.has_perm(workflow.OVERRIDE_PERMISSION)},
-                  status=400 if request.method == "POST" else 200)
+    return render(
+        request,
+        "failback/start_failback.html",
+        {
+            "replica": replica,
+            "form": form,
+            "error": error,
+            "can_operate": can_operate(request.user),
+            "checks": _start_checks(replica, form),
+            "can_override": request.user.has_perm(workflow.OVERRIDE_PERMISSION),
+        },
+        status=400 if request.method == "POST" else 200,
+    )
 
 
 @require_GET
@@ -112,9 +147,19 @@ def session_report(request, pk):
     events = list(session.events.order_by("at", "id"))
     started = next((e for e in events if e.action == "start_failback" and e.outcome == "ok"), None)
     deciders = [e for e in events if e.action in ("switch", "commit", "undo") and e.outcome == "ok"]
-    return render(request, "failback/session_report.html", {"session": session, "events": events, "disks": list(session.disks.all()),
-                                                            "options": started.data if started else {}, "deciders": deciders,
-                                                            "refused": [e for e in events if e.outcome == "refused"], "now": timezone.now()})
+    return render(
+        request,
+        "failback/session_report.html",
+        {
+            "session": session,
+            "events": events,
+            "disks": list(session.disks.all()),
+            "options": started.data if started else {},
+            "deciders": deciders,
+            "refused": [e for e in events if e.outcome == "refused"],
+            "now": timezone.now(),
+        },
+    )
 
 
 @require_GET
@@ -133,7 +178,9 @@ def session_action(request, pk, action):
     form = spec.form(request.POST)
     error = notice = None
     if not form.is_valid():
-        problems = "; ".join(f"{form.fields[f].label if f in form.fields else f}: {' '.join(e)}" for f, e in form.errors.items())
+        problems = "; ".join(
+            f"{form.fields[f].label if f in form.fields else f}: {' '.join(e)}" for f, e in form.errors.items()
+        )
         error = workflow.refuse_input(problems, action=spec.guard, actor=request.user, session=session)
     else:
         try:
@@ -165,7 +212,9 @@ def audit_export(request, fmt):
         raise Http404("Export as csv or json")
     form, events = filtered_events(request.GET)
     if form.is_bound and not form.is_valid():  # never the whole trail in place of the filtered set asked for
-        return HttpResponseBadRequest(f"Export refused: {filter_errors(form)}", content_type="text/plain; charset=utf-8")
+        return HttpResponseBadRequest(
+            f"Export refused: {filter_errors(form)}", content_type="text/plain; charset=utf-8"
+        )
     rows = (export_row(e) for e in events.iterator(chunk_size=2000))
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     if fmt == "csv":
@@ -179,6 +228,7 @@ def audit_export(request, fmt):
 
         response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
     else:
+
         def items():
             yield "["
             for i, row in enumerate(rows):

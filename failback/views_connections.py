@@ -34,8 +34,12 @@ def connection_edit(request, pk=None):
         else:
             messages.success(request, f"Connection {connection.name} saved.")
             return redirect("failback:connection", pk=connection.pk)
-    return render(request, "failback/connection_form.html", {"form": form, "connection": instance if pk else None, "error": error},
-                  status=400 if request.method == "POST" else 200)
+    return render(
+        request,
+        "failback/connection_form.html",
+        {"form": form, "connection": instance if pk else None, "error": error},
+        status=400 if request.method == "POST" else 200,
+    )
 
 
 @require_GET
@@ -43,8 +47,11 @@ def connection_edit(request, pk=None):
 def connection_detail(request, pk):
     connection = get_object_or_404(VCenterConnection, pk=pk)
     vms = connection.inventory.get("vms", []) if connection.inventory else []
-    return render(request, "failback/connection_detail.html", {"connection": connection, "vms": vms, "pair_form": PairReplicaForm(),
-                                                               "replicas": connection.replicas.all()})
+    return render(
+        request,
+        "failback/connection_detail.html",
+        {"connection": connection, "vms": vms, "pair_form": PairReplicaForm(), "replicas": connection.replicas.all()},
+    )
 
 
 @require_POST
@@ -58,8 +65,11 @@ def connection_action(request, pk, action):
             (messages.success if ok else messages.error)(request, result)
         elif action == "thumbprint":
             thumbprint = connections.fetch_thumbprint(request.user, connection)
-            messages.info(request, f"{connection.host}:{connection.port} presents the SHA-256 thumbprint {thumbprint}. "
-                                   "Compare it with the one vCenter shows, then pin it by editing the connection.")
+            messages.info(
+                request,
+                f"{connection.host}:{connection.port} presents the SHA-256 thumbprint {thumbprint}. "
+                "Compare it with the one vCenter shows, then pin it by editing the connection.",
+            )
         elif action == "sync":
             connections.request_sync(request.user, pk)
             messages.info(request, "Inventory sync queued; reload this page to see its result.")
@@ -68,7 +78,9 @@ def connection_action(request, pk, action):
             if not form.is_valid():
                 messages.error(request, "Pick a VM and name its source workload.")
             else:
-                replica = connections.pair_replica(request.user, pk, form.cleaned_data["vm_id"], form.cleaned_data["source_name"])
+                replica = connections.pair_replica(
+                    request.user, pk, form.cleaned_data["vm_id"], form.cleaned_data["source_name"]
+                )
                 messages.success(request, f"{replica.name} paired with {replica.source_name}.")
         else:
             messages.error(request, "Unknown action.")

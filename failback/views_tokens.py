@@ -11,7 +11,9 @@ from .workflow import Refused
 
 
 class TokenForm(forms.Form):
-    name = forms.CharField(label="Token name", max_length=tokens.NAME_MAX, help_text="What will use it, e.g. the change-window script.")
+    name = forms.CharField(
+        label="Token name", max_length=tokens.NAME_MAX, help_text="What will use it, e.g. the change-window script."
+    )
 
 
 @never_cache  # the response to a create holds the token in clear: no cache may keep it
@@ -26,9 +28,12 @@ def token_list(request):
             error = refused.message
         else:
             form = TokenForm()
-    return render(request, "failback/tokens.html", {"form": form, "created": created, "secret": secret, "error": error,
-                                                    "tokens": request.user.api_tokens.all()},
-                  status=400 if request.method == "POST" and secret is None else 200)
+    return render(
+        request,
+        "failback/tokens.html",
+        {"form": form, "created": created, "secret": secret, "error": error, "tokens": request.user.api_tokens.all()},
+        status=400 if request.method == "POST" and secret is None else 200,
+    )
 
 
 @require_POST

@@ -17,6 +17,7 @@ from .choices import STEP_OF, Outcome, SessionStatus
 from .models import FailbackSession
 from .schedules import enqueue
 
+
 def recover_stalled():
     """Queue again every step whose worker stopped showing signs of life (killed, machine lost).
 
@@ -28,28 +29,51 @@ def recover_stalled():
     resumed = []
     for session in FailbackSession.objects.filter(status__in=list(STEP_OF), heartbeat_at__lt=cutoff):
         silent = (now - session.heartbeat_at).total_seconds()
-        if _resume(session, now, STEP_OF[session.status], data={"silent_s": round(silent, 1)}, resume=True,
-                   detail=f"No sign of life from the worker for {silent:.0f} s while {session.get_status_display().lower()}: "
-                   "the step is queued again and resumes where it stopped"):
+        if _resume(
+            session,
+            now,
+            STEP_OF[session.status],
+            data={"silent_s": round(silent, 1)},
+            resume=True,
+            detail=f"No sign of life from the worker for {silent:.0f} s while {session.get_status_display().lower()}: "
+            "the step is queued again and resumes where it stopped",
+        ):
             resumed.append(session.pk)
     # Queued, but no worker ever took phase 1 (its task was lost with a killed worker: the Redis broker
     # does not hand it out again). Plan members not yet let in by their plan have no enqueued_at.
     waiting = FailbackSession.objects.filter(status=SessionStatus.QUEUED, enqueued_at__lt=cutoff).filter(
-        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff))
+        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff)
+    )
     for session in waiting:
         waited = (now - (session.heartbeat_at or session.enqueued_at)).total_seconds()
-        if _resume(session, now, "phase1", data={"silent_s": round(waited, 1)},
-                   detail=f"Phase 1 was queued {waited:.0f} s ago and no worker has taken it: queued again"):
+        if _resume(
+            session,
+            now,
+            "phase1",
+            data={"silent_s": round(waited, 1)},
+            detail=f"Phase 1 was queued {waited:.0f} s ago and no worker has taken it: queued again",
+        ):
             resumed.append(session.pk)
     # Switched, but the worker died before powering production on: both VMs would stay off. Power it on.
-    dark = FailbackSession.objects.filter(status=SessionStatus.FAILBACK, power_on_after=True, production_on_at=None,
-                                          heartbeat_at__lt=cutoff, phase2_ended_at__isnull=False)
+    dark = FailbackSession.objects.filter(
+        status=SessionStatus.FAILBACK,
+        power_on_after=True,
+        production_on_at=None,
+        heartbeat_at__lt=cutoff,
+        phase2_ended_at__isnull=False,
+    )
     for session in dark:
-        if _resume(session, now, "power_on",
-                   detail="The switch finished but the production VM was never powered on (the worker stopped): powering it on now"):
+        if _resume(
+            session,
+            now,
+            "power_on",
+            detail="The switch finished but the production VM was never powered on (the worker stopped): powering it on now",
+        ):
             resumed.append(session.pk)
     # A commit policy whose schedule was lost (deleted, or the scheduler down at its time) still runs once.
-    overdue = FailbackSession.objects.filter(status=SessionStatus.FAILBACK, policy_due_at__lt=now - timedelta(seconds=90), policy_stopped_at=None)
+    overdue = FailbackSession.objects.filter(
+        status=SessionStatus.FAILBACK, policy_due_at__lt=now - timedelta(seconds=90), policy_stopped_at=None
+    )
     for session_id in overdue.values_list("pk", flat=True):
         automatic.commit_policy_due(session_id)
     return resumed
@@ -62,8 +86,15 @@ def _resume(session, now, step, *, detail, data=None, **task_kwargs):
     with transaction.atomic():
         if FailbackSession.objects.filter(same, pk=session.pk, status=session.status).update(heartbeat_at=now) != 1:
             return False
-        audit(action="resume", outcome=Outcome.INFO, session=session, from_state=session.status, to_state=session.status,
-              detail=detail, data={**(data or {}), "step": step})
+        audit(
+            action="resume",
+            outcome=Outcome.INFO,
+            session=session,
+            from_state=session.status,
+            to_state=session.status,
+            detail=detail,
+            data={**(data or {}), "step": step},
+        )
         enqueue(step, session.pk, **task_kwargs)
         broadcast.session_changed(session.pk)
     return True

@@ -25,8 +25,14 @@ from django.db import connections
 from .conftest import ROOT, make_user, subprocess_env
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PASSWORD = "{}-pass-1234"  # tests.conftest.make_user
 
 # Per document: websocket events seen by htmx's ws extension, and a token that changes on every reload.
@@ -90,12 +96,17 @@ class Portal:
     def _spawn(self, name, argv):
         log = open(self.log_dir / f"{name}.log", "ab")
         try:
-            return subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             log.close()
 
     def start_web(self, timeout=30):
-        self.web = self._spawn("daphne", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "dr_portal.asgi:application"])
+        self.web = self._spawn(
+            "daphne",
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "dr_portal.asgi:application"],
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.web.poll() is not None:
@@ -110,7 +121,9 @@ class Portal:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"Daphne did not answer on port {self.port} within {timeout} s:\n{_tail(self.log_dir / 'daphne.log')}")
+        raise RuntimeError(
+            f"Daphne did not answer on port {self.port} within {timeout} s:\n{_tail(self.log_dir / 'daphne.log')}"
+        )
 
     def start_worker(self):
         self.worker = self._spawn("qcluster", [sys.executable, str(ROOT / "manage.py"), "qcluster"])

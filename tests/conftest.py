@@ -31,7 +31,9 @@ def lab_dirs(settings, tmp_path):
 def fresh_cache(settings):
     """Each test its own in-memory cache: it holds counters (failed logins per address, failback/logins.py) that must
     not carry from one test into the next, nor reach the Redis that other runs share in the production profile."""
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": f"test-{uuid.uuid4().hex}"}}
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": f"test-{uuid.uuid4().hex}"}
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -103,8 +105,14 @@ def start_cluster(settings, log=os.devnull, **env):
     environ = subprocess_env(settings)
     environ.update({"LOG_LEVEL": "WARNING", **{k: str(v) for k, v in env.items()}})
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=environ, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "qcluster"],
+            env=environ,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def kill_cluster(proc):
@@ -120,8 +128,13 @@ def kill_cluster(proc):
 @pytest.fixture
 def qcluster(settings):
     """A real django-q2 cluster process on this test's database."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], env=subprocess_env(settings), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "qcluster"],
+        env=subprocess_env(settings),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     yield proc
     proc.terminate()
     try:

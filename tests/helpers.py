@@ -42,15 +42,26 @@ def put_session_in(session, status):
         SessionStatus.COMMITTED: ReplicaState.READY,
     }.get(status, ReplicaState.FAILOVER)
     session = FailbackSession.objects.get(pk=session.pk)
-    built = {SessionStatus.READY_TO_SWITCH, SessionStatus.SWITCHING, SessionStatus.FAILBACK, SessionStatus.COMMITTING, SessionStatus.UNDOING}
+    built = {
+        SessionStatus.READY_TO_SWITCH,
+        SessionStatus.SWITCHING,
+        SessionStatus.FAILBACK,
+        SessionStatus.COMMITTING,
+        SessionStatus.UNDOING,
+    }
     if status in built and not session.production_vm_id:  # phase 1 would have built it (with its owner tag)
         from failback.hypervisors.registry import hypervisor_for
 
         replica = Replica.objects.get(pk=session.replica_id)
         with closing(hypervisor_for(replica)) as hv:
-            session.production_vm_id = hv.create_vm_like(replica.vm_id, name=session.vm_name, host=session.target_host,
-                                                         datastore=session.target_datastore, network_map=session.network_map,
-                                                         owner_tag=session.owner_tag)
+            session.production_vm_id = hv.create_vm_like(
+                replica.vm_id,
+                name=session.vm_name,
+                host=session.target_host,
+                datastore=session.target_datastore,
+                network_map=session.network_map,
+                owner_tag=session.owner_tag,
+            )
         FailbackSession.objects.filter(pk=session.pk).update(production_vm_id=session.production_vm_id)
     FailbackSession.objects.filter(pk=session.pk).update(status=status)
     Replica.objects.filter(pk=session.replica_id).update(state=replica_state)

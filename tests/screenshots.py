@@ -33,9 +33,24 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     var = tempfile.mkdtemp(prefix="dr-shots-")
-    os.environ.update({"DR_PORTAL_VAR": var, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING",
-                       "FAILBACK_SHUTDOWN_TIMEOUT": "30", "FAILBACK_PROGRESS_INTERVAL": "0.5", "TIME_ZONE": "Europe/Berlin"})
-    for name in ("DATABASE_URL", "REDIS_URL", "LAB_ROOT", "FAILBACK_STATE_DIR", "CHANNELS_DB_PATH", "DJANGO_ALLOW_ASYNC_UNSAFE"):
+    os.environ.update(
+        {
+            "DR_PORTAL_VAR": var,
+            "DJANGO_SETTINGS_MODULE": "dr_portal.settings",
+            "LOG_LEVEL": "WARNING",
+            "FAILBACK_SHUTDOWN_TIMEOUT": "30",
+            "FAILBACK_PROGRESS_INTERVAL": "0.5",
+            "TIME_ZONE": "Europe/Berlin",
+        }
+    )
+    for name in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "LAB_ROOT",
+        "FAILBACK_STATE_DIR",
+        "CHANNELS_DB_PATH",
+        "DJANGO_ALLOW_ASYNC_UNSAFE",
+    ):
         os.environ.pop(name, None)  # the embedded profile, all of it under the temporary var
     import django
 
@@ -99,7 +114,9 @@ def run(out, var):
         rng = random.Random(replica.pk)
         for disk in replica.disks.all():
             for _ in range(mib):
-                lab.guest_write(replica.vm_id, disk.key, rng.randrange(0, disk.capacity_bytes - 2**20), rng.randbytes(2**20))
+                lab.guest_write(
+                    replica.vm_id, disk.key, rng.randrange(0, disk.capacity_bytes - 2**20), rng.randbytes(2**20)
+                )
 
     # Committed: the whole way, with users writing while it was Ready to switch.
     erp = replica_named("app-erp-01")
@@ -114,8 +131,15 @@ def run(out, var):
 
     # Waiting in Failback for commit or undo; and a Viewer's forged commit, refused and on the record.
     web = replica_named("web-01")
-    waiting = start(olivia, web, target_host="esx-prod-02", target_datastore="prod-ds-02", reason="CHG-4712",
-                    commit_policy="auto_undo", commit_after_min=120).pk
+    waiting = start(
+        olivia,
+        web,
+        target_host="esx-prod-02",
+        target_datastore="prod-ds-02",
+        reason="CHG-4712",
+        commit_policy="auto_undo",
+        commit_after_min=120,
+    ).pk
     wait_status(waiting, SessionStatus.READY_TO_SWITCH)
     users_keep_working(web, mib=3)
     workflow.switch_now(olivia, waiting, reason="CHG-4712")
@@ -128,7 +152,9 @@ def run(out, var):
 
     # Ready to switch, the switch scheduled for the night.
     switch_at = (timezone.localtime() + timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)
-    scheduled = start(olivia, replica_named("file-01"), switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at, reason="CHG-4713").pk
+    scheduled = start(
+        olivia, replica_named("file-01"), switch_mode=SwitchMode.SCHEDULED, switch_at=switch_at, reason="CHG-4713"
+    ).pk
     wait_status(scheduled, SessionStatus.READY_TO_SWITCH)
     users_keep_working(replica_named("file-01"), mib=4)
     from failback import jobs
@@ -137,7 +163,9 @@ def run(out, var):
     print(f"#{scheduled} scheduled for {switch_at}")
 
     # Phase 1 under a bandwidth limit: about a minute for the lab's largest replica.
-    running = start(olivia, replica_named("ad-dc-01"), bandwidth_mbps=8, reason="CHG-4714 domain controller, WAN limit").pk
+    running = start(
+        olivia, replica_named("ad-dc-01"), bandwidth_mbps=8, reason="CHG-4714 domain controller, WAN limit"
+    ).pk
     print(f"#{running} in phase 1 at 8 MB/s")
 
     # A plan of three replicas, one phase 1 at a time: the first ready, the next copying, the last queued.
@@ -145,14 +173,30 @@ def run(out, var):
     from tests.helpers import network_map
 
     wave = [replica_named(n) for n in ("db-pg-01", "app-bi-01", "mail-01")]
-    plan = plans.start_plan(olivia, name="Wave 2: back office", concurrency=1, power_on_delay_s=30, reason="CHG-4720", members=[
-        {"replica_id": r.pk, "vm_name": r.source_name, "target_host": "esx-prod-02", "target_datastore": "prod-ds-02", "network_map": network_map(r)}
-        for r in wave])
+    plan = plans.start_plan(
+        olivia,
+        name="Wave 2: back office",
+        concurrency=1,
+        power_on_delay_s=30,
+        reason="CHG-4720",
+        members=[
+            {
+                "replica_id": r.pk,
+                "vm_name": r.source_name,
+                "target_host": "esx-prod-02",
+                "target_datastore": "prod-ds-02",
+                "network_map": network_map(r),
+            }
+            for r in wave
+        ],
+    )
     first = FailbackSession.objects.filter(plan=plan).order_by("plan_order").first().pk
     wait_status(first, SessionStatus.READY_TO_SWITCH)
     print(f"plan {plan.name} under way")
 
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop runs in this thread; the servers never see this
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = (
+        "true"  # Playwright's loop runs in this thread; the servers never see this
+    )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -173,7 +217,9 @@ def run(out, var):
             page.wait_for_load_state("networkidle" if settle else "load")
             target = out / f"{name}.png"
             page.screenshot(path=str(target), full_page=True)
-            print(f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {target.stat().st_size // 1024} KiB")
+            print(
+                f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {target.stat().st_size // 1024} KiB"
+            )
 
         def first_disk_percent():
             return FailbackSession.objects.get(pk=running).disks.order_by("key").first().percent
@@ -193,7 +239,7 @@ def run(out, var):
         shot("session-ready", f"/sessions/{scheduled}/")
         shot("sessions", "/sessions/")
         shot("plan", f"/plans/{plan.pk}/")
-        shot("audit", f"/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
+        shot("audit", "/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
         page.emulate_media(media="print")  # the report as it prints (no navigation bar, compact tables)
         shot("report", f"/sessions/{committed}/report/")
         browser.close()

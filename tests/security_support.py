@@ -10,7 +10,6 @@ import socket
 import pytest
 from django.conf import settings
 from django.core.management import call_command
-
 from django_q.models import Schedule
 
 from failback.choices import Outcome
@@ -49,8 +48,15 @@ def empty_lab():
     for net in ("prod-net", "prod-dmz", "dr-net", "dr-dmz"):
         lab.add_network(net)
     for workload, networks in REPLICAS.items():
-        lab.create_vm(f"{workload}_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[8 * MiB, 4 * MiB], networks=networks, power_on=True,
-                      shutdown_seconds=0.2)
+        lab.create_vm(
+            f"{workload}_replica",
+            host="esx-dr-01",
+            datastore="dr-ds-01",
+            disks=[8 * MiB, 4 * MiB],
+            networks=networks,
+            power_on=True,
+            shutdown_seconds=0.2,
+        )
     import_replicas()
     return lab
 
@@ -63,11 +69,30 @@ def import_replicas():
 def db_state():
     """Everything an action may change; a refused action leaves all of it as it was."""
     return {
-        "sessions": list(FailbackSession.objects.order_by("pk").values_list("pk", "status", "switch_mode", "switch_at", "reason", "policy_stopped_at")),
+        "sessions": list(
+            FailbackSession.objects.order_by("pk").values_list(
+                "pk", "status", "switch_mode", "switch_at", "reason", "policy_stopped_at"
+            )
+        ),
         "replicas": list(Replica.objects.order_by("pk").values_list("pk", "state", "name", "source_name")),
-        "plans": list(FailbackPlan.objects.order_by("pk").values_list("pk", "name", "switch_mode", "switch_at", "switch_started_at")),
-        "connections": list(VCenterConnection.objects.order_by("pk").values_list(
-            "pk", "name", "host", "port", "username", "password_encrypted", "thumbprint", "last_test_at", "last_test_result")),
+        "plans": list(
+            FailbackPlan.objects.order_by("pk").values_list(
+                "pk", "name", "switch_mode", "switch_at", "switch_started_at"
+            )
+        ),
+        "connections": list(
+            VCenterConnection.objects.order_by("pk").values_list(
+                "pk",
+                "name",
+                "host",
+                "port",
+                "username",
+                "password_encrypted",
+                "thumbprint",
+                "last_test_at",
+                "last_test_result",
+            )
+        ),
         "schedules": sorted(Schedule.objects.values_list("name", flat=True)),
         "accepted": AuditEvent.objects.exclude(outcome=Outcome.REFUSED).exclude(action="login").count(),
     }

@@ -50,7 +50,9 @@ class Api:
         return self.client.get(API + path, params, **self.headers)
 
     def post(self, path, body=None):
-        return self.client.post(API + path, json.dumps({} if body is None else body), content_type="application/json", **self.headers)
+        return self.client.post(
+            API + path, json.dumps({} if body is None else body), content_type="application/json", **self.headers
+        )
 
 
 def token_for(user, name="tests"):
@@ -70,21 +72,45 @@ def world(tiny_lab, operator):
     free, queued, ready, failback, policy, planned = Replica.objects.order_by("name")
     in_failback = put_session_in(start(operator, failback), SessionStatus.FAILBACK)
     counting = put_session_in(start(operator, policy), SessionStatus.FAILBACK)
-    FailbackSession.objects.filter(pk=counting.pk).update(commit_policy=CommitPolicy.AUTO_COMMIT, commit_after_min=30,
-                                                          policy_due_at=timezone.now() + timedelta(minutes=30))
-    plan = plans.start_plan(operator, name="wave-1", members=[{
-        "replica_id": planned.pk, "vm_name": f"{planned.source_name}-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
-        "network_map": network_map(planned)}])
+    FailbackSession.objects.filter(pk=counting.pk).update(
+        commit_policy=CommitPolicy.AUTO_COMMIT,
+        commit_after_min=30,
+        policy_due_at=timezone.now() + timedelta(minutes=30),
+    )
+    plan = plans.start_plan(
+        operator,
+        name="wave-1",
+        members=[
+            {
+                "replica_id": planned.pk,
+                "vm_name": f"{planned.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(planned),
+            }
+        ],
+    )
     return {
-        "free": free.pk, "queued": start(operator, queued).pk, "ready": put_session_in(start(operator, ready), SessionStatus.READY_TO_SWITCH).pk,
-        "failback": in_failback.pk, "policy": counting.pk, "plan": plan.pk, "start_body": start_body(free),
+        "free": free.pk,
+        "queued": start(operator, queued).pk,
+        "ready": put_session_in(start(operator, ready), SessionStatus.READY_TO_SWITCH).pk,
+        "failback": in_failback.pk,
+        "policy": counting.pk,
+        "plan": plan.pk,
+        "start_body": start_body(free),
         "plan_body": {"name": "wave-2", "members": [{**start_body(free), "replica_id": free.pk}]},
     }
 
 
 def start_body(replica, **overrides):
-    return {"vm_name": f"{replica.source_name}-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
-            "network_map": network_map(replica), "switch_mode": "manual", **overrides}
+    return {
+        "vm_name": f"{replica.source_name}-prod",
+        "target_host": "esx-prod-01",
+        "target_datastore": "prod-ds-01",
+        "network_map": network_map(replica),
+        "switch_mode": "manual",
+        **overrides,
+    }
 
 
 def in_an_hour():
@@ -119,7 +145,11 @@ ROLES = ["anonymous", "bad token", "revoked token", "viewer", "operator", "admin
 
 def call(api, endpoint, world):
     _, method, path, body, _, _ = endpoint
-    path = path.format(**world) if world else path.format_map({k: 1 for k in ("free", "ready", "queued", "policy", "failback", "plan")})
+    path = (
+        path.format(**world)
+        if world
+        else path.format_map({k: 1 for k in ("free", "ready", "queued", "policy", "failback", "plan")})
+    )
     if isinstance(body, str):
         body = world[body] if world else {}
     elif isinstance(body, dict):
@@ -193,7 +223,9 @@ def test_it_refuses_an_illegal_action_with_409_and_audits_it(world, operator):
     response = api.post(f"/replicas/{busy.pk}/failback", start_body(busy, vm_name="another-name"))
     assert response.status_code == 409 and f"already has failback #{world['queued']}" in response.json()["detail"]
     # Found by schemathesis: a VM folder on the lab (no folders there) was a 500; it is a refusal now.
-    response = api.post(f"/replicas/{world['free']}/failback", start_body(Replica.objects.get(pk=world["free"]), folder="group-v1"))
+    response = api.post(
+        f"/replicas/{world['free']}/failback", start_body(Replica.objects.get(pk=world["free"]), folder="group-v1")
+    )
     assert response.status_code == 409 and "has no resource pools or VM folders" in response.json()["detail"]
     member = FailbackSession.objects.get(plan_id=world["plan"])
     response = api.post(f"/sessions/{member.pk}/switch", {})
@@ -210,43 +242,68 @@ def test_it_answers_404_and_422_in_json(world, operator):
     response = api.post(f"/sessions/{world['queued']}/schedule", {"switch_at": "2030-01-01T10:00:00"})  # no time zone
     assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == "switch_at"
     response = api.post(f"/replicas/{world['free']}/failback", {"vm_name": "x"})
-    assert response.status_code == 422 and {e["loc"][-1] for e in response.json()["detail"]} >= {"target_host", "target_datastore"}
+    assert response.status_code == 422 and {e["loc"][-1] for e in response.json()["detail"]} >= {
+        "target_host",
+        "target_datastore",
+    }
     assert api.get("/replicas", limit=501).status_code == 422
     assert api.get("/sessions/0").status_code == 422
     assert api.get("/audit", outcome="maybe").status_code == 422
     response = api.get("/audit", since="2026-02-01", until="2026-01-01")
-    assert response.status_code == 422 and "The start date is after the end date." in response.json()["detail"][0]["msg"]
-    response = api.post(f"/sessions/{world['queued']}/schedule", {"switch_at": (timezone.now() - timedelta(hours=1)).isoformat()})
-    assert response.status_code == 409 and "is in the past" in response.json()["detail"]  # the service's rule, not a copy
+    assert (
+        response.status_code == 422 and "The start date is after the end date." in response.json()["detail"][0]["msg"]
+    )
+    response = api.post(
+        f"/sessions/{world['queued']}/schedule", {"switch_at": (timezone.now() - timedelta(hours=1)).isoformat()}
+    )
+    assert (
+        response.status_code == 409 and "is in the past" in response.json()["detail"]
+    )  # the service's rule, not a copy
 
 
 @pytest.mark.django_db
 def test_it_filters_and_pages_like_the_pages(world, viewer, operator):
     api = Api(token_for(viewer))
     everything = api.get("/replicas").json()
-    assert everything["count"] == 6 and [r["name"] for r in everything["items"]] == sorted(r["name"] for r in everything["items"])
+    assert everything["count"] == 6 and [r["name"] for r in everything["items"]] == sorted(
+        r["name"] for r in everything["items"]
+    )
     failover = api.get("/replicas", state=ReplicaState.FAILOVER).json()
     assert failover["count"] == 6 - 3 and {r["state"] for r in failover["items"]} == {"failover"}
     first, second = api.get("/replicas", limit=4, offset=0).json(), api.get("/replicas", limit=4, offset=4).json()
     assert (first["count"], len(first["items"]), len(second["items"])) == (6, 4, 2)
     assert [r["id"] for r in first["items"] + second["items"]] == [r["id"] for r in everything["items"]]
-    assert [r["name"] for r in api.get("/replicas", sort="-name").json()["items"]] == sorted((r["name"] for r in everything["items"]), reverse=True)
+    assert [r["name"] for r in api.get("/replicas", sort="-name").json()["items"]] == sorted(
+        (r["name"] for r in everything["items"]), reverse=True
+    )
     crm = api.get("/replicas", q="crm").json()
     assert crm["count"] == 1 and "crm" in crm["items"][0]["name"] and crm["items"][0]["power"] == "poweredOn"
     assert api.get("/replicas", limit=4, offset=100).json() == {"count": 6, "limit": 4, "offset": 100, "items": []}
 
     sessions = api.get("/sessions").json()
-    assert sessions["count"] == 5 and [s["id"] for s in sessions["items"]] == sorted((s["id"] for s in sessions["items"]), reverse=True)
+    assert sessions["count"] == 5 and [s["id"] for s in sessions["items"]] == sorted(
+        (s["id"] for s in sessions["items"]), reverse=True
+    )
     in_failback = api.get("/sessions", status="failback").json()
     assert {s["id"] for s in in_failback["items"]} == {world["failback"], world["policy"]}
     assert all(s["allowed_actions"] == ["commit", "undo"] for s in in_failback["items"] if s["id"] == world["failback"])
-    assert [s["id"] for s in api.get("/sessions", plan=world["plan"]).json()["items"]] == [FailbackSession.objects.get(plan_id=world["plan"]).pk]
+    assert [s["id"] for s in api.get("/sessions", plan=world["plan"]).json()["items"]] == [
+        FailbackSession.objects.get(plan_id=world["plan"]).pk
+    ]
     ready = api.get(f"/sessions/{world['ready']}").json()
-    assert ready["status"] == "ready_to_switch" and ready["allowed_actions"] == ["switch", "schedule", "cancel"] and ready["started_by"] == "olivia"
+    assert (
+        ready["status"] == "ready_to_switch"
+        and ready["allowed_actions"] == ["switch", "schedule", "cancel"]
+        and ready["started_by"] == "olivia"
+    )
 
     Api(token_for(operator)).post(f"/sessions/{world['ready']}/commit", {})  # a refusal, for the filters below
     refused = api.get("/audit", outcome="refused", user="olivia").json()
-    assert refused["count"] == 1 and refused["items"][0]["action"] == "commit" and refused["items"][0]["session"] == world["ready"]
+    assert (
+        refused["count"] == 1
+        and refused["items"][0]["action"] == "commit"
+        and refused["items"][0]["session"] == world["ready"]
+    )
     starts = api.get("/audit", action="start_failback", limit=2).json()
     assert starts["count"] == 5 and len(starts["items"]) == 2 and all(e["actor"] == "olivia" for e in starts["items"])
     assert api.get("/audit", session=world["ready"], q="CHG-none").json()["count"] == 0
@@ -264,14 +321,23 @@ def test_it_shows_where_a_replica_can_go(world, viewer):
 @pytest.mark.django_db
 def test_it_serves_its_openapi_schema_and_docs_without_a_cdn(client):
     schema = client.get(f"{API}/schema/").json()
-    assert schema["info"]["version"] == "1" and schema["components"]["securitySchemes"]["BearerToken"] == {"type": "http", "scheme": "bearer"}
-    assert {"/api/v1/replicas", "/api/v1/sessions/{session_id}/switch", "/api/v1/plans/{plan_id}/commit", "/api/v1/audit"} <= set(schema["paths"])
+    assert schema["info"]["version"] == "1" and schema["components"]["securitySchemes"]["BearerToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+    }
+    assert {
+        "/api/v1/replicas",
+        "/api/v1/sessions/{session_id}/switch",
+        "/api/v1/plans/{plan_id}/commit",
+        "/api/v1/audit",
+    } <= set(schema["paths"])
     assert schema["paths"]["/api/v1/sessions/{session_id}/commit"]["post"]["operationId"] == "commit"
     docs = client.get(f"{API}/docs").content.decode()
     assert "/static/ninja/swagger-ui-bundle.js" in docs and "cdn" not in docs
 
 
 # -- tokens --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.django_db
 def test_it_creates_a_token_with_the_command_and_stores_only_its_hash(world, operator):
@@ -308,22 +374,37 @@ def test_it_lets_a_user_create_see_once_and_revoke_their_tokens_on_the_page(view
     assert ApiToken.objects.get(pk=other.pk).revoked_at is None  # not one of victor's
     page.post(f"/account/tokens/{row.pk}/revoke/")
     assert Api(token).get("/sessions").status_code == 401
-    actions = list(AuditEvent.objects.filter(action__startswith="api_token").values_list("action", "outcome", "actor__username"))
-    assert actions == [("api_token_created", "ok", "victor"), ("api_token_created", "ok", "olivia"),
-                       ("api_token_revoked", "refused", "victor"), ("api_token_revoked", "ok", "victor")]
+    actions = list(
+        AuditEvent.objects.filter(action__startswith="api_token").values_list("action", "outcome", "actor__username")
+    )
+    assert actions == [
+        ("api_token_created", "ok", "victor"),
+        ("api_token_created", "ok", "olivia"),
+        ("api_token_revoked", "refused", "victor"),
+        ("api_token_revoked", "ok", "victor"),
+    ]
     assert not AuditEvent.objects.filter(detail__contains=token).exists()
 
 
 # -- whole failbacks through the API alone -------------------------------------------------------------
 
+
 def wait_status(api, path, status, timeout=60):
-    return wait_for(lambda: (lambda s: s if s["status"] == status else None)(api.get(path).json()), timeout=timeout, what=f"{path} {status}")
+    return wait_for(
+        lambda: (lambda s: s if s["status"] == status else None)(api.get(path).json()),
+        timeout=timeout,
+        what=f"{path} {status}",
+    )
 
 
 def assert_disks_identical(lab, session_id):
     session = FailbackSession.objects.select_related("replica").get(pk=session_id)
     for disk in session.disks.all():
-        assert filecmp.cmp(lab.disk_path(session.replica.vm_id, disk.key), lab.disk_path(session.production_vm_id, disk.key), shallow=False)
+        assert filecmp.cmp(
+            lab.disk_path(session.replica.vm_id, disk.key),
+            lab.disk_path(session.production_vm_id, disk.key),
+            shallow=False,
+        )
         assert disk.verified and disk.source_digest == disk.target_digest != ""
 
 
@@ -335,13 +416,22 @@ def test_it_fails_back_a_replica_through_the_api_alone(lab, operator):
     replica = found[0]
     targets = api.get(f"/replicas/{replica['id']}/targets").json()
     host = next(h for h in targets["hosts"] if h.startswith("esx-prod"))
-    body = {"vm_name": "erp-prod", "target_host": host, "target_datastore": "prod-ds-02", "network_map": targets["suggested_network_map"],
-            "switch_mode": "manual", "reason": "CHG-100"}
+    body = {
+        "vm_name": "erp-prod",
+        "target_host": host,
+        "target_datastore": "prod-ds-02",
+        "network_map": targets["suggested_network_map"],
+        "switch_mode": "manual",
+        "reason": "CHG-100",
+    }
     created = api.post(f"/replicas/{replica['id']}/failback", body)
     assert created.status_code == 201, created.content
     path = f"/sessions/{created.json()['id']}"
     ready = wait_status(api, path, "ready_to_switch")
-    assert api.get(f"/replicas/{replica['id']}").json()["state"] == "ready_to_switch" and ready["allowed_actions"][0] == "switch"
+    assert (
+        api.get(f"/replicas/{replica['id']}").json()["state"] == "ready_to_switch"
+        and ready["allowed_actions"][0] == "switch"
+    )
     for disk in ready["disks"]:  # users keep working on the replica until the switch
         lab.guest_write(replica["vm_id"], disk["key"], disk["capacity_bytes"] // 2, b"\xa5" * 65536)
     assert api.post(f"{path}/switch", {"reason": "CHG-100 window"}).status_code == 200
@@ -363,18 +453,36 @@ def test_it_fails_back_a_plan_through_the_api_alone(lab, operator):
         replica = api.get("/replicas", q=name).json()["items"][0]
         targets = api.get(f"/replicas/{replica['id']}/targets").json()
         names.append(replica["name"])
-        members.append({"replica_id": replica["id"], "vm_name": f"{name}-prod", "target_host": "esx-prod-02", "target_datastore": "prod-ds-01",
-                        "network_map": targets["suggested_network_map"]})
-    created = api.post("/plans", {"name": "wave-api", "members": members, "concurrency": 1, "power_on_delay_s": 0, "reason": "DR test"})
+        members.append(
+            {
+                "replica_id": replica["id"],
+                "vm_name": f"{name}-prod",
+                "target_host": "esx-prod-02",
+                "target_datastore": "prod-ds-01",
+                "network_map": targets["suggested_network_map"],
+            }
+        )
+    created = api.post(
+        "/plans", {"name": "wave-api", "members": members, "concurrency": 1, "power_on_delay_s": 0, "reason": "DR test"}
+    )
     assert created.status_code == 201, created.content
     path = f"/plans/{created.json()['id']}"
-    wait_for(lambda: all(m["status"] == "ready_to_switch" for m in api.get(path).json()["members"]), what="every member Ready to switch")
+    wait_for(
+        lambda: all(m["status"] == "ready_to_switch" for m in api.get(path).json()["members"]),
+        what="every member Ready to switch",
+    )
     assert api.post(f"{path}/switch", {"reason": "window"}).status_code == 200
-    wait_for(lambda: all(m["status"] == "failback" for m in api.get(path).json()["members"]), what="every member in Failback")
+    wait_for(
+        lambda: all(m["status"] == "failback" for m in api.get(path).json()["members"]), what="every member in Failback"
+    )
     plan = api.get(path).json()
     assert [m["replica_name"] for m in plan["members"]] == names and plan["percent"] == 100
     for member in plan["members"]:
         assert_disks_identical(lab, member["session_id"])
     assert api.post(f"{path}/commit", {}).status_code == 200
-    wait_for(lambda: all(m["status"] == "committed" for m in api.get(path).json()["members"]), what="every member committed")
-    assert api.post(f"{path}/commit", {}).json()["detail"] == "Commit refused: no member of plan wave-api is in Failback."
+    wait_for(
+        lambda: all(m["status"] == "committed" for m in api.get(path).json()["members"]), what="every member committed"
+    )
+    assert (
+        api.post(f"{path}/commit", {}).json()["detail"] == "Commit refused: no member of plan wave-api is in Failback."
+    )

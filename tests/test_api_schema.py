@@ -32,8 +32,15 @@ from .helpers import network_map, replica_named, start
 pytestmark = [pytest.mark.api, pytest.mark.django_db(databases="__all__", transaction=True)]
 
 EXAMPLES = 6  # per operation and mode: 20 operations x 2 modes x 6 requests
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance, response_headers_conformance,
-          negative_data_rejection, ignored_auth]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+    ignored_auth,
+]
 
 
 @pytest.fixture
@@ -42,9 +49,19 @@ def live_api(lab, settings, tmp_path):
     rows and the service layer's rules, not only 404s."""
     operator = make_user("olivia", "Operator")
     ids = {"session_id": start(operator, replica_named("web-01")).pk, "replica_id": replica_named("app-erp").pk}
-    ids["plan_id"] = plans.start_plan(operator, name="wave-1", members=[{
-        "replica_id": replica_named("app-crm").pk, "vm_name": "crm-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
-        "network_map": network_map(replica_named("app-crm"))}]).pk
+    ids["plan_id"] = plans.start_plan(
+        operator,
+        name="wave-1",
+        members=[
+            {
+                "replica_id": replica_named("app-crm").pk,
+                "vm_name": "crm-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(replica_named("app-crm")),
+            }
+        ],
+    ).pk
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     server = Portal(env=server_env(settings), log_dir=log_dir)
@@ -67,16 +84,31 @@ def test_it_holds_to_its_schema_under_generated_requests(live_api):
     assert len(operations) == 20
     failures, seen = {}, Counter()
     http = requests.Session()
-    http.hooks["response"].append(lambda response, *args, **kwargs: seen.update([(response.request.method, response.status_code)]))
+    http.hooks["response"].append(
+        lambda response, *args, **kwargs: seen.update([(response.request.method, response.status_code)])
+    )
     for operation in operations:
         existing = {p.name: ids[p.name] for p in operation.path_parameters}
-        for mode, path_parameters in ((GenerationMode.POSITIVE, None), (GenerationMode.NEGATIVE, None), (GenerationMode.POSITIVE, existing)):
+        for mode, path_parameters in (
+            (GenerationMode.POSITIVE, None),
+            (GenerationMode.NEGATIVE, None),
+            (GenerationMode.POSITIVE, existing),
+        ):
             if path_parameters == {}:
                 continue  # no id in the path: the first pass covered it
-            @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
             def check(case):
-                case.call_and_validate(base_url=url, session=http, headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
+                case.call_and_validate(
+                    base_url=url, session=http, headers={"Authorization": f"Bearer {token}"}, checks=CHECKS
+                )
 
             try:
                 check()

@@ -24,13 +24,16 @@ def client(db, viewer):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("query, message", [
-    ({"until": "9999-12-31"}, "Enter a date between 1970-01-01 and 9998-12-31."),
-    ({"since": "0001-01-01"}, "Enter a date between 1970-01-01 and 9998-12-31."),
-    ({"session": HUGE}, "Ensure this value is less than or equal to 2147483647."),
-    ({"session": "1e3"}, "Enter a whole number."),
-    ({"q": "a\x00b"}, "Null characters are not allowed."),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ({"until": "9999-12-31"}, "Enter a date between 1970-01-01 and 9998-12-31."),
+        ({"since": "0001-01-01"}, "Enter a date between 1970-01-01 and 9998-12-31."),
+        ({"session": HUGE}, "Ensure this value is less than or equal to 2147483647."),
+        ({"session": "1e3"}, "Enter a whole number."),
+        ({"q": "a\x00b"}, "Null characters are not allowed."),
+    ],
+)
 def test_it_says_why_an_audit_filter_is_refused(client, query, message):
     response = client.get("/audit/", query)
     assert response.status_code == 200 and message in response.content.decode()
@@ -48,11 +51,14 @@ def test_it_still_filters_and_exports_by_date_within_the_range(client):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("query, message", [
-    ({"until": "9999-12-31"}, "less than or equal to 9998-12-31"),
-    ({"since": "0001-01-01"}, "greater than or equal to 1970-01-01"),
-    ({"session": HUGE}, "less than or equal to 2147483647"),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ({"until": "9999-12-31"}, "less than or equal to 9998-12-31"),
+        ({"since": "0001-01-01"}, "greater than or equal to 1970-01-01"),
+        ({"session": HUGE}, "less than or equal to 2147483647"),
+    ],
+)
 def test_the_api_answers_a_bad_audit_filter_with_422(viewer, query, message):
     token = tokens.issue(viewer, viewer, "filters")[1]
     response = Client(raise_request_exception=False).get("/api/v1/audit", query, HTTP_AUTHORIZATION=f"Bearer {token}")
@@ -60,16 +66,19 @@ def test_the_api_answers_a_bad_audit_filter_with_422(viewer, query, message):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("url, query, message", [
-    ("/sessions/", {"replica": HUGE}, "Replica #: Ensure this value is less than or equal to 2147483647."),
-    ("/sessions/", {"plan": HUGE}, "Plan #: Ensure this value is less than or equal to 2147483647."),
-    ("/sessions/", {"replica": "x"}, "Replica #: Enter a whole number."),
-    ("/sessions/", {"status": "nonsense"}, "Status: Select a valid choice."),
-    ("/replicas/", {"q": "a\x00b"}, "Search: Null characters are not allowed."),
-    ("/replicas/", {"site": "\x00"}, "Site: Null characters are not allowed."),
-    ("/replicas/", {"host": "\x00"}, "Host: Null characters are not allowed."),
-    ("/replicas/", {"q": "x" * 201}, "Search: Ensure this value has at most 200 characters"),
-])
+@pytest.mark.parametrize(
+    "url, query, message",
+    [
+        ("/sessions/", {"replica": HUGE}, "Replica #: Ensure this value is less than or equal to 2147483647."),
+        ("/sessions/", {"plan": HUGE}, "Plan #: Ensure this value is less than or equal to 2147483647."),
+        ("/sessions/", {"replica": "x"}, "Replica #: Enter a whole number."),
+        ("/sessions/", {"status": "nonsense"}, "Status: Select a valid choice."),
+        ("/replicas/", {"q": "a\x00b"}, "Search: Null characters are not allowed."),
+        ("/replicas/", {"site": "\x00"}, "Site: Null characters are not allowed."),
+        ("/replicas/", {"host": "\x00"}, "Host: Null characters are not allowed."),
+        ("/replicas/", {"q": "x" * 201}, "Search: Ensure this value has at most 200 characters"),
+    ],
+)
 def test_it_says_why_a_list_filter_is_refused(client, url, query, message):
     empty_lab()
     response = client.get(url, query)

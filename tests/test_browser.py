@@ -47,8 +47,11 @@ def status(page):
 
 
 def wait_status(pk, *statuses, timeout=60):
-    return wait_for(lambda: FailbackSession.objects.get(pk=pk).status in statuses, timeout=timeout,
-                    what=f"session {pk} to reach {statuses}")
+    return wait_for(
+        lambda: FailbackSession.objects.get(pk=pk).status in statuses,
+        timeout=timeout,
+        what=f"session {pk} to reach {statuses}",
+    )
 
 
 def start_from_the_replicas_page(page, replica, *, bandwidth=None):
@@ -64,7 +67,10 @@ def start_from_the_replicas_page(page, replica, *, bandwidth=None):
     assert page.locator("#id_target_datastore").input_value().startswith("prod-ds-")
     networks = page.locator("select[id^='id_net_']")
     assert networks.count() == 2
-    assert sorted(networks.nth(i).input_value() for i in range(2)) == ["prod-dmz", "prod-net"]  # dr-* pre-mapped to prod-*
+    assert sorted(networks.nth(i).input_value() for i in range(2)) == [
+        "prod-dmz",
+        "prod-net",
+    ]  # dr-* pre-mapped to prod-*
     assert page.locator("#id_switch_mode_0").get_attribute("value") == SwitchMode.AUTO
     assert page.locator("#id_switch_mode_1").get_attribute("value") == SwitchMode.SCHEDULED
     page.locator("#id_switch_mode_2").check()
@@ -99,8 +105,11 @@ def run_failback(operator, replica, until=SessionStatus.COMMITTED, **options):
 
 def forge(page, portal, pk, action):
     """A POST the page offers no button for, as htmx would send it, with the user's own CSRF token."""
-    return page.request.post(f"{portal.url}/sessions/{pk}/{action}/", form={"reason": "forged"},
-                             headers={"X-CSRFToken": csrf_token(page), "Referer": portal.url + "/", "HX-Request": "true"})
+    return page.request.post(
+        f"{portal.url}/sessions/{pk}/{action}/",
+        form={"reason": "forged"},
+        headers={"X-CSRFToken": csrf_token(page), "Referer": portal.url + "/", "HX-Request": "true"},
+    )
 
 
 def test_it_fails_back_through_the_browser_with_live_progress_and_commits(page, portal):
@@ -113,11 +122,14 @@ def test_it_fails_back_through_the_browser_with_live_progress_and_commits(page, 
     expect(page.get_by_role("status").first).to_contain_text(f"Failback #{pk} of {CRM} started")
     assert "MB/s" in page.locator("dl.facts").inner_text()
     doc = page.evaluate("window.__doc")
-    page.evaluate("""sel => { window.__seen = [];
+    page.evaluate(
+        """sel => { window.__seen = [];
         const tick = () => { const p = document.querySelector(sel), s = document.querySelector('#session-status');
             if (!p || !s) return; const v = Number(p.value), st = s.textContent.trim(), last = window.__seen.at(-1);
             if (!last || last[0] !== v || last[1] !== st) window.__seen.push([v, st]); };
-        tick(); window.__rec = setInterval(tick, 20); }""", PROGRESS)
+        tick(); window.__rec = setInterval(tick, 20); }""",
+        PROGRESS,
+    )
 
     expect(status(page)).to_have_text("Ready to switch", timeout=LONG)
     seen = page.evaluate("clearInterval(window.__rec), window.__seen")
@@ -144,20 +156,30 @@ def test_it_fails_back_through_the_browser_with_live_progress_and_commits(page, 
     assert session.status == SessionStatus.COMMITTED, session.error
     assert session.replica.state == ReplicaState.READY
     assert session.bandwidth_mbps == 1 and session.switch_mode == SwitchMode.MANUAL
-    assert [(e.action, e.actor_name) for e in AuditEvent.objects.filter(session=session, action__in=["switch", "commit"])] == [
-        ("switch", "olivia"), ("commit", "olivia")]
+    assert [
+        (e.action, e.actor_name) for e in AuditEvent.objects.filter(session=session, action__in=["switch", "commit"])
+    ] == [("switch", "olivia"), ("commit", "olivia")]
     disks = list(session.disks.all())
     assert disks
     for disk in disks:
-        assert filecmp.cmp(lab.disk_path(replica.vm_id, disk.key), lab.disk_path(session.production_vm_id, disk.key), shallow=False)
+        assert filecmp.cmp(
+            lab.disk_path(replica.vm_id, disk.key), lab.disk_path(session.production_vm_id, disk.key), shallow=False
+        )
         assert disk.verified
 
 
 def test_it_shows_phase1_progress_and_time_left_growing_live(page, portal):
     """A 32 MiB replica (8 blocks) copied at 4 MB/s: the bar climbs through the blocks without a reload."""
     lab = LabHypervisor(settings.LAB_ROOT)
-    vm_id = lab.create_vm("big-01_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[32 * 2**20], networks=["dr-net"],
-                          tools_installed=False, power_on=True)
+    vm_id = lab.create_vm(
+        "big-01_replica",
+        host="esx-dr-01",
+        datastore="dr-ds-01",
+        disks=[32 * 2**20],
+        networks=["dr-net"],
+        tools_installed=False,
+        power_on=True,
+    )
     lab.guest_write(vm_id, "scsi0:0", 0, random.Random(8).randbytes(32 * 2**20))
     call_command("seed_lab", "--no-user", stdout=open(os.devnull, "w"))  # imports the new replica
     login(page, "olivia")
@@ -165,19 +187,24 @@ def test_it_shows_phase1_progress_and_time_left_growing_live(page, portal):
     pk = off_loop(start, portal.users["olivia"], replica_named("big-01"), bandwidth_mbps=4).pk
     page.goto(f"/sessions/{pk}/")
     doc = page.evaluate("window.__doc")
-    page.evaluate("""sel => { window.__seen = [];
+    page.evaluate(
+        """sel => { window.__seen = [];
         const tick = () => { const p = document.querySelector(sel), s = document.querySelector('#session-status');
             if (!p || !s) return; const heads = [...p.closest('table').querySelectorAll('thead th')].map(th => th.textContent.trim());
             const left = p.closest('tr').children[heads.indexOf('Time left')].textContent.trim();
             const v = Number(p.value), st = s.textContent.trim(), last = window.__seen.at(-1);
             if (!last || last[0] !== v || last[1] !== st || last[2] !== left) window.__seen.push([v, st, left]); };
-        tick(); window.__rec = setInterval(tick, 20); }""", PROGRESS)
+        tick(); window.__rec = setInterval(tick, 20); }""",
+        PROGRESS,
+    )
     expect(status(page)).to_have_text("Ready to switch", timeout=LONG)
     seen = page.evaluate("clearInterval(window.__rec), window.__seen")
     phase1 = [v for v, st, _ in seen if st == "Phase 1 running"]
     assert phase1 == sorted(phase1), f"progress went backwards: {seen}"
     assert len({v for v in phase1 if 0 < v < 100}) >= 3, f"too few steps between 0 and 100: {seen}"
-    assert any(re.fullmatch(r"\d+ s", left) and v < 100 for v, st, left in seen if st == "Phase 1 running"), f"no time left shown: {seen}"
+    assert any(
+        re.fullmatch(r"\d+ s", left) and v < 100 for v, st, left in seen if st == "Phase 1 running"
+    ), f"no time left shown: {seen}"
     assert seen[-1][:2] == [100, "Ready to switch"]
     assert page.evaluate("window.__doc") == doc, "the page was reloaded"
 
@@ -198,7 +225,9 @@ def test_it_undoes_a_failback_from_the_browser(page, portal):
     assert lab.power_state(replica.vm_id) == POWERED_ON
     page.goto("/replicas/")
     expect(page.locator(f"#replica-{replica.pk}")).to_contain_text("Failover")
-    expect(page.locator(f"#replica-{replica.pk}").get_by_role("link", name="Start failback")).to_be_visible()  # a new attempt may start
+    expect(
+        page.locator(f"#replica-{replica.pk}").get_by_role("link", name="Start failback")
+    ).to_be_visible()  # a new attempt may start
 
 
 def test_it_shows_a_viewer_no_buttons_and_refuses_a_forged_commit(page, portal):
@@ -269,7 +298,10 @@ def test_it_switches_with_the_keyboard(page, portal):
     wait_in_page(page, "window.__ws.messages >= 1")
     for _ in range(60):
         page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.tagName === 'BUTTON' && document.activeElement.textContent.trim()") == "Switch now":
+        if (
+            page.evaluate("document.activeElement.tagName === 'BUTTON' && document.activeElement.textContent.trim()")
+            == "Switch now"
+        ):
             break
     else:
         pytest.fail("Tab never reached the Switch now button")
@@ -310,7 +342,11 @@ def test_it_fits_narrow_screens_with_named_controls(browser, portal, width, heig
     try:
         login(narrow, "olivia")
         problems = {}
-        for path in ("/replicas/", f"/replicas/{Replica.objects.get(name='app-erp-01_replica').pk}/failback/", f"/sessions/{pk}/"):
+        for path in (
+            "/replicas/",
+            f"/replicas/{Replica.objects.get(name='app-erp-01_replica').pk}/failback/",
+            f"/sessions/{pk}/",
+        ):
             narrow.goto(path)
             narrow.wait_for_load_state("networkidle")
             problems[path] = narrow.evaluate(LAYOUT_PROBLEMS)
@@ -360,13 +396,17 @@ def test_it_lists_filters_and_exports_the_audit_trail(page, portal):
     with open(download.path(), newline="", encoding="utf-8") as fh:
         exported = list(csv.reader(fh))
     assert exported[0][:3] == ["at", "actor", "action"]
-    body = [dict(zip(exported[0], row)) for row in exported[1:]]
-    assert [(r["actor"], r["action"], r["outcome"], r["session"]) for r in body] == [("victor", "undo", "refused", str(pk))]
+    body = [dict(zip(exported[0], row, strict=False)) for row in exported[1:]]
+    assert [(r["actor"], r["action"], r["outcome"], r["session"]) for r in body] == [
+        ("victor", "undo", "refused", str(pk))
+    ]
 
     href = page.get_by_role("link", name="Export JSON").get_attribute("href")
     assert "outcome=refused" in href
     items = json.loads(page.request.get(portal.url + href).text())
-    assert isinstance(items, list) and [(i["actor"], i["action"], i["outcome"]) for i in items] == [("victor", "undo", "refused")]
+    assert isinstance(items, list) and [(i["actor"], i["action"], i["outcome"]) for i in items] == [
+        ("victor", "undo", "refused")
+    ]
     everything = json.loads(page.request.get(portal.url + "/audit/export.json").text())
     assert len(everything) == total
 

@@ -32,14 +32,25 @@ def test_the_pages_work_under_the_policy_and_the_browser_reports_no_violation(pa
 
     page.context.add_init_script(REPORT_VIOLATIONS)
     login(page, "olivia")
-    for url in ("/", "/replicas/", "/sessions/", "/plans/", "/audit/?until=9999-12-31", "/account/tokens/", "/api/v1/docs"):
+    for url in (
+        "/",
+        "/replicas/",
+        "/sessions/",
+        "/plans/",
+        "/audit/?until=9999-12-31",
+        "/account/tokens/",
+        "/api/v1/docs",
+    ):
         response = page.goto(url)
         assert "script-src 'self'" in response.headers["content-security-policy"]
     assert_no_violation()
 
     replica = Replica.objects.get(name=CRM)
     page.goto(f"/replicas/{replica.pk}/failback/")
-    assert page.evaluate("htmx.config.allowEval") is False and page.evaluate("document.head.querySelectorAll('style').length") == 0
+    assert (
+        page.evaluate("htmx.config.allowEval") is False
+        and page.evaluate("document.head.querySelectorAll('style').length") == 0
+    )
     page.get_by_role("button", name="Start failback").click()  # portal.js asks first (the fixture accepts)
     page.wait_for_url(re.compile(r"/sessions/\d+/$"))
     assert page.dialogs[-1].startswith(f"Start failback of {CRM}?")

@@ -25,9 +25,19 @@ pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pyte
 def test_a_plan_members_page_offers_no_switch_schedule_or_cancel_of_its_own(page, portal):  # noqa: F811 (fixtures)
     replica = replica_named("web-01")
     LabHypervisor(settings.LAB_ROOT).set_vm_options(replica.vm_id, shutdown_seconds=0.2, shutdown_hangs=False)
-    plan = plans.start_plan(User.objects.get(username="olivia"), name="wave G", members=[{
-        "replica_id": replica.pk, "vm_name": f"{replica.source_name}-prod", "target_host": "esx-prod-01",
-        "target_datastore": "prod-ds-01", "network_map": network_map(replica)}])
+    plan = plans.start_plan(
+        User.objects.get(username="olivia"),
+        name="wave G",
+        members=[
+            {
+                "replica_id": replica.pk,
+                "vm_name": f"{replica.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(replica),
+            }
+        ],
+    )
     member = plan.sessions.get()
     wait_for(lambda: FailbackSession.objects.get(pk=member.pk).status == SessionStatus.READY_TO_SWITCH, what="phase 1")
     login(page, "olivia")

@@ -38,14 +38,20 @@ def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(pag
         page.get_by_label(f"Target host for {r.name}").select_option("esx-prod-01")
         page.get_by_label(f"Datastore for {r.name}").select_option("prod-ds-01")
     fetches = []  # htmx requests made by the page (it polled every 2 s before the websocket)
-    page.on("request", lambda request: fetches.append(request.url) if request.resource_type in ("xhr", "fetch") else None)
+    page.on(
+        "request", lambda request: fetches.append(request.url) if request.resource_type in ("xhr", "fetch") else None
+    )
     page.get_by_role("button", name="Start plan").click()
     expect(page.get_by_role("heading", name="Plan wave A")).to_be_visible()
     doc = page.evaluate("window.__doc")
     members = page.locator("#plan-members")
-    expect(members).to_contain_text("3 Ready to switch", timeout=LONG)  # the page follows its members over its websocket
+    expect(members).to_contain_text(
+        "3 Ready to switch", timeout=LONG
+    )  # the page follows its members over its websocket
     assert page.evaluate("window.__doc") == doc, "the page was reloaded"
-    assert page.evaluate("window.__ws.open") >= 1 and page.evaluate("window.__ws.messages") >= 1, page.evaluate("window.__ws")
+    assert page.evaluate("window.__ws.open") >= 1 and page.evaluate("window.__ws.messages") >= 1, page.evaluate(
+        "window.__ws"
+    )
     assert fetches == []
     page.get_by_role("button", name="Switch now").click()
     expect(members).to_contain_text("3 Failback", timeout=LONG)

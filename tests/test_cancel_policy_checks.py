@@ -35,6 +35,7 @@ def session(pk):
 
 # -- cancel ------------------------------------------------------------------------------------
 
+
 def big_replica(lab):
     """The lab's largest replica, with 8 MiB of data written on its largest disk (phase 1 has something to do)."""
     replica = max(Replica.objects.all(), key=lambda r: max(d.capacity_bytes for d in r.disks.all()))
@@ -73,7 +74,9 @@ def test_a_retry_reuses_the_kept_production_vm_and_sends_only_what_differs(lab, 
     replica, disk = big_replica(lab)
     first = start(operator, replica)
     assert session(first.pk).status == SessionStatus.READY_TO_SWITCH
-    full = sum(AuditEvent.objects.filter(session=first, action="copy_disk").values_list("data__bytes_written", flat=True))
+    full = sum(
+        AuditEvent.objects.filter(session=first, action="copy_disk").values_list("data__bytes_written", flat=True)
+    )
     workflow.cancel(operator, first.pk, keep_production_vm=True)
     first = session(first.pk)
     assert first.status == SessionStatus.CANCELLED and first.replica.state == ReplicaState.FAILOVER
@@ -83,14 +86,18 @@ def test_a_retry_reuses_the_kept_production_vm_and_sends_only_what_differs(lab, 
     retry = session(start(operator, replica).pk)
     assert retry.reused_from_id == first.pk and retry.production_vm_id == first.production_vm_id
     assert retry.status == SessionStatus.READY_TO_SWITCH
-    sent = sum(AuditEvent.objects.filter(session=retry, action="copy_disk").values_list("data__bytes_written", flat=True))
+    sent = sum(
+        AuditEvent.objects.filter(session=retry, action="copy_disk").values_list("data__bytes_written", flat=True)
+    )
     assert 0 < sent <= 4 << 20 < full  # one changed 4 MiB block, not the whole disk again
     assert {d.method for d in retry.disks.all()} == {"digest"}
     workflow.switch_now(operator, retry.pk)
     retry = session(retry.pk)
     assert retry.status == SessionStatus.FAILBACK
     for d in retry.disks.all():
-        assert filecmp.cmp(lab.disk_path(replica.vm_id, d.key), lab.disk_path(retry.production_vm_id, d.key), shallow=False)
+        assert filecmp.cmp(
+            lab.disk_path(replica.vm_id, d.key), lab.disk_path(retry.production_vm_id, d.key), shallow=False
+        )
 
 
 def test_cancel_is_refused_clearly_after_the_switch_and_for_a_viewer(lab, operator, viewer):
@@ -105,6 +112,7 @@ def test_cancel_is_refused_clearly_after_the_switch_and_for_a_viewer(lab, operat
 
 
 # -- commit policy -----------------------------------------------------------------------------
+
 
 def test_an_auto_commit_counts_down_and_can_be_stopped(lab, operator):
     s = start(operator, replica_named("app-crm"), commit_policy=CommitPolicy.AUTO_COMMIT, commit_after_min=30)
@@ -126,7 +134,9 @@ def test_an_auto_undo_runs_once_when_due_and_is_audited_as_automatic(lab, operat
     replica = replica_named("app-crm")
     s = start(operator, replica, commit_policy=CommitPolicy.AUTO_UNDO, commit_after_min=5)
     workflow.switch_now(operator, s.pk)
-    FailbackSession.objects.filter(pk=s.pk).update(policy_due_at=timezone.now() - timedelta(seconds=1))  # five minutes later
+    FailbackSession.objects.filter(pk=s.pk).update(
+        policy_due_at=timezone.now() - timedelta(seconds=1)
+    )  # five minutes later
     tasks.commit_policy(s.pk)
     tasks.commit_policy(s.pk)  # delivered twice: still one undo
     s = session(s.pk)
@@ -157,12 +167,15 @@ def test_an_operator_commit_beats_the_policy_and_drops_its_schedule(lab, operato
     assert session(s.pk).status == SessionStatus.COMMITTED
 
 
-@pytest.mark.parametrize("policy,minutes,message", [
-    ("sometimes", 5, "Unknown commit policy"),
-    (CommitPolicy.AUTO_COMMIT, None, "needs a delay"),
-    (CommitPolicy.AUTO_UNDO, 0, "needs a delay"),
-    (CommitPolicy.AUTO_UNDO, 10**6, "needs a delay"),
-])
+@pytest.mark.parametrize(
+    "policy,minutes,message",
+    [
+        ("sometimes", 5, "Unknown commit policy"),
+        (CommitPolicy.AUTO_COMMIT, None, "needs a delay"),
+        (CommitPolicy.AUTO_UNDO, 0, "needs a delay"),
+        (CommitPolicy.AUTO_UNDO, 10**6, "needs a delay"),
+    ],
+)
 def test_it_refuses_a_bad_commit_policy(lab, operator, policy, minutes, message):
     replica = replica_named("app-crm")
     with pytest.raises(workflow.Refused, match=message):
@@ -171,6 +184,7 @@ def test_it_refuses_a_bad_commit_policy(lab, operator, policy, minutes, message)
 
 
 # -- pre-failback checks ----------------------------------------------------------------------
+
 
 def test_a_host_in_maintenance_blocks_the_start_until_an_administrator_overrides(lab, operator, admin_user):
     replica = replica_named("app-crm")

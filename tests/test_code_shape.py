@@ -24,12 +24,19 @@ def test_no_function_is_over_60_lines():
     long = {}
     for p in _sources():
         for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > FUNCTION_MAX:
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and node.end_lineno - node.lineno + 1 > FUNCTION_MAX
+            ):
                 long[f"{p.relative_to(ROOT)}:{node.lineno} {node.name}"] = node.end_lineno - node.lineno + 1
     assert long == {}
 
 
 def test_nothing_probes_a_platform_for_what_it_can_do():
-    probes = [f"{p.relative_to(ROOT)}:{i}" for p in _sources() for i, line in enumerate(p.read_text().splitlines(), 1)
-              if re.search(r"(hasattr|getattr)\(hv\b", line)]
+    probes = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _sources()
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"(hasattr|getattr)\(hv\b", line)
+    ]
     assert probes == []

@@ -52,7 +52,9 @@ def in_failback(lab, operator):
 
 
 def test_it_commits_once_when_two_operators_press_commit(in_failback, operator):
-    ok, refused = split(race(lambda: workflow.commit(operator, in_failback.pk), lambda: workflow.commit(operator, in_failback.pk)))
+    ok, refused = split(
+        race(lambda: workflow.commit(operator, in_failback.pk), lambda: workflow.commit(operator, in_failback.pk))
+    )
     assert len(ok) == 1 and len(refused) == 1
     assert FailbackSession.objects.get(pk=in_failback.pk).status == SessionStatus.COMMITTED
     assert AuditEvent.objects.filter(action="commit", outcome=Outcome.OK).count() == 1
@@ -60,7 +62,9 @@ def test_it_commits_once_when_two_operators_press_commit(in_failback, operator):
 
 
 def test_it_lets_only_one_of_commit_and_undo_win(in_failback, operator):
-    ok, refused = split(race(lambda: workflow.commit(operator, in_failback.pk), lambda: workflow.undo(operator, in_failback.pk)))
+    ok, refused = split(
+        race(lambda: workflow.commit(operator, in_failback.pk), lambda: workflow.undo(operator, in_failback.pk))
+    )
     assert len(ok) == 1 and len(refused) == 1
     status = FailbackSession.objects.get(pk=in_failback.pk).status
     assert status in (SessionStatus.COMMITTED, SessionStatus.UNDONE)
@@ -79,6 +83,8 @@ def test_it_switches_once_when_switch_now_races_itself(lab, operator):
 
 def test_it_starts_one_failback_when_two_start_the_same_replica(lab, operator):
     replica = replica_named("")
-    ok, refused = split(race(lambda: start(operator, replica, vm_name="a-prod"), lambda: start(operator, replica, vm_name="b-prod")))
+    ok, refused = split(
+        race(lambda: start(operator, replica, vm_name="a-prod"), lambda: start(operator, replica, vm_name="b-prod"))
+    )
     assert len(ok) == 1 and len(refused) == 1
     assert FailbackSession.objects.filter(replica=replica).count() == 1

@@ -21,7 +21,9 @@ def policy(response):
 
 def assert_strict(response):
     csp = policy(response)
-    assert csp.get("script-src") == ["'self'"] and csp.get("style-src") == ["'self'"], csp  # no 'unsafe-inline', no 'unsafe-eval'
+    assert csp.get("script-src") == ["'self'"] and csp.get("style-src") == [
+        "'self'"
+    ], csp  # no 'unsafe-inline', no 'unsafe-eval'
     assert csp["object-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"] and csp["base-uri"] == ["'none'"]
 
 
@@ -39,7 +41,9 @@ class Blocked(HTMLParser):
         if tag == "style":
             self.found.append(("style element", attrs))
         self.found += [(name, value) for name, value in attrs.items() if name.startswith("on") or name == "style"]
-        self.found += [(name, value) for name, value in attrs.items() if (value or "").strip().lower().startswith("javascript:")]
+        self.found += [
+            (name, value) for name, value in attrs.items() if (value or "").strip().lower().startswith("javascript:")
+        ]
 
 
 def blocked(html):
@@ -54,9 +58,21 @@ def test_every_page_has_the_policy_and_nothing_it_would_block(admin_user, operat
     session = start(operator, replica_named("app-erp"))
     client = Client()
     client.force_login(admin_user)
-    pages = ["/", "/replicas/", f"/replicas/{replica_named('db-sql').pk}/failback/", "/sessions/", f"/sessions/{session.pk}/",
-             f"/sessions/{session.pk}/report/", "/plans/", f"/plans/new/?replica={replica_named('web-01').pk}", "/audit/",
-             "/account/tokens/", "/connections/", "/connections/new/", "/api/v1/docs"]
+    pages = [
+        "/",
+        "/replicas/",
+        f"/replicas/{replica_named('db-sql').pk}/failback/",
+        "/sessions/",
+        f"/sessions/{session.pk}/",
+        f"/sessions/{session.pk}/report/",
+        "/plans/",
+        f"/plans/new/?replica={replica_named('web-01').pk}",
+        "/audit/",
+        "/account/tokens/",
+        "/connections/",
+        "/connections/new/",
+        "/api/v1/docs",
+    ]
     for url in pages:
         response = client.get(url)
         assert response.status_code == 200, url
@@ -64,7 +80,9 @@ def test_every_page_has_the_policy_and_nothing_it_would_block(admin_user, operat
         assert blocked(response.content.decode()) == [], url
     created = client.post("/account/tokens/", {"name": "ci"})  # the page that shows a new token once
     assert created.status_code == 200 and blocked(created.content.decode()) == []
-    fragment = client.post(f"/sessions/{session.pk}/cancel/", {"reason": "x"}, HTTP_HX_REQUEST="true")  # an htmx partial
+    fragment = client.post(
+        f"/sessions/{session.pk}/cancel/", {"reason": "x"}, HTTP_HX_REQUEST="true"
+    )  # an htmx partial
     assert fragment.status_code == 200 and blocked(fragment.content.decode()) == []
     assert_strict(fragment)
 

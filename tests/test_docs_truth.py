@@ -57,7 +57,9 @@ def test_the_transition_table_matches_the_code():
 
 def test_the_session_diagram_shows_every_transition_and_no_other():
     edges = mermaid_edges("[*] --> queued")
-    expected = {(source.value, spec.target.value, action) for action, spec in TRANSITIONS.items() for source in spec.sources}
+    expected = {
+        (source.value, spec.target.value, action) for action, spec in TRANSITIONS.items() for source in spec.sources
+    }
     expected.add(("[*]", SessionStatus.QUEUED.value, "start_failback"))
     assert edges == expected, f"missing {expected - edges}, extra {edges - expected}"
     for status in SessionStatus:  # each drawn with its label
@@ -67,5 +69,7 @@ def test_the_session_diagram_shows_every_transition_and_no_other():
 def test_the_replica_diagram_shows_every_replica_change_and_no_other():
     edges = mermaid_edges("declare_failover")
     expected = {(spec.replica_from, spec.replica_to, action) for action, spec in TRANSITIONS.items() if spec.replica_to}
-    expected.add((ReplicaState.READY.value, ReplicaState.FAILOVER.value, "declare_failover"))  # the one change outside TRANSITIONS
+    expected.add(
+        (ReplicaState.READY.value, ReplicaState.FAILOVER.value, "declare_failover")
+    )  # the one change outside TRANSITIONS
     assert edges == expected, f"missing {expected - edges}, extra {edges - expected}"

@@ -48,8 +48,20 @@ def test_it_fails_back_automatically_with_byte_identical_disks(lab, operator):
     assert session.stop_method == "No guest tools running on the replica: powered off at once"
     assert session.replica_off_at <= session.production_on_at and session.switch_window is not None
     assert actions(session) == [
-        "start_failback", "begin_phase1", "create_production_vm", *["copy_disk"] * session.disks.count(), "replica_state", "finish_phase1",
-        "switch", "predict_window", "stop_replica", *["send_changes"] * session.disks.count(), "replica_state", "finish_switch", "power_on_production", "switch_window",
+        "start_failback",
+        "begin_phase1",
+        "create_production_vm",
+        *["copy_disk"] * session.disks.count(),
+        "replica_state",
+        "finish_phase1",
+        "switch",
+        "predict_window",
+        "stop_replica",
+        *["send_changes"] * session.disks.count(),
+        "replica_state",
+        "finish_switch",
+        "power_on_production",
+        "switch_window",
     ]
     copy = AuditEvent.objects.filter(session=session, action="copy_disk").first()
     assert copy.data["digest"] and copy.data["bytes_written"] > 0
@@ -127,7 +139,9 @@ def test_it_undoes_back_to_the_replica_and_allows_a_new_failback(lab, operator):
 
 
 @pytest.mark.django_db(databases="__all__")  # callbacks are held back until the test releases them
-def test_it_fails_phase1_with_the_platforms_message_and_leaves_the_replica_running(lab, operator, django_capture_on_commit_callbacks):
+def test_it_fails_phase1_with_the_platforms_message_and_leaves_the_replica_running(
+    lab, operator, django_capture_on_commit_callbacks
+):
     replica = replica_named("app-crm")
     with django_capture_on_commit_callbacks() as queued:
         session = start(operator, replica, vm_name="taken-meanwhile")
@@ -167,7 +181,12 @@ def test_it_switches_once_at_the_scheduled_time(lab, operator):
 
 
 def test_it_moves_the_schedule_when_the_switch_time_changes(lab, operator):
-    session = start(operator, replica_named("app-crm"), switch_mode=SwitchMode.SCHEDULED, switch_at=timezone.now() + timedelta(hours=1))
+    session = start(
+        operator,
+        replica_named("app-crm"),
+        switch_mode=SwitchMode.SCHEDULED,
+        switch_at=timezone.now() + timedelta(hours=1),
+    )
     later = timezone.now() + timedelta(hours=3)
     workflow.schedule_switch(operator, session.pk, later)
     assert Schedule.objects.get(name=f"failback-switch-{session.pk}").next_run == later
@@ -179,8 +198,15 @@ def test_it_moves_the_schedule_when_the_switch_time_changes(lab, operator):
 @pytest.mark.django_db(databases="__all__")
 def test_it_switches_when_phase1_ends_after_the_scheduled_time(lab, operator, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks() as queued:
-        session = start(operator, replica_named("app-crm"), switch_mode=SwitchMode.SCHEDULED, switch_at=timezone.now() + timedelta(hours=1))
-    FailbackSession.objects.filter(pk=session.pk).update(switch_at=timezone.now() - timedelta(minutes=5))  # phase 1 was slow
+        session = start(
+            operator,
+            replica_named("app-crm"),
+            switch_mode=SwitchMode.SCHEDULED,
+            switch_at=timezone.now() + timedelta(hours=1),
+        )
+    FailbackSession.objects.filter(pk=session.pk).update(
+        switch_at=timezone.now() - timedelta(minutes=5)
+    )  # phase 1 was slow
     with django_capture_on_commit_callbacks(execute=True):
         for callback in queued:
             callback()
@@ -199,7 +225,9 @@ def test_it_finishes_a_switch_whose_worker_died_after_the_replica_went_down(lab,
     workflow.transition(session.pk, "switch", actor=operator, switch_started_at=timezone.now())
     lab.power_off(replica.vm_id)
     stale = timezone.now() - timedelta(seconds=30)
-    FailbackSession.objects.filter(pk=session.pk).update(replica_stop_started_at=stale, replica_off_at=stale, stop_method="powered off", heartbeat_at=stale)
+    FailbackSession.objects.filter(pk=session.pk).update(
+        replica_stop_started_at=stale, replica_off_at=stale, stop_method="powered off", heartbeat_at=stale
+    )
     assert watchdog.recover_stalled() == [session.pk]
     session = reload(session)
     assert session.status == SessionStatus.FAILBACK and session.stop_method == "powered off"

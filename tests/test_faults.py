@@ -42,6 +42,7 @@ STALL = 2  # FAILBACK_STALL_SECONDS for these tests: a worker silent this long i
 
 # -- helpers -----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def clusters(settings, tmp_path, monkeypatch):
     """Start clusters with ``clusters.start()``; all are killed after the test. Tasks go to the broker."""
@@ -68,7 +69,11 @@ def session_of(session):
 
 
 def reaches(session, *statuses, timeout=90):
-    wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status in statuses, timeout=timeout, what=f"status {statuses}")
+    wait_for(
+        lambda: FailbackSession.objects.get(pk=session.pk).status in statuses,
+        timeout=timeout,
+        what=f"status {statuses}",
+    )
     return session_of(session)
 
 
@@ -80,7 +85,15 @@ def resume_after_stall(session):
 
 def make_replica(lab, name, *, size=64 * MiB, data=48 * MiB, seed=5, **options):
     """A running replica holding ``data`` bytes of random data, imported into the portal."""
-    vm_id = lab.create_vm(f"{name}_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[size], networks=["dr-net"], power_on=True, **options)
+    vm_id = lab.create_vm(
+        f"{name}_replica",
+        host="esx-dr-01",
+        datastore="dr-ds-01",
+        disks=[size],
+        networks=["dr-net"],
+        power_on=True,
+        **options,
+    )
     rng = random.Random(seed)
     with open(lab.disk_path(vm_id, "scsi0:0"), "r+b") as disk:
         for offset in range(0, data, 16 * MiB):
@@ -99,14 +112,21 @@ def sha256(path):
 
 def assert_identical(lab, session):
     for disk in session.disks.all():
-        assert filecmp.cmp(lab.disk_path(session.replica.vm_id, disk.key), lab.disk_path(session.production_vm_id, disk.key), shallow=False)
+        assert filecmp.cmp(
+            lab.disk_path(session.replica.vm_id, disk.key),
+            lab.disk_path(session.production_vm_id, disk.key),
+            shallow=False,
+        )
 
 
 def assert_switched(lab, session):
     """The switch finished: production runs with the replica's bytes, the replica is off and in Failback."""
     assert session.status == SessionStatus.FAILBACK, session.error
     assert session.replica.state == ReplicaState.FAILBACK
-    assert lab.power_state(session.replica.vm_id) == POWERED_OFF and lab.power_state(session.production_vm_id) == POWERED_ON
+    assert (
+        lab.power_state(session.replica.vm_id) == POWERED_OFF
+        and lab.power_state(session.production_vm_id) == POWERED_ON
+    )
     assert_identical(lab, session)
     assert all(d.verified for d in session.disks.all())
 
@@ -123,7 +143,9 @@ def small_datastore(lab, name, size):
     """Mount a tmpfs of ``size`` bytes over a lab datastore's directory: the kernel enforces the limit."""
     path = lab.root / "datastores" / name
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.fail(f"cannot mount a small filesystem at {path} (needs root, as CI runs): {done.stderr.strip()}")
     try:
@@ -148,12 +170,17 @@ def fill(path, leave=0):
 
 # -- worker killed -----------------------------------------------------------------------------
 
+
 @pytest.mark.process
 def test_it_resumes_phase1_on_the_next_worker_losing_at_most_one_checkpoint_interval(lab, operator, clusters):
     replica = make_replica(lab, "big-01", tools_installed=False)
     worker = clusters.start()
     session = start(operator, replica, bandwidth_mbps=8)  # 8 MB/s: about 6 s of copying
-    wait_for(lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=20 * MiB).exists(), timeout=60, what="phase 1 under way")
+    wait_for(
+        lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=20 * MiB).exists(),
+        timeout=60,
+        what="phase 1 under way",
+    )
     kill_cluster(worker)
     at_kill = SessionDisk.objects.get(session=session).bytes_done
     lab.guest_write(replica.vm_id, "scsi0:0", 2 * MiB, b"written while no worker ran" * 4096)  # users keep working
@@ -167,7 +194,9 @@ def test_it_resumes_phase1_on_the_next_worker_losing_at_most_one_checkpoint_inte
     resumed = AuditEvent.objects.get(session=session, action="resume")
     assert resumed.data["step"] == "phase1" and "queued again" in resumed.detail
     workflow.switch_now(operator, session.pk)
-    assert_switched(lab, reaches(session, SessionStatus.FAILBACK, SessionStatus.FAILED))  # the write made meanwhile arrived
+    assert_switched(
+        lab, reaches(session, SessionStatus.FAILBACK, SessionStatus.FAILED)
+    )  # the write made meanwhile arrived
 
 
 @pytest.mark.process
@@ -177,7 +206,12 @@ def test_it_finishes_the_switch_after_the_worker_dies_while_the_guest_shuts_down
     session = reaches(start(operator, replica), SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED)
     lab.guest_write(replica.vm_id, "scsi0:0", 12 * MiB, b"late change" * 1000)
     workflow.switch_now(operator, session.pk)
-    wait_for(lambda: lab.vm_meta(replica.vm_id)["shutdown_requested_at"], timeout=60, interval=0.05, what="the guest shutdown")
+    wait_for(
+        lambda: lab.vm_meta(replica.vm_id)["shutdown_requested_at"],
+        timeout=60,
+        interval=0.05,
+        what="the guest shutdown",
+    )
     kill_cluster(worker)  # the guest goes on shutting down without anyone watching
     assert session_of(session).status == SessionStatus.SWITCHING
     resume_after_stall(session)
@@ -193,9 +227,16 @@ def test_it_finishes_the_switch_after_the_worker_dies_while_the_guest_shuts_down
 def test_it_keeps_the_shutdown_deadline_when_the_worker_dies_during_a_hung_shutdown(lab, operator, clusters):
     replica = make_replica(lab, "db-10", size=16 * MiB, data=8 * MiB, tools_installed=True, shutdown_hangs=True)
     worker = clusters.start()
-    session = reaches(start(operator, replica, shutdown_timeout_s=6), SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED)
+    session = reaches(
+        start(operator, replica, shutdown_timeout_s=6), SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED
+    )
     workflow.switch_now(operator, session.pk)
-    wait_for(lambda: lab.vm_meta(replica.vm_id)["shutdown_requested_at"], timeout=60, interval=0.05, what="the guest shutdown")
+    wait_for(
+        lambda: lab.vm_meta(replica.vm_id)["shutdown_requested_at"],
+        timeout=60,
+        interval=0.05,
+        what="the guest shutdown",
+    )
     kill_cluster(worker)
     resume_after_stall(session)
     clusters.start()
@@ -203,7 +244,9 @@ def test_it_keeps_the_shutdown_deadline_when_the_worker_dies_during_a_hung_shutd
     assert_switched(lab, session)
     assert session.stop_method == "Guest OS did not shut down within 6 s: powered off"
     # The 6 s count from the first shutdown request, not again from the resumed worker's start.
-    resumed = wait_for(lambda: Task.objects.filter(func="failback.tasks.phase2").first(), timeout=30, what="the resumed task's record")
+    resumed = wait_for(
+        lambda: Task.objects.filter(func="failback.tasks.phase2").first(), timeout=30, what="the resumed task's record"
+    )
     deadline = session.replica_stop_started_at + timedelta(seconds=6)
     assert session.replica_off_at >= deadline - timedelta(seconds=0.1)
     assert (session.replica_off_at - max(deadline, resumed.started)).total_seconds() < 2
@@ -217,8 +260,12 @@ def test_it_finishes_the_switch_after_the_worker_dies_during_the_final_delta(lab
     for i in range(8):
         lab.guest_write(replica.vm_id, "scsi0:0", i * 32 * MiB, random.Random(i).randbytes(MiB))
     workflow.switch_now(operator, session.pk)
-    wait_for(lambda: FailbackSession.objects.filter(pk=session.pk, replica_off_at__isnull=False).exists(), timeout=60, interval=0.01,
-             what="the replica off and the final delta begun")
+    wait_for(
+        lambda: FailbackSession.objects.filter(pk=session.pk, replica_off_at__isnull=False).exists(),
+        timeout=60,
+        interval=0.01,
+        what="the replica off and the final delta begun",
+    )
     kill_cluster(worker)
     assert session_of(session).status == SessionStatus.SWITCHING, "the delta ended before the kill: nothing was tested"
     assert lab.power_state(replica.vm_id) == POWERED_OFF  # both VMs are down now: only a resume helps
@@ -234,9 +281,16 @@ def test_it_brings_the_replica_back_when_a_killed_switch_cannot_go_on(lab, opera
     session = reaches(start(operator, replica), SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED)
     before = sha256(lab.disk_path(replica.vm_id, "scsi0:0"))
     workflow.switch_now(operator, session.pk)
-    wait_for(lambda: lab.vm_meta(replica.vm_id)["shutdown_requested_at"], timeout=60, interval=0.05, what="the guest shutdown")
+    wait_for(
+        lambda: lab.vm_meta(replica.vm_id)["shutdown_requested_at"],
+        timeout=60,
+        interval=0.05,
+        what="the guest shutdown",
+    )
     kill_cluster(worker)
-    wait_for(lambda: lab.power_state(replica.vm_id) == POWERED_OFF, timeout=10, what="the guest to finish shutting down")
+    wait_for(
+        lambda: lab.power_state(replica.vm_id) == POWERED_OFF, timeout=10, what="the guest to finish shutting down"
+    )
     lab.delete_vm(session.production_vm_id)  # meanwhile someone deleted the (powered-off) production VM
     resume_after_stall(session)
     clusters.start()
@@ -248,7 +302,9 @@ def test_it_brings_the_replica_back_when_a_killed_switch_cannot_go_on(lab, opera
 
 
 @pytest.mark.process
-def test_it_does_not_run_a_switch_twice_when_the_watchdog_looks_while_it_waits_for_a_worker(lab, operator, clusters, monkeypatch):
+def test_it_does_not_run_a_switch_twice_when_the_watchdog_looks_while_it_waits_for_a_worker(
+    lab, operator, clusters, monkeypatch
+):
     monkeypatch.setattr(Conf, "SYNC", True)
     replica = make_replica(lab, "erp-03", size=8 * MiB, data=4 * MiB, tools_installed=False)
     session = session_of(start(operator, replica))  # phase 1 inline; its last heartbeat is now old news
@@ -264,6 +320,7 @@ def test_it_does_not_run_a_switch_twice_when_the_watchdog_looks_while_it_waits_f
 
 
 # -- the guest, the disk --------------------------------------------------------------------------
+
 
 def test_it_powers_off_a_guest_that_hangs_on_shutdown_at_the_configured_timeout(lab, operator, settings):
     settings.FAILBACK_SHUTDOWN_TIMEOUT = 2  # FAILBACK_SHUTDOWN_TIMEOUT in the environment; DOMAIN's default is 15 min
@@ -286,7 +343,11 @@ def test_it_fails_phase1_clearly_when_the_datastore_fills_up_and_leaves_the_repl
     with small_datastore(lab, "prod-ds-01", 48 * MiB) as datastore:
         clusters.start()
         session = start(operator, replica, bandwidth_mbps=8)  # the datastore had room when it started
-        wait_for(lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=8 * MiB).exists(), timeout=60, what="phase 1 under way")
+        wait_for(
+            lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=8 * MiB).exists(),
+            timeout=60,
+            what="phase 1 under way",
+        )
         fill(datastore)
         session = reaches(session, SessionStatus.FAILED, SessionStatus.READY_TO_SWITCH)
         assert not [p for p in datastore.iterdir() if p.name.startswith("vm-")]  # the half-built production VM is gone
@@ -304,7 +365,9 @@ def test_it_fails_the_switch_clearly_when_the_datastore_fills_up_and_brings_the_
     with small_datastore(lab, "prod-ds-01", 24 * MiB) as datastore:
         session = session_of(start(operator, replica))
         assert session.status == SessionStatus.READY_TO_SWITCH, session.error
-        lab.guest_write(replica.vm_id, "scsi0:0", 16 * MiB, random.Random(9).randbytes(8 * MiB))  # new data where there was none
+        lab.guest_write(
+            replica.vm_id, "scsi0:0", 16 * MiB, random.Random(9).randbytes(8 * MiB)
+        )  # new data where there was none
         before = sha256(lab.disk_path(replica.vm_id, "scsi0:0"))
         fill(datastore, leave=MiB)  # less room than the final delta needs
         workflow.switch_now(operator, session.pk)
@@ -318,8 +381,11 @@ def test_it_fails_the_switch_clearly_when_the_datastore_fills_up_and_brings_the_
 
 # -- the scheduler, operators at once ----------------------------------------------------------------
 
+
 @pytest.mark.process
-def test_it_runs_a_switch_missed_while_the_scheduler_was_down_once_and_audits_it_late(lab, operator, clusters, monkeypatch):
+def test_it_runs_a_switch_missed_while_the_scheduler_was_down_once_and_audits_it_late(
+    lab, operator, clusters, monkeypatch
+):
     monkeypatch.setattr(Conf, "SYNC", True)  # phase 1 inline, before any cluster exists
     replica = make_replica(lab, "erp-02", size=8 * MiB, data=4 * MiB, tools_installed=False)
     session = session_of(start(operator, replica))
@@ -327,7 +393,9 @@ def test_it_runs_a_switch_missed_while_the_scheduler_was_down_once_and_audits_it
     due = timezone.now() + timedelta(seconds=6)
     workflow.schedule_switch(operator, session.pk, due, reason="CHG-42")
     monkeypatch.setattr(Conf, "SYNC", False)
-    wait_for(lambda: timezone.now() > due + timedelta(seconds=3), timeout=20, what="the due time to pass with no scheduler")
+    wait_for(
+        lambda: timezone.now() > due + timedelta(seconds=3), timeout=20, what="the due time to pass with no scheduler"
+    )
     assert session_of(session).status == SessionStatus.READY_TO_SWITCH
     clusters.start(), clusters.start()  # two come back at once; each runs django-q2's scheduler after ~30 s
     session = reaches(session, SessionStatus.FAILBACK, SessionStatus.FAILED, timeout=120)
@@ -336,7 +404,10 @@ def test_it_runs_a_switch_missed_while_the_scheduler_was_down_once_and_audits_it
     switch = AuditEvent.objects.get(session=session, action="switch")  # exactly one switch
     assert switch.outcome == Outcome.OK and switch.actor_name == "system"
     assert switch.data["trigger"] == "scheduled" and switch.data["late"] is True and switch.data["late_s"] > 20
-    assert f"{int(switch.data['late_s'])} s late" in switch.detail or f"{round(switch.data['late_s'])} s late" in switch.detail
+    assert (
+        f"{int(switch.data['late_s'])} s late" in switch.detail
+        or f"{round(switch.data['late_s'])} s late" in switch.detail
+    )
     assert Task.objects.filter(func="failback.tasks.scheduled_switch").count() == 1
     assert AuditEvent.objects.filter(session=session, action="stop_replica").count() == 1
 
@@ -346,13 +417,17 @@ def test_it_switches_once_when_switch_now_races_the_scheduled_switch(lab, operat
     session = session_of(start(operator, replica))
     workflow.schedule_switch(operator, session.pk, timezone.now() + timedelta(minutes=5))
     FailbackSession.objects.filter(pk=session.pk).update(switch_at=timezone.now())  # the time has come
-    results = race(lambda: workflow.switch_now(operator, session.pk), lambda: automatic.scheduled_switch_due(session.pk))
+    results = race(
+        lambda: workflow.switch_now(operator, session.pk), lambda: automatic.scheduled_switch_due(session.pk)
+    )
     ok, refused = split(results)
     session = session_of(session)
     assert_switched(lab, session)
     assert AuditEvent.objects.filter(session=session, action="switch", outcome=Outcome.OK).count() == 1
     assert AuditEvent.objects.filter(session=session, action="stop_replica").count() == 1
-    losers = AuditEvent.objects.filter(session=session, action__in=["switch", "scheduled_switch"]).exclude(outcome=Outcome.OK)
+    losers = AuditEvent.objects.filter(session=session, action__in=["switch", "scheduled_switch"]).exclude(
+        outcome=Outcome.OK
+    )
     assert losers.count() == 1, list(losers.values_list("action", "outcome", "detail"))
     assert "already switched" in losers.get().detail or "skipped" in losers.get().detail
 
@@ -361,21 +436,31 @@ def test_it_lets_only_one_of_switch_now_and_cancel_win(lab, operator):
     replica = make_replica(lab, "web-03", size=8 * MiB, data=4 * MiB, tools_installed=False)
     session = session_of(start(operator, replica))
     assert session.status == SessionStatus.READY_TO_SWITCH
-    ok, refused = split(race(lambda: workflow.switch_now(operator, session.pk), lambda: workflow.cancel(operator, session.pk)))
+    ok, refused = split(
+        race(lambda: workflow.switch_now(operator, session.pk), lambda: workflow.cancel(operator, session.pk))
+    )
     assert len(ok) == 1 and len(refused) == 1, refused
     session = session_of(session)
     if session.status == SessionStatus.FAILBACK:  # the switch won: the cancel came too late
         assert_switched(lab, session)
-        assert "cancel is possible only before the switch" in refused[0].message or "Cancel refused" in refused[0].message
+        assert (
+            "cancel is possible only before the switch" in refused[0].message or "Cancel refused" in refused[0].message
+        )
     else:  # the cancel won: the replica never stopped
         assert session.status == SessionStatus.CANCELLED, session.error
         assert session.replica.state == ReplicaState.FAILOVER and lab.power_state(replica.vm_id) == POWERED_ON
         assert refused[0].message.startswith("Switch now refused")
         assert not AuditEvent.objects.filter(session=session, action="stop_replica").exists()
-    assert AuditEvent.objects.filter(session=session, action__in=["switch", "cancel", "cancel_ready"], outcome=Outcome.REFUSED).count() == 1
+    assert (
+        AuditEvent.objects.filter(
+            session=session, action__in=["switch", "cancel", "cancel_ready"], outcome=Outcome.REFUSED
+        ).count()
+        == 1
+    )
 
 
 # -- the web server ------------------------------------------------------------------------------
+
 
 @pytest.mark.process
 def test_it_catches_websockets_up_after_the_web_server_is_killed(portal, settings):
@@ -384,7 +469,11 @@ def test_it_catches_websockets_up_after_the_web_server_is_killed(portal, setting
     olivia = portal.users["olivia"]
     replica = replica_named("app-crm-01")
     session = start(olivia, replica)
-    wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH, timeout=90, what="phase 1")
+    wait_for(
+        lambda: FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH,
+        timeout=90,
+        what="phase 1",
+    )
     browser = Client()
     browser.force_login(olivia)
     headers = {"Cookie": f"sessionid={browser.cookies['sessionid'].value}", "Origin": portal.url}

@@ -40,13 +40,25 @@ def replica(vcsim, fault_proxy, admin_user, operator, vsphere_settings):
     """A running replica with data, discovered through the proxy (the portal only ever sees the proxy)."""
     hv = vcsim.hypervisor()
     source = next(vm for vm in hv.inventory().vms if vm.name == "DC0_H0_VM0")
-    vm_id = hv.create_vm_like(source.vm_id, name="web-01_replica", host="DC0_H0", datastore="LocalDS_0", network_map={"DC0_DVPG0": "DC0_DVPG0"})
+    vm_id = hv.create_vm_like(
+        source.vm_id,
+        name="web-01_replica",
+        host="DC0_H0",
+        datastore="LocalDS_0",
+        network_map={"DC0_DVPG0": "DC0_DVPG0"},
+    )
     resize_disk(hv, vm_id, "scsi0:0", 32 * MiB)
     scribble(hv.disk_path(vm_id, "scsi0:0"), 4, random.Random(1))
     hv.power_on(vm_id)
     hv.close()
-    conn = VCenterConnection(name="vcenter-via-proxy", host=fault_proxy.host, port=fault_proxy.port, username=vcsim.user,
-                             tls_mode=VCenterConnection.TLS.THUMBPRINT, thumbprint=fault_proxy.thumbprint)
+    conn = VCenterConnection(
+        name="vcenter-via-proxy",
+        host=fault_proxy.host,
+        port=fault_proxy.port,
+        username=vcsim.user,
+        tls_mode=VCenterConnection.TLS.THUMBPRINT,
+        thumbprint=fault_proxy.thumbprint,
+    )
     conn = connections.save_connection(admin_user, conn, password=vcsim.password)
     assert connections.sync_inventory(conn.pk) == 1
     replica = Replica.objects.get(name="web-01_replica")
@@ -94,7 +106,9 @@ def test_it_retries_reads_answered_503_and_finishes_the_failback(vcsim, fault_pr
     assert not AuditEvent.objects.filter(session=session, outcome=Outcome.FAILED).exists()
 
 
-def test_it_gives_up_after_bounded_retries_and_resumes_the_switch_when_vcenter_is_back(vcsim, fault_proxy, replica, operator, settings):
+def test_it_gives_up_after_bounded_retries_and_resumes_the_switch_when_vcenter_is_back(
+    vcsim, fault_proxy, replica, operator, settings
+):
     settings.FAILBACK_STALL_SECONDS = 2
     session = ready_to_switch(operator, replica)
     fault_proxy.requests.clear()
@@ -106,8 +120,10 @@ def test_it_gives_up_after_bounded_retries_and_resumes_the_switch_when_vcenter_i
     assert session.status == SessionStatus.SWITCHING  # not ended with both VMs off: left open for the watchdog
     note = AuditEvent.objects.get(session=session, action="recover_replica")
     assert note.outcome == Outcome.FAILED
-    assert note.detail.startswith(f"Switch failed: Power off {replica.vm_id}: vCenter {fault_proxy.host}:{fault_proxy.port} "
-                                  "answered 503 Service Unavailable (after 4 attempts). The replica web-01_replica could not be powered back on")
+    assert note.detail.startswith(
+        f"Switch failed: Power off {replica.vm_id}: vCenter {fault_proxy.host}:{fault_proxy.port} "
+        "answered 503 Service Unavailable (after 4 attempts). The replica web-01_replica could not be powered back on"
+    )
     assert "the watchdog tries again" in note.detail
     fault_proxy.clear()  # vCenter answers again
     wait_for(lambda: watchdog.recover_stalled() == [session.pk], timeout=10, what="the watchdog")
@@ -123,7 +139,9 @@ def test_it_brings_the_replica_back_when_the_answer_to_its_power_off_is_lost(vcs
     session = ready_to_switch(operator, replica)
     fault_proxy.cut("PowerOffVM_Task")  # vCenter powers the replica off, but the answer never arrives
     workflow.switch_now(operator, session.pk)
-    assert fault_proxy.count("PowerOffVM_Task", "cut") == 1 and fault_proxy.count("PowerOffVM_Task") == 1  # not sent twice
+    assert (
+        fault_proxy.count("PowerOffVM_Task", "cut") == 1 and fault_proxy.count("PowerOffVM_Task") == 1
+    )  # not sent twice
     session = assert_replica_serving(vcsim, session)
     assert "lost the connection to vCenter" in session.error
     failed = AuditEvent.objects.get(session=session, action="fail_switch")
@@ -133,7 +151,9 @@ def test_it_brings_the_replica_back_when_the_answer_to_its_power_off_is_lost(vcs
 def test_it_rides_out_a_short_vcenter_outage_during_the_switch(vcsim, fault_proxy, replica, operator):
     session = ready_to_switch(operator, replica)
     fault_proxy.requests.clear()
-    fault_proxy.outage(0.5, after="PowerOffVM_Task")  # connections refused for 0.5 s; the retries wait 0.2 + 0.4 + 0.8 s
+    fault_proxy.outage(
+        0.5, after="PowerOffVM_Task"
+    )  # connections refused for 0.5 s; the retries wait 0.2 + 0.4 + 0.8 s
     workflow.switch_now(operator, session.pk)
     session = reload(session)
     assert session.status == SessionStatus.FAILBACK, session.error
@@ -149,8 +169,10 @@ def test_it_fails_clearly_when_vcenter_answers_too_slowly(vcsim, fault_proxy, re
     workflow.switch_now(operator, session.pk)
     session = assert_replica_serving(vcsim, session)
     assert fault_proxy.count("PowerOffVM_Task") == 1
-    assert session.error == (f"HypervisorError: Power off {replica.vm_id}: vCenter {fault_proxy.host}:{fault_proxy.port} "
-                             "did not answer within 2 s")
+    assert session.error == (
+        f"HypervisorError: Power off {replica.vm_id}: vCenter {fault_proxy.host}:{fault_proxy.port} "
+        "did not answer within 2 s"
+    )
     failed = AuditEvent.objects.get(session=session, action="fail_switch")
     assert "replica powered on" in failed.data["recovery"]  # the power-off did happen, late: undone
 
@@ -158,7 +180,9 @@ def test_it_fails_clearly_when_vcenter_answers_too_slowly(vcsim, fault_proxy, re
 def test_it_refuses_start_and_switch_now_clearly_while_vcenter_is_unreachable(vcsim, fault_proxy, replica, operator):
     session = ready_to_switch(operator, replica)
     fault_proxy.down()
-    unreachable = f"cannot connect to vCenter {fault_proxy.host}:{fault_proxy.port}: connection refused (after 4 attempts)"
+    unreachable = (
+        f"cannot connect to vCenter {fault_proxy.host}:{fault_proxy.port}: connection refused (after 4 attempts)"
+    )
     with pytest.raises(workflow.Refused) as refused:
         workflow.switch_now(operator, session.pk)
     assert refused.value.message.startswith("Switch now refused by the pre-failback checks: Platform reachable: ")

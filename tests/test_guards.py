@@ -24,8 +24,12 @@ pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
 
 def _service_call(name, actor, pk):
-    data = {"reason": "", "override_checks": False, "keep_production_vm": False,
-            "switch_at": timezone.now() + timedelta(hours=1)}
+    data = {
+        "reason": "",
+        "override_checks": False,
+        "keep_production_vm": False,
+        "switch_at": timezone.now() + timedelta(hours=1),
+    }
     return actions.perform(name, actor, pk, data)
 
 
@@ -37,16 +41,30 @@ def _offered_on_page(client, session):
 def _set(session, status, countdown):
     due = timezone.now() + timedelta(minutes=30) if countdown else None
     FailbackSession.objects.filter(pk=session.pk).update(
-        status=status, policy_due_at=due, policy_stopped_at=None,
-        commit_policy=CommitPolicy.AUTO_COMMIT if countdown else CommitPolicy.NONE, commit_after_min=30 if countdown else None)
+        status=status,
+        policy_due_at=due,
+        policy_stopped_at=None,
+        commit_policy=CommitPolicy.AUTO_COMMIT if countdown else CommitPolicy.NONE,
+        commit_after_min=30 if countdown else None,
+    )
     return FailbackSession.objects.select_related("replica", "plan").get(pk=session.pk)
 
 
 def test_the_page_the_api_and_the_service_ask_the_same_guard_in_every_status(lab, operator):
     alone = start(operator, replica_named("app-crm"))
-    plan = plans.start_plan(operator, name="wave", members=[{
-        "replica_id": (r := replica_named("web-01")).pk, "vm_name": f"{r.source_name}-prod", "target_host": "esx-prod-01",
-        "target_datastore": "prod-ds-01", "network_map": network_map(r)}])
+    plan = plans.start_plan(
+        operator,
+        name="wave",
+        members=[
+            {
+                "replica_id": (r := replica_named("web-01")).pk,
+                "vm_name": f"{r.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(r),
+            }
+        ],
+    )
     member = plan.sessions.get()
     page, api = Client(), Api(token_for(operator))
     page.force_login(operator)
@@ -66,7 +84,10 @@ def test_the_page_the_api_and_the_service_ask_the_same_guard_in_every_status(lab
                         _service_call(name, operator, s.pk)
                     after = FailbackSession.objects.get(pk=s.pk)
                     assert after.status == status, (case, name)
-                    assert AuditEvent.objects.filter(outcome=Outcome.REFUSED).count() == refused_before + 1, (case, name)
+                    assert AuditEvent.objects.filter(outcome=Outcome.REFUSED).count() == refused_before + 1, (
+                        case,
+                        name,
+                    )
     assert set(actions.BY_GUARD) == set(GUARDS)  # every guard has its action, every action its guard
 
 
@@ -75,9 +96,19 @@ def test_a_plan_of_two_platforms_is_refused_through_the_api_too(lab, operator):
     lab_replica = replica_named("app-crm")
     other = Replica.objects.filter(pk=replica_named("web-01").pk)
     other.update(platform="vsphere", connection=vcenter)
-    body = {"name": "mixed", "members": [
-        {"replica_id": r.pk, "vm_name": f"{r.source_name}-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
-         "network_map": {}} for r in (lab_replica, other.get())]}
+    body = {
+        "name": "mixed",
+        "members": [
+            {
+                "replica_id": r.pk,
+                "vm_name": f"{r.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": {},
+            }
+            for r in (lab_replica, other.get())
+        ],
+    }
     response = Api(token_for(operator)).post("/plans", body)
     assert response.status_code == 409, response.content
     assert "one platform" in response.json()["detail"]

@@ -41,8 +41,18 @@ def lab(tmp_path):
 
 def make_replica(hv, name="erp_replica", disks=(8 * MiB, 3 * MiB + 5 * KiB), **kw):
     kw.setdefault("networks", ("dr-net", "dr-dmz", None))
-    return hv.create_vm(name, host="esx-dr-01", datastore="dr-ds-01", disks=disks, cpus=4, memory_mb=8192,
-                        guest_os="rhel8_64Guest", firmware="efi", workload=True, **kw)
+    return hv.create_vm(
+        name,
+        host="esx-dr-01",
+        datastore="dr-ds-01",
+        disks=disks,
+        cpus=4,
+        memory_mb=8192,
+        guest_os="rhel8_64Guest",
+        firmware="efi",
+        workload=True,
+        **kw,
+    )
 
 
 def test_it_seeds_a_two_site_lab_with_sparse_disks_of_exact_sizes(tmp_path):
@@ -92,13 +102,15 @@ def test_it_refuses_to_seed_a_lab_it_did_not_create(lab):
 def test_it_creates_a_vm_like_the_replica_with_empty_disks_and_mapped_nics(lab):
     src = make_replica(lab, power_on=True)
     lab.guest_write(src, "scsi0:0", 0, b"x" * 4096)
-    new = lab.create_vm_like(src, name="erp", host="esx-prod-01", datastore="prod-ds-01",
-                             network_map={"dr-net": "prod-net", "dr-dmz": None})
+    new = lab.create_vm_like(
+        src, name="erp", host="esx-prod-01", datastore="prod-ds-01", network_map={"dr-net": "prod-net", "dr-dmz": None}
+    )
     a, b = lab.vm_config(src), lab.vm_config(new)
     assert (b.name, b.host, b.datastore) == ("erp", "esx-prod-01", "prod-ds-01")
     assert (b.cpus, b.memory_mb, b.guest_os, b.firmware, b.tools_installed) == (4, 8192, "rhel8_64Guest", "efi", True)
     assert [(d.key, d.capacity_bytes, d.datastore) for d in b.disks] == [
-        (d.key, d.capacity_bytes, "prod-ds-01") for d in a.disks]
+        (d.key, d.capacity_bytes, "prod-ds-01") for d in a.disks
+    ]
     assert [n.network for n in b.nics] == ["prod-net", None, None]
     assert lab.power_state(new) == POWERED_OFF and lab.vm_meta(new)["workload"] is True
     for d in b.disks:
@@ -118,8 +130,12 @@ def test_it_creates_a_vm_like_the_replica_with_empty_disks_and_mapped_nics(lab):
 
 def test_it_refuses_unknown_targets_duplicate_names_and_a_full_datastore(lab):
     src = make_replica(lab)
-    ok = {"name": "erp", "host": "esx-prod-01", "datastore": "prod-ds-01",
-          "network_map": {"dr-net": "prod-net", "dr-dmz": "prod-net"}}
+    ok = {
+        "name": "erp",
+        "host": "esx-prod-01",
+        "datastore": "prod-ds-01",
+        "network_map": {"dr-net": "prod-net", "dr-dmz": "prod-net"},
+    }
     with pytest.raises(NotFound, match="host"):
         lab.create_vm_like(src, **{**ok, "host": "esx-nowhere"})
     with pytest.raises(NotFound, match="datastore"):
@@ -272,8 +288,11 @@ def test_it_runs_the_workload_on_powered_on_workload_vms_only_and_stops(lab):
     ids = {vm: {d.key: lab.change_tracking(vm, d.key) for d in lab.vm_config(vm).disks} for vm in (on, off, idle)}
     stop = threading.Event()
     result = {}
-    worker = threading.Thread(target=lambda: result.update(
-        run_workload(lab.root, stop=stop, mib_per_s=4.0, block=(64 * KiB, 256 * KiB), seed=3, refresh_seconds=0.1)))
+    worker = threading.Thread(
+        target=lambda: result.update(
+            run_workload(lab.root, stop=stop, mib_per_s=4.0, block=(64 * KiB, 256 * KiB), seed=3, refresh_seconds=0.1)
+        )
+    )
     worker.start()
     time.sleep(0.3)
     lab.power_on(off)  # picked up at the next listing

@@ -92,7 +92,9 @@ def stop_outside_a_transaction(proc, session_id):
         os.killpg(proc.pid, signal.SIGSTOP)
         try:
             with transaction.atomic():
-                FailbackSession.objects.select_for_update(nowait=True).filter(pk=session_id).update(lease=FailbackSession.objects.get(pk=session_id).lease)
+                FailbackSession.objects.select_for_update(nowait=True).filter(pk=session_id).update(
+                    lease=FailbackSession.objects.get(pk=session_id).lease
+                )
             return
         except DatabaseError:
             os.killpg(proc.pid, signal.SIGCONT)
@@ -105,8 +107,15 @@ def stop_outside_a_transaction(proc, session_id):
 def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, operator, settings, monkeypatch, tmp_path):
     monkeypatch.setattr(Conf, "SYNC", False)
     settings.FAILBACK_STALL_SECONDS = 2
-    vm_id = lab.create_vm("paused-01_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[48 * 2**20], networks=["dr-net"],
-                          tools_installed=False, power_on=True)
+    vm_id = lab.create_vm(
+        "paused-01_replica",
+        host="esx-dr-01",
+        datastore="dr-ds-01",
+        disks=[48 * 2**20],
+        networks=["dr-net"],
+        tools_installed=False,
+        power_on=True,
+    )
     with open(lab.disk_path(vm_id, "scsi0:0"), "r+b") as disk:
         disk.write(random.Random(7).randbytes(40 * 2**20))
     call_command("seed_lab", "--no-user", stdout=open(os.devnull, "w"))
@@ -115,7 +124,11 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
     second = None
     try:
         session = start(operator, replica, bandwidth_mbps=8)  # about 5 s of copying
-        wait_for(lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=12 * 2**20).exists(), timeout=60, what="a quarter of phase 1")
+        wait_for(
+            lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=12 * 2**20).exists(),
+            timeout=60,
+            what="a quarter of phase 1",
+        )
         stop_outside_a_transaction(first, session.pk)
         paused_at = FailbackSession.objects.get(pk=session.pk).lease
         time.sleep(settings.FAILBACK_STALL_SECONDS + 1)  # silent past the stall limit, yet alive
@@ -123,13 +136,20 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
         second = start_cluster(settings, tmp_path / "second.log")
         wait_for(lambda: FailbackSession.objects.get(pk=session.pk).lease > paused_at, timeout=30, what="the takeover")
         os.killpg(first.pid, signal.SIGCONT)  # the first worker wakes up in the middle of its copy
-        wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status in (SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED),
-                 timeout=120, what="the resumed phase 1")
+        wait_for(
+            lambda: FailbackSession.objects.get(pk=session.pk).status
+            in (SessionStatus.READY_TO_SWITCH, SessionStatus.FAILED),
+            timeout=120,
+            what="the resumed phase 1",
+        )
         session = FailbackSession.objects.get(pk=session.pk)
         assert session.status == SessionStatus.READY_TO_SWITCH, session.error
         workflow.switch_now(operator, session.pk)
-        wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status in (SessionStatus.FAILBACK, SessionStatus.FAILED),
-                 timeout=120, what="the switch")
+        wait_for(
+            lambda: FailbackSession.objects.get(pk=session.pk).status in (SessionStatus.FAILBACK, SessionStatus.FAILED),
+            timeout=120,
+            what="the switch",
+        )
     finally:
         for proc in (first, second):
             if proc is not None:
@@ -139,11 +159,15 @@ def test_a_paused_worker_resumed_after_a_takeover_stops_without_writing(lab, ope
     one = {"create_production_vm": 1, "copy_disk": 1, "finish_phase1": 1, "resume": 1, "finish_switch": 1}
     assert {a: AuditEvent.objects.filter(session=session, action=a).count() for a in one} == one
     assert "stopped without writing" in (tmp_path / "first.log").read_text(errors="replace")
-    assert filecmp.cmp(lab.disk_path(vm_id, "scsi0:0"), lab.disk_path(session.production_vm_id, "scsi0:0"), shallow=False)
+    assert filecmp.cmp(
+        lab.disk_path(vm_id, "scsi0:0"), lab.disk_path(session.production_vm_id, "scsi0:0"), shallow=False
+    )
 
 
 @pytest.mark.django_db(databases="__all__")
-def test_a_queued_phase1_whose_task_was_lost_is_queued_again(lab, operator, settings, django_capture_on_commit_callbacks):
+def test_a_queued_phase1_whose_task_was_lost_is_queued_again(
+    lab, operator, settings, django_capture_on_commit_callbacks
+):
     """Found by the model-based test: a worker killed with phase 1's task in hand (the Redis broker does not
     deliver it again) left the session Queued for ever; the watchdog did not look at Queued sessions."""
     settings.FAILBACK_STALL_SECONDS = 2
@@ -172,10 +196,16 @@ def test_a_slow_run_keeps_its_lease_and_is_not_taken_over(lab, operator, setting
     try:
         with jobs.session_lock(session.pk):  # the disks are busy: the switch waits for them
             workflow.switch_now(operator, session.pk)
-            wait_for(lambda: FailbackSession.objects.get(pk=session.pk).lease > 0, timeout=30, what="the switch to start")
+            wait_for(
+                lambda: FailbackSession.objects.get(pk=session.pk).lease > 0, timeout=30, what="the switch to start"
+            )
             time.sleep(settings.FAILBACK_STALL_SECONDS + 2)
             assert watchdog.recover_stalled() == []  # waiting, not silent
-        wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK, timeout=60, what="the switch")
+        wait_for(
+            lambda: FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK,
+            timeout=60,
+            what="the switch",
+        )
     finally:
         kill_cluster(worker)
     assert not AuditEvent.objects.filter(session=session, action="resume").exists()

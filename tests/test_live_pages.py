@@ -53,7 +53,9 @@ def set_status(session, status):
 
 @sync_to_async
 def set_progress(session, done, total):
-    SessionDisk.objects.filter(session_id=session.pk).update(bytes_done=done, bytes_total=total, rate_bps=2**20, method="full")
+    SessionDisk.objects.filter(session_id=session.pk).update(
+        bytes_done=done, bytes_total=total, rate_bps=2**20, method="full"
+    )
     broadcast.send_now(session.pk)
 
 
@@ -67,8 +69,15 @@ def plan(lab, operator):
     members = []
     for name in ("app-crm", "web-01"):
         replica = replica_named(name)
-        members.append({"replica_id": replica.pk, "vm_name": f"{replica.source_name}-prod", "target_host": "esx-prod-01",
-                        "target_datastore": "prod-ds-01", "network_map": network_map(replica)})
+        members.append(
+            {
+                "replica_id": replica.pk,
+                "vm_name": f"{replica.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(replica),
+            }
+        )
     return plans.start_plan(operator, name="wave L", members=members, concurrency=2)
 
 
@@ -78,6 +87,7 @@ def members_of(plan):
 
 
 # -- the dashboard ------------------------------------------------------------------------------
+
 
 @pytest.mark.security
 async def test_the_dashboard_socket_refuses_anonymous_users(db):
@@ -91,7 +101,9 @@ async def test_the_dashboard_shows_the_last_state_of_a_burst(session, viewer):
     ws, connected, _ = await opened("/ws/dashboard/", viewer)
     assert connected
     first = await ws.receive_from(timeout=10)
-    assert 'id="dashboard-live"' in first and 'hx-swap-oob="true"' in first and "Waiting for commit or undo (1)" in first
+    assert (
+        'id="dashboard-live"' in first and 'hx-swap-oob="true"' in first and "Waiting for commit or undo (1)" in first
+    )
     await asyncio.sleep(1.2)  # past any interval: the next nudge is answered at once
     await set_status(session, SessionStatus.COMMITTING)
     committing = await ws.receive_from(timeout=10)
@@ -115,12 +127,15 @@ async def test_the_dashboard_renders_a_long_burst_at_most_once_a_second_and_ends
         await asyncio.sleep(0.25)
     await set_status(session, SessionStatus.COMMITTED)
     got = await updates_until_quiet(ws)
-    assert 1 <= len(got) <= (loop.time() - began) / DASHBOARD_INTERVAL_S + 1  # trailing-edge: a round at most every interval
+    assert (
+        1 <= len(got) <= (loop.time() - began) / DASHBOARD_INTERVAL_S + 1
+    )  # trailing-edge: a round at most every interval
     assert "Running (0)" in got[-1] and "Committing" not in got[-1]
     await ws.disconnect()
 
 
 # -- the plan page ------------------------------------------------------------------------------
+
 
 @pytest.mark.security
 async def test_the_plan_socket_refuses_anonymous_users_and_unknown_plans(plan, viewer):
@@ -166,8 +181,11 @@ async def test_plan_session_and_dashboard_sockets_in_one_process_each_get_their_
         sockets[path] = ws
     await asyncio.sleep(1.2)
     await set_progress(first, 2**20, 4 * 2**20)
-    for path, marker in ((f"/ws/plans/{plan.pk}/", 'id="plan-members"'), (f"/ws/sessions/{first.pk}/", 'id="session-progress"'),
-                         ("/ws/dashboard/", 'id="dashboard-live"')):
+    for path, marker in (
+        (f"/ws/plans/{plan.pk}/", 'id="plan-members"'),
+        (f"/ws/sessions/{first.pk}/", 'id="session-progress"'),
+        ("/ws/dashboard/", 'id="dashboard-live"'),
+    ):
         html = await sockets[path].receive_from(timeout=15)
         assert marker in html and html.count('hx-swap-oob="true"') >= 1, path
         assert "<!-- nudge " in html  # names the nudge it answers

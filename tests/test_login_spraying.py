@@ -8,7 +8,6 @@ from django.conf import global_settings
 from django.test import Client
 
 from dr_portal import settings as project_settings
-
 from failback.choices import Outcome
 from failback.models import AuditEvent
 
@@ -17,7 +16,9 @@ pytestmark = [pytest.mark.security, pytest.mark.django_db(databases="__all__")]
 
 @pytest.fixture(autouse=True)
 def limits(settings):
-    settings.CACHES = getattr(project_settings, "CACHES", global_settings.CACHES)  # the portal's own (Redis in production), not conftest's
+    settings.CACHES = getattr(
+        project_settings, "CACHES", global_settings.CACHES
+    )  # the portal's own (Redis in production), not conftest's
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.LOGIN_FAILURE_LIMIT_PER_NAME = 3
     settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS = 6
@@ -38,7 +39,9 @@ def test_an_address_spraying_many_names_is_locked_out(operator):
     for i in range(5):  # one guess per name: no name reaches its own limit
         assert try_login(f"user{i}", "Summer2026!", sprayer).status_code == 200
     assert try_login("user5", "Summer2026!", sprayer).status_code == 429  # the address's 6th failure locks it
-    assert try_login("olivia", "olivia-pass-1234", sprayer).status_code == 429  # the address is locked, even with the right password
+    assert (
+        try_login("olivia", "olivia-pass-1234", sprayer).status_code == 429
+    )  # the address is locked, even with the right password
     assert try_login("olivia", "olivia-pass-1234", elsewhere).status_code == 302  # the user is not
     assert AuditEvent.objects.filter(action="login_locked_out", data__ip=sprayer).exists()
 
@@ -48,7 +51,9 @@ def test_one_name_is_still_locked_out_after_a_few_failures_from_an_address(opera
     for _ in range(3):
         try_login("olivia", "wrong", ip)
     assert try_login("olivia", "olivia-pass-1234", ip).status_code == 429
-    assert try_login("victor", "anything", ip).status_code == 200  # below the address's own limit: other names may still try
+    assert (
+        try_login("victor", "anything", ip).status_code == 200
+    )  # below the address's own limit: other names may still try
 
 
 def test_a_valid_login_does_not_reset_the_addresss_count(operator):
@@ -69,9 +74,13 @@ def test_a_spray_adds_a_bounded_number_of_audit_rows_that_still_say_how_many(db)
     assert [r.actor_name for r in each] == ["name0", "name1", "name2", "name3"]  # the first few in full
     summaries = [r for r in failed if r.data.get("summary")]
     assert [r.data["count"] for r in summaries] == [20, 50]  # then one row at 20, 50, 100, …
-    assert summaries[-1].outcome == Outcome.REFUSED and summaries[-1].detail.startswith(f"50 failed logins from {sprayer} within 15 min")
+    assert summaries[-1].outcome == Outcome.REFUSED and summaries[-1].detail.startswith(
+        f"50 failed logins from {sprayer} within 15 min"
+    )
     assert summaries[-1].data["last_username"] == "name49"
-    locked = [r for r in AuditEvent.objects.filter(action="login_locked_out", data__ip=sprayer) if not r.data.get("summary")]
+    locked = [
+        r for r in AuditEvent.objects.filter(action="login_locked_out", data__ip=sprayer) if not r.data.get("summary")
+    ]
     assert len(locked) == 4  # every refused attempt while locked out fires a lock-out too: bounded the same way
     assert AuditEvent.objects.filter(data__ip=sprayer).count() <= 4 + 2 + 4 + 2  # not 60 or 120
     try_login("someone", "guess", bystander)  # another address has its own budget

@@ -23,7 +23,9 @@ from django.core.management import call_command
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 from django_q.conf import Conf
-from hypothesis import HealthCheck, settings as hsettings, strategies as st
+from hypothesis import HealthCheck
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from failback import watchdog, workflow
@@ -41,10 +43,17 @@ STEPS = int(os.environ.get("MODEL_STEPS", "30"))
 SETTLE_ROUNDS = 6  # watchdog rounds a step may need before it must have ended
 # What each status means for the replica, by the table in choices.py.
 REPLICA_STATE_OF = {
-    SessionStatus.QUEUED: ReplicaState.FAILOVER, SessionStatus.PHASE1: ReplicaState.FAILOVER, SessionStatus.CANCELLING: None,
-    SessionStatus.READY_TO_SWITCH: ReplicaState.READY_TO_SWITCH, SessionStatus.SWITCHING: ReplicaState.READY_TO_SWITCH,
-    SessionStatus.FAILBACK: ReplicaState.FAILBACK, SessionStatus.COMMITTING: ReplicaState.FAILBACK, SessionStatus.UNDOING: ReplicaState.FAILBACK,
-    SessionStatus.COMMITTED: ReplicaState.READY, SessionStatus.UNDONE: ReplicaState.FAILOVER, SessionStatus.FAILED: ReplicaState.FAILOVER,
+    SessionStatus.QUEUED: ReplicaState.FAILOVER,
+    SessionStatus.PHASE1: ReplicaState.FAILOVER,
+    SessionStatus.CANCELLING: None,
+    SessionStatus.READY_TO_SWITCH: ReplicaState.READY_TO_SWITCH,
+    SessionStatus.SWITCHING: ReplicaState.READY_TO_SWITCH,
+    SessionStatus.FAILBACK: ReplicaState.FAILBACK,
+    SessionStatus.COMMITTING: ReplicaState.FAILBACK,
+    SessionStatus.UNDOING: ReplicaState.FAILBACK,
+    SessionStatus.COMMITTED: ReplicaState.READY,
+    SessionStatus.UNDONE: ReplicaState.FAILOVER,
+    SessionStatus.FAILED: ReplicaState.FAILOVER,
     SessionStatus.CANCELLED: ReplicaState.FAILOVER,
 }
 STATS = {}  # what the search did, printed at the end (pytest -s) for the note
@@ -89,8 +98,16 @@ class FailbackModel(RuleBasedStateMachine):
         rng = random.Random(FailbackModel.counter)
         vm_ids = []
         for i in range(3):
-            vm_id = self.lab.create_vm(f"{tag}-app{i}_replica", host="esx-dr-01", datastore="dr-ds-01", disks=[2 * 2**20, 2**20][: 1 + i % 2],
-                                       networks=["dr-net"], tools_installed=bool(i % 2), shutdown_seconds=0.2, power_on=True)
+            vm_id = self.lab.create_vm(
+                f"{tag}-app{i}_replica",
+                host="esx-dr-01",
+                datastore="dr-ds-01",
+                disks=[2 * 2**20, 2**20][: 1 + i % 2],
+                networks=["dr-net"],
+                tools_installed=bool(i % 2),
+                shutdown_seconds=0.2,
+                power_on=True,
+            )
             for key in ("scsi0:0", "scsi0:1")[: 1 + i % 2]:
                 self.lab.guest_write(vm_id, key, rng.randrange(0, 2**20 - 64 * 1024, 4096), rng.randbytes(64 * 1024))
             vm_ids.append(vm_id)
@@ -125,20 +142,39 @@ class FailbackModel(RuleBasedStateMachine):
     def session_for(self, index, *likely):
         """A session of the model: with ``likely`` statuses, one in them when there is one (else any), so
         that actions are tried where they can succeed as well as where they must be refused."""
-        pool = list(FailbackSession.objects.filter(pk__in=self.sessions, status__in=likely).values_list("pk", flat=True)) if likely else []
+        pool = (
+            list(FailbackSession.objects.filter(pk__in=self.sessions, status__in=likely).values_list("pk", flat=True))
+            if likely
+            else []
+        )
         if not pool or index % 4 == 3:  # a quarter of the time any session: refusals are part of the search
             pool = self.sessions
         return FailbackSession.objects.select_related("replica").get(pk=pool[index % len(pool)])
 
     # -- rules: the service layer --------------------------------------------------------------
 
-    @rule(replica=st.integers(0, 2), name=st.integers(0, 2), mode=st.sampled_from([SwitchMode.MANUAL, SwitchMode.AUTO]),
-          policy=st.sampled_from([CommitPolicy.NONE, CommitPolicy.AUTO_COMMIT]))
+    @rule(
+        replica=st.integers(0, 2),
+        name=st.integers(0, 2),
+        mode=st.sampled_from([SwitchMode.MANUAL, SwitchMode.AUTO]),
+        policy=st.sampled_from([CommitPolicy.NONE, CommitPolicy.AUTO_COMMIT]),
+    )
     def start(self, replica, name, mode, policy):
         r = self.replicas[replica]
-        session = self.act("start_failback", lambda: workflow.start_failback(
-            self.operator, r.pk, vm_name=self.names[name], target_host="esx-prod-01", target_datastore="prod-ds-01", switch_mode=mode,
-            network_map=network_map(r), commit_policy=policy, commit_after_min=60 if policy != CommitPolicy.NONE else None))
+        session = self.act(
+            "start_failback",
+            lambda: workflow.start_failback(
+                self.operator,
+                r.pk,
+                vm_name=self.names[name],
+                target_host="esx-prod-01",
+                target_datastore="prod-ds-01",
+                switch_mode=mode,
+                network_map=network_map(r),
+                commit_policy=policy,
+                commit_after_min=60 if policy != CommitPolicy.NONE else None,
+            ),
+        )
         if session is not None:
             self.sessions.append(session.pk)
 
@@ -152,7 +188,10 @@ class FailbackModel(RuleBasedStateMachine):
     @rule(which=st.integers(0, 20))
     def schedule(self, which):
         s = self.session_for(which, SessionStatus.QUEUED, SessionStatus.PHASE1, SessionStatus.READY_TO_SWITCH)
-        self.act("schedule_switch", lambda: workflow.schedule_switch(self.operator, s.pk, timezone.now() + timedelta(minutes=30)))
+        self.act(
+            "schedule_switch",
+            lambda: workflow.schedule_switch(self.operator, s.pk, timezone.now() + timedelta(minutes=30)),
+        )
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20), keep=st.booleans())
@@ -187,7 +226,9 @@ class FailbackModel(RuleBasedStateMachine):
             return
         rng = random.Random(seed)
         for _ in range(3):
-            self.lab.guest_write(r.vm_id, "scsi0:0", rng.randrange(0, 2 * 2**20 - 8192), rng.randbytes(rng.choice([512, 4096, 8192])))
+            self.lab.guest_write(
+                r.vm_id, "scsi0:0", rng.randrange(0, 2 * 2**20 - 8192), rng.randbytes(rng.choice([512, 4096, 8192]))
+            )
         self.expected_replica_disks[r.pk] = self.replica_digests(r)
 
     @precondition(lambda self: self.sessions)
@@ -199,7 +240,9 @@ class FailbackModel(RuleBasedStateMachine):
         try:
             if self.lab.power_state(s.production_vm_id) != POWERED_ON:
                 return
-            self.lab.guest_write(s.production_vm_id, "scsi0:0", random.Random(seed).randrange(0, 2**20), b"written on production")
+            self.lab.guest_write(
+                s.production_vm_id, "scsi0:0", random.Random(seed).randrange(0, 2**20), b"written on production"
+            )
         except NotFound:
             return
         self.production_written.add(s.pk)
@@ -244,14 +287,20 @@ class FailbackModel(RuleBasedStateMachine):
             self.cluster.start()
         for _ in range(SETTLE_ROUNDS):
             try:
-                wait_for(lambda: not FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).exists(), timeout=20,
-                         interval=0.2, what="the steps to end")
+                wait_for(
+                    lambda: not FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).exists(),
+                    timeout=20,
+                    interval=0.2,
+                    what="the steps to end",
+                )
                 break
             except AssertionError:
                 time.sleep(self.settings.FAILBACK_STALL_SECONDS)
                 watchdog.recover_stalled()
         STATS["settles"] = STATS.get("settles", 0) + 1
-        stuck = list(FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).values_list("pk", "status"))
+        stuck = list(
+            FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).values_list("pk", "status")
+        )
         assert not stuck, f"steps still running after {SETTLE_ROUNDS} watchdog rounds: {stuck}"
         self.check_at_rest()
 
@@ -260,7 +309,9 @@ class FailbackModel(RuleBasedStateMachine):
     @invariant()
     def the_portal_never_writes_a_replica_disk(self):
         for r in getattr(self, "replicas", []):
-            assert self.replica_digests(r) == self.expected_replica_disks[r.pk], f"{r.name}'s disks changed without a guest write"
+            assert (
+                self.replica_digests(r) == self.expected_replica_disks[r.pk]
+            ), f"{r.name}'s disks changed without a guest write"
 
     @invariant()
     def replicas_and_serving_production_vms_are_never_deleted(self):
@@ -269,13 +320,20 @@ class FailbackModel(RuleBasedStateMachine):
         present = {vm.vm_id for vm in self.lab.inventory().vms}
         for r in self.replicas:
             assert r.vm_id in present, f"replica {r.name} was deleted"
-        for s in FailbackSession.objects.filter(pk__in=self.sessions, status__in=[SessionStatus.FAILBACK, SessionStatus.COMMITTING,
-                                                                                  SessionStatus.COMMITTED]):
-            assert s.production_vm_id in present, f"failback #{s.pk} ({s.status}) lost its production VM {s.production_vm_id}"
+        for s in FailbackSession.objects.filter(
+            pk__in=self.sessions, status__in=[SessionStatus.FAILBACK, SessionStatus.COMMITTING, SessionStatus.COMMITTED]
+        ):
+            assert (
+                s.production_vm_id in present
+            ), f"failback #{s.pk} ({s.status}) lost its production VM {s.production_vm_id}"
 
     @invariant()
     def one_active_session_per_name_and_per_replica(self):
-        active = list(FailbackSession.objects.filter(pk__in=getattr(self, "sessions", []), status__in=ACTIVE).values_list("replica_id", "vm_name"))
+        active = list(
+            FailbackSession.objects.filter(pk__in=getattr(self, "sessions", []), status__in=ACTIVE).values_list(
+                "replica_id", "vm_name"
+            )
+        )
         assert len({r for r, _ in active}) == len(active), f"two active failbacks of one replica: {active}"
         assert len({n for _, n in active}) == len(active), f"two active failbacks of one VM name: {active}"
 
@@ -283,10 +341,15 @@ class FailbackModel(RuleBasedStateMachine):
     def every_state_change_is_one_audit_row_along_the_table(self):
         for s in FailbackSession.objects.filter(pk__in=getattr(self, "sessions", [])):
             state = SessionStatus.QUEUED
-            for action, frm, to in AuditEvent.objects.filter(session=s, action__in=list(TRANSITIONS), outcome="ok").order_by("id").values_list(
-                    "action", "from_state", "to_state"):
+            for action, frm, to in (
+                AuditEvent.objects.filter(session=s, action__in=list(TRANSITIONS), outcome="ok")
+                .order_by("id")
+                .values_list("action", "from_state", "to_state")
+            ):
                 spec = TRANSITIONS[action]
-                assert frm == state and frm in spec.sources and to == spec.target, f"failback #{s.pk}: {action} {frm}→{to} after {state}"
+                assert (
+                    frm == state and frm in spec.sources and to == spec.target
+                ), f"failback #{s.pk}: {action} {frm}→{to} after {state}"
                 state = to
             current = FailbackSession.objects.get(pk=s.pk).status  # re-read: a worker may have moved it meanwhile
             if current == s.status:
@@ -294,7 +357,11 @@ class FailbackModel(RuleBasedStateMachine):
 
     def story(self, replica):
         """The replica's failbacks as their audit trails tell them, for a failure message."""
-        rows = AuditEvent.objects.filter(session__replica=replica).order_by("id").values_list("session_id", "action", "outcome", "detail")
+        rows = (
+            AuditEvent.objects.filter(session__replica=replica)
+            .order_by("id")
+            .values_list("session_id", "action", "outcome", "detail")
+        )
         return " | ".join(f"#{s} {a} {o}: {d[:120]}" for s, a, o, d in rows)
 
     def check_at_rest(self):
@@ -304,27 +371,43 @@ class FailbackModel(RuleBasedStateMachine):
             r.refresh_from_db()
             last = FailbackSession.objects.filter(replica=r).order_by("-pk").first()
             expected = REPLICA_STATE_OF[last.status] if last else ReplicaState.FAILOVER
-            assert expected is None or r.state == expected, f"{r.name} is {r.state} while its failback #{last.pk} is {last.status}"
+            assert (
+                expected is None or r.state == expected
+            ), f"{r.name} is {r.state} while its failback #{last.pk} is {last.status}"
             serving = [r.vm_id] if r.state in (ReplicaState.FAILOVER, ReplicaState.READY_TO_SWITCH) else []
-            if last is not None and last.status in (SessionStatus.FAILBACK, SessionStatus.COMMITTED) and last.power_on_after:
+            if (
+                last is not None
+                and last.status in (SessionStatus.FAILBACK, SessionStatus.COMMITTED)
+                and last.power_on_after
+            ):
                 serving = [last.production_vm_id]
             for vm_id in serving:  # never a workload with both its VMs off
-                assert power.get(vm_id) == POWERED_ON, f"{r.name}: {vm_id} should serve the workload but is {power.get(vm_id)}; {self.story(r)}"
+                assert (
+                    power.get(vm_id) == POWERED_ON
+                ), f"{r.name}: {vm_id} should serve the workload but is {power.get(vm_id)}; {self.story(r)}"
             if last is not None and last.status in (SessionStatus.FAILBACK, SessionStatus.COMMITTED):
                 assert power.get(r.vm_id) == POWERED_OFF, f"{r.name} runs next to its production VM"
                 if last.pk not in self.production_written and last.pk not in self.checked_identical:
                     for d in r.disks.all():  # production holds the replica's bytes as they were when it went off
-                        assert digest(self.lab.disk_path(last.production_vm_id, d.key)) == digest(self.lab.disk_path(r.vm_id, d.key))
+                        assert digest(self.lab.disk_path(last.production_vm_id, d.key)) == digest(
+                            self.lab.disk_path(r.vm_id, d.key)
+                        )
                     self.checked_identical.add(last.pk)
-        for s in FailbackSession.objects.filter(pk__in=self.sessions, status__in=[SessionStatus.UNDONE, SessionStatus.CANCELLED]).exclude(production_vm_id=""):
+        for s in FailbackSession.objects.filter(
+            pk__in=self.sessions, status__in=[SessionStatus.UNDONE, SessionStatus.CANCELLED]
+        ).exclude(production_vm_id=""):
             if s.status == SessionStatus.UNDONE or not s.keep_production_vm:  # discarded with its changes
-                assert s.production_vm_id not in present, f"failback #{s.pk} ({s.status}) left its production VM {s.production_vm_id} behind"
+                assert (
+                    s.production_vm_id not in present
+                ), f"failback #{s.pk} ({s.status}) left its production VM {s.production_vm_id} behind"
 
     def teardown(self):
         if getattr(self, "sessions", None):
             self.settle()  # every example ends with the checks that hold at rest
         for pk in getattr(self, "sessions", []):  # a pending scheduled switch must not fire in the next example
-            FailbackSession.objects.filter(pk=pk, status=SessionStatus.READY_TO_SWITCH).update(switch_mode=SwitchMode.MANUAL)
+            FailbackSession.objects.filter(pk=pk, status=SessionStatus.READY_TO_SWITCH).update(
+                switch_mode=SwitchMode.MANUAL
+            )
 
 
 @pytest.mark.faults
@@ -337,8 +420,14 @@ def test_the_workflow_keeps_its_invariants_under_random_interleavings(lab, setti
     FailbackModel.operator = make_user("mona", "Operator")
     try:
         run = FailbackModel.TestCase
-        run.settings = hsettings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=not os.environ.get("MODEL_RANDOM"),
-                                 suppress_health_check=list(HealthCheck), print_blob=True)
+        run.settings = hsettings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            derandomize=not os.environ.get("MODEL_RANDOM"),
+            suppress_health_check=list(HealthCheck),
+            print_blob=True,
+        )
         run().runTest()
     finally:
         cluster.stop_all()

@@ -43,8 +43,15 @@ def test_the_database_refuses_a_second_active_session_with_the_same_name(lab, op
     first = start(operator, replica_named("app-crm"), vm_name="shared-name")
     other = Replica.objects.exclude(pk=first.replica_id).first()
     with pytest.raises(IntegrityError), transaction.atomic():  # the constraint, whatever a race lets through the checks
-        FailbackSession.objects.create(replica=other, vm_name="shared-name", name_scope=first.name_scope, target_host="esx-prod-01",
-                                       target_datastore="prod-ds-01", shutdown_timeout_s=5, started_by=operator)
+        FailbackSession.objects.create(
+            replica=other,
+            vm_name="shared-name",
+            name_scope=first.name_scope,
+            target_host="esx-prod-01",
+            target_datastore="prod-ds-01",
+            shutdown_timeout_s=5,
+            started_by=operator,
+        )
 
 
 def test_a_name_is_free_again_once_its_failback_ended(lab, operator):
@@ -60,7 +67,9 @@ def test_a_failed_create_never_deletes_a_vm_found_by_name(lab, operator, django_
     replica = replica_named("app-crm")
     with django_capture_on_commit_callbacks() as queued:
         session = start(operator, replica, vm_name="someone-elses")
-    theirs = lab.create_vm("someone-elses", host="esx-prod-01", datastore="prod-ds-01", disks=[2**20], networks=["prod-net"], power_on=True)
+    theirs = lab.create_vm(
+        "someone-elses", host="esx-prod-01", datastore="prod-ds-01", disks=[2**20], networks=["prod-net"], power_on=True
+    )
     with django_capture_on_commit_callbacks(execute=True):
         for callback in queued:
             callback()
@@ -77,9 +86,18 @@ def test_a_switched_failbacks_vm_survives_another_sessions_clean_up(lab, operato
     assert serving.status == SessionStatus.FAILBACK
     # A session that claims the same name (created before the reservation existed) fails and cleans up.
     other = replica_named("app-erp")
-    loser = FailbackSession.objects.create(replica=other, vm_name="web-prod", name_scope="legacy", owner_tag="another-tag",
-                                           target_host="esx-prod-01", target_datastore="prod-ds-01", shutdown_timeout_s=5,
-                                           started_by=operator, network_map=network_map(other), status=SessionStatus.QUEUED)
+    loser = FailbackSession.objects.create(
+        replica=other,
+        vm_name="web-prod",
+        name_scope="legacy",
+        owner_tag="another-tag",
+        target_host="esx-prod-01",
+        target_datastore="prod-ds-01",
+        shutdown_timeout_s=5,
+        started_by=operator,
+        network_map=network_map(other),
+        status=SessionStatus.QUEUED,
+    )
     jobs.run_phase1(loser.pk)
     assert reload(loser).status == SessionStatus.FAILED
     assert lab.power_state(serving.production_vm_id) == POWERED_ON  # the workload is still served
@@ -103,10 +121,18 @@ def test_the_switch_checks_fail_when_the_production_vm_is_missing_or_not_this_fa
     replica = replica_named("app-crm")
     session = reload(start(operator, replica, vm_name="checked"))
     lab.delete_vm(session.production_vm_id)
-    with pytest.raises(workflow.Refused, match="Production VM is this failback's: Production VM checked .* no longer exists"):
+    with pytest.raises(
+        workflow.Refused, match="Production VM is this failback's: Production VM checked .* no longer exists"
+    ):
         workflow.switch_now(operator, session.pk)
-    impostor = lab.create_vm_like(replica.vm_id, name="checked", host="esx-prod-01", datastore="prod-ds-01",
-                                  network_map=network_map(replica), owner_tag="not-ours")
+    impostor = lab.create_vm_like(
+        replica.vm_id,
+        name="checked",
+        host="esx-prod-01",
+        datastore="prod-ds-01",
+        network_map=network_map(replica),
+        owner_tag="not-ours",
+    )
     FailbackSession.objects.filter(pk=session.pk).update(production_vm_id=impostor)
     with pytest.raises(workflow.Refused, match="is not the one failback"):
         workflow.switch_now(operator, session.pk)
@@ -144,7 +170,10 @@ def test_undo_stops_after_its_attempts_with_an_act_by_hand_failure(lab, operator
         vm_file.write_bytes(backup)
     session = reload(session)
     assert session.status == SessionStatus.FAILED
-    assert AuditEvent.objects.filter(session=session, action="undo", outcome=Outcome.FAILED).count() == jobs.UNDO_ATTEMPTS - 1
+    assert (
+        AuditEvent.objects.filter(session=session, action="undo", outcome=Outcome.FAILED).count()
+        == jobs.UNDO_ATTEMPTS - 1
+    )
     failed = AuditEvent.objects.get(session=session, action="fail_undo")
     assert "power it on by hand" in failed.detail
     assert AuditEvent.objects.filter(session=session, action="resume").count() == jobs.UNDO_ATTEMPTS - 1

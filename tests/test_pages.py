@@ -9,7 +9,7 @@ from django.test import Client
 from django.urls import reverse
 
 from failback import workflow
-from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
+from failback.choices import Outcome, ReplicaState, SwitchMode
 from failback.models import AuditEvent, Replica
 
 from .helpers import replica_named, start
@@ -54,7 +54,10 @@ def test_it_filters_searches_and_sorts_replicas(lab, operator):
 
 
 def test_it_paginates_thousands_of_replicas(lab, operator):
-    Replica.objects.bulk_create(Replica(name=f"bulk-{i:04d}_replica", source_name=f"bulk-{i:04d}", vm_id=f"x{i}", host="esx-dr-01") for i in range(120))
+    Replica.objects.bulk_create(
+        Replica(name=f"bulk-{i:04d}_replica", source_name=f"bulk-{i:04d}", vm_id=f"x{i}", host="esx-dr-01")
+        for i in range(120)
+    )
     page = logged_in(operator).get(reverse("failback:replicas"), {"q": "bulk", "page": 3}).content.decode()
     assert "Page 3 of 3" in page and "bulk-0119_replica" in page and "bulk-0000_replica" not in page
     assert "124 replicas" not in page and "120 replicas" in page
@@ -86,7 +89,7 @@ def test_it_exports_the_filtered_audit_as_csv_and_json(history, viewer):
 @pytest.mark.security
 def test_it_neutralises_formulas_in_the_csv_export(lab, operator):
     with pytest.raises(workflow.Refused):
-        start(operator, replica_named("app-crm"), vm_name="=HYPERLINK(\"http://x\")")
+        start(operator, replica_named("app-crm"), vm_name='=HYPERLINK("http://x")')
     AuditEvent.objects.create(actor_name="=cmd|' /C calc'!A0", action="note", outcome=Outcome.INFO, detail="+1+1")
     body = b"".join(logged_in(operator).get(reverse("failback:audit_export", args=["csv"])).streaming_content).decode()
     rows = list(csv.reader(io.StringIO(body)))

@@ -60,7 +60,13 @@ class Case:
 
     def create(self, **kw: Any) -> str:
         """A VM like the source, at the case's host and datastore unless ``kw`` says otherwise."""
-        kw = {"name": self.new_name(), "host": self.host, "datastore": self.datastore, "network_map": self.network_map, **kw}
+        kw = {
+            "name": self.new_name(),
+            "host": self.host,
+            "datastore": self.datastore,
+            "network_map": self.network_map,
+            **kw,
+        }
         return self.hv.create_vm_like(self.source, **kw)
 
 
@@ -72,10 +78,25 @@ def _lab_case(root) -> Case:
     lab.add_datastore("prod-ds", 10 * DISK)
     lab.add_network("dr-net")
     lab.add_network("prod-net")
-    source = lab.create_vm("app-01_replica", host="esx-dr-01", datastore="dr-ds", disks=[DISK],
-                           networks=["dr-net"], power_on=True, cbt=True)
-    return Case(lab, source, "scsi0:0", "esx-prod-01", "prod-ds", {"dr-net": "prod-net"},
-                write=lab.guest_write, tracks_changes=True)
+    source = lab.create_vm(
+        "app-01_replica",
+        host="esx-dr-01",
+        datastore="dr-ds",
+        disks=[DISK],
+        networks=["dr-net"],
+        power_on=True,
+        cbt=True,
+    )
+    return Case(
+        lab,
+        source,
+        "scsi0:0",
+        "esx-prod-01",
+        "prod-ds",
+        {"dr-net": "prod-net"},
+        write=lab.guest_write,
+        tracks_changes=True,
+    )
 
 
 def _vsphere_case(sim, transport: str) -> Case:
@@ -91,18 +112,22 @@ def _vsphere_case(sim, transport: str) -> Case:
             f.seek(offset)
             f.write(data)
 
-    return Case(hv, source, "scsi0:0", "DC0_C0_H1", "LocalDS_0", {"DC0_DVPG0": "VM Network"},
-                write=write, tracks_changes=False)
+    return Case(
+        hv, source, "scsi0:0", "DC0_C0_H1", "LocalDS_0", {"DC0_DVPG0": "VM Network"}, write=write, tracks_changes=False
+    )
 
 
 VSPHERE_TRANSPORTS = {"vsphere": "direct", "vsphere-network": "network"}
 
 
-@pytest.fixture(scope="module", params=[
-    "lab",
-    pytest.param("vsphere", marks=pytest.mark.vcsim),
-    pytest.param("vsphere-network", marks=pytest.mark.vcsim),
-])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "lab",
+        pytest.param("vsphere", marks=pytest.mark.vcsim),
+        pytest.param("vsphere-network", marks=pytest.mark.vcsim),
+    ],
+)
 def case(request, tmp_path_factory):
     """One platform for the whole module (each test names its own VMs): a vcsim starts once per case."""
     if request.param == "lab":
@@ -235,7 +260,9 @@ def test_copy_disk_network_makes_the_target_disk_equal_to_the_source(case):
     assert 0 < sent <= DISK
     assert hv.download_range(target, case.disk_key, 5 * MiB, len(data)) == data
     for offset in range(0, DISK, MiB):
-        assert hv.download_range(target, case.disk_key, offset, MiB) == hv.download_range(case.source, case.disk_key, offset, MiB)
+        assert hv.download_range(target, case.disk_key, offset, MiB) == hv.download_range(
+            case.source, case.disk_key, offset, MiB
+        )
 
 
 def test_disk_path_is_a_local_file_in_direct_transport_only(case):

@@ -33,7 +33,12 @@ def write_changes(lab, replica, total):
     """The guest writes ``total`` bytes in 1 MiB pieces spread over its disks (through the lab, so change tracking sees them)."""
     disks = list(replica.disks.all())
     piece = b"\x6b" * MiB
-    slots = [(disk, offset) for offset in range(0, max(d.capacity_bytes for d in disks), MiB) for disk in disks if offset + MiB <= disk.capacity_bytes]
+    slots = [
+        (disk, offset)
+        for offset in range(0, max(d.capacity_bytes for d in disks), MiB)
+        for disk in disks
+        if offset + MiB <= disk.capacity_bytes
+    ]
     assert total // MiB <= len(slots), "the replica's disks are too small for this much change"
     for disk, offset in slots[: total // MiB]:
         lab.guest_write(replica.vm_id, disk.key, offset, piece)
@@ -42,7 +47,9 @@ def write_changes(lab, replica, total):
 def test_the_predicted_window_is_within_30_percent_or_2_s_of_the_measured_one(bigger_lab, operator):
     lab = bigger_lab
     replica = max(Replica.objects.all(), key=lambda r: sum(d.capacity_bytes for d in r.disks.all()))
-    lab.set_vm_options(replica.vm_id, tools_installed=True, shutdown_seconds=1.5, shutdown_hangs=False, cbt=True, workload=False)
+    lab.set_vm_options(
+        replica.vm_id, tools_installed=True, shutdown_seconds=1.5, shutdown_hangs=False, cbt=True, workload=False
+    )
     capacity_mib = sum(d.capacity_bytes for d in replica.disks.all()) // MiB
     rows = []
     for changed_mib in [int(capacity_mib * f) for f in (0, 0.1, 0.25, 0.5, 0.8)]:
@@ -65,7 +72,9 @@ def test_the_predicted_window_is_within_30_percent_or_2_s_of_the_measured_one(bi
     for row in rows:
         print("%11d %11.2f %8.2f %21.2f" % row)
     for changed_mib, predicted, actual, _ in rows:
-        assert abs(predicted - actual) <= max(0.3 * actual, 2.0), f"{changed_mib} MiB changed: predicted {predicted:.2f} s, measured {actual:.2f} s"
+        assert abs(predicted - actual) <= max(
+            0.3 * actual, 2.0
+        ), f"{changed_mib} MiB changed: predicted {predicted:.2f} s, measured {actual:.2f} s"
     assert Replica.objects.get(pk=replica.pk).measured_shutdown_s is not None  # what the next prediction learns from
 
 
@@ -73,13 +82,19 @@ def test_it_states_the_method_of_every_disk_before_the_switch(lab, operator):
     tracked = replica_named("app-erp")
     untracked = replica_named("web-01")  # seeded without change tracking
     lab.set_vm_options(untracked.vm_id, cbt=False)
-    for replica, method, why in ((tracked, "tracked", "Change tracking"), (untracked, "digest", "Change tracking unavailable")):
+    for replica, method, why in (
+        (tracked, "tracked", "Change tracking"),
+        (untracked, "digest", "Change tracking unavailable"),
+    ):
         session = start(operator, replica)
         forecast = jobs.run_readiness(session.pk, catch_up=False)
         assert {d["method"] for d in forecast["disks"]} == {method}
         assert all(d["why"].startswith(why) for d in forecast["disks"])
         # Phase 1 stated its own method per disk before copying.
-        assert all(d.method == "full" and "allocated block" in d.method_reason for d in FailbackSession.objects.get(pk=session.pk).disks.all())
+        assert all(
+            d.method == "full" and "allocated block" in d.method_reason
+            for d in FailbackSession.objects.get(pk=session.pk).disks.all()
+        )
 
 
 def test_a_catch_up_sync_keeps_the_pending_delta_small(lab, operator):
@@ -97,5 +112,8 @@ def test_a_catch_up_sync_keeps_the_pending_delta_small(lab, operator):
     session = FailbackSession.objects.get(pk=session.pk)
     assert session.status == SessionStatus.FAILBACK
     for disk in session.disks.all():  # the switch after a catch-up still ends byte-identical
-        with open(lab.disk_path(replica.vm_id, disk.key), "rb") as a, open(lab.disk_path(session.production_vm_id, disk.key), "rb") as b:
+        with (
+            open(lab.disk_path(replica.vm_id, disk.key), "rb") as a,
+            open(lab.disk_path(session.production_vm_id, disk.key), "rb") as b,
+        ):
             assert a.read() == b.read()

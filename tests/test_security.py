@@ -29,7 +29,11 @@ def test_it_locks_a_user_out_after_repeated_failures_and_audits_it(operator, set
     assert locked.status_code == 429
     assert "_auth_user_id" not in client.session
     failures = AuditEvent.objects.filter(action="login_failed", outcome=Outcome.REFUSED)
-    assert failures.count() >= 3 and failures.first().actor_name == "olivia" and "wrong password" not in str(failures.first().data)
+    assert (
+        failures.count() >= 3
+        and failures.first().actor_name == "olivia"
+        and "wrong password" not in str(failures.first().data)
+    )
     assert AuditEvent.objects.filter(action="login_locked_out", actor_name="olivia").exists()
 
 
@@ -47,9 +51,21 @@ def test_it_audits_a_failed_login_for_an_unknown_name(db):
 
 
 def test_it_passes_the_deployment_check_in_the_production_profile():
-    env = dict(os.environ, DJANGO_SECRET_KEY=secrets.token_urlsafe(60), DJANGO_HTTPS="true", DJANGO_DEBUG="false",
-               DATABASE_URL="postgres://postgres@127.0.0.1:5432/dr_portal", REDIS_URL="redis://127.0.0.1:6379/0")
-    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(60),
+        DJANGO_HTTPS="true",
+        DJANGO_DEBUG="false",
+        DATABASE_URL="postgres://postgres@127.0.0.1:5432/dr_portal",
+        REDIS_URL="redis://127.0.0.1:6379/0",
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout

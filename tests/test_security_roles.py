@@ -8,10 +8,10 @@ which page offers it and who may use it. URL iteration (login, CSRF) picks up ne
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from html.parser import HTMLParser
-from typing import Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -35,6 +35,7 @@ EVERYONE = frozenset({"viewer", "operator", "admin"})
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
 
 class Controls(HTMLParser):
     """Where a page lets its user go or post: links (GET) and forms (POST), as URL paths."""
@@ -67,6 +68,7 @@ def in_an_hour():
 
 # -- the targets each action needs -------------------------------------------------------------
 
+
 @dataclass
 class Target:
     url: str  # where the action posts
@@ -82,27 +84,49 @@ def session_in(status):
 def session_action(action, status, data=dict, *, effect):
     def arrange(world):
         session = session_in(status)(world)
-        return Target(reverse("failback:action", args=[session.pk, action]), reverse("failback:session", args=[session.pk]), data(),
-                      lambda: effect(FailbackSession.objects.get(pk=session.pk)))
+        return Target(
+            reverse("failback:action", args=[session.pk, action]),
+            reverse("failback:session", args=[session.pk]),
+            data(),
+            lambda: effect(FailbackSession.objects.get(pk=session.pk)),
+        )
 
     return arrange
 
 
 def countdown_target(world):
     session = session_in(SessionStatus.FAILBACK)(world)
-    FailbackSession.objects.filter(pk=session.pk).update(commit_policy=CommitPolicy.AUTO_COMMIT, commit_after_min=30,
-                                                         policy_due_at=timezone.now() + timedelta(minutes=30))
-    return Target(reverse("failback:action", args=[session.pk, "stop_commit_policy"]), reverse("failback:session", args=[session.pk]), {},
-                  lambda: FailbackSession.objects.get(pk=session.pk).policy_stopped_at is not None)
+    FailbackSession.objects.filter(pk=session.pk).update(
+        commit_policy=CommitPolicy.AUTO_COMMIT,
+        commit_after_min=30,
+        policy_due_at=timezone.now() + timedelta(minutes=30),
+    )
+    return Target(
+        reverse("failback:action", args=[session.pk, "stop_commit_policy"]),
+        reverse("failback:session", args=[session.pk]),
+        {},
+        lambda: FailbackSession.objects.get(pk=session.pk).policy_stopped_at is not None,
+    )
 
 
 def start_target(world):
     replica = replica_named("web-01")
     nets = network_map(replica)
-    data = {"vm_name": "web-01-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01", "switch_mode": SwitchMode.MANUAL,
-            "commit_policy": CommitPolicy.NONE, "power_on_after": "on", **{f"net_nic{i}": target for i, target in enumerate(nets.values())}}
-    return Target(reverse("failback:start", args=[replica.pk]), reverse("failback:replicas"), data,
-                  lambda: FailbackSession.objects.filter(replica=replica, status=SessionStatus.QUEUED).exists())
+    data = {
+        "vm_name": "web-01-prod",
+        "target_host": "esx-prod-01",
+        "target_datastore": "prod-ds-01",
+        "switch_mode": SwitchMode.MANUAL,
+        "commit_policy": CommitPolicy.NONE,
+        "power_on_after": "on",
+        **{f"net_nic{i}": target for i, target in enumerate(nets.values())},
+    }
+    return Target(
+        reverse("failback:start", args=[replica.pk]),
+        reverse("failback:replicas"),
+        data,
+        lambda: FailbackSession.objects.filter(replica=replica, status=SessionStatus.QUEUED).exists(),
+    )
 
 
 def override_target(world):
@@ -117,25 +141,53 @@ def override_target(world):
 def declare_target(world):
     replica = replica_named("db-sql-01")
     Replica.objects.filter(pk=replica.pk).update(state=ReplicaState.READY)
-    return Target(reverse("failback:declare_failover", args=[replica.pk]), reverse("failback:replicas"), {"reason": "DR test"},
-                  lambda: Replica.objects.get(pk=replica.pk).state == ReplicaState.FAILOVER)
+    return Target(
+        reverse("failback:declare_failover", args=[replica.pk]),
+        reverse("failback:replicas"),
+        {"reason": "DR test"},
+        lambda: Replica.objects.get(pk=replica.pk).state == ReplicaState.FAILOVER,
+    )
 
 
 def plan_new_target(world):
     replicas = [replica_named("web-01"), replica_named("app-crm")]
-    data = {"replica": [r.pk for r in replicas], "name": "wave-1", "concurrency": 2, "switch_mode": SwitchMode.MANUAL, "power_on_delay_s": 0,
-            "commit_policy": CommitPolicy.NONE}
+    data = {
+        "replica": [r.pk for r in replicas],
+        "name": "wave-1",
+        "concurrency": 2,
+        "switch_mode": SwitchMode.MANUAL,
+        "power_on_delay_s": 0,
+        "commit_policy": CommitPolicy.NONE,
+    }
     for order, r in enumerate(replicas, 1):
-        data.update({f"m{r.pk}_order": order, f"m{r.pk}_vm_name": f"{r.source_name}-prod", f"m{r.pk}_host": "esx-prod-01",
-                     f"m{r.pk}_datastore": "prod-ds-01"})
+        data.update(
+            {
+                f"m{r.pk}_order": order,
+                f"m{r.pk}_vm_name": f"{r.source_name}-prod",
+                f"m{r.pk}_host": "esx-prod-01",
+                f"m{r.pk}_datastore": "prod-ds-01",
+            }
+        )
     url = reverse("failback:plan_new")
-    return Target(url, f"{url}?replica={replicas[0].pk}&replica={replicas[1].pk}", data,
-                  lambda: FailbackPlan.objects.filter(name="wave-1").exists())
+    return Target(
+        url,
+        f"{url}?replica={replicas[0].pk}&replica={replicas[1].pk}",
+        data,
+        lambda: FailbackPlan.objects.filter(name="wave-1").exists(),
+    )
 
 
 def plan_with_members(world, status):
-    members = [{"replica_id": r.pk, "vm_name": f"{r.source_name}-prod", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01",
-                "network_map": network_map(r)} for r in (replica_named("web-01"), replica_named("app-crm"))]
+    members = [
+        {
+            "replica_id": r.pk,
+            "vm_name": f"{r.source_name}-prod",
+            "target_host": "esx-prod-01",
+            "target_datastore": "prod-ds-01",
+            "network_map": network_map(r),
+        }
+        for r in (replica_named("web-01"), replica_named("app-crm"))
+    ]
     plan = plans.start_plan(world.operator, name="wave-0", members=members)
     for session in plan.sessions.all():
         put_session_in(session, status)
@@ -145,40 +197,76 @@ def plan_with_members(world, status):
 def plan_action(action, status, data=dict, *, effect):
     def arrange(world):
         plan = plan_with_members(world, status)
-        return Target(reverse("failback:plan_action", args=[plan.pk, action]), reverse("failback:plan", args=[plan.pk]), data(),
-                      lambda: effect(FailbackPlan.objects.get(pk=plan.pk)))
+        return Target(
+            reverse("failback:plan_action", args=[plan.pk, action]),
+            reverse("failback:plan", args=[plan.pk]),
+            data(),
+            lambda: effect(FailbackPlan.objects.get(pk=plan.pk)),
+        )
 
     return arrange
 
 
 def vcenter(world):
-    connection = VCenterConnection(name="vc-lab", host="127.0.0.1", port=closed_port(), username="administrator@vsphere.local")
+    connection = VCenterConnection(
+        name="vc-lab", host="127.0.0.1", port=closed_port(), username="administrator@vsphere.local"
+    )
     connection = connections.save_connection(world.admin, connection, password="vc-secret-Pa55")
     VCenterConnection.objects.filter(pk=connection.pk).update(
-        inventory={"vms": [{"vm_id": "vm-42", "name": "orphan_replica", "host": "esx-dr-09"}]})
+        inventory={"vms": [{"vm_id": "vm-42", "name": "orphan_replica", "host": "esx-dr-09"}]}
+    )
     return connection
 
 
 def connection_new_target(world):
-    data = {"name": "vc-new", "host": "vc.example.test", "port": 443, "username": "svc", "password": "pw-123456", "tls_mode": "ca",
-            "transport": "direct", "replica_suffix": "_replica", "sync_minutes": 15}
-    return Target(reverse("failback:connection_new"), reverse("failback:connections"), data,
-                  lambda: VCenterConnection.objects.filter(name="vc-new").exists())
+    data = {
+        "name": "vc-new",
+        "host": "vc.example.test",
+        "port": 443,
+        "username": "svc",
+        "password": "pw-123456",
+        "tls_mode": "ca",
+        "transport": "direct",
+        "replica_suffix": "_replica",
+        "sync_minutes": 15,
+    }
+    return Target(
+        reverse("failback:connection_new"),
+        reverse("failback:connections"),
+        data,
+        lambda: VCenterConnection.objects.filter(name="vc-new").exists(),
+    )
 
 
 def connection_edit_target(world):
     c = vcenter(world)
-    data = {"name": c.name, "host": "vc2.example.test", "port": c.port, "username": c.username, "tls_mode": "ca", "transport": "direct",
-            "replica_suffix": "_replica", "sync_minutes": 15}
-    return Target(reverse("failback:connection_edit", args=[c.pk]), reverse("failback:connection", args=[c.pk]), data,
-                  lambda: VCenterConnection.objects.get(pk=c.pk).host == "vc2.example.test")
+    data = {
+        "name": c.name,
+        "host": "vc2.example.test",
+        "port": c.port,
+        "username": c.username,
+        "tls_mode": "ca",
+        "transport": "direct",
+        "replica_suffix": "_replica",
+        "sync_minutes": 15,
+    }
+    return Target(
+        reverse("failback:connection_edit", args=[c.pk]),
+        reverse("failback:connection", args=[c.pk]),
+        data,
+        lambda: VCenterConnection.objects.get(pk=c.pk).host == "vc2.example.test",
+    )
 
 
 def connection_action(action, data=dict, *, effect):
     def arrange(world):
         c = vcenter(world)
-        return Target(reverse("failback:connection_action", args=[c.pk, action]), reverse("failback:connection", args=[c.pk]), data(),
-                      lambda: effect(VCenterConnection.objects.get(pk=c.pk)))
+        return Target(
+            reverse("failback:connection_action", args=[c.pk, action]),
+            reverse("failback:connection", args=[c.pk]),
+            data(),
+            lambda: effect(VCenterConnection.objects.get(pk=c.pk)),
+        )
 
     return arrange
 
@@ -194,7 +282,9 @@ class Action:
     id: str
     arrange: Callable  # world -> Target
     allowed: frozenset
-    refusal: str | None  # the audit action of the service layer's refusal; None: refused by a permission check before it
+    refusal: (
+        str | None
+    )  # the audit action of the service layer's refusal; None: refused by a permission check before it
     offered: str = "form"  # how the page offers it: a POST form, a link to the form's page, or "input:<name>" in a form
 
     def __str__(self):
@@ -204,32 +294,109 @@ class Action:
 ACTIONS = [
     Action("start failback", start_target, OPERATORS, "start_failback", offered="link"),
     Action("override failed checks", override_target, ADMINS, "start_failback", offered="input:override_checks"),
-    Action("switch now", session_action("switch", SessionStatus.READY_TO_SWITCH, effect=lambda s: s.status == SessionStatus.SWITCHING),
-           OPERATORS, "switch"),
-    Action("schedule switch", session_action("schedule", SessionStatus.READY_TO_SWITCH, lambda: {"switch_at": in_an_hour()},
-                                             effect=lambda s: s.switch_mode == SwitchMode.SCHEDULED), OPERATORS, "schedule_switch"),
-    Action("commit", session_action("commit", SessionStatus.FAILBACK, effect=lambda s: s.status == SessionStatus.COMMITTING), OPERATORS, "commit"),
-    Action("undo", session_action("undo", SessionStatus.FAILBACK, effect=lambda s: s.status == SessionStatus.UNDOING), OPERATORS, "undo"),
-    Action("cancel", session_action("cancel", SessionStatus.QUEUED, effect=lambda s: s.status == SessionStatus.CANCELLED), OPERATORS, "cancel"),
+    Action(
+        "switch now",
+        session_action("switch", SessionStatus.READY_TO_SWITCH, effect=lambda s: s.status == SessionStatus.SWITCHING),
+        OPERATORS,
+        "switch",
+    ),
+    Action(
+        "schedule switch",
+        session_action(
+            "schedule",
+            SessionStatus.READY_TO_SWITCH,
+            lambda: {"switch_at": in_an_hour()},
+            effect=lambda s: s.switch_mode == SwitchMode.SCHEDULED,
+        ),
+        OPERATORS,
+        "schedule_switch",
+    ),
+    Action(
+        "commit",
+        session_action("commit", SessionStatus.FAILBACK, effect=lambda s: s.status == SessionStatus.COMMITTING),
+        OPERATORS,
+        "commit",
+    ),
+    Action(
+        "undo",
+        session_action("undo", SessionStatus.FAILBACK, effect=lambda s: s.status == SessionStatus.UNDOING),
+        OPERATORS,
+        "undo",
+    ),
+    Action(
+        "cancel",
+        session_action("cancel", SessionStatus.QUEUED, effect=lambda s: s.status == SessionStatus.CANCELLED),
+        OPERATORS,
+        "cancel",
+    ),
     Action("stop countdown", countdown_target, OPERATORS, "stop_commit_policy"),
     Action("declare failover", declare_target, OPERATORS, "declare_failover"),
     Action("start plan", plan_new_target, OPERATORS, "start_plan"),
-    Action("plan switch now", plan_action("switch", SessionStatus.READY_TO_SWITCH, effect=lambda p: p.switch_started_at is not None),
-           OPERATORS, "switch_plan"),
-    Action("plan schedule switch", plan_action("schedule", SessionStatus.READY_TO_SWITCH, lambda: {"switch_at": in_an_hour()},
-                                               effect=lambda p: p.switch_mode == SwitchMode.SCHEDULED), OPERATORS, "schedule_plan_switch"),
-    Action("plan commit", plan_action("commit", SessionStatus.FAILBACK,
-                                      effect=lambda p: {s.status for s in p.sessions.all()} == {SessionStatus.COMMITTING}), OPERATORS, "commit_plan"),
-    Action("plan undo", plan_action("undo", SessionStatus.FAILBACK,
-                                    effect=lambda p: {s.status for s in p.sessions.all()} == {SessionStatus.UNDOING}), OPERATORS, "undo_plan"),
+    Action(
+        "plan switch now",
+        plan_action("switch", SessionStatus.READY_TO_SWITCH, effect=lambda p: p.switch_started_at is not None),
+        OPERATORS,
+        "switch_plan",
+    ),
+    Action(
+        "plan schedule switch",
+        plan_action(
+            "schedule",
+            SessionStatus.READY_TO_SWITCH,
+            lambda: {"switch_at": in_an_hour()},
+            effect=lambda p: p.switch_mode == SwitchMode.SCHEDULED,
+        ),
+        OPERATORS,
+        "schedule_plan_switch",
+    ),
+    Action(
+        "plan commit",
+        plan_action(
+            "commit",
+            SessionStatus.FAILBACK,
+            effect=lambda p: {s.status for s in p.sessions.all()} == {SessionStatus.COMMITTING},
+        ),
+        OPERATORS,
+        "commit_plan",
+    ),
+    Action(
+        "plan undo",
+        plan_action(
+            "undo",
+            SessionStatus.FAILBACK,
+            effect=lambda p: {s.status for s in p.sessions.all()} == {SessionStatus.UNDOING},
+        ),
+        OPERATORS,
+        "undo_plan",
+    ),
     Action("create connection", connection_new_target, ADMINS, None, offered="link"),
     Action("edit connection", connection_edit_target, ADMINS, None, offered="link"),
-    Action("test connection", connection_action("test", effect=lambda c: c.last_test_at is not None and "Failed" in c.last_test_result),
-           ADMINS, "test_connection"),
-    Action("fetch thumbprint", connection_action("thumbprint", effect=lambda c: audited("fetch_thumbprint")), ADMINS, "fetch_thumbprint"),
-    Action("sync inventory", connection_action("sync", effect=lambda c: audited("sync_inventory", Outcome.INFO)), ADMINS, "sync_inventory"),
-    Action("pair replica", connection_action("pair", lambda: {"vm_id": "vm-42", "source_name": "orphan"},
-                                             effect=lambda c: audited("pair_replica")), ADMINS, "pair_replica"),
+    Action(
+        "test connection",
+        connection_action("test", effect=lambda c: c.last_test_at is not None and "Failed" in c.last_test_result),
+        ADMINS,
+        "test_connection",
+    ),
+    Action(
+        "fetch thumbprint",
+        connection_action("thumbprint", effect=lambda c: audited("fetch_thumbprint")),
+        ADMINS,
+        "fetch_thumbprint",
+    ),
+    Action(
+        "sync inventory",
+        connection_action("sync", effect=lambda c: audited("sync_inventory", Outcome.INFO)),
+        ADMINS,
+        "sync_inventory",
+    ),
+    Action(
+        "pair replica",
+        connection_action(
+            "pair", lambda: {"vm_id": "vm-42", "source_name": "orphan"}, effect=lambda c: audited("pair_replica")
+        ),
+        ADMINS,
+        "pair_replica",
+    ),
 ]
 
 
@@ -258,6 +425,7 @@ def world(lab, operator, viewer, admin_user):
 
 
 # -- the role matrix: forged requests ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("action", ACTIONS, ids=str)
@@ -288,6 +456,7 @@ def test_it_enforces_the_role_matrix_on_forged_posts(world, action, role):
 
 # -- the role matrix: what the UI offers -------------------------------------------------------
 
+
 @pytest.mark.parametrize("role", ROLES[1:])
 @pytest.mark.parametrize("action", ACTIONS, ids=str)
 def test_it_offers_each_action_only_to_the_roles_allowed(world, action, role):
@@ -297,14 +466,18 @@ def test_it_offers_each_action_only_to_the_roles_allowed(world, action, role):
     if action.offered.startswith("input:"):
         offered = action.offered.removeprefix("input:") in found.inputs
     elif action.offered == "link":
-        offered = target.url in found.links and controls(world.client(role), target.url)[1].posts >= {urlsplit(target.url).path}
+        offered = target.url in found.links and controls(world.client(role), target.url)[1].posts >= {
+            urlsplit(target.url).path
+        }
     else:
         offered = urlsplit(target.url).path in found.posts
     assert offered == (role in action.allowed), f"{action}: offered to {role}: {offered}"
 
 
 @pytest.mark.parametrize("role,status", [("viewer", 403), ("operator", 403), ("admin", 200)])
-@pytest.mark.parametrize("page", ["failback:connections", "failback:connection", "failback:connection_new", "failback:connection_edit"])
+@pytest.mark.parametrize(
+    "page", ["failback:connections", "failback:connection", "failback:connection_new", "failback:connection_edit"]
+)
 def test_it_shows_vcenter_connections_to_administrators_only(world, page, role, status):
     connection = vcenter(world)
     url = reverse(page, args=[connection.pk] if page in ("failback:connection", "failback:connection_edit") else [])
@@ -352,12 +525,21 @@ def test_it_requires_a_login_for_every_page(db, name, path):
         if name in PUBLIC:
             assert response.status_code in (200, 405)
         else:
-            assert response.status_code == 302 and response.url.startswith(reverse("login")), f"{method.upper()} {path} is open"
+            assert response.status_code == 302 and response.url.startswith(
+                reverse("login")
+            ), f"{method.upper()} {path} is open"
 
 
 def test_it_walks_every_page_of_the_portal():
     names = {name for name, _ in URLS}
-    assert {"failback:dashboard", "failback:action", "failback:plan_action", "failback:connection_action", "failback:audit_export", "login"} <= names
+    assert {
+        "failback:dashboard",
+        "failback:action",
+        "failback:plan_action",
+        "failback:connection_action",
+        "failback:audit_export",
+        "login",
+    } <= names
 
 
 def test_it_keeps_the_admin_site_behind_its_login(world):
@@ -368,12 +550,22 @@ def test_it_keeps_the_admin_site_behind_its_login(world):
 
 # -- CSRF on every POST ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name,path", URLS)
 def test_it_refuses_every_post_without_a_csrf_token(admin_user, name, path):
     before = db_state()
     client = Client(enforce_csrf_checks=True)
     client.force_login(admin_user)
-    response = client.post(path, {"reason": "forged", "switch_at": in_an_hour(), "name": "forged", "username": "ada", "password": "ada-pass-1234"})
+    response = client.post(
+        path,
+        {
+            "reason": "forged",
+            "switch_at": in_an_hour(),
+            "name": "forged",
+            "username": "ada",
+            "password": "ada-pass-1234",
+        },
+    )
     assert response.status_code == 403 and b"CSRF" in response.content
     assert db_state() == before
 
@@ -391,6 +583,7 @@ def test_it_accepts_a_post_with_the_token_from_the_page(world):
 
 # -- forged ids of what belongs to someone else ------------------------------------------------
 
+
 def test_it_refuses_revoking_another_users_api_token(world):
     row, secret = tokens.issue(world.admin, world.admin, "change-window script")
     client = world.client("operator")
@@ -403,6 +596,7 @@ def test_it_refuses_revoking_another_users_api_token(world):
 
 
 # -- websockets: login and origin --------------------------------------------------------------
+
 
 def socket_paths():
     from failback.routing import websocket_urlpatterns
@@ -424,10 +618,12 @@ async def test_it_closes_sockets_without_a_login_or_from_another_origin(lab, ope
     client = Client()
     await sync_to_async(client.force_login)(operator)
     cookie = (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
-    for headers, allowed in (([(b"origin", b"http://localhost")], False),  # anonymous
-                             ([(b"origin", b"http://evil.example"), cookie], False),  # another site's page, with the user's cookie
-                             ([cookie], False),  # no origin at all
-                             ([(b"origin", b"http://localhost"), cookie], True)):  # the portal's own page
+    for headers, allowed in (
+        ([(b"origin", b"http://localhost")], False),  # anonymous
+        ([(b"origin", b"http://evil.example"), cookie], False),  # another site's page, with the user's cookie
+        ([cookie], False),  # no origin at all
+        ([(b"origin", b"http://localhost"), cookie], True),
+    ):  # the portal's own page
         ws = WebsocketCommunicator(application, path, headers=headers)
         connected, _ = await ws.connect()
         assert connected == allowed, (path, headers)

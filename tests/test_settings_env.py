@@ -40,8 +40,10 @@ def test_int(monkeypatch):
     assert read(monkeypatch, "  ", env.env_int, 120, min=2) == 120  # blank is unset
     assert read(monkeypatch, " 7 ", env.env_int, 120, min=2) == 7
     assert read(monkeypatch, "2", env.env_int, 120, min=2, max=2) == 2
-    assert refused(monkeypatch, "abc", env.env_int, 120, min=2, unit="seconds") == \
-        f"{NAME} must be a whole number of seconds >= 2, got 'abc'"
+    assert (
+        refused(monkeypatch, "abc", env.env_int, 120, min=2, unit="seconds")
+        == f"{NAME} must be a whole number of seconds >= 2, got 'abc'"
+    )
     assert "got '1'" in refused(monkeypatch, "1", env.env_int, 120, min=2)
     assert "<= 5" in refused(monkeypatch, "6", env.env_int, 1, max=5)
     for bad in ("1.5", "1e3", "ten"):
@@ -53,8 +55,10 @@ def test_float(monkeypatch):
     assert read(monkeypatch, "0.25", env.env_float, 10.0, above=0) == 0.25
     assert read(monkeypatch, "3", env.env_float, 0.5, min=0) == 3.0
     assert read(monkeypatch, "0", env.env_float, 0.5, min=0) == 0.0
-    assert refused(monkeypatch, "abc", env.env_float, 10.0, above=0, unit="seconds") == \
-        f"{NAME} must be a number of seconds > 0, got 'abc'"
+    assert (
+        refused(monkeypatch, "abc", env.env_float, 10.0, above=0, unit="seconds")
+        == f"{NAME} must be a number of seconds > 0, got 'abc'"
+    )
     assert "> 0" in refused(monkeypatch, "0", env.env_float, 10.0, above=0)
     assert ">= 0" in refused(monkeypatch, "-1", env.env_float, 0.5, min=0)
     for bad in ("nan", "inf", "-inf", "1,5"):
@@ -75,8 +79,10 @@ def test_bool(monkeypatch):
 def test_str_with_a_check_and_secrets(monkeypatch):
     assert read(monkeypatch, None, env.env_str, "UTC") == "UTC"
     assert read(monkeypatch, " Europe/Paris ", env.env_str, "UTC", check=lambda v: "/" in v) == "Europe/Paris"
-    assert refused(monkeypatch, "Paris", env.env_str, "UTC", check=lambda v: "/" in v, form="a zone") == \
-        f"{NAME} must be a zone, got 'Paris'"
+    assert (
+        refused(monkeypatch, "Paris", env.env_str, "UTC", check=lambda v: "/" in v, form="a zone")
+        == f"{NAME} must be a zone, got 'Paris'"
+    )
 
     def raises(value):
         raise LookupError(value)
@@ -96,8 +102,10 @@ def test_url(monkeypatch):
     assert read(monkeypatch, None, env.env_url) == ""
     assert read(monkeypatch, "postgres://u@h:5432/db", env.env_url) == "postgres://u@h:5432/db"
     assert read(monkeypatch, "rediss://h:6379/1", env.env_url, schemes=("redis", "rediss")) == "rediss://h:6379/1"
-    assert refused(monkeypatch, "http://h", env.env_url, schemes=("redis", "rediss")) == \
-        f"{NAME} must be a redis:// or rediss:// URL, got 'http://h'"
+    assert (
+        refused(monkeypatch, "http://h", env.env_url, schemes=("redis", "rediss"))
+        == f"{NAME} must be a redis:// or rediss:// URL, got 'http://h'"
+    )
     assert "database URL" in refused(monkeypatch, "nonsense", env.env_url, form="a database URL")
 
 
@@ -105,14 +113,24 @@ def test_path_and_choice(monkeypatch, tmp_path):
     assert read(monkeypatch, None, env.env_path, tmp_path / "x") == tmp_path / "x"
     assert read(monkeypatch, "/srv/lab", env.env_path, tmp_path) == Path("/srv/lab")
     assert read(monkeypatch, "debug", env.env_choice, "INFO", env.LOG_LEVELS, upper=True) == "DEBUG"
-    assert refused(monkeypatch, "loud", env.env_choice, "INFO", ("INFO", "DEBUG"), upper=True) == \
-        f"{NAME} must be one of INFO, DEBUG, got 'loud'"
+    assert (
+        refused(monkeypatch, "loud", env.env_choice, "INFO", ("INFO", "DEBUG"), upper=True)
+        == f"{NAME} must be one of INFO, DEBUG, got 'loud'"
+    )
 
 
 def test_every_reader_records_the_name_it_read(monkeypatch):
     monkeypatch.delenv(NAME, raising=False)
-    for reader, args in ((env.env_int, (1,)), (env.env_float, (1.0,)), (env.env_bool, (False,)), (env.env_str, ()),
-                         (env.env_list, ()), (env.env_url, ()), (env.env_path, ("/x",)), (env.env_choice, ("A", ("A",)))):
+    for reader, args in (
+        (env.env_int, (1,)),
+        (env.env_float, (1.0,)),
+        (env.env_bool, (False,)),
+        (env.env_str, ()),
+        (env.env_list, ()),
+        (env.env_url, ()),
+        (env.env_path, ("/x",)),
+        (env.env_choice, ("A", ("A",))),
+    ):
         env.READ.pop(NAME, None)
         reader(NAME, *args)
         assert NAME in env.READ, reader.__name__
@@ -122,8 +140,14 @@ def start_django(tmp_path, **environment):
     """Import the settings in a fresh process with these variables set; what start-up says, and its exit code."""
     base = {k: v for k, v in os.environ.items() if k not in environment}
     probe = "import django; django.setup(); print('started')"
-    return subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**base, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "DR_PORTAL_VAR": str(tmp_path), **environment})
+    return subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "DR_PORTAL_VAR": str(tmp_path), **environment},
+    )
 
 
 def test_a_bad_value_stops_start_up_with_the_variable_named(tmp_path):
@@ -133,11 +157,14 @@ def test_a_bad_value_stops_start_up_with_the_variable_named(tmp_path):
     # The cross-check stays: a heartbeat must come well within the stall limit.
     result = start_django(tmp_path, FAILBACK_STALL_SECONDS="30", FAILBACK_HEARTBEAT_SECONDS="30")
     assert result.returncode != 0 and "FAILBACK_HEARTBEAT_SECONDS must be below FAILBACK_STALL_SECONDS" in result.stderr
-    result = start_django(tmp_path, FAILBACK_STALL_SECONDS="30", FAILBACK_HEARTBEAT_SECONDS="2.5", TIME_ZONE="Europe/Paris")
+    result = start_django(
+        tmp_path, FAILBACK_STALL_SECONDS="30", FAILBACK_HEARTBEAT_SECONDS="2.5", TIME_ZONE="Europe/Paris"
+    )
     assert result.returncode == 0 and "started" in result.stdout, result.stderr
 
 
 # -- the README's configuration table ---------------------------------------------------------------------
+
 
 def readme_table():
     """{variable: (default cell, meaning cell)} from the table under README.md's '## Configuration'."""

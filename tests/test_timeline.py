@@ -22,7 +22,10 @@ from .security_support import empty_lab, fast_password_hashing  # noqa: F401 (an
 def timeline(client, session):
     page = client.get(f"/sessions/{session.pk}/").content.decode()
     items = re.search(r'<ol class="timeline"[^>]*>(.*?)</ol>', page, re.S).group(1)
-    return [re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", "", li))).strip() for li in re.findall(r"<li[^>]*>(.*?)</li>", items, re.S)]
+    return [
+        re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", "", li))).strip()
+        for li in re.findall(r"<li[^>]*>(.*?)</li>", items, re.S)
+    ]
 
 
 @pytest.fixture
@@ -44,13 +47,17 @@ def test_a_phase1_cancelled_ends_phase1_on_the_timeline(client, operator):
     workflow.cancel(operator, session.pk, reason="wrong host")  # the worker stops at its next progress tick...
     steps = timeline(client, session)
     assert steps[1].startswith("Phase 1") and "running" not in steps[1] and "stopping (cancel asked)" in steps[1], steps
-    workflow.transition(session.pk, "finish_cancel", detail="Cancelled: the copy stopped")  # ...and records it, as jobs.py does
+    workflow.transition(
+        session.pk, "finish_cancel", detail="Cancelled: the copy stopped"
+    )  # ...and records it, as jobs.py does
     session = FailbackSession.objects.get(pk=session.pk)
     steps = timeline(client, session)
     assert session.phase1_ended_at is None  # phase 1 never finished: the timeline must not wait for it
     assert "running" not in " ".join(steps), steps
     assert re.fullmatch(r"Phase 1 \d\d:\d\d:\d\d – \d\d:\d\d:\d\d \(1 min 30 s\) cancelled", steps[1]), steps
-    assert steps[2] == "Ready to switch —" and steps[-1].startswith("Ended ") and steps[-1].endswith("(Cancelled)"), steps
+    assert (
+        steps[2] == "Ready to switch —" and steps[-1].startswith("Ended ") and steps[-1].endswith("(Cancelled)")
+    ), steps
 
 
 @pytest.mark.django_db
@@ -60,10 +67,13 @@ def test_a_failed_phase1_and_a_cancel_while_ready_end_their_steps(client, operat
     workflow.transition(failed.pk, "fail_phase1", error="datastore full")
     assert timeline(client, failed)[1].endswith(" failed"), timeline(client, failed)
     ready = put_session_in(start(operator, replica_named("db-sql")), SessionStatus.READY_TO_SWITCH)
-    FailbackSession.objects.filter(pk=ready.pk).update(phase1_started_at=timezone.now() - timedelta(minutes=5),
-                                                       phase1_ended_at=timezone.now() - timedelta(minutes=2))
+    FailbackSession.objects.filter(pk=ready.pk).update(
+        phase1_started_at=timezone.now() - timedelta(minutes=5), phase1_ended_at=timezone.now() - timedelta(minutes=2)
+    )
     workflow.cancel(operator, ready.pk)
     workflow.transition(ready.pk, "finish_cancel")
     steps = timeline(client, ready)
-    assert "running" not in steps[1] and re.fullmatch(r"Ready to switch \d\d:\d\d:\d\d – \d\d:\d\d:\d\d \(.+\) cancelled", steps[2]), steps
+    assert "running" not in steps[1] and re.fullmatch(
+        r"Ready to switch \d\d:\d\d:\d\d – \d\d:\d\d:\d\d \(.+\) cancelled", steps[2]
+    ), steps
     assert steps[3:6] == ["Stop replica —", "Send changes —", "Failback —"], steps

@@ -28,7 +28,12 @@ def test_it_moves_only_along_the_table(lab, operator, action, status):
         if spec.replica_to:
             assert Replica.objects.get(pk=session.replica_id).state == spec.replica_to
         row = AuditEvent.objects.filter(session=session, action=action).get()
-        assert (row.from_state, row.to_state, row.outcome, row.actor_name) == (status, spec.target, Outcome.OK, "olivia")
+        assert (row.from_state, row.to_state, row.outcome, row.actor_name) == (
+            status,
+            spec.target,
+            Outcome.OK,
+            "olivia",
+        )
     else:
         with pytest.raises(workflow.Refused) as refused:
             workflow.transition(session.pk, action, actor=operator)
@@ -47,7 +52,11 @@ def test_it_starts_a_failback_queued_and_audited(lab, operator):
     assert session.disks.count() == replica.disks.count() > 0
     row = AuditEvent.objects.get(action="start_failback")
     assert row.actor == operator and row.outcome == Outcome.OK and row.to_state == SessionStatus.QUEUED
-    assert row.data["target_host"] == "esx-prod-01" and row.data["switch_mode"] == "manual" and row.data["reason"] == "CHG-42"
+    assert (
+        row.data["target_host"] == "esx-prod-01"
+        and row.data["switch_mode"] == "manual"
+        and row.data["reason"] == "CHG-42"
+    )
     assert Replica.objects.get(pk=replica.pk).state == ReplicaState.FAILOVER  # phase 1 is a session marker
 
 
@@ -76,18 +85,21 @@ def test_it_refuses_a_viewer_and_audits_it(lab, viewer):
     assert not FailbackSession.objects.exists()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"target_host": "esx-nowhere"}, "Unknown target host"),
-    ({"target_datastore": "no-such-ds"}, "Unknown target datastore"),
-    ({"vm_name": "bad name; rm -rf"}, "production VM name must be"),
-    ({"vm_name": ""}, "production VM name must be"),
-    ({"switch_mode": "whenever"}, "Unknown switch mode"),
-    ({"switch_mode": "scheduled", "switch_at": None}, "needs a date and time"),
-    ({"switch_mode": "scheduled", "switch_at": timezone.now() - timedelta(hours=1)}, "is in the past"),
-    ({"network_map": {"dr-net": "no-such-net", "dr-dmz": None}}, "Unknown target network"),
-    ({"network_map": {}}, "not mapped"),
-    ({"reason": "x" * 501}, "reason is too long"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"target_host": "esx-nowhere"}, "Unknown target host"),
+        ({"target_datastore": "no-such-ds"}, "Unknown target datastore"),
+        ({"vm_name": "bad name; rm -rf"}, "production VM name must be"),
+        ({"vm_name": ""}, "production VM name must be"),
+        ({"switch_mode": "whenever"}, "Unknown switch mode"),
+        ({"switch_mode": "scheduled", "switch_at": None}, "needs a date and time"),
+        ({"switch_mode": "scheduled", "switch_at": timezone.now() - timedelta(hours=1)}, "is in the past"),
+        ({"network_map": {"dr-net": "no-such-net", "dr-dmz": None}}, "Unknown target network"),
+        ({"network_map": {}}, "not mapped"),
+        ({"reason": "x" * 501}, "reason is too long"),
+    ],
+)
 def test_it_refuses_bad_input_with_a_clear_message(lab, operator, overrides, message):
     with pytest.raises(workflow.Refused, match=message):
         start(operator, replica_named(""), **overrides)

@@ -4,8 +4,8 @@ from datetime import timedelta
 
 import pytest
 from django.test import Client
-from django.utils import timezone
 from django.urls import reverse
+from django.utils import timezone
 
 from failback.choices import Outcome, SessionStatus, SwitchMode
 from failback.models import AuditEvent, FailbackSession
@@ -27,10 +27,16 @@ def logged_in(user):
 
 
 @pytest.mark.security
-@pytest.mark.parametrize("name,kwargs", [
-    ("failback:replicas", {}), ("failback:sessions", {}), ("failback:audit", {}),
-    ("failback:session", {"pk": 1}), ("failback:start", {"pk": 1}),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("failback:replicas", {}),
+        ("failback:sessions", {}),
+        ("failback:audit", {}),
+        ("failback:session", {"pk": 1}),
+        ("failback:start", {"pk": 1}),
+    ],
+)
 def test_it_sends_anonymous_visitors_to_the_login_page(db, name, kwargs):
     response = Client().get(reverse(name, kwargs=kwargs))
     assert response.status_code == 302 and response.url.startswith("/accounts/login/")
@@ -58,9 +64,17 @@ def test_it_shows_start_failback_to_operators_only(lab, operator, viewer):
 
 def test_it_starts_a_failback_from_the_form(lab, operator, django_capture_on_commit_callbacks):
     replica = replica_named("app-crm")
-    form = {"vm_name": "app-crm-01", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01", "switch_mode": SwitchMode.MANUAL,
-            "power_on_after": "on", "reason": "INC-1"}
-    form.update({f"net_{nic}": target for nic, target in zip(("nic0", "nic1"), network_map(replica).values())})
+    form = {
+        "vm_name": "app-crm-01",
+        "target_host": "esx-prod-01",
+        "target_datastore": "prod-ds-01",
+        "switch_mode": SwitchMode.MANUAL,
+        "power_on_after": "on",
+        "reason": "INC-1",
+    }
+    form.update(
+        {f"net_{nic}": target for nic, target in zip(("nic0", "nic1"), network_map(replica).values(), strict=False)}
+    )
     with django_capture_on_commit_callbacks() as queued:
         response = logged_in(operator).post(reverse("failback:start", args=[replica.pk]), form)
     session = FailbackSession.objects.get()
@@ -72,8 +86,15 @@ def test_it_starts_a_failback_from_the_form(lab, operator, django_capture_on_com
 @pytest.mark.security
 def test_it_refuses_a_viewer_posting_the_start_form(lab, viewer):
     replica = replica_named("app-crm")
-    form = {"vm_name": "x1", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01", "switch_mode": SwitchMode.MANUAL}
-    form.update({f"net_{nic}": target for nic, target in zip(("nic0", "nic1"), network_map(replica).values())})
+    form = {
+        "vm_name": "x1",
+        "target_host": "esx-prod-01",
+        "target_datastore": "prod-ds-01",
+        "switch_mode": SwitchMode.MANUAL,
+    }
+    form.update(
+        {f"net_{nic}": target for nic, target in zip(("nic0", "nic1"), network_map(replica).values(), strict=False)}
+    )
     response = logged_in(viewer).post(reverse("failback:start", args=[replica.pk]), form)
     assert response.status_code == 400 and "Operator role" in response.content.decode()
     assert not FailbackSession.objects.exists()
@@ -82,17 +103,27 @@ def test_it_refuses_a_viewer_posting_the_start_form(lab, viewer):
 
 def test_it_shows_a_scheduled_switch_without_a_time_as_a_field_error(lab, operator):
     replica = replica_named("app-crm")
-    response = logged_in(operator).post(reverse("failback:start", args=[replica.pk]), {
-        "vm_name": "x1", "target_host": "esx-prod-01", "target_datastore": "prod-ds-01", "switch_mode": SwitchMode.SCHEDULED})
+    response = logged_in(operator).post(
+        reverse("failback:start", args=[replica.pk]),
+        {
+            "vm_name": "x1",
+            "target_host": "esx-prod-01",
+            "target_datastore": "prod-ds-01",
+            "switch_mode": SwitchMode.SCHEDULED,
+        },
+    )
     assert response.status_code == 400 and "needs a date and time" in response.content.decode()
 
 
-@pytest.mark.parametrize("status,shown,hidden", [
-    (SessionStatus.PHASE1, ["Schedule switch"], ["Switch now", "Commit", "Undo"]),
-    (SessionStatus.READY_TO_SWITCH, ["Switch now", "Schedule switch"], ["Commit", "Undo"]),
-    (SessionStatus.FAILBACK, ["Commit", "Undo"], ["Switch now", "Schedule switch"]),
-    (SessionStatus.COMMITTED, [], ["Switch now", "Schedule switch", "Commit", "Undo"]),
-])
+@pytest.mark.parametrize(
+    "status,shown,hidden",
+    [
+        (SessionStatus.PHASE1, ["Schedule switch"], ["Switch now", "Commit", "Undo"]),
+        (SessionStatus.READY_TO_SWITCH, ["Switch now", "Schedule switch"], ["Commit", "Undo"]),
+        (SessionStatus.FAILBACK, ["Commit", "Undo"], ["Switch now", "Schedule switch"]),
+        (SessionStatus.COMMITTED, [], ["Switch now", "Schedule switch", "Commit", "Undo"]),
+    ],
+)
 def test_it_shows_only_the_legal_buttons(session, operator, status, shown, hidden):
     put_session_in(session, status)
     page = logged_in(operator).get(reverse("failback:session", args=[session.pk])).content.decode()
@@ -146,14 +177,19 @@ def test_it_refuses_get_on_actions_and_unknown_actions(session, operator):
 
 def test_it_schedules_a_switch_from_the_session_page(session, operator):
     when = (timezone.localtime() + timedelta(days=1)).strftime("%Y-%m-%d %H:%M")
-    response = logged_in(operator).post(reverse("failback:action", args=[session.pk, "schedule"]),
-                                        {"switch_at": when.replace(" ", "T"), "reason": "window"}, HTTP_HX_REQUEST="true")
+    response = logged_in(operator).post(
+        reverse("failback:action", args=[session.pk, "schedule"]),
+        {"switch_at": when.replace(" ", "T"), "reason": "window"},
+        HTTP_HX_REQUEST="true",
+    )
     assert response.status_code == 200 and f"Switch scheduled for {when}" in response.content.decode()
     assert FailbackSession.objects.get(pk=session.pk).switch_mode == SwitchMode.SCHEDULED
 
 
 def test_it_rejects_a_malformed_switch_time(session, operator):
-    response = logged_in(operator).post(reverse("failback:action", args=[session.pk, "schedule"]), {"switch_at": "tomorrow-ish"}, HTTP_HX_REQUEST="true")
+    response = logged_in(operator).post(
+        reverse("failback:action", args=[session.pk, "schedule"]), {"switch_at": "tomorrow-ish"}, HTTP_HX_REQUEST="true"
+    )
     assert response.status_code == 400 and "Enter a valid date/time" in response.content.decode()
 
 

@@ -24,8 +24,14 @@ WRONG_PIN = ":".join(["AB"] * 32)
 
 @pytest.fixture
 def connection(vcsim, admin_user):
-    conn = VCenterConnection(name="vcsim", host=vcsim.host, port=vcsim.port, username=vcsim.user,
-                             tls_mode=VCenterConnection.TLS.THUMBPRINT, thumbprint=vcsim.thumbprint)
+    conn = VCenterConnection(
+        name="vcsim",
+        host=vcsim.host,
+        port=vcsim.port,
+        username=vcsim.user,
+        tls_mode=VCenterConnection.TLS.THUMBPRINT,
+        thumbprint=vcsim.thumbprint,
+    )
     return connections.save_connection(admin_user, conn, password=vcsim.password)
 
 
@@ -43,7 +49,13 @@ def replica(connection, vcsim, operator):
     """A powered-on VM named like a replica, holding data, discovered by the sync and declared failed over."""
     hv = vcsim.hypervisor()
     source = next(vm for vm in hv.inventory().vms if vm.name == "DC0_H0_VM0")
-    vm_id = hv.create_vm_like(source.vm_id, name="web-01_replica", host="DC0_H0", datastore="LocalDS_0", network_map={"DC0_DVPG0": "DC0_DVPG0"})
+    vm_id = hv.create_vm_like(
+        source.vm_id,
+        name="web-01_replica",
+        host="DC0_H0",
+        datastore="LocalDS_0",
+        network_map={"DC0_DVPG0": "DC0_DVPG0"},
+    )
     resize_disk(hv, vm_id, "scsi0:0", 64 * MiB)  # as an admin would in the vSphere client
     path = hv.disk_path(vm_id, "scsi0:0")
     scribble(path, 8, random.Random(1))
@@ -56,8 +68,14 @@ def replica(connection, vcsim, operator):
 
 
 def start(operator, replica, **kw):
-    options = dict(vm_name="web-01", target_host="DC0_C0_H1", target_datastore="LocalDS_0", network_map={"DC0_DVPG0": "VM Network"},
-                   switch_mode=SwitchMode.MANUAL, power_on_after=True)
+    options = dict(
+        vm_name="web-01",
+        target_host="DC0_C0_H1",
+        target_datastore="LocalDS_0",
+        network_map={"DC0_DVPG0": "VM Network"},
+        switch_mode=SwitchMode.MANUAL,
+        power_on_after=True,
+    )
     options.update(kw)
     return workflow.start_failback(operator, replica.pk, **options)
 
@@ -69,7 +87,11 @@ def reload(session):
 def assert_identical(vcsim, session):
     hv = vcsim.hypervisor()
     for disk in session.disks.all():
-        assert filecmp.cmp(hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key), shallow=False)
+        assert filecmp.cmp(
+            hv.disk_path(session.replica.vm_id, disk.key),
+            hv.disk_path(session.production_vm_id, disk.key),
+            shallow=False,
+        )
         assert disk.verified
     hv.close()
 
@@ -133,7 +155,9 @@ def test_it_fails_back_over_the_network_transport(vcsim, replica, operator, conn
     assert session.status == SessionStatus.FAILBACK, session.error
     assert_identical(vcsim, session)
     disk = session.disks.get()
-    assert disk.method == "full" and "Network transport" in disk.method_reason and disk.source_digest.startswith("sha256:")
+    assert (
+        disk.method == "full" and "Network transport" in disk.method_reason and disk.source_digest.startswith("sha256:")
+    )
 
 
 def test_it_puts_the_production_vm_in_the_chosen_resource_pool_and_folder(vcsim, replica, operator):
@@ -155,7 +179,9 @@ def test_it_refuses_an_unknown_resource_pool(replica, operator):
 def test_it_offers_the_pools_of_the_picked_host(replica, operator):
     client = Client()
     client.force_login(operator)
-    html = client.get(reverse("failback:start_pickers", args=[replica.pk]), {"target_host": "DC0_C0_H1"}).content.decode()
+    html = client.get(
+        reverse("failback:start_pickers", args=[replica.pk]), {"target_host": "DC0_C0_H1"}
+    ).content.decode()
     assert 'id="field-resource_pool"' in html and "DC0_C0/Resources" in html and "DC0_H0/Resources" not in html
 
 
@@ -176,7 +202,9 @@ def test_it_shows_a_wrong_password_in_the_page_and_the_audit(connection, admin_u
     connection.save(update_fields=["password_encrypted"])
     client = Client()
     client.force_login(admin_user)
-    page = client.post(reverse("failback:connection_action", args=[connection.pk, "test"]), follow=True).content.decode()
+    page = client.post(
+        reverse("failback:connection_action", args=[connection.pk, "test"]), follow=True
+    ).content.decode()
     assert "Failed:" in page and "not-the-password" not in page
     row = AuditEvent.objects.get(action="test_connection")
     assert row.outcome == Outcome.FAILED and "not-the-password" not in row.detail
@@ -199,7 +227,11 @@ def test_it_keeps_the_password_encrypted_and_out_of_pages_and_audit(connection, 
     assert vcsim.password not in stored.password_encrypted and stored.reveal_password() == vcsim.password
     client = Client()
     client.force_login(admin_user)
-    for url in (reverse("failback:connection", args=[connection.pk]), reverse("failback:connection_edit", args=[connection.pk]), reverse("failback:audit")):
+    for url in (
+        reverse("failback:connection", args=[connection.pk]),
+        reverse("failback:connection_edit", args=[connection.pk]),
+        reverse("failback:audit"),
+    ):
         assert vcsim.password not in client.get(url).content.decode()
     assert not any(vcsim.password in str(row.data) + row.detail for row in AuditEvent.objects.all())
 
@@ -231,7 +263,9 @@ def test_it_discovers_replicas_by_custom_attribute(vcsim, connection):
 def test_it_syncs_on_demand_through_a_worker_task_and_shows_live_power(vcsim, connection, admin_user, replica):
     client = Client()
     client.force_login(admin_user)
-    page = client.post(reverse("failback:connection_action", args=[connection.pk, "sync"]), follow=True).content.decode()
+    page = client.post(
+        reverse("failback:connection_action", args=[connection.pk, "sync"]), follow=True
+    ).content.decode()
     assert "Inventory sync queued" in page
     assert AuditEvent.objects.filter(action="sync_inventory", outcome=Outcome.INFO, actor=admin_user).exists()
     assert AuditEvent.objects.filter(action="sync_inventory", outcome=Outcome.OK).count() >= 2  # fixture's and this one

@@ -28,24 +28,39 @@ WRONG_PIN = ":".join(["AB"] * 32)
 
 
 def reconfigure(hv, vm_id, spec):
-    task = hv._call("reconfigure", lambda: vim.VirtualMachine(vm_id, hv._stub).ReconfigVM_Task(spec=spec), idempotent=False)
+    task = hv._call(
+        "reconfigure", lambda: vim.VirtualMachine(vm_id, hv._stub).ReconfigVM_Task(spec=spec), idempotent=False
+    )
     hv._wait(task, "reconfigure")
 
 
 def resize_disk(hv, vm_id, key, capacity):
     _, disk = hv._disk(vm_id, key, "find disk")
     disk.capacityInBytes, disk.capacityInKB = capacity, capacity // 1024
-    reconfigure(hv, vm_id, vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)]))
+    reconfigure(
+        hv, vm_id, vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)])
+    )
 
 
 def add_thick_disk(hv, vm_id, capacity, datastore="LocalDS_0"):
     _, first = hv._disk(vm_id, "scsi0:0", "find disk")
     disk = vim.vm.device.VirtualDisk(
-        key=-1, controllerKey=first.controllerKey, unitNumber=1, capacityInBytes=capacity, capacityInKB=capacity // 1024,
-        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=f"[{datastore}]", diskMode="persistent",
-                                                              thinProvisioned=False, eagerlyScrub=True))
-    reconfigure(hv, vm_id, vim.vm.ConfigSpec(deviceChange=[
-        vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk)]))
+        key=-1,
+        controllerKey=first.controllerKey,
+        unitNumber=1,
+        capacityInBytes=capacity,
+        capacityInKB=capacity // 1024,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName=f"[{datastore}]", diskMode="persistent", thinProvisioned=False, eagerlyScrub=True
+        ),
+    )
+    reconfigure(
+        hv,
+        vm_id,
+        vim.vm.ConfigSpec(
+            deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk)]
+        ),
+    )
 
 
 def vm_named(hv, name):
@@ -153,8 +168,11 @@ def test_it_lists_where_a_production_vm_can_go(vcsim_factory):
     assert p.datacenters == ("DC0",)
     assert p.clusters == {"DC0_C0": ("DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2")}
     assert p.hosts["DC0_H0"] is None and p.hosts["DC0_C0_H2"] == "DC0_C0"
-    assert set(p.resource_pools.values()) == {"DC0/host/DC0_H0/Resources", "DC0/host/DC0_C0/Resources",
-                                              "DC0/host/DC0_C0/Resources/DC0_C0_RP1"}
+    assert set(p.resource_pools.values()) == {
+        "DC0/host/DC0_H0/Resources",
+        "DC0/host/DC0_C0/Resources",
+        "DC0/host/DC0_C0/Resources/DC0_C0_RP1",
+    }
     assert list(p.folders.values()) == ["DC0/vm"]
 
 
@@ -164,19 +182,31 @@ def test_it_lists_where_a_production_vm_can_go(vcsim_factory):
 def test_it_creates_the_production_vm_with_the_replica_s_configuration(vcsim):
     hv = vcsim.hypervisor()
     replica = vm_named(hv, "DC0_H0_VM0")
-    reconfigure(hv, replica.vm_id, vim.vm.ConfigSpec(numCPUs=4, memoryMB=2048, firmware="efi", guestId="otherLinux64Guest"))
+    reconfigure(
+        hv, replica.vm_id, vim.vm.ConfigSpec(numCPUs=4, memoryMB=2048, firmware="efi", guestId="otherLinux64Guest")
+    )
     add_thick_disk(hv, replica.vm_id, 3 * MiB)
     p = hv.placement()
     pool = next(i for i, path in p.resource_pools.items() if path.endswith("DC0_C0/Resources"))
     folder = next(iter(p.folders))
 
-    vm_id = hv.create_vm_like(replica.vm_id, name="prod-web", host="DC0_C0_H1", datastore="LocalDS_0",
-                              network_map={"DC0_DVPG0": "VM Network"}, resource_pool=pool, folder=folder)
+    vm_id = hv.create_vm_like(
+        replica.vm_id,
+        name="prod-web",
+        host="DC0_C0_H1",
+        datastore="LocalDS_0",
+        network_map={"DC0_DVPG0": "VM Network"},
+        resource_pool=pool,
+        folder=folder,
+    )
 
     prod = hv.vm_config(vm_id)
     assert (prod.name, prod.host, prod.datastore) == ("prod-web", "DC0_C0_H1", "LocalDS_0")
     assert (prod.cpus, prod.memory_mb, prod.firmware, prod.guest_os) == (4, 2048, "efi", "otherLinux64Guest")
-    assert [(d.key, d.capacity_bytes, d.thin) for d in prod.disks] == [("scsi0:0", MiB, True), ("scsi0:1", 3 * MiB, False)]
+    assert [(d.key, d.capacity_bytes, d.thin) for d in prod.disks] == [
+        ("scsi0:0", MiB, True),
+        ("scsi0:1", 3 * MiB, False),
+    ]
     assert [(n.key, n.network) for n in prod.nics] == [("nic0", "VM Network")]
     assert hv.power_state(vm_id) == POWERED_OFF
     assert hv.vm_config(replica.vm_id).nics[0].network == "DC0_DVPG0"  # the replica is untouched
@@ -217,8 +247,9 @@ def test_it_refuses_a_datastore_without_room_for_the_disks(vcsim):
     free = hv.inventory().datastores["LocalDS_0"]
     resize_disk(hv, replica, "scsi0:0", free + MiB)  # vcsim subtracts it again: free is now below zero
     with pytest.raises(InsufficientSpace, match="Insufficient disk space on datastore 'LocalDS_0'"):
-        hv.create_vm_like(replica, name="prod-big", host="DC0_H0", datastore="LocalDS_0",
-                          network_map={"DC0_DVPG0": "VM Network"})
+        hv.create_vm_like(
+            replica, name="prod-big", host="DC0_H0", datastore="LocalDS_0", network_map={"DC0_DVPG0": "VM Network"}
+        )
     assert "prod-big" not in {vm.name for vm in hv.inventory().vms}
 
 
@@ -230,7 +261,10 @@ def test_it_powers_on_and_off_and_refuses_to_delete_a_running_vm(vcsim):
     _, vm_id = production_vm(hv)
     hv.power_on(vm_id)
     assert hv.power_state(vm_id) == POWERED_ON
-    with pytest.raises(HypervisorError, match=r"Power on vm-\d+: The attempted operation cannot be performed in the current state \(Powered on\)\."):
+    with pytest.raises(
+        HypervisorError,
+        match=r"Power on vm-\d+: The attempted operation cannot be performed in the current state \(Powered on\)\.",
+    ):
         hv.power_on(vm_id)
     with pytest.raises(HypervisorError, match=r"Delete prod-web \(vm-\d+\): .*current state \(Powered on\)"):
         hv.delete_vm(vm_id)
@@ -317,7 +351,9 @@ def test_it_reads_ranges_and_copies_whole_disks_over_the_network(vcsim):
     assert net.copy_disk_network(replica, prod, "scsi0:0") == 8 * MiB
     assert net.download_range(prod, "scsi0:0", 3 * MiB, len(data)) == data
     assert net.download_range(prod, "scsi0:0", MiB, len(stale)) == bytes(len(stale))
-    assert open(direct.disk_path(prod, "scsi0:0"), "rb").read() == open(direct.disk_path(replica, "scsi0:0"), "rb").read()
+    assert (
+        open(direct.disk_path(prod, "scsi0:0"), "rb").read() == open(direct.disk_path(replica, "scsi0:0"), "rb").read()
+    )
 
     resize_disk(direct, prod, "scsi0:0", 16 * MiB)
     with pytest.raises(HypervisorError, match=r"the disks differ in size \(8388608 and 16777216 bytes\)"):
@@ -355,8 +391,10 @@ def test_it_fails_clearly_and_in_time_when_vcenter_goes_away_mid_call(vcsim_fact
     with pytest.raises(HypervisorError) as e:
         hv.power_state(vm)  # a read: retried, then given up
     assert time.monotonic() - started < 4
-    assert str(e.value) == (f"Read the power state of {vm}: cannot connect to vCenter {sim.host}:{sim.port}: "
-                            "connection refused (after 3 attempts)")
+    assert str(e.value) == (
+        f"Read the power state of {vm}: cannot connect to vCenter {sim.host}:{sim.port}: "
+        "connection refused (after 3 attempts)"
+    )
 
 
 @pytest.mark.faults
@@ -367,5 +405,7 @@ def test_it_gives_up_on_a_call_that_hangs_after_the_timeout(vcsim_factory):
     with pytest.raises(HypervisorError) as e:
         hv.about()
     assert time.monotonic() - started < 2.5
-    assert str(e.value) == (f"Test the connection to vCenter {sim.host}:{sim.port}: vCenter {sim.host}:{sim.port} "
-                            "did not answer within 0.5 s (after 2 attempts)")
+    assert str(e.value) == (
+        f"Test the connection to vCenter {sim.host}:{sim.port}: vCenter {sim.host}:{sim.port} "
+        "did not answer within 0.5 s (after 2 attempts)"
+    )

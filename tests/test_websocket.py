@@ -96,7 +96,9 @@ async def test_it_delivers_progress_published_by_another_process(session, operat
         broadcast.send_now({session.pk})
     """)
     env = await sync(subprocess_env)(settings)
-    result = subprocess.run([sys.executable, "-c", publisher], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", publisher], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     html = (await ws.receive_from(timeout=15)).replace("\xa0", " ")  # filesizeformat uses no-break spaces
     assert "3.0 MB / 6.0 MB" in html and 'value="50"' in html and "1.0 MiB/s" in html
@@ -124,7 +126,9 @@ async def test_a_websocket_idle_longer_than_the_layers_blocking_read_still_gets_
     await ws.receive_from(timeout=10)  # the catch-up frame
     await asyncio.sleep(7)
     assert await ws.receive_nothing(timeout=0.1)  # still open, nothing pending
-    await sync(SessionDisk.objects.filter(session_id=session.pk).update)(bytes_done=2**20, bytes_total=4 * 2**20, rate_bps=2**20, method="full")
+    await sync(SessionDisk.objects.filter(session_id=session.pk).update)(
+        bytes_done=2**20, bytes_total=4 * 2**20, rate_bps=2**20, method="full"
+    )
     await sync(broadcast.send_now)(session.pk)
     html = (await ws.receive_from(timeout=15)).replace("\xa0", " ")
     assert "1.0 MB / 4.0 MB" in html

@@ -74,8 +74,11 @@ async def test_logging_out_closes_that_logins_open_sockets(session, plan, operat
 
 async def test_deactivating_a_user_closes_all_their_open_sockets(session, plan, operator, viewer):
     first, second, bystander = [await sync_to_async(logged_in)(u) for u in (operator, operator, viewer)]
-    sockets = [await opened(first, f"/ws/sessions/{session.pk}/"), await opened(second, "/ws/dashboard/"),
-               await opened(second, f"/ws/plans/{plan.pk}/")]
+    sockets = [
+        await opened(first, f"/ws/sessions/{session.pk}/"),
+        await opened(second, "/ws/dashboard/"),
+        await opened(second, f"/ws/plans/{plan.pk}/"),
+    ]
     watching = await opened(bystander, "/ws/dashboard/")
     operator.is_active = False
     await sync_to_async(operator.save)()

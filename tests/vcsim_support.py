@@ -131,12 +131,20 @@ def start_vcsim(binary: str, workdir: Path, *flags: str) -> Vcsim:
     if line != "ready" or not url:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"vcsim did not start within {START_TIMEOUT} s: {log_path.read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(
+            f"vcsim did not start within {START_TIMEOUT} s: {log_path.read_text(errors='replace')[-2000:]}"
+        )
     parts = urlsplit(url)
     return Vcsim(
-        url=url, host=parts.hostname or "127.0.0.1", port=parts.port or 443,
-        user=unquote(parts.username or ""), password=unquote(parts.password or ""),
-        thumbprint=thumbprint, datastores=datastores, process=proc, log_path=log_path,
+        url=url,
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 443,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        thumbprint=thumbprint,
+        datastores=datastores,
+        process=proc,
+        log_path=log_path,
     )
 
 
@@ -179,18 +187,26 @@ def _self_signed(workdir: Path) -> tuple[Path, Path, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vcenter-proxy")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = workdir / "proxy.crt", workdir / "proxy.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     der = cert.public_bytes(serialization.Encoding.DER)
     digest = hashlib.sha256(der).hexdigest().upper()
-    return cert_path, key_path, ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return cert_path, key_path, ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 class FaultProxy:
@@ -318,7 +334,11 @@ class FaultProxy:
     def _take(self, method: str) -> dict | None:
         with self._lock:
             for fault in self._faults:
-                if fault["left"] > 0 and fault["method"] in (None, method) and (fault["after"] is None or self._answered(fault["after"])):
+                if (
+                    fault["left"] > 0
+                    and fault["method"] in (None, method)
+                    and (fault["after"] is None or self._answered(fault["after"]))
+                ):
                     fault["left"] -= 1
                     return fault
         return None

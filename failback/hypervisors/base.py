@@ -88,7 +88,9 @@ class Placement:
     datacenters: tuple[str, ...] = ()  # e.g. ("DC0",)
     clusters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # cluster name -> its hosts
     hosts: dict[str, str | None] = field(default_factory=dict)  # host name -> its cluster (None: standalone)
-    resource_pools: dict[str, str] = field(default_factory=dict)  # id -> path, e.g. "resgroup-26" -> "DC0/DC0_C0/Resources"
+    resource_pools: dict[str, str] = field(
+        default_factory=dict
+    )  # id -> path, e.g. "resgroup-26" -> "DC0/DC0_C0/Resources"
     folders: dict[str, str] = field(default_factory=dict)  # VM folder id -> path, e.g. "group-v3" -> "DC0/vm"
 
 

@@ -125,8 +125,12 @@ def _state_error(vm: dict, state: str) -> HypervisorError:
 def _settle(vm: dict, now: float | None = None) -> dict:
     """Apply a guest shutdown whose time is up: the VM is then powered off."""
     requested = vm.get("shutdown_requested_at")
-    if (vm["power"] == POWERED_ON and requested is not None and not vm["shutdown_hangs"]
-            and (time.time() if now is None else now) >= requested + vm["shutdown_seconds"]):
+    if (
+        vm["power"] == POWERED_ON
+        and requested is not None
+        and not vm["shutdown_hangs"]
+        and (time.time() if now is None else now) >= requested + vm["shutdown_seconds"]
+    ):
         vm["power"] = POWERED_OFF
         vm["shutdown_requested_at"] = None
     return vm
@@ -317,10 +321,18 @@ class LabHypervisor(LabDisks):
     ) -> str:
         """Create a VM with empty sparse disks of the given capacities (bytes); return its id."""
         vm = {
-            "name": name, "host": host, "datastore": datastore, "cpus": int(cpus),
-            "memory_mb": int(memory_mb), "guest_os": guest_os, "firmware": firmware,
-            "tools_installed": bool(tools_installed), "shutdown_seconds": float(shutdown_seconds),
-            "shutdown_hangs": bool(shutdown_hangs), "workload": bool(workload), "cbt": bool(cbt),
+            "name": name,
+            "host": host,
+            "datastore": datastore,
+            "cpus": int(cpus),
+            "memory_mb": int(memory_mb),
+            "guest_os": guest_os,
+            "firmware": firmware,
+            "tools_installed": bool(tools_installed),
+            "shutdown_seconds": float(shutdown_seconds),
+            "shutdown_hangs": bool(shutdown_hangs),
+            "workload": bool(workload),
+            "cbt": bool(cbt),
             "disks": [
                 {"key": f"scsi0:{i}", "capacity_bytes": int(c), "datastore": datastore, "thin": True}
                 for i, c in enumerate(disks)
@@ -401,11 +413,17 @@ class LabHypervisor(LabDisks):
     @staticmethod
     def _config(vm: dict) -> VMConfig:
         return VMConfig(
-            vm_id=vm["vm_id"], name=vm["name"], host=vm["host"], cpus=vm["cpus"],
-            memory_mb=vm["memory_mb"], guest_os=vm["guest_os"], firmware=vm["firmware"],
+            vm_id=vm["vm_id"],
+            name=vm["name"],
+            host=vm["host"],
+            cpus=vm["cpus"],
+            memory_mb=vm["memory_mb"],
+            guest_os=vm["guest_os"],
+            firmware=vm["firmware"],
             disks=tuple(DiskSpec(d["key"], d["capacity_bytes"], d["datastore"], d["thin"]) for d in vm["disks"]),
             nics=tuple(NicSpec(n["key"], n["network"]) for n in vm["nics"]),
-            tools_installed=vm["tools_installed"], datastore=vm["datastore"],
+            tools_installed=vm["tools_installed"],
+            datastore=vm["datastore"],
         )
 
     def find_vm(self, name: str) -> str:
@@ -486,10 +504,24 @@ class LabHypervisor(LabDisks):
                 raise HypervisorError(f"No mapping given for network {n['network']!r} of {src['name']}.")
             nics.append({"key": n["key"], "network": target})
         vm = {
-            "name": name, "host": host, "datastore": datastore,
-            **{k: src[k] for k in ("cpus", "memory_mb", "guest_os", "firmware", "tools_installed",
-                                   "shutdown_seconds", "workload")},
-            "shutdown_hangs": False, "cbt": True, "power": POWERED_OFF,
+            "name": name,
+            "host": host,
+            "datastore": datastore,
+            **{
+                k: src[k]
+                for k in (
+                    "cpus",
+                    "memory_mb",
+                    "guest_os",
+                    "firmware",
+                    "tools_installed",
+                    "shutdown_seconds",
+                    "workload",
+                )
+            },
+            "shutdown_hangs": False,
+            "cbt": True,
+            "power": POWERED_OFF,
             "disks": [
                 {"key": d["key"], "capacity_bytes": d["capacity_bytes"], "datastore": datastore, "thin": True}
                 for d in src["disks"]

@@ -107,23 +107,43 @@ def _plan_replicas(rng: random.Random, count: int, scale: float) -> list[dict]:
             max(_round_down(int(rng.choice(_DEMO_CAPACITIES_MIB) * MiB * scale), 64 * KiB), MiB)
             for _ in range(rng.choice([1, 1, 2, 2, 3]))
         ]
-        plans.append({
-            "name": f"{workload}_replica", "guest_os": guest_os, "firmware": firmware, "networks": nets,
-            "host": ("esx-dr-01", "esx-dr-02")[i % 2], "disks": disks,
-            "fractions": [rng.uniform(0.10, 0.30) for _ in disks],
-            "cpus": rng.choice([2, 2, 4, 4, 8]), "memory_mb": rng.choice([2048, 4096, 8192, 16384]),
-            "tools": i % 4 != 3, "hangs": i == 1, "cbt": i != 2,
-            "shutdown_seconds": float(rng.randint(2, 10)),
-        })
+        plans.append(
+            {
+                "name": f"{workload}_replica",
+                "guest_os": guest_os,
+                "firmware": firmware,
+                "networks": nets,
+                "host": ("esx-dr-01", "esx-dr-02")[i % 2],
+                "disks": disks,
+                "fractions": [rng.uniform(0.10, 0.30) for _ in disks],
+                "cpus": rng.choice([2, 2, 4, 4, 8]),
+                "memory_mb": rng.choice([2048, 4096, 8192, 16384]),
+                "tools": i % 4 != 3,
+                "hangs": i == 1,
+                "cbt": i != 2,
+                "shutdown_seconds": float(rng.randint(2, 10)),
+            }
+        )
     return plans
 
 
 def _create_replica(lab: LabHypervisor, p: dict, factor: float, scale: float, rng: random.Random) -> str:
     vm_id = lab.create_vm(
-        p["name"], host=p["host"], datastore="dr-ds-01", disks=p["disks"], networks=p["networks"],
-        cpus=p["cpus"], memory_mb=p["memory_mb"], guest_os=p["guest_os"], firmware=p["firmware"],
-        tools_installed=p["tools"], shutdown_seconds=p["shutdown_seconds"], shutdown_hangs=p["hangs"],
-        workload=True, cbt=p["cbt"], power_on=True,
+        p["name"],
+        host=p["host"],
+        datastore="dr-ds-01",
+        disks=p["disks"],
+        networks=p["networks"],
+        cpus=p["cpus"],
+        memory_mb=p["memory_mb"],
+        guest_os=p["guest_os"],
+        firmware=p["firmware"],
+        tools_installed=p["tools"],
+        shutdown_seconds=p["shutdown_seconds"],
+        shutdown_hangs=p["hangs"],
+        workload=True,
+        cbt=p["cbt"],
+        power_on=True,
     )
     for disk, frac in zip(lab.vm_config(vm_id).disks, p["fractions"], strict=True):
         _seed_disk(lab.disk_path(vm_id, disk.key), disk.capacity_bytes, frac * factor, scale, rng)
@@ -230,8 +250,10 @@ def _show(lab: LabHypervisor) -> None:
     for vm in inv.vms:
         meta = lab.vm_meta(vm.vm_id)
         disks = ", ".join(f"{d.key} {d.capacity_bytes / MiB:.0f} MiB" for d in vm.disks)
-        print(f"{vm.vm_id:7} {vm.name:22} {vm.host:12} {meta['power_state']:11} "
-              f"tools={'yes' if vm.tools_installed else 'no'} cbt={'on' if meta['cbt'] else 'off'} [{disks}]")
+        print(
+            f"{vm.vm_id:7} {vm.name:22} {vm.host:12} {meta['power_state']:11} "
+            f"tools={'yes' if vm.tools_installed else 'no'} cbt={'on' if meta['cbt'] else 'off'} [{disks}]"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

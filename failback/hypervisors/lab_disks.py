@@ -87,7 +87,7 @@ class LabDisks:
                 fd = os.open(self._disk_file(vm, disk, ".ctk"), os.O_WRONLY | os.O_APPEND)
                 try:
                     while record:
-                        record = record[os.write(fd, record):]
+                        record = record[os.write(fd, record) :]
                 finally:
                     os.close(fd)
 
@@ -124,7 +124,7 @@ class LabDisks:
                     f"(change tracking was reset or the id is from another disk); current id is {current!r}."
                 )
             start = int(count) * _RECORD.size
-            blocks = struct.unpack(f"<{records - int(count)}I", raw[start:records * _RECORD.size])
+            blocks = struct.unpack(f"<{records - int(count)}I", raw[start : records * _RECORD.size])
             return ChangedAreas(current, _extents(blocks, disk["capacity_bytes"]))
 
     @staticmethod
@@ -164,7 +164,9 @@ class LabDisks:
             sdisk, ddisk = self._disk(src, disk_key), self._disk(dst, disk_key)
             capacity = sdisk["capacity_bytes"]
             if capacity != ddisk["capacity_bytes"]:
-                raise HypervisorError(f"{what}: the disks differ in size ({capacity} and {ddisk['capacity_bytes']} bytes).")
+                raise HypervisorError(
+                    f"{what}: the disks differ in size ({capacity} and {ddisk['capacity_bytes']} bytes)."
+                )
             with open(self._disk_file(src, sdisk), "rb") as s, open(self._disk_file(dst, ddisk), "r+b") as d:
                 d.truncate(0)  # every block released: the target reads as zeros
                 d.truncate(capacity)

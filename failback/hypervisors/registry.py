@@ -62,5 +62,7 @@ def hypervisor_for(replica: Any) -> Hypervisor:
     factory = FACTORIES.get(replica.platform)
     if factory is None:
         known = ", ".join(sorted(FACTORIES))
-        raise LookupError(f"No hypervisor for replica {replica.name}: unknown platform {replica.platform!r} (known: {known}).")
+        raise LookupError(
+            f"No hypervisor for replica {replica.name}: unknown platform {replica.platform!r} (known: {known})."
+        )
     return factory(replica)

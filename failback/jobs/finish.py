@@ -16,6 +16,7 @@ UNDO_ATTEMPTS = 3  # runs of the undo step (the first and the watchdog's) before
 
 # -- ownership ---------------------------------------------------------------------------------
 
+
 def owned_vm(session, hv):
     """The production VM this session can prove it created: its recorded id, or (when the answer to the
     create was lost) the VM carrying its owner tag. Never a VM found by name alone: another failback may
@@ -31,7 +32,10 @@ def owned_vm(session, hv):
     except NotFound:
         return None, f"production VM {session.vm_name} ({vm_id}) no longer exists"
     if session.owner_tag and owner != session.owner_tag:
-        return None, f"VM {vm_id} does not carry this failback's owner tag (it has {owner or 'none'}): it is not this failback's"
+        return (
+            None,
+            f"VM {vm_id} does not carry this failback's owner tag (it has {owner or 'none'}): it is not this failback's",
+        )
     return vm_id, ""
 
 
@@ -44,23 +48,46 @@ def _discard_production_vm(session, hv, run=None):
         vm_id, why_not = None, f"the platform could not say which VM is this failback's: {exc}"
     if vm_id is None:
         if session.production_vm_id:  # a recorded VM that is gone, or not this failback's: say so
-            _note(session, "delete_production_vm", f"Nothing discarded: {why_not}", outcome=Outcome.INFO, data={"why": why_not}, run=run)
+            _note(
+                session,
+                "delete_production_vm",
+                f"Nothing discarded: {why_not}",
+                outcome=Outcome.INFO,
+                data={"why": why_not},
+                run=run,
+            )
         return
     try:
         if hv.power_state(vm_id) != POWERED_OFF:
             hv.power_off(vm_id)
         hv.delete_vm(vm_id)
-        unrecorded = "" if session.production_vm_id else " (created by the platform although its answer never arrived; found by its owner tag)"
-        _note(session, "delete_production_vm", f"Discarded the half-built production VM {session.vm_name} ({vm_id}){unrecorded}",
-              data={"vm_id": vm_id, "owner_tag": session.owner_tag}, run=run)
+        unrecorded = (
+            ""
+            if session.production_vm_id
+            else " (created by the platform although its answer never arrived; found by its owner tag)"
+        )
+        _note(
+            session,
+            "delete_production_vm",
+            f"Discarded the half-built production VM {session.vm_name} ({vm_id}){unrecorded}",
+            data={"vm_id": vm_id, "owner_tag": session.owner_tag},
+            run=run,
+        )
     except LeaseLost:
         raise
     except Exception as exc:
-        _note(session, "delete_production_vm", f"Could not discard production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED,
-              data={"error": str(exc)}, run=run)
+        _note(
+            session,
+            "delete_production_vm",
+            f"Could not discard production VM {session.vm_name}: {exc}",
+            outcome=Outcome.FAILED,
+            data={"error": str(exc)},
+            run=run,
+        )
 
 
 # -- commit ------------------------------------------------------------------------------------
+
 
 def run_commit(session_id):
     with superseded(session_id, "commit"):
@@ -76,13 +103,19 @@ def _run_commit(session_id):
     def then(s):
         Replica.objects.filter(pk=s.replica_id).update(production_vm_id=s.production_vm_id, source_name=s.vm_name)
 
-    workflow.transition(session.pk, "finish_commit", then=then, lease=run.token,
-                        detail=f"Production VM {session.vm_name} replaces {old_source} as the protected workload; the replica returns to normal replication",
-                        data={"production_vm_id": session.production_vm_id, "previous_source": old_source})
+    workflow.transition(
+        session.pk,
+        "finish_commit",
+        then=then,
+        lease=run.token,
+        detail=f"Production VM {session.vm_name} replaces {old_source} as the protected workload; the replica returns to normal replication",
+        data={"production_vm_id": session.production_vm_id, "previous_source": old_source},
+    )
     _drop_state(session.pk)
 
 
 # -- undo --------------------------------------------------------------------------------------
+
 
 def run_undo(session_id):
     with superseded(session_id, "undo"):
@@ -106,7 +139,9 @@ def _undo(run, session, hv):
     except Exception as exc:
         _undo_failed(run, session, hv, exc, steps)
         return
-    workflow.transition(session.pk, "finish_undo", lease=run.token, detail="; ".join(steps).capitalize(), data={"steps": steps})
+    workflow.transition(
+        session.pk, "finish_undo", lease=run.token, detail="; ".join(steps).capitalize(), data={"steps": steps}
+    )
     _drop_state(session.pk)
 
 
@@ -131,16 +166,30 @@ def _undo_failed(run, session, hv, exc, steps):
     tried = AuditEvent.objects.filter(session_id=session.pk, action="undo", outcome=Outcome.FAILED).count() + 1
     done = "; ".join(steps) or "nothing"
     if tried < UNDO_ATTEMPTS:
-        _note(session, "undo", f"Undo could not complete: {exc} (done so far: {done}). The watchdog tries again in about "
-              f"{settings.FAILBACK_STALL_SECONDS} s (attempt {tried} of {UNDO_ATTEMPTS}).", outcome=Outcome.FAILED,
-              data={"error": str(exc), "steps": steps, "attempt": tried}, run=run)
+        _note(
+            session,
+            "undo",
+            f"Undo could not complete: {exc} (done so far: {done}). The watchdog tries again in about "
+            f"{settings.FAILBACK_STALL_SECONDS} s (attempt {tried} of {UNDO_ATTEMPTS}).",
+            outcome=Outcome.FAILED,
+            data={"error": str(exc), "steps": steps, "attempt": tried},
+            run=run,
+        )
         return  # still Undoing: the watchdog queues the step again once its heartbeat is old
     replica_on = "replica powered on" in steps or _powered_on(hv, session.replica.vm_id)
-    by_hand = ("the replica runs; check the production VM by hand" if replica_on else
-               f"the replica {session.replica.name} is NOT running: power it on by hand")
-    workflow.transition(session.pk, "fail_undo", lease=run.token, error=f"{type(exc).__name__}: {exc}",
-                        detail=f"Undo failed after {UNDO_ATTEMPTS} attempts: {exc} (done: {done}); {by_hand}.",
-                        data={"error": str(exc), "steps": steps, "attempts": UNDO_ATTEMPTS, "replica_on": replica_on})
+    by_hand = (
+        "the replica runs; check the production VM by hand"
+        if replica_on
+        else f"the replica {session.replica.name} is NOT running: power it on by hand"
+    )
+    workflow.transition(
+        session.pk,
+        "fail_undo",
+        lease=run.token,
+        error=f"{type(exc).__name__}: {exc}",
+        detail=f"Undo failed after {UNDO_ATTEMPTS} attempts: {exc} (done: {done}); {by_hand}.",
+        data={"error": str(exc), "steps": steps, "attempts": UNDO_ATTEMPTS, "replica_on": replica_on},
+    )
 
 
 def _powered_on(hv, vm_id):
@@ -151,6 +200,7 @@ def _powered_on(hv, vm_id):
 
 
 # -- cancel ------------------------------------------------------------------------------------
+
 
 def run_cancel(session_id):
     with superseded(session_id, "cancel"):
@@ -168,8 +218,16 @@ def _run_cancel(session_id):
         session.refresh_from_db()
         replica_power = hv.power_state(session.replica.vm_id)
         detail = _keep_or_discard(run, session, hv)
-    workflow.transition(session.pk, "finish_cancel", lease=run.token, detail=f"{detail}. The replica was not touched and is {replica_power}.",
-                        data={"kept_vm_id": session.production_vm_id if session.keep_production_vm else None, "replica_power": replica_power})
+    workflow.transition(
+        session.pk,
+        "finish_cancel",
+        lease=run.token,
+        detail=f"{detail}. The replica was not touched and is {replica_power}.",
+        data={
+            "kept_vm_id": session.production_vm_id if session.keep_production_vm else None,
+            "replica_power": replica_power,
+        },
+    )
 
 
 def _keep_or_discard(run, session, hv):
@@ -179,8 +237,10 @@ def _keep_or_discard(run, session, hv):
     if session.keep_production_vm:
         if hv.power_state(session.production_vm_id) != POWERED_OFF:
             hv.power_off(session.production_vm_id)
-        return (f"Production VM {session.vm_name} kept, powered off, with its copy map: a new failback of {session.replica.name} "
-                f"to {session.vm_name} on {session.target_host}/{session.target_datastore} sends only what differs")
+        return (
+            f"Production VM {session.vm_name} kept, powered off, with its copy map: a new failback of {session.replica.name} "
+            f"to {session.vm_name} on {session.target_host}/{session.target_datastore} sends only what differs"
+        )
     _discard_production_vm(session, hv, run)
     _drop_state(session.pk)
     return f"Half-built production VM {session.vm_name} deleted"

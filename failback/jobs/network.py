@@ -23,18 +23,49 @@ def _network_digest(hv, vm_id, disk_key, capacity, chunk=8 << 20):
 def _network_copy(run, hv, session, disk, *, phase):
     """One disk, whole, over the network: phase 1 copies it; phase 2 copies it again and verifies."""
     replica = session.replica
-    why = ("Network transport: the whole disk is streamed through the datastore HTTP interface (GET piped into PUT)" if phase == 1 else
-           "Network transport cannot write ranges: the whole disk is sent again while the replica is off")
-    _save(disk, run, phase=phase, method="full", method_reason=why, bytes_total=disk.capacity_bytes, bytes_done=0, bytes_written=0, eta_s=None)
+    why = (
+        "Network transport: the whole disk is streamed through the datastore HTTP interface (GET piped into PUT)"
+        if phase == 1
+        else "Network transport cannot write ranges: the whole disk is sent again while the replica is off"
+    )
+    _save(
+        disk,
+        run,
+        phase=phase,
+        method="full",
+        method_reason=why,
+        bytes_total=disk.capacity_bytes,
+        bytes_done=0,
+        bytes_written=0,
+        eta_s=None,
+    )
     broadcast.send_now(session.pk)
     started = time.monotonic()
     sent = hv.copy_disk_network(replica.vm_id, session.production_vm_id, disk.key)
     seconds = time.monotonic() - started
-    fields = {"bytes_done": disk.capacity_bytes, "bytes_written": sent, "rate_bps": sent / seconds if seconds else 0, "eta_s": 0}
-    data = {"disk": disk.key, "method": "full", "transport": "network", "why": why, "bytes_written": sent, "seconds": round(seconds, 3)}
+    fields = {
+        "bytes_done": disk.capacity_bytes,
+        "bytes_written": sent,
+        "rate_bps": sent / seconds if seconds else 0,
+        "eta_s": 0,
+    }
+    data = {
+        "disk": disk.key,
+        "method": "full",
+        "transport": "network",
+        "why": why,
+        "bytes_written": sent,
+        "seconds": round(seconds, 3),
+    }
     if phase == 1:
         _save(disk, run, phase1_bytes_written=sent, **fields)
-        _note(session, "copy_disk", f"Disk {disk.key}: {_mib(sent)} sent over the network in {seconds:.1f} s (full copy)", data=data, run=run)
+        _note(
+            session,
+            "copy_disk",
+            f"Disk {disk.key}: {_mib(sent)} sent over the network in {seconds:.1f} s (full copy)",
+            data=data,
+            run=run,
+        )
         return
     _verify_network_copy(run, hv, session, disk, sent, fields, data)
 
@@ -43,8 +74,24 @@ def _verify_network_copy(run, hv, session, disk, sent, fields, data):
     source_digest = _network_digest(hv, session.replica.vm_id, disk.key, disk.capacity_bytes)
     target_digest = _network_digest(hv, session.production_vm_id, disk.key, disk.capacity_bytes)
     verified = source_digest == target_digest
-    _save(disk, run, phase2_bytes_written=sent, source_digest=source_digest, target_digest=target_digest, verified=verified, **fields)
+    _save(
+        disk,
+        run,
+        phase2_bytes_written=sent,
+        source_digest=source_digest,
+        target_digest=target_digest,
+        verified=verified,
+        **fields,
+    )
     data.update(source_digest=source_digest, target_digest=target_digest)
     if not verified:
-        raise RuntimeError(f"Disk {disk.key} differs after the final copy: replica {source_digest}, production {target_digest}")
-    _note(session, "send_changes", f"Disk {disk.key}: {_mib(sent)} sent over the network (whole disk); production disk verified identical", data=data, run=run)
+        raise RuntimeError(
+            f"Disk {disk.key} differs after the final copy: replica {source_digest}, production {target_digest}"
+        )
+    _note(
+        session,
+        "send_changes",
+        f"Disk {disk.key}: {_mib(sent)} sent over the network (whole disk); production disk verified identical",
+        data=data,
+        run=run,
+    )

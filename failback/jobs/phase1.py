@@ -37,8 +37,13 @@ def _run_phase1(session_id, resume):
     else:
         run = Run.take(session_id, SessionStatus.QUEUED)
         try:
-            session = workflow.transition(session_id, "begin_phase1", lease=run.token if run else None,
-                                          phase1_started_at=timezone.now(), heartbeat_at=timezone.now())
+            session = workflow.transition(
+                session_id,
+                "begin_phase1",
+                lease=run.token if run else None,
+                phase1_started_at=timezone.now(),
+                heartbeat_at=timezone.now(),
+            )
         except workflow.Refused:
             return  # delivered twice or cancelled meanwhile: the refusal is in the audit trail
     with run.beating(), session_lock(session.pk), closing(hypervisor_for(session.replica)) as platform:
@@ -63,8 +68,13 @@ def _phase1(run, session, hv):
         raise
     except TransferCancelled:
         run.check()  # a lost lease stops here, silently; a cancel is noted
-        _note(session, "phase1", "Phase 1 stopped: the failback is being cancelled; the copy checkpoint is kept until the cancel step decides",
-              outcome=Outcome.INFO, run=run)
+        _note(
+            session,
+            "phase1",
+            "Phase 1 stopped: the failback is being cancelled; the copy checkpoint is kept until the cancel step decides",
+            outcome=Outcome.INFO,
+            run=run,
+        )
         return False
     except Exception as exc:
         log.exception("phase 1 of session %s failed", session.pk)
@@ -79,13 +89,24 @@ def _create_production_vm(run, session, hv):
     if session.production_vm_id:
         return
     replica = session.replica
-    vm_id = hv.create_vm_like(replica.vm_id, name=session.vm_name, host=session.target_host,
-                              datastore=session.target_datastore, network_map=session.network_map,
-                              resource_pool=session.resource_pool or None, folder=session.folder or None,
-                              owner_tag=session.owner_tag or None)
+    vm_id = hv.create_vm_like(
+        replica.vm_id,
+        name=session.vm_name,
+        host=session.target_host,
+        datastore=session.target_datastore,
+        network_map=session.network_map,
+        resource_pool=session.resource_pool or None,
+        folder=session.folder or None,
+        owner_tag=session.owner_tag or None,
+    )
     _save(session, run, production_vm_id=vm_id)
-    _note(session, "create_production_vm", f"Created production VM {session.vm_name} ({vm_id}) on {session.target_host}/{session.target_datastore} like {replica.name}",
-          data={"vm_id": vm_id, "owner_tag": session.owner_tag}, run=run)
+    _note(
+        session,
+        "create_production_vm",
+        f"Created production VM {session.vm_name} ({vm_id}) on {session.target_host}/{session.target_datastore} like {replica.name}",
+        data={"vm_id": vm_id, "owner_tag": session.owner_tag},
+        run=run,
+    )
 
 
 def _reusable_state(session, disk):
@@ -107,8 +128,13 @@ def _announce_phase1(run, session, hv, disks):
         with open(hv.disk_path(session.replica.vm_id, disk.key), "rb") as f:
             allocated = allocated_bytes(f.fileno(), 0, disk.capacity_bytes)
         if _reusable_state(session, disk):
-            method, why = "digest", (f"Retry: the production VM kept by failback #{session.reused_from_id} already holds most data; "
-                                     "block digests are compared and only blocks that differ are sent")
+            method, why = (
+                "digest",
+                (
+                    f"Retry: the production VM kept by failback #{session.reused_from_id} already holds most data; "
+                    "block digests are compared and only blocks that differ are sent"
+                ),
+            )
         else:
             method, why = "full", "Phase 1 copies every allocated block; holes and zero blocks are skipped"
         _save(disk, run, phase=1, method=method, method_reason=why, bytes_total=allocated, bytes_done=0, eta_s=None)
@@ -128,39 +154,76 @@ def _copy_disk(run, session, hv, disk, cancel):
     src, dst = hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
     limit = session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
     sink = ProgressSink(disk, expect=SessionStatus.PHASE1, cancel=cancel, run=run)
-    copy_args = {"state_dir": _state_dir(session.pk, disk.key), "progress": sink, "progress_interval": settings.FAILBACK_PROGRESS_INTERVAL,
-                 "bandwidth_limit_bps": limit, "cancel": run.fence(cancel)}
+    copy_args = {
+        "state_dir": _state_dir(session.pk, disk.key),
+        "progress": sink,
+        "progress_interval": settings.FAILBACK_PROGRESS_INTERVAL,
+        "bandwidth_limit_bps": limit,
+        "cancel": run.fence(cancel),
+    }
     if disk.method == "digest":  # a retry onto the kept VM: only what differs
         result = delta_copy(src, dst, changed_extents=None, **copy_args)
     else:
         result = full_copy(src, dst, **copy_args)
-    _save(disk, run, bytes_total=result.bytes_total, bytes_done=result.bytes_total, bytes_written=result.bytes_written,
-          phase1_bytes_written=result.bytes_written, phase1_digest=result.digest, eta_s=0)
+    _save(
+        disk,
+        run,
+        bytes_total=result.bytes_total,
+        bytes_done=result.bytes_total,
+        bytes_written=result.bytes_written,
+        phase1_bytes_written=result.bytes_written,
+        phase1_digest=result.digest,
+        eta_s=0,
+    )
     _note_copy(run, session, disk, result, change_id)
     return result
 
 
 def _note_copy(run, session, disk, result, change_id):
     how = "only blocks that differ from the kept VM" if disk.method == "digest" else "full copy"
-    _note(session, "copy_disk", f"Disk {disk.key}: {_mib(result.bytes_read)} read, {_mib(result.bytes_written)} written in {result.seconds:.1f} s ({how})",
-          data={"disk": disk.key, "method": disk.method, "bytes_read": result.bytes_read, "bytes_written": result.bytes_written,
-                "zero_bytes_skipped": result.zero_bytes_skipped, "seconds": round(result.seconds, 3), "digest": result.digest,
-                "resumed_from": result.resumed_from, "change_id": change_id, "reused_from": session.reused_from_id}, run=run)
+    _note(
+        session,
+        "copy_disk",
+        f"Disk {disk.key}: {_mib(result.bytes_read)} read, {_mib(result.bytes_written)} written in {result.seconds:.1f} s ({how})",
+        data={
+            "disk": disk.key,
+            "method": disk.method,
+            "bytes_read": result.bytes_read,
+            "bytes_written": result.bytes_written,
+            "zero_bytes_skipped": result.zero_bytes_skipped,
+            "seconds": round(result.seconds, 3),
+            "digest": result.digest,
+            "resumed_from": result.resumed_from,
+            "change_id": change_id,
+            "reused_from": session.reused_from_id,
+        },
+        run=run,
+    )
 
 
 def _finish_phase1(run, session, results):
     """Ready to switch, with the copy rates the window predictions start from."""
     base = prediction.phase1_rates(results) if results else {}
-    workflow.transition(session.pk, "finish_phase1", lease=run.token, phase1_ended_at=timezone.now(),
-                        prediction={**(session.prediction or {}), "base": base},
-                        detail="Production VM holds the replica's data as of now; the replica keeps running")
+    workflow.transition(
+        session.pk,
+        "finish_phase1",
+        lease=run.token,
+        phase1_ended_at=timezone.now(),
+        prediction={**(session.prediction or {}), "base": base},
+        detail="Production VM holds the replica's data as of now; the replica keeps running",
+    )
 
 
 def _fail_phase1(run, session, hv, exc):
     """Discard what phase 1 built and say why it failed; the replica was never touched."""
     _discard_production_vm(session, hv, run)
     reason = _reason(session, exc)
-    workflow.transition(session.pk, "fail_phase1", lease=run.token, error=f"{type(exc).__name__}: {reason}",
-                        detail=f"Phase 1 failed: {reason}. The replica is untouched and still running in Failover.",
-                        data={"error": reason, "original": str(exc), "type": type(exc).__name__})
+    workflow.transition(
+        session.pk,
+        "fail_phase1",
+        lease=run.token,
+        error=f"{type(exc).__name__}: {reason}",
+        detail=f"Phase 1 failed: {reason}. The replica is untouched and still running in Failover.",
+        data={"error": reason, "original": str(exc), "type": type(exc).__name__},
+    )
     _drop_state(session.pk)

@@ -16,7 +16,9 @@ def run_plan_switch(plan_id):
     from ..models import FailbackPlan
 
     plan = FailbackPlan.objects.get(pk=plan_id)
-    members = list(plan.sessions.filter(status=SessionStatus.SWITCHING).order_by("plan_order", "pk").values_list("pk", flat=True))
+    members = list(
+        plan.sessions.filter(status=SessionStatus.SWITCHING).order_by("plan_order", "pk").values_list("pk", flat=True)
+    )
     pending = list(members)
     stop = threading.Event()
 

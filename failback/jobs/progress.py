@@ -20,7 +20,9 @@ class ProgressSink:
 
     def __init__(self, disk, *, expect, cancel, run, show=True):
         self.disk, self.expect, self.cancel, self.run, self.show = disk, expect, cancel, run, show
-        self.samples = list(FailbackSession.objects.filter(pk=disk.session_id).values_list("throughput", flat=True).first() or [])
+        self.samples = list(
+            FailbackSession.objects.filter(pk=disk.session_id).values_list("throughput", flat=True).first() or []
+        )
         self.last_sample = 0.0
 
     def __call__(self, p):
@@ -29,8 +31,15 @@ class ProgressSink:
             return
         if self.show:
             try:
-                _save(self.disk, self.run, bytes_total=p.bytes_total, bytes_done=p.bytes_done, bytes_written=p.bytes_written, rate_bps=p.rate_bps,
-                      eta_s=p.eta_seconds)
+                _save(
+                    self.disk,
+                    self.run,
+                    bytes_total=p.bytes_total,
+                    bytes_done=p.bytes_done,
+                    bytes_written=p.bytes_written,
+                    rate_bps=p.rate_bps,
+                    eta_s=p.eta_seconds,
+                )
             except LeaseLost:
                 self.cancel.set()  # the engine stops at its next block; the run then raises LeaseLost
                 return

@@ -30,17 +30,32 @@ def _catch_up(run, session, hv):
         extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents) if new_id else None
         sink = ProgressSink(disk, expect=SessionStatus.READY_TO_SWITCH, cancel=cancel, run=run, show=False)
         try:
-            result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents, progress=sink,
-                                progress_interval=settings.FAILBACK_PROGRESS_INTERVAL, cancel=run.fence(cancel))
+            result = delta_copy(
+                src,
+                dst,
+                state_dir=_state_dir(session.pk, disk.key),
+                changed_extents=extents,
+                progress=sink,
+                progress_interval=settings.FAILBACK_PROGRESS_INTERVAL,
+                cancel=run.fence(cancel),
+            )
         except TransferCancelled:
             run.check()  # a switch that took the lease: stop here, silently
             return None  # a cancel: the copy map is consistent, the next pass carries on
         _save(disk, run, change_id=new_id or "")
         written[disk.key] = result.bytes_written
         report.append(f"{disk.key}: {_mib(result.bytes_written)} ({'tracked' if new_id else 'digest'})")
-    _save(session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written})
-    _note(session, "catch_up", f"Catch-up sync while the replica runs: {', '.join(report)}", outcome=Outcome.INFO,
-          data={"bytes_written": written}, run=run)
+    _save(
+        session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
+    )
+    _note(
+        session,
+        "catch_up",
+        f"Catch-up sync while the replica runs: {', '.join(report)}",
+        outcome=Outcome.INFO,
+        data={"bytes_written": written},
+        run=run,
+    )
     return written
 
 
@@ -50,7 +65,13 @@ def _refresh_readiness(session, hv):
     found = prechecks.before_switch(hv, session)
     FailbackSession.objects.filter(pk=session.pk, status=SessionStatus.READY_TO_SWITCH).update(
         predicted_window_s=forecast["window_s"],
-        prediction={**(session.prediction or {}), "now": forecast, "checks": [c.as_dict() for c in found], "checked_at": timezone.now().isoformat()})
+        prediction={
+            **(session.prediction or {}),
+            "now": forecast,
+            "checks": [c.as_dict() for c in found],
+            "checked_at": timezone.now().isoformat(),
+        },
+    )
     broadcast.send_now(session.pk)
     return forecast
 
@@ -68,7 +89,9 @@ def _run_readiness(session_id, catch_up):
     with session_lock(session.pk, wait=False) as mine:
         if not mine:
             return None  # a switch, a cancel or another catch-up holds the disks
-        run = Run.take(session_id, SessionStatus.READY_TO_SWITCH)  # taken under the lock: a switch that starts later fences it
+        run = Run.take(
+            session_id, SessionStatus.READY_TO_SWITCH
+        )  # taken under the lock: a switch that starts later fences it
         if run is None:
             return None
         with run.beating(), closing(hypervisor_for(session.replica)) as platform:

@@ -76,7 +76,9 @@ class Run:
     def take(cls, session_id, *statuses):
         """The lease for a run of the step of ``statuses``; None when the session is no longer there."""
         with transaction.atomic():
-            if not FailbackSession.objects.filter(pk=session_id, status__in=statuses).update(lease=F("lease") + 1, heartbeat_at=timezone.now()):
+            if not FailbackSession.objects.filter(pk=session_id, status__in=statuses).update(
+                lease=F("lease") + 1, heartbeat_at=timezone.now()
+            ):
                 return None
             return cls(session_id, FailbackSession.objects.values_list("lease", flat=True).get(pk=session_id))
 
@@ -165,7 +167,15 @@ def _note(session, action, detail, *, outcome=Outcome.OK, data=None, run=None):
         if run is not None and not run.mine().select_for_update().exists():
             run.lost = True
             raise LeaseLost(f"failback #{session.pk}: {action} not written, the step was taken over")
-        workflow.audit(action=action, outcome=outcome, session=session, from_state=session.status, to_state=session.status, detail=detail, data=data)
+        workflow.audit(
+            action=action,
+            outcome=outcome,
+            session=session,
+            from_state=session.status,
+            to_state=session.status,
+            detail=detail,
+            data=data,
+        )
         broadcast.session_changed(session.pk)
 
 
@@ -175,7 +185,9 @@ def _save(obj, run=None, **fields):
         setattr(obj, name, value)
     rows = type(obj).objects.filter(pk=obj.pk)
     if run is not None:
-        rows = rows.filter(lease=run.token) if isinstance(obj, FailbackSession) else rows.filter(session__lease=run.token)
+        rows = (
+            rows.filter(lease=run.token) if isinstance(obj, FailbackSession) else rows.filter(session__lease=run.token)
+        )
     if not rows.update(**fields) and run is not None:
         run.lost = True
         raise LeaseLost(f"failback #{run.session_id}: {', '.join(fields)} not saved, the step was taken over")
@@ -194,7 +206,12 @@ def _take(session_id, status, action, not_run):
     run = Run.take(session_id, status)
     if run is None:
         session.refresh_from_db()
-        _note(session, action, f"{not_run}: failback #{session.pk} is {session.get_status_display()}", outcome=Outcome.INFO)
+        _note(
+            session,
+            action,
+            f"{not_run}: failback #{session.pk} is {session.get_status_display()}",
+            outcome=Outcome.INFO,
+        )
     return session, run
 
 

@@ -47,9 +47,15 @@ def _switch(run, session, hv):
                 _network_copy(run, hv, session, disk, phase=2)
             else:
                 _send_changes(run, session, hv, disk, timing)
-        session = workflow.transition(session.pk, "finish_switch", lease=run.token, phase2_ended_at=timezone.now(), heartbeat_at=timezone.now(),
-                                      detail="The workload now belongs to the production VM",
-                                      then=workflow.arm_commit_policy)
+        session = workflow.transition(
+            session.pk,
+            "finish_switch",
+            lease=run.token,
+            phase2_ended_at=timezone.now(),
+            heartbeat_at=timezone.now(),
+            detail="The workload now belongs to the production VM",
+            then=workflow.arm_commit_policy,
+        )
     except LeaseLost:
         raise
     except Exception as exc:
@@ -66,13 +72,32 @@ def _announce_phase2(run, session, hv):
     """Before the replica goes down: predict the window once more, and state each disk's method and why."""
     forecast = prediction.predict(hv, session)
     shown = session.predicted_window_s
-    _save(session, run, prediction={**(session.prediction or {}), "at_switch": forecast, "shown_s": shown}, predicted_window_s=forecast["window_s"])
+    _save(
+        session,
+        run,
+        prediction={**(session.prediction or {}), "at_switch": forecast, "shown_s": shown},
+        predicted_window_s=forecast["window_s"],
+    )
     for item in forecast["disks"]:
         SessionDisk.objects.filter(session=session, key=item["disk"]).update(
-            phase=2, method=item["method"], method_reason=item["why"][:300], bytes_done=0, bytes_total=item["pending_bytes"], bytes_written=0, eta_s=None)
-    _note(session, "predict_window", f"Predicted switch window {forecast['window_s']:.1f} s: guest shutdown {forecast['shutdown_s']:.1f} s "
-          f"({forecast['shutdown_basis']}), data {forecast['data_s']:.1f} s for {_mib(forecast['changed_bytes'])} changed ({forecast['data_basis']}), "
-          f"power-on {forecast['power_on_s']:.1f} s ({forecast['power_on_basis']})", outcome=Outcome.INFO, data=forecast, run=run)
+            phase=2,
+            method=item["method"],
+            method_reason=item["why"][:300],
+            bytes_done=0,
+            bytes_total=item["pending_bytes"],
+            bytes_written=0,
+            eta_s=None,
+        )
+    _note(
+        session,
+        "predict_window",
+        f"Predicted switch window {forecast['window_s']:.1f} s: guest shutdown {forecast['shutdown_s']:.1f} s "
+        f"({forecast['shutdown_basis']}), data {forecast['data_s']:.1f} s for {_mib(forecast['changed_bytes'])} changed ({forecast['data_basis']}), "
+        f"power-on {forecast['power_on_s']:.1f} s ({forecast['power_on_basis']})",
+        outcome=Outcome.INFO,
+        data=forecast,
+        run=run,
+    )
 
 
 def _replica_down(run, session, hv):
@@ -116,7 +141,11 @@ def _stop_replica(run, session, hv):
 def _delta_method(hv, session, disk):
     """How the last changes of a disk are found: (method, why, extents); extents None means compare digests."""
     if not disk.change_id:
-        return "digest", "Change tracking unavailable on this VM: reading the replica once and comparing block digests", None
+        return (
+            "digest",
+            "Change tracking unavailable on this VM: reading the replica once and comparing block digests",
+            None,
+        )
     extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents)
     why = f"Change tracking: {len(extents)} extents ({_mib(sum(n for _, n in extents))}) changed since phase 1 began"
     return "tracked", why, extents
@@ -126,11 +155,19 @@ def _send_changes(run, session, hv, disk, timing):
     """One disk's final delta while the replica is off, then the proof that both disks are identical."""
     src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
     method, why, extents = _delta_method(hv, session, disk)
-    _save(disk, run, phase=2, method=method, method_reason=why, bytes_done=0, bytes_total=0, bytes_written=0, eta_s=None)
+    _save(
+        disk, run, phase=2, method=method, method_reason=why, bytes_done=0, bytes_total=0, bytes_written=0, eta_s=None
+    )
     stop = threading.Event()
-    result = delta_copy(src, dst, state_dir=_state_dir(session.pk, disk.key), changed_extents=extents,
-                        progress=ProgressSink(disk, expect=SessionStatus.SWITCHING, cancel=stop, run=run),
-                        progress_interval=settings.FAILBACK_PROGRESS_INTERVAL, cancel=run.fence(stop))
+    result = delta_copy(
+        src,
+        dst,
+        state_dir=_state_dir(session.pk, disk.key),
+        changed_extents=extents,
+        progress=ProgressSink(disk, expect=SessionStatus.SWITCHING, cancel=stop, run=run),
+        progress_interval=settings.FAILBACK_PROGRESS_INTERVAL,
+        cancel=run.fence(stop),
+    )
     timing["delta_s"] += result.seconds
     timing["delta_bytes"] += max(result.bytes_read, result.bytes_written)
     # The proof reads what changed, not the whole disks: both digests come from the leaves the
@@ -140,20 +177,50 @@ def _send_changes(run, session, hv, disk, timing):
     timing["verify_s"] += proof.seconds
     timing["verify_bytes"] += proof.bytes_read
     verified = proof.identical and proof.target_digest == result.digest
-    _save(disk, run, bytes_total=result.bytes_total, bytes_done=result.bytes_total, bytes_written=result.bytes_written, eta_s=0,
-          phase2_bytes_written=result.bytes_written, source_digest=proof.source_digest, target_digest=proof.target_digest, verified=verified)
+    _save(
+        disk,
+        run,
+        bytes_total=result.bytes_total,
+        bytes_done=result.bytes_total,
+        bytes_written=result.bytes_written,
+        eta_s=0,
+        phase2_bytes_written=result.bytes_written,
+        source_digest=proof.source_digest,
+        target_digest=proof.target_digest,
+        verified=verified,
+    )
     if not verified:
-        raise RuntimeError(f"Disk {disk.key} differs after the final delta: replica {proof.source_digest}, production {proof.target_digest}")
-    _note(session, "send_changes", f"Disk {disk.key}: {_mib(result.bytes_written)} of changes sent ({method}); production disk verified identical",
-          data=_changes_data(disk, method, why, result, proof), run=run)
+        raise RuntimeError(
+            f"Disk {disk.key} differs after the final delta: replica {proof.source_digest}, production {proof.target_digest}"
+        )
+    _note(
+        session,
+        "send_changes",
+        f"Disk {disk.key}: {_mib(result.bytes_written)} of changes sent ({method}); production disk verified identical",
+        data=_changes_data(disk, method, why, result, proof),
+        run=run,
+    )
 
 
 def _changes_data(disk, method, why, result, proof):
-    return {"disk": disk.key, "method": method, "why": why, "bytes_read": result.bytes_read, "bytes_written": result.bytes_written,
-            "seconds": round(result.seconds, 3), "source_digest": proof.source_digest, "target_digest": proof.target_digest,
-            "proof": {"source_sealed": proof.source_sealed, "target_sealed": proof.target_sealed, "sampled_grains": proof.sampled_grains,
-                      "bytes_read": proof.bytes_read, "seconds": round(proof.seconds, 3)},
-            "production_untouched_since_last_pass": result.target_untouched}
+    return {
+        "disk": disk.key,
+        "method": method,
+        "why": why,
+        "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written,
+        "seconds": round(result.seconds, 3),
+        "source_digest": proof.source_digest,
+        "target_digest": proof.target_digest,
+        "proof": {
+            "source_sealed": proof.source_sealed,
+            "target_sealed": proof.target_sealed,
+            "sampled_grains": proof.sampled_grains,
+            "bytes_read": proof.bytes_read,
+            "seconds": round(proof.seconds, 3),
+        },
+        "production_untouched_since_last_pass": result.target_untouched,
+    }
 
 
 def _power_on_production(run, session, hv):
@@ -165,8 +232,14 @@ def _power_on_production(run, session, hv):
     except LeaseLost:
         raise
     except Exception as exc:
-        _note(session, "power_on_production", f"Could not power on production VM {session.vm_name}: {exc}", outcome=Outcome.FAILED,
-              data={"error": str(exc)}, run=run)
+        _note(
+            session,
+            "power_on_production",
+            f"Could not power on production VM {session.vm_name}: {exc}",
+            outcome=Outcome.FAILED,
+            data={"error": str(exc)},
+            run=run,
+        )
 
 
 def run_power_on(session_id):
@@ -190,21 +263,40 @@ def _record_window(run, session, timing):
         predicted = forecast.get("window_s")
         versus = f"; predicted {predicted:.1f} s ({actual - predicted:+.1f} s)" if predicted is not None else ""
         learned = prediction.learn(session, timing)
-        _note(session, "switch_window", run=run, detail=f"Switch window {actual:.1f} s (replica going down → production {'on' if session.production_on_at else 'ready'}){versus}",
-              outcome=Outcome.INFO, data={"seconds": round(actual, 3), "predicted_s": predicted, "shown_s": (session.prediction or {}).get("shown_s"),
-                                          "error_s": round(actual - predicted, 3) if predicted is not None else None,
-                                          "phase1_seconds": round(session.phase1_duration.total_seconds(), 3) if session.phase1_duration else None,
-                                          "learned": learned})
+        _note(
+            session,
+            "switch_window",
+            run=run,
+            detail=f"Switch window {actual:.1f} s (replica going down → production {'on' if session.production_on_at else 'ready'}){versus}",
+            outcome=Outcome.INFO,
+            data={
+                "seconds": round(actual, 3),
+                "predicted_s": predicted,
+                "shown_s": (session.prediction or {}).get("shown_s"),
+                "error_s": round(actual - predicted, 3) if predicted is not None else None,
+                "phase1_seconds": round(session.phase1_duration.total_seconds(), 3)
+                if session.phase1_duration
+                else None,
+                "learned": learned,
+            },
+        )
 
 
 # -- a switch that failed ----------------------------------------------------------------------
+
 
 def _recover_replica(run, session, hv, exc):
     """A switch that fails must never leave both VMs down: production off, replica back on."""
     current = FailbackSession.objects.get(pk=session.pk)
     if current.status != SessionStatus.SWITCHING:  # another run of this step finished it: leave its VMs alone
-        _note(current, "phase2", f"A second run of phase 2 stopped ({exc}); failback #{session.pk} is already {current.get_status_display()}: nothing undone",
-              outcome=Outcome.INFO, data={"error": str(exc)}, run=run)
+        _note(
+            current,
+            "phase2",
+            f"A second run of phase 2 stopped ({exc}); failback #{session.pk} is already {current.get_status_display()}: nothing undone",
+            outcome=Outcome.INFO,
+            data={"error": str(exc)},
+            run=run,
+        )
         return
     steps = _production_off(session, hv)
     reason, ending = _reason(session, exc), "the replica runs the workload again"
@@ -219,9 +311,14 @@ def _recover_replica(run, session, hv, exc):
         if _recovery_left_open(run, session, exc, reason, again, steps):
             return
         ending = f"the replica {session.replica.name} could NOT be powered on after {RECOVERY_ATTEMPTS} attempts: power it on by hand"
-    workflow.transition(session.pk, "fail_switch", lease=run.token, error=f"{type(exc).__name__}: {reason}",
-                        detail=f"Switch failed: {reason}. {'; '.join(steps) or 'replica still running'}; {ending}.",
-                        data={"error": reason, "original": str(exc), "type": type(exc).__name__, "recovery": steps})
+    workflow.transition(
+        session.pk,
+        "fail_switch",
+        lease=run.token,
+        error=f"{type(exc).__name__}: {reason}",
+        detail=f"Switch failed: {reason}. {'; '.join(steps) or 'replica still running'}; {ending}.",
+        data={"error": reason, "original": str(exc), "type": type(exc).__name__, "recovery": steps},
+    )
 
 
 def _production_off(session, hv):
@@ -249,7 +346,13 @@ def _recovery_left_open(run, session, exc, reason, again, steps):
     tried = AuditEvent.objects.filter(session_id=session.pk, action="recover_replica").count()
     if tried >= RECOVERY_ATTEMPTS:
         return False
-    _note(session, "recover_replica", f"Switch failed: {reason}. The replica {session.replica.name} could not be powered back on: {again}. "
-          f"The switch stays open; the watchdog tries again in about {settings.FAILBACK_STALL_SECONDS} s (attempt {tried + 1} of {RECOVERY_ATTEMPTS}).",
-          outcome=Outcome.FAILED, data={"error": reason, "original": str(exc), "type": type(exc).__name__, "recovery": steps}, run=run)
+    _note(
+        session,
+        "recover_replica",
+        f"Switch failed: {reason}. The replica {session.replica.name} could not be powered back on: {again}. "
+        f"The switch stays open; the watchdog tries again in about {settings.FAILBACK_STALL_SECONDS} s (attempt {tried + 1} of {RECOVERY_ATTEMPTS}).",
+        outcome=Outcome.FAILED,
+        data={"error": reason, "original": str(exc), "type": type(exc).__name__, "recovery": steps},
+        run=run,
+    )
     return True

@@ -99,7 +99,6 @@ def _fault_error(what: str, fault: BaseException) -> HypervisorError:
     return err
 
 
-
 class Client:
     """The session part of ``VSphereHypervisor``: it sets ``host``, ``port``, ``user``, ``_password``,
     ``_ctx`` (TLS), ``timeout``, ``retries``, ``task_timeout`` and ``_lock`` before any call."""
@@ -144,8 +143,14 @@ class Client:
 
     def _connect(self) -> None:
         version = self._api_version()
-        stub = SoapStubAdapter(host=self.host, port=self.port, version=version, sslContext=self._ctx,
-                               httpConnectionTimeout=self.timeout, connectionPoolTimeout=60)
+        stub = SoapStubAdapter(
+            host=self.host,
+            port=self.port,
+            version=version,
+            sslContext=self._ctx,
+            httpConnectionTimeout=self.timeout,
+            connectionPoolTimeout=60,
+        )
         si = vim.ServiceInstance("ServiceInstance", stub)
         self._stub, self._content = stub, si.RetrieveContent()
         try:
@@ -242,7 +247,9 @@ class Client:
         deadline = time.monotonic() + self.task_timeout
         pause = 0.05
         while True:
-            objs = self._call(what, lambda: self._collect([task], {vim.Task: ["info.state", "info.error", "info.result"]}))
+            objs = self._call(
+                what, lambda: self._collect([task], {vim.Task: ["info.state", "info.error", "info.result"]})
+            )
             props = objs[0].props if objs else {}
             state = props.get("info.state")
             if state == "success":

@@ -45,7 +45,6 @@ def _once(make: Callable[[], Iterator[bytes]]) -> Callable[[], Iterator[bytes]]:
     return body
 
 
-
 class DatastoreFiles:
     """The disk-data part of ``VSphereHypervisor`` (it keeps ``transport`` and ``_datastore_paths``)."""
 
@@ -78,8 +77,10 @@ class DatastoreFiles:
         o, disk = self._disk(vm_id, disk_key, f"Find disk {disk_key} of {vm_id}")
         b = disk.backing
         if getattr(b, "parent", None) is not None:
-            raise HypervisorError(f"Disk {disk_key} of {o.get('name')} ({vm_id}) has snapshots: its data spans a delta "
-                                  "chain; remove or consolidate the snapshots first.")
+            raise HypervisorError(
+                f"Disk {disk_key} of {o.get('name')} ({vm_id}) has snapshots: its data spans a delta "
+                "chain; remove or consolidate the snapshots first."
+            )
         ds, rel = _split_ds_path(getattr(b, "fileName", "") or "")
         root = os.path.realpath(self._local_root(ds))
         capacity = _disk_capacity(disk)
@@ -92,7 +93,9 @@ class DatastoreFiles:
             return descriptor  # a monolithic flat disk: the .vmdk is the data
         size = os.path.getsize(flat) if os.path.exists(flat) else 0
         if size > capacity:
-            raise HypervisorError(f"Disk {disk_key} of {vm_id}: {flat} holds {size} bytes, more than the disk's {capacity}.")
+            raise HypervisorError(
+                f"Disk {disk_key} of {vm_id}: {flat} holds {size} bytes, more than the disk's {capacity}."
+            )
         if size < capacity:
             with open(flat, "ab") as f:
                 f.truncate(capacity)  # sparse: reads as zeros, as the platform's empty disk does
@@ -121,9 +124,19 @@ class DatastoreFiles:
             raise HypervisorError(f"No API session with {self.where} to authorise a file transfer.")
         return 'vmware_soap_session="{}"'.format(morsel.value.strip('"'))
 
-    def _file_request(self, what: str, method: str, ds: str, path: str, dc: str, *,
-                      headers: dict[str, str] | None = None, body: Any = None,
-                      handle: Callable[[http.client.HTTPResponse], T], idempotent: bool) -> T:
+    def _file_request(
+        self,
+        what: str,
+        method: str,
+        ds: str,
+        path: str,
+        dc: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+        handle: Callable[[http.client.HTTPResponse], T],
+        idempotent: bool,
+    ) -> T:
         url = "/folder/" + quote(path) + "?" + urlencode({"dcPath": dc, "dsName": ds})
 
         def once() -> T:
@@ -134,7 +147,9 @@ class DatastoreFiles:
                 resp = conn.getresponse()
                 if resp.status in (401, 403):
                     resp.read()
-                    raise vim.fault.NotAuthenticated(msg=f"{self.where} answered {resp.status} {resp.reason} to {method} {path}")
+                    raise vim.fault.NotAuthenticated(
+                        msg=f"{self.where} answered {resp.status} {resp.reason} to {method} {path}"
+                    )
                 if resp.status >= 500:
                     raise http.client.HTTPException(f"{resp.status} {resp.reason}")
                 return handle(resp)
@@ -164,7 +179,9 @@ class DatastoreFiles:
                 raise NotFound(f"{what}: {path} not found on datastore {ds}.")
             elif resp.status == 200:
                 resp.close()
-                raise HypervisorError(f"{what}: {self.where} ignored the byte range; refusing to download the whole file.")
+                raise HypervisorError(
+                    f"{what}: {self.where} ignored the byte range; refusing to download the whole file."
+                )
             else:
                 body = resp.read(512).decode(errors="replace")
                 raise HypervisorError(f"{what}: {self.where} answered {resp.status} {resp.reason} {body}".strip())
@@ -172,8 +189,16 @@ class DatastoreFiles:
                 raise HypervisorError(f"{what}: the server sent {len(data)} bytes.")
             return data + bytes(length - len(data))
 
-        return self._file_request(what, "GET", ds, path, dc, headers={"Range": f"bytes={offset}-{offset + length - 1}"},
-                                  handle=handle, idempotent=True)
+        return self._file_request(
+            what,
+            "GET",
+            ds,
+            path,
+            dc,
+            headers={"Range": f"bytes={offset}-{offset + length - 1}"},
+            handle=handle,
+            idempotent=True,
+        )
 
     def copy_disk_network(self, src_vm_id: str, dst_vm_id: str, disk_key: str) -> int:
         """Stream one disk from a VM to another (same key and size) through this machine: a GET of the
@@ -202,14 +227,31 @@ class DatastoreFiles:
 
         return self._file_request(what, "GET", sds, spath, sdc, handle=handle, idempotent=False)
 
-    def _put(self, what: str, ds: str, path: str, dc: str, body: Callable[[], Iterator[bytes]], size: int,
-             *, idempotent: bool) -> int:
+    def _put(
+        self,
+        what: str,
+        ds: str,
+        path: str,
+        dc: str,
+        body: Callable[[], Iterator[bytes]],
+        size: int,
+        *,
+        idempotent: bool,
+    ) -> int:
         def handle(resp: http.client.HTTPResponse) -> int:
             text = resp.read(512).decode(errors="replace")
             if resp.status not in (200, 201, 204):
                 raise HypervisorError(f"{what}: {self.where} answered {resp.status} {resp.reason} {text}".strip())
             return size
 
-        return self._file_request(what, "PUT", ds, path, dc,
-                                  headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-                                  body=body, handle=handle, idempotent=idempotent)
+        return self._file_request(
+            what,
+            "PUT",
+            ds,
+            path,
+            dc,
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            body=body,
+            handle=handle,
+            idempotent=idempotent,
+        )

@@ -36,13 +36,25 @@ class _Obj:
         return self.props.get(name, default)
 
 
-
 # Properties read per type: one RetrievePropertiesEx brings all of them for all objects.
 _VM_PROPS = [
-    "name", "config.template", "config.hardware.numCPU", "config.hardware.numCoresPerSocket",
-    "config.hardware.memoryMB", "config.guestId", "config.firmware", "config.hardware.device",
-    "config.files.vmPathName", "config.changeTrackingEnabled", "runtime.host", "runtime.powerState",
-    "guest.toolsStatus", "guest.toolsRunningStatus", "network", "datastore", "parent",
+    "name",
+    "config.template",
+    "config.hardware.numCPU",
+    "config.hardware.numCoresPerSocket",
+    "config.hardware.memoryMB",
+    "config.guestId",
+    "config.firmware",
+    "config.hardware.device",
+    "config.files.vmPathName",
+    "config.changeTrackingEnabled",
+    "runtime.host",
+    "runtime.powerState",
+    "guest.toolsStatus",
+    "guest.toolsRunningStatus",
+    "network",
+    "datastore",
+    "parent",
 ]
 _HOST_PROPS = ["name", "parent", "datastore", "network"]
 _DS_PROPS = ["name", "summary.freeSpace", "summary.accessible", "summary.url", "parent"]
@@ -58,7 +70,6 @@ _PLACE_PROPS = {
 }
 
 
-
 def _controller_prefix(ctrl: Any) -> str:
     if isinstance(ctrl, vim.vm.device.VirtualSCSIController):
         return "scsi"
@@ -69,7 +80,6 @@ def _controller_prefix(ctrl: Any) -> str:
     if isinstance(ctrl, vim.vm.device.VirtualNVMEController):
         return "nvme"
     return type(ctrl).__name__.rsplit(".", 1)[-1].lower()
-
 
 
 def _disk_key(ctrl: Any, disk: Any) -> str:
@@ -86,7 +96,6 @@ def _split_ds_path(path: str) -> tuple[str, str]:
     if not m:
         raise HypervisorError(f"Unexpected datastore path {path!r}.")
     return m.group("ds"), m.group("path").strip()
-
 
 
 class InventoryReader:
@@ -120,8 +129,13 @@ class InventoryReader:
         view = self._content.viewManager.CreateContainerView(self._content.rootFolder, list(props), True)
         try:
             spec = FS.FilterSpec(
-                objectSet=[FS.ObjectSpec(obj=view, skip=True, selectSet=[
-                    FS.TraversalSpec(name="view", type=vim.view.ContainerView, path="view", skip=False)])],
+                objectSet=[
+                    FS.ObjectSpec(
+                        obj=view,
+                        skip=True,
+                        selectSet=[FS.TraversalSpec(name="view", type=vim.view.ContainerView, path="view", skip=False)],
+                    )
+                ],
                 propSet=[FS.PropertySpec(type=t, pathSet=paths) for t, paths in props.items()],
             )
             objs = self._retrieve(spec)
@@ -162,16 +176,21 @@ class InventoryReader:
     # -- inventory ---------------------------------------------------------------------------------
 
     def _world(self, vm_props: list[str]) -> dict[type, list[_Obj]]:
-        return self._call(f"Read the inventory of {self.where}", lambda: self._collect_all({
-            vim.HostSystem: _HOST_PROPS,
-            vim.Datastore: _DS_PROPS,
-            vim.Network: _NET_PROPS,
-            vim.dvs.DistributedVirtualPortgroup: _DVPG_PROPS,
-            vim.OpaqueNetwork: _OPAQUE_PROPS,
-            vim.DistributedVirtualSwitch: _DVS_PROPS,
-            vim.VirtualMachine: vm_props,
-            **_PLACE_PROPS,
-        }))
+        return self._call(
+            f"Read the inventory of {self.where}",
+            lambda: self._collect_all(
+                {
+                    vim.HostSystem: _HOST_PROPS,
+                    vim.Datastore: _DS_PROPS,
+                    vim.Network: _NET_PROPS,
+                    vim.dvs.DistributedVirtualPortgroup: _DVPG_PROPS,
+                    vim.OpaqueNetwork: _OPAQUE_PROPS,
+                    vim.DistributedVirtualSwitch: _DVS_PROPS,
+                    vim.VirtualMachine: vm_props,
+                    **_PLACE_PROPS,
+                }
+            ),
+        )
 
     @staticmethod
     def _names(world: dict[type, list[_Obj]]) -> dict[str, str]:
@@ -189,7 +208,11 @@ class InventoryReader:
     @staticmethod
     def _networks(world: dict[type, list[_Obj]]) -> list[_Obj]:
         """Networks a VM can use: standard, distributed (not uplink port groups) and opaque."""
-        uplinks = {u._moId for d in world.get(vim.DistributedVirtualSwitch, ()) for u in (d.get("config.uplinkPortgroup") or ())}
+        uplinks = {
+            u._moId
+            for d in world.get(vim.DistributedVirtualSwitch, ())
+            for u in (d.get("config.uplinkPortgroup") or ())
+        }
         out = list(world.get(vim.Network, ())) + list(world.get(vim.OpaqueNetwork, ()))
         for pg in world.get(vim.dvs.DistributedVirtualPortgroup, ()):
             tags = {t.key for t in pg.get("tag") or ()}
@@ -215,44 +238,63 @@ class InventoryReader:
         self._learn_datastores(world)
         return Inventory(
             hosts=tuple(sorted(h.get("name") for h in world[vim.HostSystem])),
-            datastores={d.get("name"): int(d.get("summary.freeSpace") or 0)
-                        for d in sorted(world[vim.Datastore], key=lambda d: d.get("name"))
-                        if d.get("summary.accessible", True)},
+            datastores={
+                d.get("name"): int(d.get("summary.freeSpace") or 0)
+                for d in sorted(world[vim.Datastore], key=lambda d: d.get("name"))
+                if d.get("summary.accessible", True)
+            },
             networks=tuple(networks),
             vms=tuple(vms),
         )
 
     def power_states(self) -> dict[str, str]:
         """Every VM's power state (vm id -> poweredOn/poweredOff/suspended), in one round trip."""
-        world = self._call(f"Read the power states in {self.where}",
-                           lambda: self._collect_all({vim.VirtualMachine: ["runtime.powerState"]}))
+        world = self._call(
+            f"Read the power states in {self.where}",
+            lambda: self._collect_all({vim.VirtualMachine: ["runtime.powerState"]}),
+        )
         return {o.id: str(o.get("runtime.powerState")) for o in world[vim.VirtualMachine]}
 
     def host_states(self) -> dict[str, str]:
         """Host name -> connected | maintenance | disconnected | notResponding, in one round trip."""
-        world = self._call(f"Read the host states in {self.where}", lambda: self._collect_all(
-            {vim.HostSystem: ["name", "runtime.connectionState", "runtime.inMaintenanceMode"]}))
-        return {h.get("name"): "maintenance" if h.get("runtime.inMaintenanceMode") else str(h.get("runtime.connectionState") or "connected")
-                for h in world[vim.HostSystem]}
+        world = self._call(
+            f"Read the host states in {self.where}",
+            lambda: self._collect_all(
+                {vim.HostSystem: ["name", "runtime.connectionState", "runtime.inMaintenanceMode"]}
+            ),
+        )
+        return {
+            h.get("name"): "maintenance"
+            if h.get("runtime.inMaintenanceMode")
+            else str(h.get("runtime.connectionState") or "connected")
+            for h in world[vim.HostSystem]
+        }
 
     def custom_attribute_values(self, attribute: str) -> dict[str, str]:
         """vm id -> value of the custom attribute named ``attribute`` (for replica discovery: the value
         names the source workload); VMs without a value are left out. One round trip for all VMs."""
+
         def read() -> dict[str, str]:
             fields = self._content.customFieldsManager.field if self._content.customFieldsManager else []
             key = next((f.key for f in fields or () if f.name == attribute), None)
             if key is None:
                 return {}
             world = self._collect_all({vim.VirtualMachine: ["customValue"]})
-            return {o.id: v.value for o in world[vim.VirtualMachine] for v in (o.get("customValue") or ())
-                    if v.key == key and getattr(v, "value", "")}
+            return {
+                o.id: v.value
+                for o in world[vim.VirtualMachine]
+                for v in (o.get("customValue") or ())
+                if v.key == key and getattr(v, "value", "")
+            }
 
         return self._call(f"Read custom attribute {attribute!r} in {self.where}", read)
 
     def placement(self) -> Placement:
         """Datacenters, clusters with their hosts, resource pools and VM folders, in one round trip."""
-        world = self._call(f"Read the inventory of {self.where}", lambda: self._collect_all({
-            vim.HostSystem: ["name", "parent"], **_PLACE_PROPS}))
+        world = self._call(
+            f"Read the inventory of {self.where}",
+            lambda: self._collect_all({vim.HostSystem: ["name", "parent"], **_PLACE_PROPS}),
+        )
         by_id = {o.id: o for objs in world.values() for o in objs}
         path = self._path_fn(by_id)
         clusters: dict[str, tuple[str, ...]] = {}
@@ -291,15 +333,37 @@ class InventoryReader:
     def vm_config(self, vm_id: str) -> VMConfig:
         o = self._vm_props(vm_id, _VM_PROPS, f"Read the configuration of {vm_id}")
         if o.get("config.hardware.device") is None:
-            raise HypervisorError(f"Read the configuration of {vm_id}: vCenter cannot read this VM's configuration (inaccessible).")
+            raise HypervisorError(
+                f"Read the configuration of {vm_id}: vCenter cannot read this VM's configuration (inaccessible)."
+            )
         refs = [o.get("runtime.host")] if o.get("runtime.host") is not None else []
         refs += list(o.get("network") or ()) + list(o.get("datastore") or ())
-        related = self._call(f"Read the configuration of {vm_id}", lambda: self._collect(refs, {
-            vim.HostSystem: ["name"], vim.Datastore: ["name"], vim.Network: _NET_PROPS,
-            vim.dvs.DistributedVirtualPortgroup: _DVPG_PROPS, vim.OpaqueNetwork: _OPAQUE_PROPS})) if refs else []
+        related = (
+            self._call(
+                f"Read the configuration of {vm_id}",
+                lambda: self._collect(
+                    refs,
+                    {
+                        vim.HostSystem: ["name"],
+                        vim.Datastore: ["name"],
+                        vim.Network: _NET_PROPS,
+                        vim.dvs.DistributedVirtualPortgroup: _DVPG_PROPS,
+                        vim.OpaqueNetwork: _OPAQUE_PROPS,
+                    },
+                ),
+            )
+            if refs
+            else []
+        )
         world: dict[type, list[_Obj]] = {}
         for r in related:
-            for t in (vim.HostSystem, vim.Datastore, vim.dvs.DistributedVirtualPortgroup, vim.OpaqueNetwork, vim.Network):
+            for t in (
+                vim.HostSystem,
+                vim.Datastore,
+                vim.dvs.DistributedVirtualPortgroup,
+                vim.OpaqueNetwork,
+                vim.Network,
+            ):
                 if isinstance(r.ref, t):
                     world.setdefault(t, []).append(r)
                     break
@@ -325,10 +389,15 @@ class InventoryReader:
         vmx = o.get("config.files.vmPathName") or ""
         tools = o.get("guest.toolsStatus")
         return VMConfig(
-            vm_id=o.id, name=o.get("name"), host=names.get(host._moId, host._moId) if host is not None else "",
-            cpus=int(o.get("config.hardware.numCPU") or 0), memory_mb=int(o.get("config.hardware.memoryMB") or 0),
-            guest_os=o.get("config.guestId") or "", firmware=o.get("config.firmware") or "bios",
-            disks=tuple(sorted(disks, key=lambda s: s.key)), nics=tuple(nics),
+            vm_id=o.id,
+            name=o.get("name"),
+            host=names.get(host._moId, host._moId) if host is not None else "",
+            cpus=int(o.get("config.hardware.numCPU") or 0),
+            memory_mb=int(o.get("config.hardware.memoryMB") or 0),
+            guest_os=o.get("config.guestId") or "",
+            firmware=o.get("config.firmware") or "bios",
+            disks=tuple(sorted(disks, key=lambda s: s.key)),
+            nics=tuple(nics),
             tools_installed=bool(tools) and tools != "toolsNotInstalled",
             datastore=_split_ds_path(vmx)[0] if vmx else "",
         )
@@ -364,8 +433,17 @@ class InventoryReader:
                     self._dc_of_ds[name] = path(parent._moId)
 
     def _disk(self, vm_id: str, disk_key: str, what: str) -> tuple[_Obj, Any]:
-        o = self._vm_props(vm_id, ["name", "config.hardware.device", "config.changeTrackingEnabled",
-                                   "capability.changeTrackingSupported", "datastore"], what)
+        o = self._vm_props(
+            vm_id,
+            [
+                "name",
+                "config.hardware.device",
+                "config.changeTrackingEnabled",
+                "capability.changeTrackingSupported",
+                "datastore",
+            ],
+            what,
+        )
         devices = list(o.get("config.hardware.device") or ())
         by_key = {d.key: d for d in devices}
         for d in devices:

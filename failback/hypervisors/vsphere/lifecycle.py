@@ -18,8 +18,10 @@ class Lifecycle:
         o = self._vm_props(vm_id, ["name", "runtime.powerState"], what)
         state = o.get("runtime.powerState")
         if state != POWERED_OFF:
-            raise HypervisorError(f"Delete {o.get('name')} ({vm_id}): The attempted operation cannot be performed "
-                                  f"in the current state ({_STATE_LABEL.get(state, state)}).")
+            raise HypervisorError(
+                f"Delete {o.get('name')} ({vm_id}): The attempted operation cannot be performed "
+                f"in the current state ({_STATE_LABEL.get(state, state)})."
+            )
         task = self._call(what, lambda: self._vm_ref(vm_id).Destroy_Task(), idempotent=False)
         self._wait(task, f"Delete {o.get('name')} ({vm_id})")
 
@@ -30,11 +32,18 @@ class Lifecycle:
     def find_owned_vm(self, owner_tag: str) -> str | None:
         if not owner_tag:
             return None
-        world = self._call(f"Find the VM owned by {owner_tag}", lambda: self._collect_all({vim.VirtualMachine: ["config.extraConfig"]}))
-        return next((o.ref._moId for o in world[vim.VirtualMachine] if _owner_of(o.get("config.extraConfig")) == owner_tag), None)
+        world = self._call(
+            f"Find the VM owned by {owner_tag}", lambda: self._collect_all({vim.VirtualMachine: ["config.extraConfig"]})
+        )
+        return next(
+            (o.ref._moId for o in world[vim.VirtualMachine] if _owner_of(o.get("config.extraConfig")) == owner_tag),
+            None,
+        )
 
     def power_state(self, vm_id: str) -> str:
-        return self._vm_props(vm_id, ["runtime.powerState"], f"Read the power state of {vm_id}").get("runtime.powerState")
+        return self._vm_props(vm_id, ["runtime.powerState"], f"Read the power state of {vm_id}").get(
+            "runtime.powerState"
+        )
 
     def power_on(self, vm_id: str) -> None:
         what = f"Power on {vm_id}"

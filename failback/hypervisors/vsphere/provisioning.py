@@ -48,12 +48,16 @@ def _nic_backing(net: _Obj, dvs_uuid: dict[str, str]) -> Any:
     if isinstance(net.ref, vim.dvs.DistributedVirtualPortgroup):
         switch = net.get("config.distributedVirtualSwitch")
         return vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
-            port=vim.dvs.PortConnection(portgroupKey=net.get("key") or net.id,
-                                        switchUuid=dvs_uuid.get(switch._moId) if switch is not None else None))
+            port=vim.dvs.PortConnection(
+                portgroupKey=net.get("key") or net.id,
+                switchUuid=dvs_uuid.get(switch._moId) if switch is not None else None,
+            )
+        )
     if isinstance(net.ref, vim.OpaqueNetwork):
         summary = net.get("summary")
         return vim.vm.device.VirtualEthernetCard.OpaqueNetworkBackingInfo(
-            opaqueNetworkId=summary.opaqueNetworkId, opaqueNetworkType=summary.opaqueNetworkType)
+            opaqueNetworkId=summary.opaqueNetworkId, opaqueNetworkType=summary.opaqueNetworkType
+        )
     return vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=net.get("name"), network=net.ref)
 
 
@@ -88,21 +92,29 @@ class _NewDevices:
         """An empty disk of the source's size and provisioning (thin/thick, eager zeroing) on ``datastore``."""
         b = source.backing
         backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-            fileName=f"[{datastore}]", diskMode="persistent",
+            fileName=f"[{datastore}]",
+            diskMode="persistent",
             thinProvisioned=bool(getattr(b, "thinProvisioned", False)),
             eagerlyScrub=bool(getattr(b, "eagerlyScrub", False)),
         )
         capacity = _disk_capacity(source)
         controller = self.controller_for(source.controllerKey)
-        disk = vim.vm.device.VirtualDisk(key=self._key(), controllerKey=controller, unitNumber=source.unitNumber,
-                                         capacityInBytes=capacity, capacityInKB=capacity // 1024, backing=backing)
+        disk = vim.vm.device.VirtualDisk(
+            key=self._key(),
+            controllerKey=controller,
+            unitNumber=source.unitNumber,
+            capacityInBytes=capacity,
+            capacityInKB=capacity // 1024,
+            backing=backing,
+        )
         self.changes.append(_Op(operation="add", fileOperation="create", device=disk))
 
     def add_nic(self, source: Any, net: _Obj, dvs_uuid: dict[str, str], *, connect: bool) -> None:
         """A NIC of the source's type on ``net``; ``connect`` False: present, never connecting by itself."""
         new = type(source)(key=self._key(), addressType="generated", wakeOnLanEnabled=source.wakeOnLanEnabled)
         new.connectable = vim.vm.device.VirtualDevice.ConnectInfo(
-            startConnected=connect, connected=False, allowGuestControl=connect)
+            startConnected=connect, connected=False, allowGuestControl=connect
+        )
         new.backing = _nic_backing(net, dvs_uuid)
         self.changes.append(_Op(operation="add", device=new))
 
@@ -148,17 +160,31 @@ class Provisioning:
         spec = self._config_spec(src, name, datastore, owner_tag)
         spec.deviceChange = self._device_changes(src, source_cfg, datastore, network_map, nets, what, host)
         host_ref = target.host.ref if target.host is not None else None
-        task = self._call(what, lambda: target.folder.CreateVM_Task(config=spec, pool=target.pool, host=host_ref),
-                          idempotent=False)
+        task = self._call(
+            what, lambda: target.folder.CreateVM_Task(config=spec, pool=target.pool, host=host_ref), idempotent=False
+        )
         return self._wait(task, what)._moId
 
-    def _target(self, world: dict[type, list[_Obj]], what: str, host: str, datastore: str,
-                resource_pool: str | None, folder: str | None) -> _Target:
+    def _target(
+        self,
+        world: dict[type, list[_Obj]],
+        what: str,
+        host: str,
+        datastore: str,
+        resource_pool: str | None,
+        folder: str | None,
+    ) -> _Target:
         """The host or cluster, datastore, resource pool and VM folder, each checked to exist and fit."""
         by_id = {o.id: o for objs in world.values() for o in objs}
         target_host = next((h for h in world[vim.HostSystem] if h.get("name") == host), None)
-        cluster = next((c for c in world[vim.ComputeResource] if c.get("name") == host
-                        and isinstance(c.ref, vim.ClusterComputeResource)), None)
+        cluster = next(
+            (
+                c
+                for c in world[vim.ComputeResource]
+                if c.get("name") == host and isinstance(c.ref, vim.ClusterComputeResource)
+            ),
+            None,
+        )
         if target_host is None and cluster is None:
             raise NotFound(f"{what}: no host or cluster named {host!r} in {self.where}.")
         ds = next((d for d in world[vim.Datastore] if d.get("name") == datastore), None)
@@ -168,11 +194,17 @@ class Provisioning:
         if ds.id not in {r._moId for r in reach.get("datastore") or ()}:
             raise HypervisorError(f"{what}: datastore {datastore!r} is not available on {host!r}.")
         compute = by_id.get(target_host.get("parent")._moId) if target_host is not None else cluster
-        return _Target(host=target_host, compute=reach, datastore=ds,
-                       pool=self._pool(by_id, compute, resource_pool, what, host),
-                       folder=self._vm_folder(by_id, compute, folder, what, host))
+        return _Target(
+            host=target_host,
+            compute=reach,
+            datastore=ds,
+            pool=self._pool(by_id, compute, resource_pool, what, host),
+            folder=self._vm_folder(by_id, compute, folder, what, host),
+        )
 
-    def _pool(self, by_id: dict[str, _Obj], compute: _Obj | None, resource_pool: str | None, what: str, host: str) -> Any:
+    def _pool(
+        self, by_id: dict[str, _Obj], compute: _Obj | None, resource_pool: str | None, what: str, host: str
+    ) -> Any:
         if resource_pool is not None:
             pool = by_id.get(resource_pool)
             if pool is None or not isinstance(pool.ref, vim.ResourcePool):
@@ -186,7 +218,11 @@ class Provisioning:
     def _vm_folder(self, by_id: dict[str, _Obj], compute: _Obj | None, folder: str | None, what: str, host: str) -> Any:
         if folder is not None:
             found = by_id.get(folder)
-            if found is None or not isinstance(found.ref, vim.Folder) or "VirtualMachine" not in (found.get("childType") or ()):
+            if (
+                found is None
+                or not isinstance(found.ref, vim.Folder)
+                or "VirtualMachine" not in (found.get("childType") or ())
+            ):
                 raise NotFound(f"{what}: no VM folder {folder!r} in {self.where}.")
             return found.ref
         dc = compute
@@ -196,8 +232,9 @@ class Provisioning:
             raise HypervisorError(f"{what}: cannot find the datacenter of {host!r}.")
         return dc.get("vmFolder")
 
-    def _target_networks(self, world: dict[type, list[_Obj]], target: _Target, network_map: dict[str, str | None],
-                         what: str) -> _Networks:
+    def _target_networks(
+        self, world: dict[type, list[_Obj]], target: _Target, network_map: dict[str, str | None], what: str
+    ) -> _Networks:
         nets = {n.get("name"): n for n in self._networks(world)}
         for name in network_map.values():
             if name is not None and name not in nets:
@@ -205,17 +242,28 @@ class Provisioning:
         # vSphere wants a backing even for a NIC that is not connected: such a NIC gets the first
         # standard network of the target (it never connects by itself: startConnected is false).
         reachable = {r._moId for r in target.compute.get("network") or ()}
-        parking = next((n for n in sorted(world[vim.Network], key=lambda n: n.get("name"))
-                        if type(n.ref) is vim.Network and n.id in reachable), None)
+        parking = next(
+            (
+                n
+                for n in sorted(world[vim.Network], key=lambda n: n.get("name"))
+                if type(n.ref) is vim.Network and n.id in reachable
+            ),
+            None,
+        )
         return _Networks(nets, {d.id: d.get("uuid") for d in world[vim.DistributedVirtualSwitch]}, parking)
 
     @staticmethod
     def _config_spec(src: _Obj, name: str, datastore: str, owner_tag: str | None) -> Any:
         spec = vim.vm.ConfigSpec(
-            name=name, guestId=src.get("config.guestId"), numCPUs=src.get("config.hardware.numCPU"),
-            numCoresPerSocket=src.get("config.hardware.numCoresPerSocket"), memoryMB=src.get("config.hardware.memoryMB"),
-            firmware=src.get("config.firmware") or "bios", changeTrackingEnabled=True,
-            files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"), deviceChange=[],
+            name=name,
+            guestId=src.get("config.guestId"),
+            numCPUs=src.get("config.hardware.numCPU"),
+            numCoresPerSocket=src.get("config.hardware.numCoresPerSocket"),
+            memoryMB=src.get("config.hardware.memoryMB"),
+            firmware=src.get("config.firmware") or "bios",
+            changeTrackingEnabled=True,
+            files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
+            deviceChange=[],
         )
         if owner_tag:  # proof of creation, readable even when the answer to CreateVM_Task is lost
             spec.extraConfig = [vim.option.OptionValue(key=OWNER_KEY, value=owner_tag)]
@@ -223,8 +271,15 @@ class Provisioning:
         return spec
 
     @staticmethod
-    def _device_changes(src: _Obj, source_cfg: VMConfig, datastore: str, network_map: dict[str, str | None],
-                        nets: _Networks, what: str, host: str) -> list[Any]:
+    def _device_changes(
+        src: _Obj,
+        source_cfg: VMConfig,
+        datastore: str,
+        network_map: dict[str, str | None],
+        nets: _Networks,
+        what: str,
+        host: str,
+    ) -> list[Any]:
         devices = list(src.get("config.hardware.device") or ())
         new = _NewDevices(devices)
         for d in devices:
@@ -234,7 +289,9 @@ class Provisioning:
         for card, nic in zip(cards, source_cfg.nics, strict=True):
             target = _mapped(nic, network_map, what, src.get("name"))
             if target is None and nets.parking is None:
-                raise HypervisorError(f"{what}: {host!r} has no standard network to park the disconnected {nic.key} on.")
+                raise HypervisorError(
+                    f"{what}: {host!r} has no standard network to park the disconnected {nic.key} on."
+                )
             net = nets.by_name[target] if target is not None else nets.parking
             new.add_nic(card, net, nets.dvs_uuid, connect=target is not None)
         return new.changes

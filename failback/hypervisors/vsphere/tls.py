@@ -83,8 +83,10 @@ def fetch_thumbprint(host: str, port: int = 443, timeout: float = 10) -> str:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, \
-                ctx.wrap_socket(raw, server_hostname=host) as tls:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
             der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError) as exc:
         raise HypervisorError(f"Cannot read the certificate of {host}:{port}: {exc}") from exc

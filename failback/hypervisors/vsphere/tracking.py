@@ -26,7 +26,6 @@ def _merge(extents: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((a, n) for a, n in out)
 
 
-
 class ChangeTracking:
     """The change-tracking part of ``VSphereHypervisor`` (it keeps ``_cbt_supported`` and ``_cbt_refusal``)."""
 
@@ -38,8 +37,12 @@ class ChangeTracking:
         saying the method does not exist (vcsim: MethodNotFound) means no; any other answer, yes."""
         if self._cbt_supported is None:
             try:
-                self._call(f"Probe QueryChangedDiskAreas on {vm_id}", lambda: self._vm_ref(vm_id).QueryChangedDiskAreas(
-                    snapshot=None, deviceKey=disk.key, startOffset=0, changeId="*"))
+                self._call(
+                    f"Probe QueryChangedDiskAreas on {vm_id}",
+                    lambda: self._vm_ref(vm_id).QueryChangedDiskAreas(
+                        snapshot=None, deviceKey=disk.key, startOffset=0, changeId="*"
+                    ),
+                )
                 self._cbt_supported = True
             except HypervisorError as exc:
                 if getattr(exc, "fault", "") in ("MethodNotFound", "NotImplemented", "NotSupported"):
@@ -74,9 +77,16 @@ class ChangeTracking:
         if not self._cbt_available(vm_id, disk):
             raise HypervisorError(f"{what}: this platform cannot report changed areas ({self._cbt_refusal}).")
         vm = self._vm_ref(vm_id)
-        task = self._call(what, lambda: vm.CreateSnapshot_Task(
-            name="failback-cbt", description="Temporary: changed block query for failback", memory=False, quiesce=False),
-            idempotent=False)
+        task = self._call(
+            what,
+            lambda: vm.CreateSnapshot_Task(
+                name="failback-cbt",
+                description="Temporary: changed block query for failback",
+                memory=False,
+                quiesce=False,
+            ),
+            idempotent=False,
+        )
         snapshot = self._wait(task, what)
         try:
             areas = self._query_changes(vm, snapshot, disk, since_change_id, what)
@@ -89,20 +99,32 @@ class ChangeTracking:
 
     def _remove_snapshot(self, snapshot: Any, vm_id: str) -> None:
         what = f"Remove the temporary snapshot 'failback-cbt' of {vm_id}"
-        task = self._call(what, lambda: snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True), idempotent=False)
+        task = self._call(
+            what, lambda: snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True), idempotent=False
+        )
         self._wait(task, what)
 
     def _query_changes(self, vm: Any, snapshot: Any, disk: Any, since_change_id: str, what: str) -> ChangedAreas:
         snap = self._call(what, lambda: self._collect([snapshot], {vim.vm.Snapshot: ["config.hardware.device"]}))
-        snap_disk = next((d for d in (snap[0].get("config.hardware.device") if snap else ()) or ()
-                          if isinstance(d, vim.vm.device.VirtualDisk) and d.key == disk.key), None)
+        snap_disk = next(
+            (
+                d
+                for d in (snap[0].get("config.hardware.device") if snap else ()) or ()
+                if isinstance(d, vim.vm.device.VirtualDisk) and d.key == disk.key
+            ),
+            None,
+        )
         new_id = getattr(getattr(snap_disk, "backing", None), "changeId", None)
         if not new_id:
             raise HypervisorError(f"{what}: the snapshot has no change id for the disk.")
         capacity, offset, extents = _disk_capacity(disk), 0, []
         while offset < capacity:
-            info = self._call(what, lambda start=offset: vm.QueryChangedDiskAreas(
-                snapshot=snapshot, deviceKey=disk.key, startOffset=start, changeId=since_change_id))
+            info = self._call(
+                what,
+                lambda start=offset: vm.QueryChangedDiskAreas(
+                    snapshot=snapshot, deviceKey=disk.key, startOffset=start, changeId=since_change_id
+                ),
+            )
             extents += [(int(e.start), int(e.length)) for e in info.changedArea or ()]
             end = int(info.startOffset) + int(info.length)
             if end <= offset:

@@ -6,11 +6,15 @@ from failback.workflow import Refused
 
 
 class Command(BaseCommand):
-    help = "Create an API token for a user (printed once; only its hash is stored). The token acts with the user's role."
+    help = (
+        "Create an API token for a user (printed once; only its hash is stored). The token acts with the user's role."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("username")
-        parser.add_argument("--name", default="created with manage.py", help="what the token is for, e.g. the script using it")
+        parser.add_argument(
+            "--name", default="created with manage.py", help="what the token is for, e.g. the script using it"
+        )
 
     def handle(self, username, name, **options):
         user = get_user_model().objects.filter(username=username, is_active=True).first()

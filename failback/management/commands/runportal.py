@@ -24,7 +24,9 @@ class Command(BaseCommand):
         if not no_workload:
             commands["workload"] = manage + ["lab_workload"]
         procs = {name: subprocess.Popen(cmd, env=os.environ.copy()) for name, cmd in commands.items()}
-        self.stdout.write(self.style.SUCCESS(f"Portal on http://{bind}:{port}/  (Ctrl-C stops web, worker and workload)"))
+        self.stdout.write(
+            self.style.SUCCESS(f"Portal on http://{bind}:{port}/  (Ctrl-C stops web, worker and workload)")
+        )
         stopping = False
 
         def stop(*_):

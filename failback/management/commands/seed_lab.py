@@ -37,11 +37,24 @@ class Command(BaseCommand):
     def import_replicas(self, lab):
         added = 0
         for vm in lab.inventory().vms:
-            if not vm.name.endswith(REPLICA_SUFFIX) or Replica.objects.filter(vm_id=vm.vm_id, platform=lab.name).exists():
+            if (
+                not vm.name.endswith(REPLICA_SUFFIX)
+                or Replica.objects.filter(vm_id=vm.vm_id, platform=lab.name).exists()
+            ):
                 continue
-            replica = Replica.objects.create(name=vm.name, source_name=vm.name.removesuffix(REPLICA_SUFFIX), platform=lab.name,
-                                             vm_id=vm.vm_id, host=vm.host, site="DR", state=ReplicaState.FAILOVER)
-            ReplicaDisk.objects.bulk_create(ReplicaDisk(replica=replica, key=d.key, capacity_bytes=d.capacity_bytes, datastore=d.datastore) for d in vm.disks)
+            replica = Replica.objects.create(
+                name=vm.name,
+                source_name=vm.name.removesuffix(REPLICA_SUFFIX),
+                platform=lab.name,
+                vm_id=vm.vm_id,
+                host=vm.host,
+                site="DR",
+                state=ReplicaState.FAILOVER,
+            )
+            ReplicaDisk.objects.bulk_create(
+                ReplicaDisk(replica=replica, key=d.key, capacity_bytes=d.capacity_bytes, datastore=d.datastore)
+                for d in vm.disks
+            )
             added += 1
         return added
 
