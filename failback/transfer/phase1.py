@@ -1,10 +1,10 @@
 """Phase 1, the full copy (public entry: :func:`.engine.full_copy`).
 
-Each block's data ranges are read once into a buffer; its non-zero pages are written from it (their
-range allocated first, in one call), its zero pages skipped, and the pool hashes the same buffer, so
-the leaves are of exactly the bytes written. The pass resumes from the checkpoint a background
-thread saves every few seconds. Why this shape, with figures: docs/decisions.md, "Phase 1 at the
-speed of the disk's page cache".
+Each block's data ranges are allocated in the target, then copied by copy_file_range; the pool
+reads them back from the target's page cache and hashes them, so the leaves are of exactly the bytes
+that went in. A block whose first data page is zeros is read into a buffer instead and only its
+non-zero pages are written. The pass resumes from the checkpoint a background thread saves every few
+seconds. Why this shape, with figures: docs/decisions.md, "Transfer engine: phase 1 against cp".
 """
 
 from __future__ import annotations
