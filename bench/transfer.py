@@ -180,8 +180,11 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int) -> Non
     base, base_state, old_src = (os.path.join(work, n) for n in ("base.img", "base-state", "old-src.img"))
     t = time.perf_counter()
     build(src, shape.size, shape.allocated, rng)
-    print(f"{shape.name}: {shape.size / GiB:.2f} GiB, {allocated(src) / MiB:.0f} MiB allocated, "
-          f"built in {time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"{shape.name}: {shape.size / GiB:.2f} GiB, {allocated(src) / MiB:.0f} MiB allocated, "
+        f"built in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
     ours, cp = phase1(work, src, rounds)
     assert full_copy(src, dst, state_dir=state).digest == disk_digest(src), "phase 1 copy differs"
     print(describe("phase 1 ours (full_copy)", ours))
@@ -210,8 +213,9 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int) -> Non
         out: dict[str, object] = {}
 
         def go() -> None:
-            res = delta_copy(src, dst, state_dir=state, changed_extents=extents if method == "tracked" else None,
-                             durable=False)
+            res = delta_copy(
+                src, dst, state_dir=state, changed_extents=extents if method == "tracked" else None, durable=False
+            )
             proof = verify_changes(src, dst, state_dir=state)
             out["res"], out["proof"] = res, proof
 
@@ -234,9 +238,11 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int) -> Non
         for step in steps[k % 3 :] + steps[: k % 3]:
             step()
     assert disk_digest(dst) == new_digest
-    print(f"  change: {len(extents)} writes, {changed / MiB:.2f} MiB of pages changed; written: "
-          + ", ".join(f"{k} {v / MiB:.2f} MiB" for k, v in sorted(written.items()))
-          + f"; target {allocated(dst) / MiB:.0f} MiB allocated (source {allocated(src) / MiB:.0f} MiB); correct: yes")
+    print(
+        f"  change: {len(extents)} writes, {changed / MiB:.2f} MiB of pages changed; written: "
+        + ", ".join(f"{k} {v / MiB:.2f} MiB" for k, v in sorted(written.items()))
+        + f"; target {allocated(dst) / MiB:.0f} MiB allocated (source {allocated(src) / MiB:.0f} MiB); correct: yes"
+    )
     print(describe("delta tracked + verify_changes", times["tracked"]))
     print(describe("delta digest + verify_changes", times["digest"]))
     print(describe("rsync --inplace --no-whole-file", times["rsync"]))
@@ -272,8 +278,10 @@ def bandwidth(work: str) -> None:
     build(src, 64 * MiB, 0.5, random.Random(3))
     limit = 16e6
     res = full_copy(src, dst, state_dir=state, bandwidth_limit_bps=limit, durable=False)
-    print(f"bandwidth limit {limit / 1e6:.0f} MB/s: achieved {res.bytes_written / res.seconds / 1e6:.2f} MB/s "
-          f"over {res.seconds:.2f} s")
+    print(
+        f"bandwidth limit {limit / 1e6:.0f} MB/s: achieved {res.bytes_written / res.seconds / 1e6:.2f} MB/s "
+        f"over {res.seconds:.2f} s"
+    )
     remove(src, dst, state)
 
 
@@ -321,8 +329,7 @@ def main() -> None:
         f"peak_rss_mib={peak:.0f} "
         f"window_growth={growth if growth is not None else float('nan'):.2f} "
         f"write_amplification={amp:.2f} "
-        f"holes_kept={'yes' if holes else 'no'}"
-        + (" (quick shapes)" if args.quick else "")
+        f"holes_kept={'yes' if holes else 'no'}" + (" (quick shapes)" if args.quick else "")
     )
 
 

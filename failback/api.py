@@ -19,13 +19,13 @@ from typing import Annotated, Literal
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import RequestDataTooBig
-from django.db.models import Prefetch
 from ninja import NinjaAPI, Path, Query, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security import HttpBearer
 
 from . import actions, plans, tokens, workflow
+from . import api_render as render
 from .api_schemas import (
     DB_INT_MAX,
     AuditFilters,
@@ -52,7 +52,7 @@ from .forms import suggest_network
 from .hypervisors.base import HypervisorError
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackPlan, FailbackSession, Replica
-from .queries import REPLICA_SORTS, attach_power_states, filtered_replicas, filtered_sessions
+from .queries import REPLICA_SORTS, filtered_replicas, filtered_sessions
 
 
 class BearerToken(HttpBearer):
@@ -217,169 +217,6 @@ def _one(queryset, pk, what):
     return row
 
 
-# -- rendering ---------------------------------------------------------------------------------------
-
-
-def _replicas(rows):
-    attach_power_states(rows)
-    return [
-        {
-            "id": r.pk,
-            "name": r.name,
-            "source_name": r.source_name,
-            "platform": r.platform,
-            "vm_id": r.vm_id,
-            "host": r.host,
-            "site": r.site,
-            "state": r.state,
-            "state_label": r.get_state_display(),
-            "power": r.power,
-            "production_vm_id": r.production_vm_id,
-            "active_session_id": getattr(r.active_session, "pk", None),
-            "can_start_failback": r.can_start_failback,
-            "updated_at": r.updated_at,
-            "disks": [
-                {"key": d.key, "capacity_bytes": d.capacity_bytes, "datastore": d.datastore} for d in r.disks.all()
-            ],
-        }
-        for r in rows
-    ]
-
-
-def _session(s):
-    window = s.switch_window
-    return {
-        "id": s.pk,
-        "replica_id": s.replica_id,
-        "replica_name": s.replica.name,
-        "plan_id": s.plan_id,
-        "plan_order": s.plan_order,
-        "status": s.status,
-        "status_label": s.get_status_display(),
-        "allowed_actions": actions.allowed(s),
-        **{
-            f: getattr(s, f)
-            for f in (
-                "vm_name",
-                "target_host",
-                "target_datastore",
-                "network_map",
-                "resource_pool",
-                "folder",
-                "production_vm_id",
-                "switch_mode",
-                "switch_at",
-                "power_on_after",
-                "shutdown_timeout_s",
-                "bandwidth_mbps",
-                "commit_policy",
-                "commit_after_min",
-                "policy_due_at",
-                "policy_stopped_at",
-                "reason",
-                "created_at",
-                "phase1_started_at",
-                "phase1_ended_at",
-                "switch_started_at",
-                "replica_off_at",
-                "phase2_ended_at",
-                "production_on_at",
-                "ended_at",
-                "predicted_window_s",
-                "stop_method",
-                "error",
-            )
-        },
-        "started_by": s.started_by.get_username(),
-        "switch_window_s": window.total_seconds() if window is not None else None,
-        "disks": [
-            {
-                **{
-                    f: getattr(d, f)
-                    for f in (
-                        "key",
-                        "capacity_bytes",
-                        "phase",
-                        "method",
-                        "method_reason",
-                        "bytes_total",
-                        "bytes_done",
-                        "bytes_written",
-                        "rate_bps",
-                        "eta_s",
-                        "phase1_digest",
-                        "source_digest",
-                        "target_digest",
-                        "verified",
-                    )
-                },
-                "percent": d.percent,
-            }
-            for d in s.disks.all()
-        ],
-    }
-
-
-def _sessions(rows):
-    return [_session(s) for s in rows]
-
-
-def _plans(rows):
-    out = []
-    for plan in rows:
-        members = list(plan.sessions.all())
-        out.append(
-            {
-                **{
-                    f: getattr(plan, f)
-                    for f in (
-                        "id",
-                        "name",
-                        "created_at",
-                        "reason",
-                        "concurrency",
-                        "switch_mode",
-                        "switch_at",
-                        "power_on_after",
-                        "power_on_delay_s",
-                        "switch_started_at",
-                    )
-                },
-                "created_by": plan.created_by.get_username(),
-                "percent": FailbackPlan.summary(members)["percent"],
-                "members": [
-                    {
-                        "session_id": s.pk,
-                        "plan_order": s.plan_order,
-                        "replica_id": s.replica_id,
-                        "replica_name": s.replica.name,
-                        "status": s.status,
-                        "status_label": s.get_status_display(),
-                    }
-                    for s in members
-                ],
-            }
-        )
-    return out
-
-
-def _session_rows():
-    return FailbackSession.objects.select_related("replica", "started_by").prefetch_related("disks")
-
-
-def _plan_rows():
-    members = FailbackSession.objects.select_related("replica").prefetch_related("disks").order_by("plan_order", "pk")
-    return FailbackPlan.objects.select_related("created_by").prefetch_related(Prefetch("sessions", queryset=members))
-
-
-def _fresh_session(pk):
-    return _session(_session_rows().get(pk=pk))
-
-
-def _fresh_plan(pk):
-    return _plans([_plan_rows().get(pk=pk)])[0]
-
-
 # -- reads -------------------------------------------------------------------------------------------
 
 
@@ -400,12 +237,12 @@ def list_replicas(
     offset: int = Offset,
 ):
     replicas, _, _ = filtered_replicas({"q": q, "state": state or "", "site": site, "host": host, "sort": sort})
-    return _page(replicas, limit, offset, _replicas)
+    return _page(replicas, limit, offset, render.replicas)
 
 
 @api.get("/replicas/{replica_id}", response={200: ReplicaOut, **ONE}, tags=["replicas"], summary="One replica")
 def get_replica(request, replica_id: PathId):
-    return _replicas([_one(filtered_replicas({})[0], replica_id, "replica")])[0]
+    return render.replicas([_one(filtered_replicas({})[0], replica_id, "replica")])[0]
 
 
 @api.get(
@@ -449,7 +286,7 @@ def list_sessions(
     sessions, _ = filtered_sessions(
         {"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")}
     )  # typed and bounded above
-    return _page(sessions.prefetch_related("disks"), limit, offset, _sessions)
+    return _page(sessions.prefetch_related("disks"), limit, offset, render.sessions)
 
 
 @api.get(
@@ -459,12 +296,12 @@ def list_sessions(
     summary="One failback session, with its disks",
 )
 def get_session(request, session_id: PathId):
-    return _session(_one(_session_rows(), session_id, "failback"))
+    return render.session(_one(render.session_rows(), session_id, "failback"))
 
 
 @api.get("/plans", response={200: PlanPage, **READ}, tags=["plans"], summary="List failback plans, newest first")
 def list_plans(request, limit: int = Limit, offset: int = Offset):
-    return _page(_plan_rows(), limit, offset, _plans)
+    return _page(render.plan_rows(), limit, offset, render.plans)
 
 
 @api.get(
@@ -474,7 +311,7 @@ def list_plans(request, limit: int = Limit, offset: int = Offset):
     summary="One plan, with its members in boot order",
 )
 def get_plan(request, plan_id: PathId):
-    return _plans([_one(_plan_rows(), plan_id, "plan")])[0]
+    return render.plans([_one(render.plan_rows(), plan_id, "plan")])[0]
 
 
 @api.get(
@@ -509,7 +346,7 @@ def list_audit(request, filters: Query[AuditFilters], limit: int = Limit, offset
 def start_failback(request, replica_id: PathId, body: StartFailbackIn):
     _one(Replica.objects, replica_id, "replica")
     session = workflow.start_failback(request.auth, replica_id, workflow.StartOptions(**body.dict()))
-    return Status(201, _fresh_session(session.pk))
+    return Status(201, render.fresh_session(session.pk))
 
 
 @api.post(
@@ -522,7 +359,7 @@ def start_failback(request, replica_id: PathId, body: StartFailbackIn):
 def switch_now(request, session_id: PathId, body: SwitchIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("switch", request.auth, session_id, body.dict())
-    return _fresh_session(session_id)
+    return render.fresh_session(session_id)
 
 
 @api.post(
@@ -535,7 +372,7 @@ def switch_now(request, session_id: PathId, body: SwitchIn):
 def schedule_switch(request, session_id: PathId, body: ScheduleIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("schedule", request.auth, session_id, body.dict())
-    return _fresh_session(session_id)
+    return render.fresh_session(session_id)
 
 
 @api.post(
@@ -548,7 +385,7 @@ def schedule_switch(request, session_id: PathId, body: ScheduleIn):
 def cancel(request, session_id: PathId, body: CancelIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("cancel", request.auth, session_id, body.dict())
-    return _fresh_session(session_id)
+    return render.fresh_session(session_id)
 
 
 @api.post(
@@ -561,7 +398,7 @@ def cancel(request, session_id: PathId, body: CancelIn):
 def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("stop_commit_policy", request.auth, session_id, body.dict())
-    return _fresh_session(session_id)
+    return render.fresh_session(session_id)
 
 
 @api.post(
@@ -574,7 +411,7 @@ def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
 def commit(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("commit", request.auth, session_id, body.dict())
-    return _fresh_session(session_id)
+    return render.fresh_session(session_id)
 
 
 @api.post(
@@ -587,7 +424,7 @@ def commit(request, session_id: PathId, body: ReasonIn):
 def undo(request, session_id: PathId, body: ReasonIn):
     _one(FailbackSession.objects, session_id, "failback")
     actions.perform("undo", request.auth, session_id, body.dict())
-    return _fresh_session(session_id)
+    return render.fresh_session(session_id)
 
 
 @api.post(
@@ -599,7 +436,7 @@ def undo(request, session_id: PathId, body: ReasonIn):
 )
 def start_plan(request, body: StartPlanIn):
     plan = plans.start_plan(request.auth, **body.dict())
-    return Status(201, _fresh_plan(plan.pk))
+    return Status(201, render.fresh_plan(plan.pk))
 
 
 @api.post(
@@ -612,7 +449,7 @@ def start_plan(request, body: StartPlanIn):
 def switch_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.switch_now(request.auth, plan_id, reason=body.reason)
-    return _fresh_plan(plan_id)
+    return render.fresh_plan(plan_id)
 
 
 @api.post(
@@ -625,7 +462,7 @@ def switch_plan(request, plan_id: PathId, body: ReasonIn):
 def commit_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.commit(request.auth, plan_id, reason=body.reason)
-    return _fresh_plan(plan_id)
+    return render.fresh_plan(plan_id)
 
 
 @api.post(
@@ -638,7 +475,7 @@ def commit_plan(request, plan_id: PathId, body: ReasonIn):
 def undo_plan(request, plan_id: PathId, body: ReasonIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.undo(request.auth, plan_id, reason=body.reason)
-    return _fresh_plan(plan_id)
+    return render.fresh_plan(plan_id)
 
 
 @api.post(
@@ -651,7 +488,7 @@ def undo_plan(request, plan_id: PathId, body: ReasonIn):
 def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.schedule_switch(request.auth, plan_id, body.switch_at, reason=body.reason)
-    return _fresh_plan(plan_id)
+    return render.fresh_plan(plan_id)
 
 
 def urls():

@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
+from .audit import OVERRIDE_PERMISSION, actor_name, audit, refuse
+from .choices import TRANSITIONS, Outcome
 from .hypervisors.base import POWERED_ON, NotFound
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -121,66 +123,45 @@ def before_start(hv, replica, *, target_host, target_datastore, network_map, inv
     from .choices import ACTIVE
 
     inventory = inventory or hv.inventory()
-    checks = [_host(hv, target_host)]
-    needed = sum(d.capacity_bytes for d in replica.disks.all())
-    free = inventory.datastores.get(target_datastore)
-    if free is None:
-        checks.append(
-            Check(
-                "datastore",
-                "Datastore room for the disks",
-                FAIL,
-                f"{target_datastore} is not in the inventory (or not accessible).",
-            )
-        )
-    elif free < needed:
-        checks.append(
-            Check(
-                "datastore",
-                "Datastore room for the disks",
-                FAIL,
-                f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB.",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                "datastore",
-                "Datastore room for the disks",
-                OK,
-                f"{target_datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB.",
-            )
-        )
-    config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
-    sources = sorted({nic.network for nic in config.nics if nic.network}) if config else []
-    unmapped = [n for n in sources if n not in (network_map or {})]
-    if unmapped:
-        checks.append(
-            Check(
-                "networks",
-                "Networks mapped",
-                FAIL,
-                f"{', '.join(unmapped)} not mapped to a target network (or to disconnected).",
-            )
-        )
-    else:
-        shown = (
-            ", ".join(f"{s} → {(network_map or {}).get(s) or 'disconnected'}" for s in sources)
-            or "the replica has no network"
-        )
-        checks.append(Check("networks", "Networks mapped", OK, shown))
-    checks.append(_replica_power(hv, replica))
     other = replica.sessions.filter(status__in=ACTIVE).first()
-    checks.append(
+    return [
+        _host(hv, target_host),
+        _room(replica, inventory, target_datastore),
+        _networks(replica, inventory, network_map or {}),
+        _replica_power(hv, replica),
         Check(
             "no_other_session",
             "No other failback on this replica",
             FAIL if other else OK,
             f"Failback #{other.pk} is {other.get_status_display()}." if other else "None in progress.",
+        ),
+        scheduler_clock(),
+    ]
+
+
+def _room(replica, inventory, datastore):
+    label = "Datastore room for the disks"
+    needed = sum(d.capacity_bytes for d in replica.disks.all())
+    free = inventory.datastores.get(datastore)
+    if free is None:
+        return Check("datastore", label, FAIL, f"{datastore} is not in the inventory (or not accessible).")
+    said = f"{datastore} has {free / 2**30:.1f} GiB free; the disks need {needed / 2**30:.1f} GiB."
+    return Check("datastore", label, FAIL if free < needed else OK, said)
+
+
+def _networks(replica, inventory, network_map):
+    config = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
+    sources = sorted({nic.network for nic in config.nics if nic.network}) if config else []
+    unmapped = [n for n in sources if n not in network_map]
+    if unmapped:
+        return Check(
+            "networks",
+            "Networks mapped",
+            FAIL,
+            f"{', '.join(unmapped)} not mapped to a target network (or to disconnected).",
         )
-    )
-    checks.append(scheduler_clock())
-    return checks
+    shown = ", ".join(f"{s} → {network_map.get(s) or 'disconnected'}" for s in sources) or "the replica has no network"
+    return Check("networks", "Networks mapped", OK, shown)
 
 
 def before_switch(hv, session):
@@ -227,3 +208,38 @@ def failures(checks):
 
 def summary(checks):
     return "; ".join(f"{c.label}: {c.detail.rstrip('.')}" for c in failures(checks))
+
+
+def enforce(found, *, actor, override, reason, action, **where):
+    """A failed check blocks the action, unless an Administrator overrides it with a reason (audited)."""
+    failed = failures(found)
+    if not failed:
+        return
+    label = TRANSITIONS["switch"].label if action == "switch" else action.replace("_", " ").capitalize()
+    if not override:
+        refuse(
+            f"{label} refused by the pre-failback checks: {summary(found)}.",
+            action=action,
+            actor=actor,
+            data={"checks": [c.as_dict() for c in found]},
+            **where,
+        )
+    if actor is None or not actor.has_perm(OVERRIDE_PERMISSION):
+        refuse(
+            f"{actor_name(actor)} may not override failed checks: the Administrator role is needed.",
+            action=action,
+            actor=actor,
+            forbidden=True,
+            **where,
+        )
+    if not reason:
+        refuse("Overriding a failed check needs a reason.", action=action, actor=actor, **where)
+    with transaction.atomic():
+        audit(
+            action="override_checks",
+            outcome=Outcome.INFO,
+            actor=actor,
+            detail=f"{label} despite failed checks ({summary(found)}): {reason}",
+            data={"checks": [c.as_dict() for c in found], "reason": reason, "for": action},
+            **where,
+        )

@@ -19,7 +19,7 @@ from . import broadcast, workflow
 from .audit import Refused, audit, clean_reason, refuse, require_operator
 from .choices import Outcome, SessionStatus, SwitchMode
 from .models import FailbackPlan, FailbackSession, Replica
-from .schedules import drop_plan_schedule, enqueue, set_plan_schedule
+from .schedules import drop_plan_schedule, enqueue, set_plan_schedule, validate_switch_time
 
 ACTION_START = "start_plan"
 OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
@@ -69,6 +69,43 @@ def start_plan(
     require_operator(actor, ACTION_START)
     reason = clean_reason(reason, action=ACTION_START, actor=actor)
     name = (name or "").strip()
+    _check_plan(actor, name, members, concurrency, power_on_delay_s, switch_mode)
+    if switch_mode == SwitchMode.SCHEDULED:
+        validate_switch_time(switch_at, action=ACTION_START, actor=actor)
+    else:
+        switch_at = None
+    settings = {
+        "concurrency": concurrency,
+        "switch_mode": switch_mode,
+        "switch_at": switch_at,
+        "power_on_after": power_on_after,
+        "power_on_delay_s": power_on_delay_s,
+    }
+    with transaction.atomic():
+        plan = FailbackPlan.objects.create(name=name, created_by=actor, reason=reason, **settings)
+        audit(
+            action=ACTION_START,
+            actor=actor,
+            detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
+            f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s"
+            + (f"; reason: {reason}" if reason else ""),
+            data={
+                "plan": name,
+                "plan_id": plan.pk,
+                "members": members,
+                **settings,
+                "switch_at": switch_at.isoformat() if switch_at else None,
+                "reason": reason,
+            },
+        )
+    _start_members(actor, plan, members, reason)
+    if switch_mode == SwitchMode.SCHEDULED:
+        set_plan_schedule(plan)
+    queue_next(plan.pk)
+    return plan
+
+
+def _check_plan(actor, name, members, concurrency, power_on_delay_s, switch_mode):
     if not 1 <= len(name) <= 100:
         _refuse("Name the plan (1-100 characters).", ACTION_START, actor)
     if FailbackPlan.objects.filter(name=name).exists():
@@ -85,39 +122,10 @@ def start_plan(
         _refuse("The delay between power-ons must be between 0 and 3600 s.", ACTION_START, actor)
     if switch_mode not in SwitchMode.values:
         _refuse(f"Unknown switch mode {switch_mode!r}.", ACTION_START, actor)
-    if switch_mode == SwitchMode.SCHEDULED:
-        workflow.validate_switch_time(switch_at, action=ACTION_START, actor=actor)
-    else:
-        switch_at = None
-    with transaction.atomic():
-        plan = FailbackPlan.objects.create(
-            name=name,
-            created_by=actor,
-            reason=reason,
-            concurrency=concurrency,
-            switch_mode=switch_mode,
-            switch_at=switch_at,
-            power_on_after=power_on_after,
-            power_on_delay_s=power_on_delay_s,
-        )
-        audit(
-            action=ACTION_START,
-            actor=actor,
-            detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
-            f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s"
-            + (f"; reason: {reason}" if reason else ""),
-            data={
-                "plan": name,
-                "plan_id": plan.pk,
-                "members": members,
-                "concurrency": concurrency,
-                "switch_mode": switch_mode,
-                "switch_at": switch_at.isoformat() if switch_at else None,
-                "power_on_after": power_on_after,
-                "power_on_delay_s": power_on_delay_s,
-                "reason": reason,
-            },
-        )
+
+
+def _start_members(actor, plan, members, reason):
+    """Every member's failback, or none: a refused member withdraws those already accepted."""
     started = []
     try:
         for order, m in enumerate(members, 1):
@@ -126,24 +134,20 @@ def start_plan(
                 target_host=m["target_host"],
                 target_datastore=m["target_datastore"],
                 network_map=m.get("network_map") or {},
-                switch_mode=switch_mode,
-                switch_at=switch_at,
-                power_on_after=power_on_after,
+                switch_mode=plan.switch_mode,
+                switch_at=plan.switch_at,
+                power_on_after=plan.power_on_after,
                 reason=reason,
             )
             started.append(workflow.start_failback(actor, m["replica_id"], options, plan=plan, plan_order=order))
     except Refused as refused:
-        for session in started:  # all or nothing: withdraw the members already accepted
+        for session in started:
             workflow.transition(
-                session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {name} could not start every member"
+                session.pk, "cancel", actor=actor, detail=f"Withdrawn: plan {plan.name} could not start every member"
             )
         # The row stays with its withdrawn members, for the record; the name is freed for the corrected attempt.
-        FailbackPlan.objects.filter(pk=plan.pk).update(name=f"{name[:70]} (not started, #{plan.pk})")
-        _refuse(f"Plan {name} not started: {refused.message}", ACTION_START, actor, plan)
-    if switch_mode == SwitchMode.SCHEDULED:
-        set_plan_schedule(plan)
-    queue_next(plan.pk)
-    return plan
+        FailbackPlan.objects.filter(pk=plan.pk).update(name=f"{plan.name[:70]} (not started, #{plan.pk})")
+        _refuse(f"Plan {plan.name} not started: {refused.message}", ACTION_START, actor, plan)
 
 
 def queue_next(plan_id):
@@ -164,46 +168,25 @@ def queue_next(plan_id):
 def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
     """Switch every member at once when all are Ready to switch and the plan's moment has come."""
     plan = FailbackPlan.objects.get(pk=plan_id)
+    manual = trigger == "manual"
     if plan.switch_started_at is not None:
-        if trigger == "manual":
-            _refuse(
-                f"Switch refused: plan {plan.name} has already switched (at {plan.switch_started_at:%Y-%m-%d %H:%M:%S %Z}).",
-                "switch_plan",
-                actor,
-                plan,
-            )
+        if manual:
+            when = f"{plan.switch_started_at:%Y-%m-%d %H:%M:%S %Z}"
+            _refuse(f"Switch refused: plan {plan.name} has already switched (at {when}).", "switch_plan", actor, plan)
+        return False
+    if trigger == "auto" and not _moment_came(plan):
         return False
     live = [s for s in plan.sessions.order_by("plan_order", "pk") if s.status not in OUT_OF_PLAY]
     ready = [s for s in live if s.status == SessionStatus.READY_TO_SWITCH]
-    if trigger == "auto" and (
-        plan.switch_mode == SwitchMode.MANUAL
-        or (plan.switch_mode == SwitchMode.SCHEDULED and (not plan.switch_at or plan.switch_at > timezone.now()))
-    ):
-        return False
     if not live or len(ready) != len(live):
-        if trigger == "manual":
-            _refuse(
-                f"Switch refused: plan {plan.name} is not ready: {len(ready)} of {len(live)} member(s) are Ready to switch.",
-                "switch_plan",
-                actor,
-                plan,
-            )
-        if trigger == "scheduled":
-            _audit(
-                "switch_plan",
-                None,
-                plan,
-                f"Plan {plan.name}: the scheduled switch is due; it starts when every member is Ready to switch "
-                f"({len(ready)} of {len(live)} now).",
-                Outcome.INFO,
-            )
+        _not_ready(plan, trigger, actor, f"{len(ready)} of {len(live)}")
         return False
     now = timezone.now()
     if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_started_at=now) != 1:
-        if trigger == "manual":
+        if manual:
             _refuse(f"Switch refused: plan {plan.name} has already switched.", "switch_plan", actor, plan)
         return False
-    late = (now - plan.switch_at).total_seconds() if trigger != "manual" and plan.switch_at else 0
+    late = (now - plan.switch_at).total_seconds() if not manual and plan.switch_at else 0
     _audit(
         "switch_plan",
         actor,
@@ -215,6 +198,36 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
         trigger=trigger,
         reason=reason,
     )
+    _switch_members(plan, live, trigger, actor, now)
+    return True
+
+
+def _moment_came(plan):
+    if plan.switch_mode == SwitchMode.MANUAL:
+        return False
+    return plan.switch_mode != SwitchMode.SCHEDULED or bool(plan.switch_at and plan.switch_at <= timezone.now())
+
+
+def _not_ready(plan, trigger, actor, count):
+    if trigger == "manual":
+        _refuse(
+            f"Switch refused: plan {plan.name} is not ready: {count} member(s) are Ready to switch.",
+            "switch_plan",
+            actor,
+            plan,
+        )
+    if trigger == "scheduled":
+        _audit(
+            "switch_plan",
+            None,
+            plan,
+            f"Plan {plan.name}: the scheduled switch is due; it starts when every member is Ready to switch "
+            f"({count} now).",
+            Outcome.INFO,
+        )
+
+
+def _switch_members(plan, live, trigger, actor, now):
     for s in live:
         try:
             workflow.transition(
@@ -232,7 +245,6 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
     transaction.on_commit(
         lambda: async_task("failback.tasks.plan_switch", plan.pk, task_name=f"plan-switch-{plan.pk}-{now:%H%M%S%f}")
     )
-    return True
 
 
 def switch_now(actor, plan_id, *, reason=""):
@@ -256,7 +268,7 @@ def schedule_switch(actor, plan_id, switch_at, *, reason=""):
     action = "schedule_plan_switch"
     require_operator(actor, action)
     reason = clean_reason(reason, action=action, actor=actor)
-    workflow.validate_switch_time(switch_at, action=action, actor=actor)
+    validate_switch_time(switch_at, action=action, actor=actor)
     plan = FailbackPlan.objects.get(pk=plan_id)
     with transaction.atomic():
         if (

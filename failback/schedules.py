@@ -5,10 +5,14 @@ everything else from the database. One django-q2 schedule per session (and per p
 scheduled switch or a commit policy; the time itself lives on the row, which decides when it fires.
 """
 
+from datetime import timedelta
+
 from django.db import transaction
 from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
+
+from .audit import refuse
 
 
 def enqueue(task, session_id, **kwargs):
@@ -65,3 +69,19 @@ def set_plan_schedule(plan):
 
 def drop_plan_schedule(plan_id):
     Schedule.objects.filter(name=plan_schedule_name(plan_id)).delete()
+
+
+def validate_switch_time(switch_at, *, action, actor, **where):
+    if switch_at is None:
+        refuse("A scheduled switch needs a date and time.", action=action, actor=actor, **where)
+    if timezone.is_naive(switch_at):
+        refuse("The switch time must include a time zone.", action=action, actor=actor, **where)
+    if switch_at <= timezone.now() + timedelta(seconds=5):
+        refuse(
+            f"The switch time {switch_at:%Y-%m-%d %H:%M:%S %Z} is in the past; pick a time in the future.",
+            action=action,
+            actor=actor,
+            **where,
+        )
+    if switch_at > timezone.now() + timedelta(days=366):
+        refuse("The switch time is more than a year away.", action=action, actor=actor, **where)

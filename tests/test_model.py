@@ -399,7 +399,7 @@ class FailbackModel(RuleBasedStateMachine):
             if s.status == SessionStatus.UNDONE or not s.keep_production_vm:  # discarded with its changes
                 assert (
                     s.production_vm_id not in present
-                ), f"failback #{s.pk} ({s.status}) left its production VM {s.production_vm_id} behind"
+                ), f"failback #{s.pk} ({s.status}) left its production VM {s.production_vm_id} behind; {self.story(s.replica)}"
 
     def teardown(self):
         if getattr(self, "sessions", None):

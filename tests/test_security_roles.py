@@ -604,16 +604,25 @@ def socket_paths():
     return ["/" + re.sub(r"<(?:\w+:)?\w+>", "1", str(p.pattern)) for p in websocket_urlpatterns]
 
 
+@pytest.fixture
+def a_plan(operator):
+    from failback.models import FailbackPlan
+
+    return FailbackPlan.objects.create(name="wave S", created_by=operator)
+
+
 @pytest.mark.django_db(databases="__all__", transaction=True)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("path", socket_paths())
-async def test_it_closes_sockets_without_a_login_or_from_another_origin(lab, operator, path):
+async def test_it_closes_sockets_without_a_login_or_from_another_origin(lab, operator, a_plan, path):
     from asgiref.sync import sync_to_async
     from channels.testing import WebsocketCommunicator
 
     from dr_portal.asgi import application
 
     session = await sync_to_async(start)(operator, await sync_to_async(replica_named)("app-crm"))
+    if path.startswith("/ws/plans/"):
+        path = path.replace("/1/", f"/{a_plan.pk}/")
     path = path.replace("/1/", f"/{session.pk}/")
     client = Client()
     await sync_to_async(client.force_login)(operator)
@@ -625,6 +634,6 @@ async def test_it_closes_sockets_without_a_login_or_from_another_origin(lab, ope
         ([(b"origin", b"http://localhost"), cookie], True),
     ):  # the portal's own page
         ws = WebsocketCommunicator(application, path, headers=headers)
-        connected, _ = await ws.connect()
-        assert connected == allowed, (path, headers)
+        connected, code = await ws.connect()
+        assert connected == allowed, (path, headers, code)
         await ws.disconnect()

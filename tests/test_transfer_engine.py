@@ -134,9 +134,7 @@ def test_it_does_not_write_zero_blocks(disk: tuple[Path, Path, Path]) -> None:
     assert result.digest == disk_digest(str(src), MiB)
 
 
-def test_it_copies_without_copy_file_range_too(
-    disk: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_it_copies_without_copy_file_range_too(disk: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     src, dst, state = disk
     make_image(src, 16 * MiB, {0: rand(2 * MiB, 1), 5 * MiB + 4 * KiB: rand(8 * KiB, 2), 9 * MiB: bytes(MiB)})
 
@@ -162,9 +160,7 @@ def test_a_source_changing_during_the_copy_is_caught_by_the_next_delta(disk: tup
             patch(src, {MiB + 3: b"behind", 12 * MiB + 5: b"ahead", 14 * MiB: bytes(MiB)})
             changed = True
 
-    full_copy(
-        str(src), str(dst), state_dir=str(state), block_size=MiB, progress=guest_writes, progress_interval=0
-    )
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, progress=guest_writes, progress_interval=0)
     assert changed
     verify_target(str(dst), state_dir=str(state))  # the map describes exactly what the target holds
     assert dst.read_bytes() != src.read_bytes()
@@ -373,7 +369,9 @@ def test_progress_is_reported_at_a_bounded_rate_with_a_final_call(disk: tuple[Pa
 
     assert len(calls) >= 5
     assert len(calls) <= elapsed / 0.1 + 3
-    assert all(b[0] - a[0] >= 0.09 for a, b in zip(calls[:-2], calls[1:-1], strict=False)), "calls closer than the interval"
+    assert all(
+        b[0] - a[0] >= 0.09 for a, b in zip(calls[:-2], calls[1:-1], strict=False)
+    ), "calls closer than the interval"
     final = calls[-1][1]
     assert final.bytes_done == final.bytes_total == result.bytes_total == 12 * MiB
     assert final.bytes_written == 12 * MiB and final.eta_seconds == 0

@@ -119,7 +119,9 @@ def test_a_delta_leaves_the_target_identical_sparse_and_writes_only_changed_page
         check_delta(work, image, writes, tracked, seed)
 
 
-def check_delta(work: str, image: tuple[int, list[tuple[int, int, str]]], writes: list[Write], tracked: bool, seed: int) -> None:
+def check_delta(
+    work: str, image: tuple[int, list[tuple[int, int, str]]], writes: list[Write], tracked: bool, seed: int
+) -> None:
     src, dst, state, before, after, result = run_case(work, image, writes, tracked, seed)
     assert open(dst, "rb").read() == after
     assert allocated(dst) <= allocated(src)
