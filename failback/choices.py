@@ -126,6 +126,9 @@ TRANSITIONS = {
     "fail_undo": Transition("Fail undo", frozenset({S.UNDOING}), S.FAILED, R.FAILBACK, R.FAILOVER),
     # Cancel before any work started: nothing to clean up (also how a plan withdraws its other members).
     "cancel": Transition("Cancel", frozenset({S.QUEUED}), S.CANCELLED),
+    # Cancel a queued failback that reuses the production VM an earlier one kept: nothing was copied yet,
+    # but that VM exists; the cancel step keeps it or deletes it, as asked.
+    "cancel_reused": Transition("Cancel", frozenset({S.QUEUED}), S.CANCELLING),
     # Cancel while phase 1 copies: the worker stops at its next progress tick and cleans up.
     "cancel_phase1": Transition("Cancel", frozenset({S.PHASE1}), S.CANCELLING),
     # Cancel while ready to switch: the replica never stopped, so it simply goes on running in Failover.
@@ -194,6 +197,7 @@ class AuditAction(models.TextChoices):
     FINISH_UNDO = "finish_undo", "Finish undo"
     FAIL_UNDO = "fail_undo", "Fail undo"
     CANCEL = "cancel", "Cancel"
+    CANCEL_REUSED = "cancel_reused", "Cancel with a reused VM"
     CANCEL_PHASE1 = "cancel_phase1", "Cancel during phase 1"
     CANCEL_READY = "cancel_ready", "Cancel when ready to switch"
     FINISH_CANCEL = "finish_cancel", "Finish cancel"

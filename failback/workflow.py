@@ -330,7 +330,7 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
     data = {"reason": reason, "keep_production_vm": keep}
     detail = f"Cancel: {what}{'; reason: ' + reason if reason else ''}"
     status = session.status if session is not None else None
-    if status == SessionStatus.QUEUED:
+    if status == SessionStatus.QUEUED and not session.production_vm_id:
         return transition(
             session_id,
             "cancel",
@@ -349,7 +349,9 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
             from_state=status,
         )
     # Missing or ended sessions are refused by transition() with the usual message.
-    step = "cancel_ready" if status == SessionStatus.READY_TO_SWITCH else "cancel_phase1"
+    step = {SessionStatus.READY_TO_SWITCH: "cancel_ready", SessionStatus.QUEUED: "cancel_reused"}.get(
+        status, "cancel_phase1"
+    )
 
     def then(s):
         drop_switch_schedule(s.pk)

@@ -100,6 +100,25 @@ def test_a_retry_reuses_the_kept_production_vm_and_sends_only_what_differs(lab, 
         )
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_cancelling_a_queued_retry_decides_the_fate_of_the_vm_it_reuses(lab, operator, monkeypatch, keep):
+    """Found by the model test: a queued retry cancelled with "delete" left the reused VM behind ("nothing was built")."""
+    replica, _ = big_replica(lab)
+    first = start(operator, replica)
+    workflow.cancel(operator, first.pk, keep_production_vm=True)
+    kept = session(first.pk).production_vm_id
+    with monkeypatch.context() as m:
+        m.setattr("failback.schedules.async_task", lambda *a, **k: None)  # no worker takes the retry's phase 1
+        retry = start(operator, replica)
+    assert session(retry.pk).status == SessionStatus.QUEUED and session(retry.pk).production_vm_id == kept
+    workflow.cancel(operator, retry.pk, keep_production_vm=keep)
+    retry = session(retry.pk)
+    assert retry.status == SessionStatus.CANCELLED and retry.replica.state == ReplicaState.FAILOVER
+    assert any(vm.vm_id == kept for vm in lab.inventory().vms) == keep
+    trail = list(AuditEvent.objects.filter(session=retry).values_list("action", flat=True))
+    assert "cancel_reused" in trail and "finish_cancel" in trail
+
+
 def test_cancel_is_refused_clearly_after_the_switch_and_for_a_viewer(lab, operator, viewer):
     s = start(operator, replica_named("app-crm"))
     with pytest.raises(workflow.Refused, match="Operator role"):

@@ -58,7 +58,7 @@ REPLICA_STATE_OF = {
 }
 STATS = {}  # what the search did, printed at the end (pytest -s) for the note
 ACTION_ROWS = {  # the audit action names one call of a service function may be recorded under
-    "cancel": {"cancel", "cancel_phase1", "cancel_ready"},
+    "cancel": {"cancel", "cancel_reused", "cancel_phase1", "cancel_ready"},
 }
 
 
