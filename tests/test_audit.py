@@ -36,3 +36,23 @@ def test_it_refuses_a_raw_sql_update(row):
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("UPDATE failback_auditevent SET detail = 'rewritten' WHERE id = %s", [row.pk])
     assert AuditEvent.objects.get(pk=row.pk).detail == "original"
+
+
+def test_a_refusal_cannot_be_written_inside_a_callers_transaction():
+    """A refusal's row must outlive the refused work: refuse() runs in a durable transaction, so calling it
+    inside another transaction is an error at once rather than a row that a rollback silently takes away."""
+    from failback.audit import Refused, refuse
+
+    with pytest.raises(RuntimeError, match="durable"), transaction.atomic():
+        refuse("not now", action="commit")
+    with pytest.raises(Refused):
+        refuse("not now", action="commit")
+    assert AuditEvent.objects.filter(action="commit", outcome=Outcome.REFUSED).count() == 1
+
+
+def test_an_action_with_another_spelling_is_not_written():
+    from failback.audit import audit
+
+    with pytest.raises(ValueError):
+        audit(action="plan_switch", detail="the old spelling of switch_plan")
+    assert not AuditEvent.objects.filter(action="plan_switch").exists()
