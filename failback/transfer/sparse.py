@@ -27,7 +27,6 @@ except (OSError, AttributeError):  # pragma: no cover - non-glibc platform
     _libc = None
 
 _punch_supported = True
-_prealloc_supported = True
 _zero_buf = bytearray(0)  # grows to the largest length asked; only ever read
 
 
@@ -104,22 +103,6 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
         _punch_supported = False
         return False
     raise OSError(err, os.strerror(err))
-
-
-def preallocate(fd: int, offset: int, length: int) -> None:
-    """Allocate [offset, offset+length) ahead of writing it (contents unchanged; reads as before).
-
-    Only a hint, for speed: a filesystem that allocates on write (ext4) then need not reserve space
-    page by page while the write dirties them. Never emulated by writing zeros (as posix_fallocate
-    may be), and any error is left for the write itself to report."""
-    global _prealloc_supported
-    if length <= 0 or _libc is None or not _prealloc_supported:
-        return
-    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0 and ctypes.get_errno() in (
-        errno.EOPNOTSUPP,
-        errno.ENOSYS,
-    ):
-        _prealloc_supported = False
 
 
 def zero_range(fd: int, offset: int, length: int, chunk: int = 1 << 20) -> int:
