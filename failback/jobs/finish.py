@@ -235,8 +235,12 @@ def _keep_or_discard(run, session, hv):
     if not session.production_vm_id:
         return "Nothing had been built yet"
     if session.keep_production_vm:
-        if hv.power_state(session.production_vm_id) != POWERED_OFF:
-            hv.power_off(session.production_vm_id)
+        try:
+            if hv.power_state(session.production_vm_id) != POWERED_OFF:
+                hv.power_off(session.production_vm_id)
+        except NotFound:  # gone already (deleted by hand, or by a phase 1 that failed): nothing to keep
+            _drop_state(session.pk)
+            return f"Production VM {session.vm_name} ({session.production_vm_id}) no longer exists: nothing was kept"
         return (
             f"Production VM {session.vm_name} kept, powered off, with its copy map: a new failback of {session.replica.name} "
             f"to {session.vm_name} on {session.target_host}/{session.target_datastore} sends only what differs"

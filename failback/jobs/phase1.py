@@ -66,7 +66,9 @@ def _phase1(run, session, hv):
         _finish_phase1(run, session, results)
     except LeaseLost:
         raise
-    except TransferCancelled:
+    except (TransferCancelled, workflow.Refused):
+        # Cancelled during the copy, or just after it (finish_phase1 refused: the session is Cancelling): the
+        # cancel step decides what happens to the production VM, so phase 1 must not discard it.
         run.check()  # a lost lease stops here, silently; a cancel is noted
         _note(
             session,
