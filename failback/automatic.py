@@ -42,6 +42,14 @@ def after_phase1(session_id):
 SCHEDULE_LATE_AFTER_S = 5
 
 
+def _skipped(session, detail):
+    """The scheduled switch's moment came and means nothing now: say why, once."""
+    with transaction.atomic():
+        audit(
+            action="scheduled_switch", outcome=Outcome.INFO, session=session, from_state=session.status, detail=detail
+        )
+
+
 def scheduled_switch_due(session_id):
     """The django-q2 schedule fired. The session decides whether that still means anything."""
     session = FailbackSession.objects.filter(pk=session_id).first()
@@ -49,35 +57,18 @@ def scheduled_switch_due(session_id):
         return
     now = timezone.now()
     if session.switch_mode != SwitchMode.SCHEDULED or session.status not in SCHEDULABLE:
-        with transaction.atomic():
-            audit(
-                action="scheduled_switch",
-                outcome=Outcome.INFO,
-                session=session,
-                from_state=session.status,
-                detail=f"Scheduled switch skipped: failback #{session.pk} is {session.get_status_display()} with switch {session.get_switch_mode_display().lower()}.",
-            )
+        _skipped(
+            session,
+            f"Scheduled switch skipped: failback #{session.pk} is {session.get_status_display()} with switch {session.get_switch_mode_display().lower()}.",
+        )
         return
     if session.switch_at and session.switch_at > now + timedelta(seconds=1):
         with transaction.atomic():
-            audit(
-                action="scheduled_switch",
-                outcome=Outcome.INFO,
-                session=session,
-                from_state=session.status,
-                detail=f"Scheduled switch skipped: it was moved to {session.switch_at:%Y-%m-%d %H:%M:%S %Z}.",
-            )
+            _skipped(session, f"Scheduled switch skipped: it was moved to {session.switch_at:%Y-%m-%d %H:%M:%S %Z}.")
             set_switch_schedule(session)
         return
     if session.status != SessionStatus.READY_TO_SWITCH:
-        with transaction.atomic():
-            audit(
-                action="scheduled_switch",
-                outcome=Outcome.INFO,
-                session=session,
-                from_state=session.status,
-                detail="Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.",
-            )
+        _skipped(session, "Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.")
         return
     late = (now - session.switch_at).total_seconds()
     is_late = late > SCHEDULE_LATE_AFTER_S
