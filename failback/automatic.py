@@ -12,7 +12,7 @@ from . import plans
 from .audit import Refused, audit
 from .choices import SCHEDULABLE, CommitPolicy, Outcome, SessionStatus, SwitchMode
 from .models import FailbackSession
-from .schedules import set_switch_schedule
+from .schedules import set_switch_schedule, wait_for_moment
 from .workflow import begin_switch, finalise, transition
 
 
@@ -37,9 +37,9 @@ def after_phase1(session_id):
         )
 
 
-# A scheduled switch that starts more than this after its time is audited as late (with late_s). django-q2's
-# scheduler looks every 30 s, so a few seconds are normal; more means it looked late, or was not running.
-SCHEDULE_LATE_AFTER_S = 5
+# A scheduled switch that starts more than this after its time is audited as late (with late_s). Its task
+# waits for the second itself (schedules.wait_for_moment), so more means no worker was free or running.
+SCHEDULE_LATE_AFTER_S = 2
 
 
 def _skipped(session, detail):
@@ -51,7 +51,9 @@ def _skipped(session, detail):
 
 
 def scheduled_switch_due(session_id):
-    """The django-q2 schedule fired. The session decides whether that still means anything."""
+    """The django-q2 schedule fired (ahead of time): wait for the moment, then the session decides whether
+    that still means anything."""
+    wait_for_moment(lambda: FailbackSession.objects.filter(pk=session_id).values_list("switch_at", flat=True).first())
     session = FailbackSession.objects.filter(pk=session_id).first()
     if session is None:
         return

@@ -19,7 +19,7 @@ from . import broadcast, workflow
 from .audit import Refused, audit, clean_reason, refuse, require_operator
 from .choices import Outcome, SessionStatus, SwitchMode
 from .models import FailbackPlan, FailbackSession, Replica
-from .schedules import drop_plan_schedule, enqueue, set_plan_schedule, validate_switch_time
+from .schedules import drop_plan_schedule, enqueue, set_plan_schedule, validate_switch_time, wait_for_moment
 
 ACTION_START = "start_plan"
 OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
@@ -254,6 +254,7 @@ def switch_now(actor, plan_id, *, reason=""):
 
 
 def scheduled_switch_due(plan_id):
+    wait_for_moment(lambda: FailbackPlan.objects.filter(pk=plan_id).values_list("switch_at", flat=True).first())
     plan = FailbackPlan.objects.filter(pk=plan_id).first()
     if (
         plan is not None

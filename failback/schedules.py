@@ -3,8 +3,14 @@
 Steps are queued once the current transaction commits, with the primary key only; the worker reads
 everything else from the database. One django-q2 schedule per session (and per plan) fires a
 scheduled switch or a commit policy; the time itself lives on the row, which decides when it fires.
+
+django-q2's scheduler looks at its schedules about every 30 s (a fixed cadence of its sentinel), so a
+schedule set for the moment itself fires up to half a minute late. A switch must start on its second:
+its schedule fires ``SWITCH_LEAD`` early and the task waits for the moment itself (``wait_for_moment``);
+a moment nearer than the lead is queued at once and waits the same way.
 """
 
+import time
 from datetime import timedelta
 
 from django.db import transaction
@@ -35,12 +41,38 @@ def _once(name, func, arg, when):
     )
 
 
+# Longer than django-q2's scheduler cadence (30 s, plus its loop's own time) and a broker poll.
+SWITCH_LEAD = timedelta(seconds=45)
+
+
+def _on_the_second(name, func, arg, when):
+    """A task that must start at ``when`` itself: scheduled SWITCH_LEAD early, or queued now if that is past."""
+    if when - SWITCH_LEAD > timezone.now():
+        _once(name, func, arg, when - SWITCH_LEAD)
+        return
+    Schedule.objects.filter(name=name).delete()
+    transaction.on_commit(lambda: async_task(func, arg, task_name=f"{name}-{timezone.now():%H%M%S%f}"))
+
+
+def wait_for_moment(read_moment):
+    """Sleep until the moment ``read_moment()`` returns, re-read every second (it may be moved meanwhile).
+
+    Returns at once when there is no moment, when it has passed, or when it is further away than the lead
+    (it was moved later: the caller re-schedules)."""
+    while True:
+        moment = read_moment()
+        left = (moment - timezone.now()).total_seconds() if moment else 0
+        if left <= 0 or left > SWITCH_LEAD.total_seconds() + 1:
+            return
+        time.sleep(min(left, 1.0))
+
+
 def switch_schedule_name(session_id):
     return f"failback-switch-{session_id}"
 
 
 def set_switch_schedule(session):
-    _once(switch_schedule_name(session.pk), "failback.tasks.scheduled_switch", session.pk, session.switch_at)
+    _on_the_second(switch_schedule_name(session.pk), "failback.tasks.scheduled_switch", session.pk, session.switch_at)
 
 
 def drop_switch_schedule(session_id):
@@ -64,7 +96,7 @@ def plan_schedule_name(plan_id):
 
 
 def set_plan_schedule(plan):
-    _once(plan_schedule_name(plan.pk), "failback.tasks.plan_scheduled_switch", plan.pk, plan.switch_at)
+    _on_the_second(plan_schedule_name(plan.pk), "failback.tasks.plan_scheduled_switch", plan.pk, plan.switch_at)
 
 
 def drop_plan_schedule(plan_id):

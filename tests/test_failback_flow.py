@@ -11,7 +11,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
 
-from failback import watchdog, workflow
+from failback import schedules, watchdog, workflow
 from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.models import AuditEvent, FailbackSession, Replica
@@ -167,7 +167,7 @@ def test_it_switches_once_at_the_scheduled_time(lab, operator):
     session = reload(start(operator, replica, switch_mode=SwitchMode.SCHEDULED, switch_at=when))
     assert session.status == SessionStatus.READY_TO_SWITCH
     schedule = Schedule.objects.get(name=f"failback-switch-{session.pk}")
-    assert schedule.next_run == when
+    assert schedule.next_run == when - schedules.SWITCH_LEAD  # fires early; the task waits for the second
     # Time passes: the session and its schedule are due.
     due = timezone.now() - timedelta(seconds=2)
     FailbackSession.objects.filter(pk=session.pk).update(switch_at=due)
@@ -189,7 +189,7 @@ def test_it_moves_the_schedule_when_the_switch_time_changes(lab, operator):
     )
     later = timezone.now() + timedelta(hours=3)
     workflow.schedule_switch(operator, session.pk, later)
-    assert Schedule.objects.get(name=f"failback-switch-{session.pk}").next_run == later
+    assert Schedule.objects.get(name=f"failback-switch-{session.pk}").next_run == later - schedules.SWITCH_LEAD
     workflow.switch_now(operator, session.pk)
     assert not Schedule.objects.filter(name=f"failback-switch-{session.pk}").exists()  # nothing left to fire
     assert reload(session).status == SessionStatus.FAILBACK

@@ -22,9 +22,9 @@ from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 from django_q.conf import Conf
-from django_q.models import Task
+from django_q.models import Schedule, Task
 
-from failback import automatic, watchdog, workflow
+from failback import automatic, schedules, watchdog, workflow
 from failback.choices import Outcome, ReplicaState, SessionStatus
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.models import AuditEvent, FailbackSession, SessionDisk
@@ -390,13 +390,13 @@ def test_it_runs_a_switch_missed_while_the_scheduler_was_down_once_and_audits_it
     replica = make_replica(lab, "erp-02", size=8 * MiB, data=4 * MiB, tools_installed=False)
     session = session_of(start(operator, replica))
     assert session.status == SessionStatus.READY_TO_SWITCH
-    due = timezone.now() + timedelta(seconds=6)
-    workflow.schedule_switch(operator, session.pk, due, reason="CHG-42")
-    monkeypatch.setattr(Conf, "SYNC", False)
-    wait_for(
-        lambda: timezone.now() > due + timedelta(seconds=3), timeout=20, what="the due time to pass with no scheduler"
+    workflow.schedule_switch(operator, session.pk, timezone.now() + timedelta(hours=1), reason="CHG-42")
+    # The hour passed while no scheduler ran: the moment and the schedule's early firing are behind us.
+    due = timezone.now() - timedelta(seconds=1)
+    FailbackSession.objects.filter(pk=session.pk).update(switch_at=due)
+    Schedule.objects.filter(name=schedules.switch_schedule_name(session.pk)).update(
+        next_run=due - schedules.SWITCH_LEAD
     )
-    assert session_of(session).status == SessionStatus.READY_TO_SWITCH
     clusters.start(), clusters.start()  # two come back at once; each runs django-q2's scheduler after ~30 s
     session = reaches(session, SessionStatus.FAILBACK, SessionStatus.FAILED, timeout=120)
     assert_switched(lab, session)
@@ -410,6 +410,34 @@ def test_it_runs_a_switch_missed_while_the_scheduler_was_down_once_and_audits_it
     )
     assert Task.objects.filter(func="failback.tasks.scheduled_switch").count() == 1
     assert AuditEvent.objects.filter(session=session, action="stop_replica").count() == 1
+
+
+@pytest.mark.process
+def test_it_starts_a_scheduled_switch_on_its_second_not_at_the_schedulers_next_look(lab, operator, clusters):
+    replica = make_replica(lab, "erp-03", size=8 * MiB, data=4 * MiB, tools_installed=False)
+    clusters.start()
+    session = reaches(session_of(start(operator, replica)), SessionStatus.READY_TO_SWITCH)
+    due = timezone.now() + timedelta(seconds=8)  # nearer than the lead: queued now, waits for the second
+    workflow.schedule_switch(operator, session.pk, due, reason="CHG-43")
+    session = reaches(session, SessionStatus.FAILBACK, SessionStatus.FAILED, timeout=60)
+    assert_switched(lab, session)
+    switch = AuditEvent.objects.get(session=session, action="switch")
+    started = (switch.at - due).total_seconds()  # the row is written when the switch starts
+    assert 0 <= started <= 2, f"the switch started {started:.2f} s after its time"
+    assert switch.data["late"] is False and "late" not in switch.detail
+
+
+def test_it_fires_a_far_switch_schedule_early_enough_to_wait_for_the_second(lab, operator):
+    replica = make_replica(lab, "erp-04", size=8 * MiB, data=4 * MiB, tools_installed=False)
+    session = session_of(start(operator, replica))
+    due = (timezone.now() + timedelta(hours=3)).replace(microsecond=0)
+    workflow.schedule_switch(operator, session.pk, due)
+    schedule = Schedule.objects.get(name=schedules.switch_schedule_name(session.pk))
+    # django-q2 looks at its schedules every 30 s: firing the lead early leaves the task to wait for the moment.
+    assert schedule.next_run == due - schedules.SWITCH_LEAD and timedelta(seconds=30) < schedules.SWITCH_LEAD
+    automatic.scheduled_switch_due(session.pk)  # fired hours early (moved, or a clock jump): it does not switch
+    assert session_of(session).status == SessionStatus.READY_TO_SWITCH
+    assert Schedule.objects.get(name=schedules.switch_schedule_name(session.pk)).next_run == schedule.next_run
 
 
 def test_it_switches_once_when_switch_now_races_the_scheduled_switch(lab, operator):
