@@ -17,21 +17,54 @@ Every figure says where it came from, so the admin can judge it; the switch audi
 against actual, and what it measured becomes the next prediction's basis.
 """
 
+from dataclasses import dataclass
+
 from django.conf import settings
 from django.utils import timezone
 
-from .hypervisors.base import POWERED_ON
+from .hypervisors.base import POWERED_ON, HypervisorError
 
 DEFAULT_POWER_ON_S = {"lab": 0.1}
 VERIFY_SAMPLE_BYTES = 2 * 16 * 64 * 1024  # verify_changes re-reads 16 grains of 64 KiB on each side of a disk
 
 
-def phase1_rates(results):
-    """From phase 1's copy results: what the next predictions build on."""
-    seconds = sum(r.seconds for r in results) or 1e-9
-    read = sum(r.bytes_read for r in results)
-    written = sum(r.bytes_written for r in results)
-    return {"read_bps": read / seconds, "copy_bps": max(written, 1) / seconds, "allocated_bytes": read}
+@dataclass(frozen=True)
+class Copy:
+    """One disk's phase 1 copy, as the predictions see it."""
+
+    bytes_read: int  # from the replica
+    bytes_written: int  # to the production disk
+    seconds: float  # wall time, everything included
+    held_s: float = 0.0  # of which the bandwidth limit held the copy back (transfer.progress.paused)
+    reporting_s: float = 0.0  # and of which its progress reports took (they grow with the wall time)
+
+    @classmethod
+    def of(cls, result, held_s=0.0, reporting_s=0.0):
+        return cls(result.bytes_read, result.bytes_written, result.seconds, held_s, reporting_s)
+
+    @property
+    def working_s(self):
+        """Reading, writing and hashing: the time the same copy would take without the limit."""
+        return max(self.seconds - self.held_s - self.reporting_s, 0.0)
+
+
+def phase1_rates(copies, *, limit_bps=None):
+    """From phase 1's copies: what the next predictions build on. The rates are of the time spent working,
+    without the limit's pauses, since the switch runs unlimited: a throttled phase 1 must not make the
+    switch look as slow as itself."""
+    seconds = sum(c.seconds for c in copies)
+    working = max(sum(c.working_s for c in copies), 1e-9)
+    read = sum(c.bytes_read for c in copies)
+    written = sum(c.bytes_written for c in copies)
+    return {
+        "read_bps": read / working,  # replica read (and the verification's reads)
+        "write_bps": max(written, 1) / working,  # production write
+        "allocated_bytes": read,
+        "seconds": round(seconds, 3),
+        "working_s": round(working, 3),
+        "limit_held_s": round(sum(c.held_s for c in copies), 3),
+        "limit_bps": limit_bps,
+    }
 
 
 def _shutdown(hv, session):
@@ -78,8 +111,11 @@ def pending(hv, session):
             )
             continue
         current = hv.change_tracking(replica.vm_id, disk.key) if disk.change_id else None
-        if current:
-            extents = hv.changed_areas(replica.vm_id, disk.key, disk.change_id).extents
+        try:
+            extents = hv.changed_areas(replica.vm_id, disk.key, disk.change_id).extents if current else None
+        except HypervisorError:  # the recorded id is refused (change tracking reset): phase 2 compares digests
+            extents = None
+        if extents is not None:
             size = sum(n for _, n in extents)
             out.append(
                 {
@@ -126,8 +162,10 @@ def predict(hv, session):
     allocated = int(base.get("allocated_bytes") or sum(d.capacity_bytes for d in session.disks.all()))
     per_disk_alloc = allocated / max(1, len(disks))
     reads = VERIFY_SAMPLE_BYTES * len(disks) + sum(per_disk_alloc for d in disks if d["method"] == "digest")
+    if hv.transport == "network":  # the network copy is verified by reading both whole disks back
+        reads = 2 * sum(d["pending_bytes"] for d in disks)
     last = _last_measured(session)
-    copy_bps = float(base.get("copy_bps") or 100e6)
+    copy_bps = float(base.get("write_bps") or base.get("copy_bps") or 100e6)
     read_bps = float(base.get("read_bps") or 200e6)
     if last:
         data_s = (
@@ -138,7 +176,7 @@ def predict(hv, session):
         data_basis = "rates and overhead measured on this VM's last switch"
     else:
         data_s = changed / copy_bps + reads / read_bps
-        data_basis = "rates measured in this failback's phase 1"
+        data_basis = _phase1_basis(base)
     shutdown_s, shutdown_basis = _shutdown(hv, session)
     power_on_s, power_on_basis = _power_on(hv, session)
     window = shutdown_s + data_s + power_on_s
@@ -155,6 +193,18 @@ def predict(hv, session):
         "power_on_basis": power_on_basis,
         "disks": disks,
     }
+
+
+def _phase1_basis(base):
+    if not base.get("read_bps"):
+        return "default rates (phase 1 measured none)"
+    if base.get("limit_held_s"):
+        limit = f"{base['limit_bps'] / 1e6:g} MB/s limit" if base.get("limit_bps") else "bandwidth limit"
+        return (
+            f"rates measured in this failback's phase 1 without the {base['limit_held_s']:.1f} s its "
+            f"{limit} held it back: the switch runs unlimited"
+        )
+    return "rates measured in this failback's phase 1"
 
 
 def learn(session, timing):

@@ -117,3 +117,89 @@ def test_a_catch_up_sync_keeps_the_pending_delta_small(lab, operator):
             open(lab.disk_path(session.production_vm_id, disk.key), "rb") as b,
         ):
             assert a.read() == b.read()
+
+
+@pytest.fixture
+def large_lab(db, settings):
+    import os
+
+    from failback.hypervisors.lab import LabHypervisor
+
+    call_command("seed_lab", "--count", "2", "--scale", "1", "--no-user", stdout=open(os.devnull, "w"))
+    return LabHypervisor(settings.LAB_ROOT)
+
+
+def fill(lab, replica, total):
+    """The guest writes ``total`` bytes of data (1 MiB pieces) from the end of its disks backwards, so that
+    phase 1 has that much more to copy and a digest delta that much more to read."""
+    piece = bytes(range(256)) * (MiB // 256)
+    left = total
+    for disk in replica.disks.all():
+        for offset in range(disk.capacity_bytes - MiB, -1, -MiB):
+            if left <= 0:
+                return
+            lab.guest_write(replica.vm_id, disk.key, offset, piece)
+            left -= MiB
+
+
+def allocated(lab, replica):
+    from failback.transfer.sparse import allocated_bytes
+
+    total = 0
+    for disk in replica.disks.all():
+        with open(lab.disk_path(replica.vm_id, disk.key), "rb") as f:
+            total += allocated_bytes(f.fileno(), 0, disk.capacity_bytes)
+    return total
+
+
+def throttled_switch(lab, operator, replica, *, cbt, changed_fraction, phase1_s):
+    """A failback whose phase 1 the bandwidth limit stretches to about ``phase1_s``, then a switch:
+    (predicted window shown before it, measured window) and the figures of the round."""
+    lab.set_vm_options(replica.vm_id, tools_installed=False, workload=False, cbt=cbt)
+    data = allocated(lab, replica)
+    limit_mbps = max(1, int(data / phase1_s / 1e6))
+    session = start(operator, replica, bandwidth_mbps=limit_mbps)
+    session = FailbackSession.objects.get(pk=session.pk)
+    assert session.status == SessionStatus.READY_TO_SWITCH, session.error
+    took = session.phase1_duration.total_seconds()
+    assert took >= 0.9 * data / (limit_mbps * 1e6)  # the limit did hold phase 1 back
+    capacity = sum(d.capacity_bytes for d in replica.disks.all())
+    write_changes(lab, replica, int(capacity * changed_fraction) // MiB * MiB)
+    forecast = jobs.run_readiness(session.pk, catch_up=False)
+    assert "limit held it back" in forecast["data_basis"] and "unlimited" in forecast["data_basis"]
+    workflow.switch_now(operator, session.pk)
+    session = FailbackSession.objects.get(pk=session.pk)
+    assert session.status == SessionStatus.FAILBACK, session.error
+    actual = session.switch_window.total_seconds()  # replica going down -> production on, as recorded
+    assert AuditEvent.objects.get(session=session, action="switch_window").data["predicted_s"] == forecast["window_s"]
+    method = "tracked" if cbt else "digest"
+    return forecast["window_s"], actual, (method, data / MiB, limit_mbps, took, forecast["changed_bytes"] / MiB)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_it_predicts_the_window_after_a_phase_1_slowed_by_a_bandwidth_limit(request, operator, size):
+    """The limit holds back phase 1 only; the switch runs unlimited, so its prediction must not inherit
+    the limit's rate. Small disks: a digest switch with nothing changed (as on a platform without change
+    tracking, where the replica's data is read once) and a tracked switch with a quarter changed; a large
+    disk: the digest switch, which reads all of its data. Each round is another replica's first switch,
+    so the prediction stands on phase 1's rates alone."""
+    if size == "small":
+        lab = request.getfixturevalue("bigger_lab")
+        by_size = sorted(Replica.objects.all(), key=lambda r: -sum(d.capacity_bytes for d in r.disks.all()))
+        rounds = [(by_size[0], False, 0.0, 4), (by_size[1], True, 0.25, 4)]
+    else:
+        lab = request.getfixturevalue("large_lab")
+        replica = max(Replica.objects.all(), key=lambda r: sum(d.capacity_bytes for d in r.disks.all()))
+        fill(lab, replica, 64 * MiB)
+        rounds = [(replica, False, 0.0, 10)]
+    rows = [
+        throttled_switch(lab, operator, replica, cbt=cbt, changed_fraction=fraction, phase1_s=phase1_s)
+        for replica, cbt, fraction, phase1_s in rounds
+    ]
+    print("\nmethod allocated_mib limit_MBps phase1_s changed_mib predicted_s measured_s")
+    for predicted, actual, (method, data_mib, limit, took, changed) in rows:
+        print(f"{method:7} {data_mib:13.0f} {limit:10d} {took:8.2f} {changed:11.1f} {predicted:11.2f} {actual:10.2f}")
+    for predicted, actual, figures in rows:
+        assert abs(predicted - actual) <= max(
+            0.3 * actual, 2.0
+        ), f"predicted {predicted:.2f} s, measured {actual:.2f} s: {figures}"

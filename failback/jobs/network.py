@@ -1,11 +1,20 @@
 """Network transport: the datastore HTTP interface reads ranges but writes whole files only, so both
 phases stream the whole disk (a GET piped into a PUT), and phase 2 verifies by reading both disks back
-over HTTP and comparing SHA-256 digests."""
+over HTTP and comparing SHA-256 digests. While a disk streams, its progress is reported as the direct
+path's is (bounded rate, time left, cancel at the next chunk), and phase 1 keeps to the session's
+bandwidth limit."""
 
 import hashlib
+import threading
 import time
 
-from .. import broadcast
+from django.conf import settings
+
+from .. import broadcast, prediction
+from ..choices import SessionStatus
+from ..transfer import TransferCancelled
+from ..transfer.progress import Pacer, Reporter, paused
+from .progress import ProgressSink
 from .runs import _mib, _note, _save
 
 
@@ -20,8 +29,36 @@ def _network_digest(hv, vm_id, disk_key, capacity, chunk=8 << 20):
     return f"sha256:{digest.hexdigest()}"
 
 
-def _network_copy(run, hv, session, disk, *, phase):
-    """One disk, whole, over the network: phase 1 copies it; phase 2 copies it again and verifies."""
+class _Stream:
+    """The ``progress`` callback of ``copy_disk_network``: progress reports at a bounded rate, the bandwidth
+    limit, and a cancel that stops the stream at its next chunk (TransferCancelled)."""
+
+    PAUSE_TICK = 0.05  # seconds between cancel checks while the limit holds the stream back
+
+    def __init__(self, total, sink, cancel, limit_bps):
+        self.reporter = Reporter(total, sink, settings.FAILBACK_PROGRESS_INTERVAL)
+        self.pacer = Pacer(limit_bps)
+        self.cancel = cancel
+        self.sent = 0
+
+    def tick(self):
+        if self.cancel.is_set():
+            raise TransferCancelled("transfer cancelled")
+        self.reporter.maybe_emit()
+
+    def __call__(self, sent):
+        n, self.sent = sent - self.sent, sent
+        self.reporter.done = self.reporter.written = sent
+        self.tick()
+        end = self.pacer.now() + self.pacer.delay_after(n)
+        while (left := end - self.pacer.now()) > 0:
+            self.pacer.sleep(min(left, self.PAUSE_TICK))
+            self.tick()
+
+
+def _network_copy(run, hv, session, disk, *, phase, cancel=None):
+    """One disk, whole, over the network: phase 1 copies it (a prediction.Copy back); phase 2 copies it
+    again and verifies."""
     replica = session.replica
     why = (
         "Network transport: the whole disk is streamed through the datastore HTTP interface (GET piped into PUT)"
@@ -40,9 +77,16 @@ def _network_copy(run, hv, session, disk, *, phase):
         eta_s=None,
     )
     broadcast.send_now(session.pk)
-    started = time.monotonic()
-    sent = hv.copy_disk_network(replica.vm_id, session.production_vm_id, disk.key)
-    seconds = time.monotonic() - started
+    cancel = cancel or threading.Event()
+    expect = SessionStatus.PHASE1 if phase == 1 else SessionStatus.SWITCHING
+    sink = ProgressSink(disk, expect=expect, cancel=cancel, run=run)
+    limit = session.bandwidth_mbps * 1_000_000 if phase == 1 and session.bandwidth_mbps else None  # phase 1 only
+    stream = _Stream(disk.capacity_bytes, sink, run.fence(cancel), limit)
+    with paused() as held:
+        started = time.monotonic()
+        sent = hv.copy_disk_network(replica.vm_id, session.production_vm_id, disk.key, progress=stream)
+        seconds = time.monotonic() - started
+    stream.reporter.final()
     fields = {
         "bytes_done": disk.capacity_bytes,
         "bytes_written": sent,
@@ -56,6 +100,8 @@ def _network_copy(run, hv, session, disk, *, phase):
         "why": why,
         "bytes_written": sent,
         "seconds": round(seconds, 3),
+        "limit_held_s": round(held.seconds, 3),
+        "working_s": round(max(seconds - held.seconds - sink.busy_s, 0.0), 3),
     }
     if phase == 1:
         _save(disk, run, phase1_bytes_written=sent, **fields)
@@ -66,7 +112,7 @@ def _network_copy(run, hv, session, disk, *, phase):
             data=data,
             run=run,
         )
-        return
+        return prediction.Copy(sent, sent, seconds, held.seconds, sink.busy_s)
     _verify_network_copy(run, hv, session, disk, sent, fields, data)
 
 

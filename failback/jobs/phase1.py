@@ -14,6 +14,7 @@ from ..choices import Outcome, SessionStatus
 from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy, full_copy
+from ..transfer.progress import paused
 from ..transfer.sparse import allocated_bytes
 from .finish import _discard_production_vm
 from .network import _network, _network_copy
@@ -62,8 +63,8 @@ def _phase1(run, session, hv):
         _create_production_vm(run, session, hv)
         disks = list(session.disks.all())
         _announce_phase1(run, session, hv, disks)
-        results = [result for disk in disks if (result := _copy_disk(run, session, hv, disk, cancel)) is not None]
-        _finish_phase1(run, session, results)
+        copies = [_copy_disk(run, session, hv, disk, cancel) for disk in disks]
+        _finish_phase1(run, session, copies)
     except LeaseLost:
         raise
     except (TransferCancelled, workflow.Refused):
@@ -143,18 +144,23 @@ def _announce_phase1(run, session, hv, disks):
     broadcast.send_now(session.pk)
 
 
+def _limit_bps(session):
+    """The session's bandwidth limit in bytes per second (``bandwidth_mbps`` is megabytes per second), or None."""
+    return session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
+
+
 def _copy_disk(run, session, hv, disk, cancel):
-    """One disk of phase 1, resumable from its checkpoint; the engine's result, or None over the network."""
+    """One disk of phase 1, resumable from its checkpoint: a prediction.Copy (what moved, how long it took,
+    how long the bandwidth limit held it back)."""
     replica = session.replica
     disk.refresh_from_db()
     # On a resume the first change id stays: it covers every write since the copy began.
     change_id = disk.change_id or hv.change_tracking(replica.vm_id, disk.key) or ""
     if _network(hv):
-        _network_copy(run, hv, session, disk, phase=1)
-        return None
+        return _network_copy(run, hv, session, disk, phase=1, cancel=cancel)
     _save(disk, run, change_id=change_id)
     src, dst = hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
-    limit = session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
+    limit = _limit_bps(session)
     sink = ProgressSink(disk, expect=SessionStatus.PHASE1, cancel=cancel, run=run)
     copy_args = {
         "state_dir": _state_dir(session.pk, disk.key),
@@ -163,10 +169,11 @@ def _copy_disk(run, session, hv, disk, cancel):
         "bandwidth_limit_bps": limit,
         "cancel": run.fence(cancel),
     }
-    if disk.method == "digest":  # a retry onto the kept VM: only what differs
-        result = delta_copy(src, dst, changed_extents=None, **copy_args)
-    else:
-        result = full_copy(src, dst, **copy_args)
+    with paused() as held:  # the limit's pauses, left out of the rates the switch is predicted from
+        if disk.method == "digest":  # a retry onto the kept VM: only what differs
+            result = delta_copy(src, dst, changed_extents=None, **copy_args)
+        else:
+            result = full_copy(src, dst, **copy_args)
     _save(
         disk,
         run,
@@ -177,11 +184,12 @@ def _copy_disk(run, session, hv, disk, cancel):
         phase1_digest=result.digest,
         eta_s=0,
     )
-    _note_copy(run, session, disk, result, change_id)
-    return result
+    copy = prediction.Copy.of(result, held.seconds, sink.busy_s)
+    _note_copy(run, session, disk, result, change_id, copy)
+    return copy
 
 
-def _note_copy(run, session, disk, result, change_id):
+def _note_copy(run, session, disk, result, change_id, copy):
     how = "only blocks that differ from the kept VM" if disk.method == "digest" else "full copy"
     _note(
         session,
@@ -194,6 +202,8 @@ def _note_copy(run, session, disk, result, change_id):
             "bytes_written": result.bytes_written,
             "zero_bytes_skipped": result.zero_bytes_skipped,
             "seconds": round(result.seconds, 3),
+            "limit_held_s": round(copy.held_s, 3),
+            "working_s": round(copy.working_s, 3),
             "digest": result.digest,
             "resumed_from": result.resumed_from,
             "change_id": change_id,
@@ -203,9 +213,9 @@ def _note_copy(run, session, disk, result, change_id):
     )
 
 
-def _finish_phase1(run, session, results):
+def _finish_phase1(run, session, copies):
     """Ready to switch, with the copy rates the window predictions start from."""
-    base = prediction.phase1_rates(results) if results else {}
+    base = prediction.phase1_rates(copies, limit_bps=_limit_bps(session)) if copies else {}
     workflow.transition(
         session.pk,
         "finish_phase1",

@@ -16,7 +16,8 @@ class ProgressSink:
     """Receives the engine's (already rate-bounded) progress; saves the fields it changes and nudges.
 
     It also notices a cancel or a switch: when the session has left ``expect``, it sets ``cancel``
-    and the engine stops at once, its checkpoint intact."""
+    and the engine stops at once, its checkpoint intact. ``busy_s`` is the time spent here, which a
+    rate of the data work leaves out (it grows with the wall time, so with a bandwidth limit's pauses)."""
 
     def __init__(self, disk, *, expect, cancel, run, show=True):
         self.disk, self.expect, self.cancel, self.run, self.show = disk, expect, cancel, run, show
@@ -24,8 +25,16 @@ class ProgressSink:
             FailbackSession.objects.filter(pk=disk.session_id).values_list("throughput", flat=True).first() or []
         )
         self.last_sample = 0.0
+        self.busy_s = 0.0
 
     def __call__(self, p):
+        started = time.monotonic()
+        try:
+            self._report(p)
+        finally:
+            self.busy_s += time.monotonic() - started
+
+    def _report(self, p):
         fields = {"heartbeat_at": timezone.now()}
         if self.run.lost:
             return

@@ -1,10 +1,12 @@
-"""Progress reports at a bounded rate, and the bandwidth limiter."""
+"""Progress reports at a bounded rate, the bandwidth limiter, and the time the limiter held work back."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -88,8 +90,21 @@ class Pacer:
         self.limit = limit_bps
         self.burst = burst
         self.now = clock  # the engine sleeps with these two, so a test can run the limiter on its own clock
-        self.sleep = sleep
+        self._sleep = sleep
         self._clock = clock()
+        self.paused = 0.0  # seconds this pacer slept to hold its writer back, on its own clock
+
+    def sleep(self, seconds: float) -> None:
+        """Hold the writer back; the time slept counts as paused, here and in the thread's :func:`paused` meter."""
+        before = self.now()
+        try:
+            self._sleep(seconds)
+        finally:
+            spent = max(0.0, self.now() - before)
+            self.paused += spent
+            meter = getattr(_meters, "current", None)
+            if meter is not None:
+                meter.seconds += spent
 
     @property
     def active(self) -> bool:
@@ -108,3 +123,33 @@ class Pacer:
         now = self.now()
         self._clock = max(self._clock, now - self.burst) + nbytes / self.limit
         return self._clock - now
+
+
+class PauseMeter:
+    """Seconds the pacers made the measuring thread sleep: see :func:`paused`."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+_meters = threading.local()
+
+
+@contextmanager
+def paused() -> Iterator[PauseMeter]:
+    """Measure the time the bandwidth limiter holds back the passes run in this thread.
+
+    A pass's ``CopyResult.seconds`` is wall time, limit included; that time minus ``meter.seconds`` (and
+    minus the time its progress callback took, which grows with the wall time) is the time it spent
+    working: reading, writing, hashing, the figure a rate that holds without the limit is computed from.
+    Pacers sleep in the thread that runs the pass, so the meter is per thread; an outer meter also counts
+    what an inner one measured."""
+    meter = PauseMeter()
+    outer = getattr(_meters, "current", None)
+    _meters.current = meter
+    try:
+        yield meter
+    finally:
+        _meters.current = outer
+        if outer is not None:
+            outer.seconds += meter.seconds

@@ -200,9 +200,15 @@ class DatastoreFiles:
             idempotent=True,
         )
 
-    def copy_disk_network(self, src_vm_id: str, dst_vm_id: str, disk_key: str) -> int:
+    def copy_disk_network(
+        self, src_vm_id: str, dst_vm_id: str, disk_key: str, *, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Stream one disk from a VM to another (same key and size) through this machine: a GET of the
-        source's flat file piped into a PUT of the target's; returns the bytes sent. Whole file, always."""
+        source's flat file piped into a PUT of the target's; returns the bytes sent. Whole file, always.
+
+        ``progress(sent)`` is called in the calling thread after each chunk went out (every 4 MiB), with
+        the bytes sent so far; it may sleep (a bandwidth limit) or raise to stop the copy, which then
+        propagates and leaves the target incomplete."""
         what = f"Copy disk {disk_key} from {src_vm_id} to {dst_vm_id}"
         sds, spath, sdc, scap = self._disk_location(src_vm_id, disk_key, what)
         dds, dpath, ddc, dcap = self._disk_location(dst_vm_id, disk_key, what)
@@ -218,10 +224,14 @@ class DatastoreFiles:
                 while sent < scap and (chunk := resp.read(min(CHUNK, scap - sent))):
                     sent += len(chunk)
                     yield chunk
+                    if progress is not None:
+                        progress(sent)
                 while sent < scap:  # a flat file shorter than the disk: the rest is zeros
                     n = min(CHUNK, scap - sent)
                     sent += n
                     yield bytes(n)
+                    if progress is not None:
+                        progress(sent)
 
             return self._put(what, dds, dpath, ddc, _once(body), scap, idempotent=False)
 
