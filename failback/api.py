@@ -82,7 +82,7 @@ api = PortalAPI(
     title="DR portal automation API",
     version="1",
     description="Failback of DR replicas: list and read replicas, sessions, plans and the audit trail; start, switch, "
-    "schedule, cancel, commit and undo. Authenticate with a personal token: `Authorization: Bearer drp_…` "
+    "schedule, cancel, commit and undo; set up vCenter connections and declare failovers. Authenticate with a personal token: `Authorization: Bearer drp_…` "
     "(create one on the portal's API tokens page or with `manage.py create_api_token`).",
     urls_namespace="api-v1",
     openapi_url="/schema/",
@@ -147,6 +147,8 @@ def _refuse_request(request, problem, errors=()):
         where["replica"] = Replica.objects.filter(pk=ids["replica_id"]).first()
     if "plan_id" in ids:
         where["data"]["plan_id"] = ids["plan_id"]
+    if "connection_id" in ids:
+        where["data"]["connection_id"] = ids["connection_id"]
     message = f"{action.replace('_', ' ').capitalize()} refused: {problem}"
     workflow.refuse_input(message[:2000], action=action, actor=actor, **where)
 
@@ -489,6 +491,9 @@ def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.schedule_switch(request.auth, plan_id, body.switch_at, reason=body.reason)
     return render.fresh_plan(plan_id)
+
+
+from . import api_connections  # noqa: E402, F401 (registers the vCenter set-up endpoints on ``api``)
 
 
 def urls():

@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, Field, StrictBool, StrictInt, StringConstrai
 
 from .choices import AuditAction, CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
 from .forms import DATE_MAX, DATE_MIN, DB_INT_MAX
+from .models import VCenterConnection
 from .workflow import REASON_MAX
 
 
@@ -30,6 +31,11 @@ def Int(ge, le):
 
 
 BodyId = Int(1, DB_INT_MAX)
+
+BANDWIDTH_UNIT = (
+    "Bandwidth limit of the disk copy in megabytes per second: 1 MB/s = 10^6 bytes/s (decimal, not MiB/s; "
+    "3 MB/s is 2.86 MiB/s, the unit the portal's pages show rates in)."
+)
 
 
 class Error(Schema):
@@ -140,7 +146,7 @@ class SessionOut(Schema):
     switch_at: datetime | None
     power_on_after: bool
     shutdown_timeout_s: int
-    bandwidth_mbps: int | None
+    bandwidth_mbps: int | None = Field(description=BANDWIDTH_UNIT)
     commit_policy: CommitPolicy
     commit_after_min: int | None
     policy_due_at: datetime | None = Field(description="When the commit policy acts, unless stopped")
@@ -243,7 +249,7 @@ class StartFailbackIn(Schema):
         None, description="With a time zone offset; required when switch_mode is scheduled"
     )
     power_on_after: StrictBool = True
-    bandwidth_mbps: Int(1, 100_000) | None = None
+    bandwidth_mbps: Int(1, 100_000) | None = Field(None, description=BANDWIDTH_UNIT + " None: no limit.")
     commit_policy: CommitPolicy = CommitPolicy.NONE
     commit_after_min: Int(1, DB_INT_MAX) | None = None
     override_checks: StrictBool = Field(
@@ -289,3 +295,119 @@ class CancelIn(ReasonIn):
     keep_production_vm: StrictBool = Field(
         False, description="Keep the half-built production VM so that a later failback sends only what differs"
     )
+
+
+# -- vCenter connections (Administrator) ----------------------------------------------------------
+
+Thumbprint = Annotated[
+    str,
+    StringConstraints(pattern=r"^([0-9A-Fa-f]{2}[:-]){31}[0-9A-Fa-f]{2}$"),
+    Field(description="SHA-256 of the server's certificate: 32 hexadecimal bytes separated by colons"),
+]
+ThumbprintOrNone = Annotated[
+    str,
+    StringConstraints(pattern=r"^(([0-9A-Fa-f]{2}[:-]){31}[0-9A-Fa-f]{2})?$"),
+    Field(description="SHA-256 of the server's certificate (32 hexadecimal bytes separated by colons), or empty"),
+]
+Host = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=253, pattern=r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])$"),
+    Field(description="The vCenter's DNS name or IP address ([…] for IPv6)"),
+]
+DatastoreName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^=\r\n\x00]+$")]
+MountPath = Annotated[str, StringConstraints(min_length=2, max_length=1000, pattern=r"^/[^\r\n\x00]*$")]
+
+
+class ConnectionFields(Schema):
+    """Everything of a connection but its password: what is sent back, and what may be changed."""
+
+    name: Text(100, 1)
+    host: Host
+    port: Int(1, 65535) = 443
+    username: Text(200, 1)
+    tls_mode: VCenterConnection.TLS = Field(
+        VCenterConnection.TLS.CA, description="ca: verify against the system CA store; thumbprint: pin it"
+    )
+    thumbprint: ThumbprintOrNone = Field("", description="Required when tls_mode is thumbprint")
+    transport: VCenterConnection.Transport = VCenterConnection.Transport.DIRECT
+    datastore_paths: dict[DatastoreName, MountPath] = Field(
+        default_factory=dict, description="Direct transport: datastore name -> its local mount path on the worker host"
+    )
+    replica_suffix: Text(50) = Field("_replica", description="VMs named <source><suffix> are discovered as replicas")
+    replica_attribute: Text(100) = Field("", description="Optional custom attribute whose value names the source")
+    sync_minutes: Int(1, 10_080) = Field(15, description="Minutes between scheduled inventory syncs")
+
+
+class ConnectionIn(ConnectionFields):
+    password: Text(500, 1) = Field(description="Stored encrypted; never returned")
+
+
+class ConnectionPatch(Schema):
+    """Only the fields sent change; a password sent replaces the stored one."""
+
+    name: Text(100, 1) | None = None
+    host: Host | None = None
+    port: Int(1, 65535) | None = None
+    username: Text(200, 1) | None = None
+    password: Text(500, 1) | None = Field(None, description="Stored encrypted; never returned")
+    tls_mode: VCenterConnection.TLS | None = None
+    thumbprint: ThumbprintOrNone | None = None
+    transport: VCenterConnection.Transport | None = None
+    datastore_paths: dict[DatastoreName, MountPath] | None = None
+    replica_suffix: Text(50) | None = None
+    replica_attribute: Text(100) | None = None
+    sync_minutes: Int(1, 10_080) | None = None
+
+
+class ConnectionOut(Schema):
+    id: int
+    name: str
+    host: str
+    port: int
+    username: str
+    tls_mode: VCenterConnection.TLS
+    thumbprint: str
+    transport: VCenterConnection.Transport
+    datastore_paths: dict[str, str]
+    replica_suffix: str
+    replica_attribute: str
+    sync_minutes: int
+    sync_scheduled: bool = Field(
+        description="The periodic sync runs (false while the login is unverified or was refused)"
+    )
+    last_test_at: datetime | None
+    last_test_result: str = Field(
+        description="The last Test connection: 'Connected: <vCenter version>' or 'Failed: <why>'"
+    )
+    synced_at: datetime | None
+    sync_error: str = Field(
+        description="Why the last sync failed, or why the connection has no scheduled sync (not verified when saved)"
+    )
+    inventory: dict[str, int] = Field(description="What the last sync found: vms, hosts, datastores, networks")
+    replica_ids: list[int]
+    created_at: datetime
+
+
+class ConnectionPage(Page):
+    items: list[ConnectionOut]
+
+
+class ThumbprintOut(Schema):
+    host: str
+    port: int
+    thumbprint: str = Field(description="What the server presents now: compare it with vCenter's before pinning it")
+    pinned: bool = Field(description="It is the thumbprint this connection pins")
+
+
+class PinIn(Schema):
+    thumbprint: Thumbprint
+
+
+class ConnectionTestOut(Schema):
+    ok: bool
+    result: str = Field(description="'Connected: <vCenter version>' or 'Failed: <the exact error>'")
+
+
+class PairIn(Schema):
+    vm_id: Text(100, 1) = Field(description="The VM's managed object id in vCenter (vm-42)")
+    source_name: Text(200, 1) = Field(description="The workload it is the replica of")

@@ -1,3 +1,4 @@
+import re
 from dataclasses import fields
 from datetime import date
 
@@ -5,6 +6,7 @@ from django import forms
 from django.utils import timezone
 
 from .choices import CommitPolicy, SessionStatus, SwitchMode
+from .connections import normalise_thumbprint
 from .workflow import REASON_MAX, StartOptions
 
 DATETIME_HELP = "{tz} time"
@@ -108,7 +110,8 @@ class StartFailbackForm(forms.Form):
         required=False,
         min_value=1,
         max_value=100_000,
-        help_text="Leave empty to copy as fast as the disks allow.",
+        help_text="Megabytes per second: 1 MB/s = 10^6 bytes/s, so 3 MB/s is 2.9 MiB/s, the unit the progress "
+        "tables and the chart show. Leave empty to copy as fast as the disks allow.",
     )
     commit_policy = forms.ChoiceField(
         label="After the switch",
@@ -208,6 +211,9 @@ class CancelForm(ReasonForm):
     )
 
 
+HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
 class ConnectionForm(forms.ModelForm):
     password = forms.CharField(
         widget=forms.PasswordInput(render_value=False),
@@ -250,6 +256,18 @@ class ConnectionForm(forms.ModelForm):
             self.fields["password"].required = True
             self.fields["password"].help_text = "Stored encrypted; never shown again."
 
+    def clean_host(self):
+        host = self.cleaned_data["host"].strip()
+        if not HOST.fullmatch(host):
+            raise forms.ValidationError("Give the vCenter's DNS name or IP address (an IPv6 address in [brackets]).")
+        return host
+
+    def clean_sync_minutes(self):
+        minutes = self.cleaned_data["sync_minutes"]
+        if not 1 <= minutes <= 10_080:
+            raise forms.ValidationError("Sync every 1 to 10080 minutes (a week).")
+        return minutes
+
     def clean_port(self):
         port = self.cleaned_data["port"]
         if not 1 <= port <= 65535:
@@ -257,13 +275,11 @@ class ConnectionForm(forms.ModelForm):
         return port
 
     def clean_thumbprint(self):
-        value = self.cleaned_data["thumbprint"].strip().upper().replace("-", ":")
-        if value and (
-            len(value.split(":")) != 32
-            or any(len(b) != 2 or any(c not in "0123456789ABCDEF" for c in b) for b in value.split(":"))
-        ):
-            raise forms.ValidationError("A SHA-256 thumbprint is 32 hexadecimal bytes separated by colons.")
-        return value
+        value = self.cleaned_data["thumbprint"].strip()
+        try:
+            return normalise_thumbprint(value) if value else ""
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
     def clean_datastore_paths_text(self):
         paths = {}

@@ -32,7 +32,10 @@ def connection_edit(request, pk=None):
         except Refused as refused:
             error = refused.message
         else:
-            messages.success(request, f"Connection {connection.name} saved.")
+            if connection.sync_error:  # saved, but the login could not be checked: say why
+                messages.warning(request, f"Connection {connection.name} saved. {connection.sync_error}")
+            else:
+                messages.success(request, f"Connection {connection.name} saved; its login works.")
             return redirect("failback:connection", pk=connection.pk)
     return render(
         request,
@@ -50,7 +53,13 @@ def connection_detail(request, pk):
     return render(
         request,
         "failback/connection_detail.html",
-        {"connection": connection, "vms": vms, "pair_form": PairReplicaForm(), "replicas": connection.replicas.all()},
+        {
+            "connection": connection,
+            "vms": vms,
+            "pair_form": PairReplicaForm(),
+            "replicas": connection.replicas.all(),
+            "sync_scheduled": connections.sync_scheduled(connection),
+        },
     )
 
 
@@ -68,8 +77,11 @@ def connection_action(request, pk, action):
             messages.info(
                 request,
                 f"{connection.host}:{connection.port} presents the SHA-256 thumbprint {thumbprint}. "
-                "Compare it with the one vCenter shows, then pin it by editing the connection.",
+                "Compare it with the one vCenter shows, then pin it.",
             )
+        elif action == "pin":
+            connection = connections.pin_thumbprint(request.user, pk, request.POST.get("thumbprint", ""))
+            messages.success(request, f"Thumbprint {connection.thumbprint} pinned; the login through it works.")
         elif action == "sync":
             connections.request_sync(request.user, pk)
             messages.info(request, "Inventory sync queued; reload this page to see its result.")

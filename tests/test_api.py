@@ -54,6 +54,11 @@ class Api:
             API + path, json.dumps({} if body is None else body), content_type="application/json", **self.headers
         )
 
+    def patch(self, path, body=None):
+        return self.client.patch(
+            API + path, json.dumps({} if body is None else body), content_type="application/json", **self.headers
+        )
+
 
 def token_for(user, name="tests"):
     return tokens.issue(user, user, name)[1]

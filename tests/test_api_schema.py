@@ -23,15 +23,17 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from failback import plans, tokens
+from failback import connections, plans, tokens
+from failback.models import VCenterConnection
 
 from .browser_support import Portal, server_env
 from .conftest import make_user
 from .helpers import network_map, replica_named, start
+from .security_support import closed_port
 
 pytestmark = [pytest.mark.api, pytest.mark.django_db(databases="__all__", transaction=True)]
 
-EXAMPLES = 6  # per operation and mode: 20 operations x 2 modes x 6 requests
+EXAMPLES = 6  # per operation and mode: 30 operations x 2 modes x 6 requests
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -49,6 +51,13 @@ def live_api(lab, settings, tmp_path):
     rows and the service layer's rules, not only 404s."""
     operator = make_user("olivia", "Operator")
     ids = {"session_id": start(operator, replica_named("web-01")).pk, "replica_id": replica_named("app-erp").pk}
+    # A vCenter connection that cannot be reached (saved unverified): the Operator's token meets the
+    # Administrator's endpoints with 403, so generated hosts are never contacted.
+    ids["connection_id"] = connections.save_connection(
+        make_user("ada", "Administrator"),
+        VCenterConnection(name="vc-lab", host="127.0.0.1", port=closed_port(), username="svc"),
+        password="vc-Pa55word",
+    ).pk
     ids["plan_id"] = plans.start_plan(
         operator,
         name="wave-1",
@@ -81,7 +90,7 @@ def test_it_holds_to_its_schema_under_generated_requests(live_api):
     config = schemathesis.Config.from_dict({"generation": {"allow-extra-parameters": False}})
     schema = schemathesis.openapi.from_url(f"{url}/api/v1/schema/", config=config)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 20
+    assert len(operations) == 30
     failures, seen = {}, Counter()
     http = requests.Session()
     http.hooks["response"].append(
@@ -124,6 +133,6 @@ def test_it_publishes_a_schema_that_names_every_operation(live_api):
     url, _, _ = live_api
     published = requests.get(f"{url}/api/v1/schema/", timeout=10).json()
     operations = {(method.upper(), path) for path, item in published["paths"].items() for method in item}
-    assert len(operations) == 20
+    assert len(operations) == 30
     assert all(item[m].get("security") == [{"BearerToken": []}] for item in published["paths"].values() for m in item)
     assert requests.get(f"{url}/api/v1/replicas", timeout=10).status_code == 401
