@@ -30,11 +30,40 @@ def duration(value):
     return f"{secs} s"
 
 
+BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+@register.filter(name="bytes")
+def binary_size(value):
+    """A size in binary units, as every page shows sizes: '512 B', '1.5 KiB', '64.0 MiB', '3.0 GiB'.
+
+    (Django's filesizeformat divides by 1024 too but writes KB/MB/GB, which read as powers of ten.)"""
+    if value is None or value == "":
+        return "—"
+    size = float(value)
+    if abs(size) < 1024:
+        return f"{int(size)} B"
+    for unit in BINARY_UNITS:
+        size /= 1024
+        if abs(size) < 1024 or unit == BINARY_UNITS[-1]:
+            return f"{size:,.1f} {unit}"
+
+
 @register.filter
 def rate(bps):
+    """Bytes per second in MiB/s, the unit of every rate the portal shows (the tables and the chart)."""
     if not bps:
         return "—"
     return f"{bps / 2**20:,.1f} MiB/s"
+
+
+@register.filter
+def bandwidth_limit(mbps):
+    """A session's bandwidth limit: set in MB/s (10^6 bytes/s), shown in MiB/s like every rate, with the
+    figure as it was typed: '2.9 MiB/s (set as 3 MB/s)'."""
+    if not mbps:
+        return "none"
+    return f"{mbps * 10**6 / 2**20:,.1f} MiB/s (set as {mbps} MB/s)"
 
 
 @register.simple_tag

@@ -1,0 +1,116 @@
+"""Units that say what they are: every size and rate the portal shows is binary (KiB, MiB, GiB, MiB/s) in
+the tables, the event log and audit text and the chart; the bandwidth limit, typed in MB/s (10^6 bytes/s),
+is shown in MiB/s beside the figure as typed; the API's schema states the MB/s unit."""
+
+import re
+import time
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from failback import plans
+from failback.models import FailbackSession, SessionDisk
+from failback.templatetags.failback_tags import bandwidth_limit, binary_size, rate, throughput_chart
+
+from .conftest import wait_for
+from .helpers import network_map, replica_named, start
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+DECIMAL = re.compile(r"\b\d[\d.,]*\s*(?:kB|KB|MB|GB|TB)\b")  # 1.5 GB, 200 MB, 4 KB: what filesizeformat writes
+AS_TYPED = re.compile(r"\(set as \d+ MB/s\)")  # the one decimal figure shown on purpose, beside its MiB/s
+
+
+def decimal_units(html):
+    return DECIMAL.findall(AS_TYPED.sub("", html))
+
+
+def test_it_writes_sizes_in_binary_units():
+    assert [binary_size(n) for n in (0, 512, 1536, 64 * MiB, 3 * GiB, 5 * 1024 * GiB)] == [
+        "0 B",
+        "512 B",
+        "1.5 KiB",
+        "64.0 MiB",
+        "3.0 GiB",
+        "5.0 TiB",
+    ]
+    assert binary_size(None) == "—" and rate(0) == "—" and rate(50 * MiB) == "50.0 MiB/s"
+    assert bandwidth_limit(None) == "none" and bandwidth_limit(3) == "2.9 MiB/s (set as 3 MB/s)"
+    assert bandwidth_limit(100) == "95.4 MiB/s (set as 100 MB/s)"
+
+
+def test_it_labels_the_chart_in_mib_per_second():
+    svg = throughput_chart([[0, 40 * MiB, 1], [10, 60 * MiB, 1]])
+    assert "peak 60.0 MiB/s over 10 s" in svg and ">MiB/s</text>" in svg and ">60</text>" in svg
+
+
+@pytest.mark.django_db
+def test_it_shows_binary_units_on_every_page(lab, operator, admin_user):
+    session = start(operator, replica_named("web-01"), bandwidth_mbps=3)
+    disk = session.disks.order_by("key").first()
+    SessionDisk.objects.filter(pk=disk.pk).update(
+        capacity_bytes=3 * GiB, bytes_total=3 * GiB, bytes_done=1536 * MiB, rate_bps=50 * MiB
+    )
+    now = time.time()
+    FailbackSession.objects.filter(pk=session.pk).update(throughput=[[now - 10, 40 * MiB, 1], [now, 60 * MiB, 1]])
+    member = replica_named("app-crm")
+    plan = plans.start_plan(
+        operator,
+        name="wave-1",
+        members=[
+            {
+                "replica_id": member.pk,
+                "vm_name": "crm-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(member),
+            }
+        ],
+    )
+    SessionDisk.objects.filter(session__plan=plan).update(bytes_total=GiB, bytes_done=512 * MiB)
+    client = Client()
+    client.force_login(admin_user)
+    pages = {
+        name: client.get(url).content.decode()
+        for name, url in {
+            "session": reverse("failback:session", args=[session.pk]),
+            "report": reverse("failback:report", args=[session.pk]),
+            "replicas": reverse("failback:replicas"),
+            "dashboard": reverse("failback:dashboard"),
+            "plan": reverse("failback:plan", args=[plan.pk]),
+            "start": reverse("failback:start", args=[replica_named("app-erp").pk]),
+        }.items()
+    }
+    for name, html in pages.items():
+        if name == "start":  # the bandwidth field asks for MB/s and says what that is; checked below
+            continue
+        assert not decimal_units(html), f"{name} shows decimal units: {decimal_units(html)}"
+    assert f"{disk.key} (3.0 GiB)" in pages["session"] and "1.5 GiB / 3.0 GiB" in pages["session"]
+    assert "50.0 MiB/s" in pages["session"] and "peak 60.0 MiB/s" in pages["session"]
+    for name in ("session", "report"):
+        assert "2.9 MiB/s (set as 3 MB/s)" in pages[name], name
+    assert re.search(r"\d [MG]iB", pages["replicas"]) and "(512.0 MiB of 1.0 GiB)" in pages["plan"]
+    assert "50.0 MiB/s" in pages["dashboard"]
+    assert "1 MB/s = 10^6 bytes/s" in pages["start"]  # the form says what the unit it asks for is
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_it_writes_the_event_log_in_binary_units(lab, operator, admin_user):
+    session = start(operator, replica_named("db-sql"))
+    wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status == "ready_to_switch", what="phase 1 to finish")
+    texts = [e.detail for e in session.events.all()]
+    copied = [t for t in texts if " read, " in t and " written in " in t]
+    assert copied and all(re.search(r"\d MiB read, [\d.,]+ MiB written", t) for t in copied), texts
+    assert not [t for t in texts if decimal_units(t)]
+    client = Client()
+    client.force_login(admin_user)
+    for url in (reverse("failback:session", args=[session.pk]), reverse("failback:audit") + f"?session={session.pk}"):
+        html = client.get(url).content.decode()
+        assert "MiB" in html and not decimal_units(html), url
+
+
+def test_it_states_the_bandwidth_unit_in_the_api_schema(client):
+    schemas = client.get("/api/v1/schema/").json()["components"]["schemas"]
+    for name in ("StartFailbackIn", "SessionOut"):
+        description = schemas[name]["properties"]["bandwidth_mbps"]["description"]
+        assert "megabytes per second: 1 MB/s = 10^6 bytes/s" in description and "MiB/s" in description, name
