@@ -5,6 +5,8 @@ thumbprint, input), each answered with the portal's message and written to the a
 import json
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 from django_q.models import Schedule
 
 from failback import connections
@@ -238,3 +240,43 @@ def test_it_answers_bad_input_with_the_field_and_why(vcsim, admin_user):
     assert api.post("/connections/999999/test").status_code == 404
     response = api.post("/connections/1/pin", {"thumbprint": "nope"})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == "thumbprint"
+
+
+def test_it_refuses_the_same_on_the_connection_page(vcsim, admin_user):
+    """The page and the API share the service: a wrong password is refused there too, and pinning works."""
+    page = Client()
+    page.force_login(admin_user)
+    form = {
+        "name": "vc-page",
+        "host": vcsim.host,
+        "port": vcsim.port,
+        "username": vcsim.user,
+        "password": "wrong-one",
+        "tls_mode": "thumbprint",
+        "thumbprint": vcsim.thumbprint,
+        "transport": "direct",
+        "replica_suffix": "_replica",
+        "sync_minutes": 15,
+    }
+    response = page.post(reverse("failback:connection_new"), form)
+    html = response.content.decode()
+    assert response.status_code == 400 and "refused the login" in html and "not saved" in html
+    assert not VCenterConnection.objects.exists()
+
+    response = page.post(
+        reverse("failback:connection_new"), {**form, "password": vcsim.password, "tls_mode": "ca", "thumbprint": ""}
+    )
+    conn = VCenterConnection.objects.get()
+    assert response.status_code == 302 and not connections.sync_scheduled(conn)
+    shown = page.get(reverse("failback:connection", args=[conn.pk])).content.decode()
+    assert "Not verified when saved" in shown and "none until Test connection succeeds" in shown
+    page.post(reverse("failback:connection_action", args=[conn.pk, "test"]))
+    assert not connections.sync_scheduled(conn)  # the certificate is still not trusted: the test failed
+
+    response = page.post(reverse("failback:connection_action", args=[conn.pk, "pin"]), {"thumbprint": WRONG_PIN})
+    assert "not the pinned" in page.get(response.url).content.decode()
+    assert VCenterConnection.objects.get().tls_mode == "ca"
+    response = page.post(reverse("failback:connection_action", args=[conn.pk, "pin"]), {"thumbprint": vcsim.thumbprint})
+    shown = page.get(response.url).content.decode()
+    assert f"Thumbprint {vcsim.thumbprint} pinned" in shown and "every 15 min" in shown
+    assert connections.sync_scheduled(conn) and VCenterConnection.objects.get().sync_error == ""
