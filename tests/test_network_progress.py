@@ -16,7 +16,7 @@ from failback.models import AuditEvent, FailbackSession, Replica, SessionDisk, V
 
 from .test_vsphere_vcsim import resize_disk
 
-pytestmark = [pytest.mark.vcsim, pytest.mark.django_db(databases="__all__", transaction=True)]
+pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
 MiB = 1 << 20
 CAPACITY = 64 * MiB
@@ -106,6 +106,7 @@ class Watcher:
         self.thread.join()
 
 
+@pytest.mark.vcsim
 def test_it_reports_increasing_progress_while_a_disk_streams_over_the_network(vcsim, replica, operator):
     limit_mbps = 16  # megabytes per second: the 64 MiB disk takes about 4.2 s
     with Watcher(replica) as watcher:
@@ -134,6 +135,7 @@ def test_it_reports_increasing_progress_while_a_disk_streams_over_the_network(vc
     hv.close()
 
 
+@pytest.mark.vcsim
 def test_it_stops_a_network_stream_at_its_next_chunk_when_cancelled(vcsim, replica, operator):
     pressed = []
 
@@ -152,3 +154,28 @@ def test_it_stops_a_network_stream_at_its_next_chunk_when_cancelled(vcsim, repli
     assert session.production_vm_id not in {vm.vm_id for vm in hv.inventory().vms}  # the cancel step deleted it
     assert hv.power_state(replica.vm_id) == POWERED_ON  # the replica was never touched
     hv.close()
+
+
+@pytest.mark.vcsim
+def test_it_calls_progress_after_each_chunk_on_vsphere(vcsim, replica):
+    hv = vcsim.hypervisor(transport="network")
+    target = hv.create_vm_like(
+        replica.vm_id, name="web-01", host="DC0_C0_H1", datastore="LocalDS_0", network_map={"DC0_DVPG0": "VM Network"}
+    )
+    seen = []
+    assert hv.copy_disk_network(replica.vm_id, target, "scsi0:0", progress=seen.append) == CAPACITY
+    assert seen == list(range(4 * MiB, CAPACITY + 1, 4 * MiB))  # one call per 4 MiB chunk, in order
+    hv.close()
+
+
+def test_it_calls_progress_as_the_lab_copies(lab):
+    from .helpers import network_map, replica_named
+
+    replica = replica_named("app-erp")
+    target = lab.create_vm_like(
+        replica.vm_id, name="erp-prod", host="esx-prod-01", datastore="prod-ds-01", network_map=network_map(replica)
+    )
+    disk = replica.disks.first()
+    seen = []
+    copied = lab.copy_disk_network(replica.vm_id, target, disk.key, progress=seen.append)
+    assert seen and seen == sorted(set(seen)) and seen[-1] == copied > 0

@@ -12,6 +12,7 @@ says how to add a platform; ``tests/test_platform_contract.py`` holds every plat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -125,9 +126,13 @@ class DiskAccess(Protocol):
         HypervisorError for a range outside the disk, NotFound for an unknown VM or disk."""
         ...
 
-    def copy_disk_network(self, src_vm_id: str, dst_vm_id: str, disk_key: str) -> int:
+    def copy_disk_network(
+        self, src_vm_id: str, dst_vm_id: str, disk_key: str, *, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Replace the whole content of ``dst_vm_id``'s disk with ``src_vm_id``'s disk of the same key
-        and size; return the bytes sent. HypervisorError when the sizes differ."""
+        and size; return the bytes sent. HypervisorError when the sizes differ. ``progress(sent)``, when
+        given, is called in the calling thread as the copy goes (bytes sent so far); an exception it raises
+        stops the copy and propagates."""
         ...
 
     def change_tracking(self, vm_id: str, disk_key: str) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .base import POWERED_ON, ChangedAreas, HypervisorError
@@ -152,10 +152,13 @@ class LabDisks:
             data = os.pread(f.fileno(), length, offset)
         return data + bytes(length - len(data))
 
-    def copy_disk_network(self, src_vm_id: str, dst_vm_id: str, disk_key: str) -> int:
+    def copy_disk_network(
+        self, src_vm_id: str, dst_vm_id: str, disk_key: str, *, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Make the target's disk a copy of the source's (same key and size), keeping holes: the target
         is emptied, then only the source's allocated extents are written. Returns the bytes copied.
-        Like writes through ``disk_path``, the copy is no guest write: change tracking does not see it."""
+        Like writes through ``disk_path``, the copy is no guest write: change tracking does not see it.
+        ``progress(copied)`` is called after each chunk, with the lab's lock held (guest writes wait)."""
         what = f"Copy disk {disk_key} from {src_vm_id} to {dst_vm_id}"
         if src_vm_id == dst_vm_id:
             raise HypervisorError(f"{what}: source and target are the same VM.")
@@ -181,4 +184,6 @@ class LabDisks:
                         d.write(chunk)
                         offset += len(chunk)
                         copied += len(chunk)
+                        if progress is not None:
+                            progress(copied)
             return copied
