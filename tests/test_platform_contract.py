@@ -7,8 +7,9 @@ with the network transport (the datastore HTTP file interface). A new platform j
 
 Per case the fixture gives a hypervisor, a source VM with a disk, where a new VM may go (host,
 datastore, network map) and a way to put bytes on a disk from outside the portal (a guest writing,
-or a file written on the datastore). vcsim offers no change tracking (no QueryChangedDiskAreas):
-the case says so, and the contract then requires an explicit refusal instead of changed areas.
+or a file written on the datastore). A case says whether the platform tracks changes; one that does
+not must refuse explicitly instead of giving changed areas. vcsim tracks them through the project's
+QueryChangedDiskAreas (tests/vcsim/cbt.go), with change tracking turned on for the source VM.
 """
 
 from __future__ import annotations
@@ -100,12 +101,15 @@ def _lab_case(root) -> Case:
 
 
 def _vsphere_case(sim, transport: str) -> Case:
-    from .test_vsphere_vcsim import resize_disk
+    from pyVmomi import vim
+
+    from .test_vsphere_vcsim import reconfigure, resize_disk
 
     direct = sim.hypervisor()  # writes the flat files on vcsim's local datastore, as a guest's I/O would land
     hv = direct if transport == "direct" else sim.hypervisor(transport="network")
     source = next(vm.vm_id for vm in direct.inventory().vms if vm.name == "DC0_H0_VM0")
     resize_disk(direct, source, "scsi0:0", DISK)
+    reconfigure(direct, source, vim.vm.ConfigSpec(changeTrackingEnabled=True))
 
     def write(vm_id: str, disk_key: str, offset: int, data: bytes) -> None:
         with open(direct.disk_path(vm_id, disk_key), "r+b") as f:
@@ -113,7 +117,7 @@ def _vsphere_case(sim, transport: str) -> Case:
             f.write(data)
 
     return Case(
-        hv, source, "scsi0:0", "DC0_C0_H1", "LocalDS_0", {"DC0_DVPG0": "VM Network"}, write=write, tracks_changes=False
+        hv, source, "scsi0:0", "DC0_C0_H1", "LocalDS_0", {"DC0_DVPG0": "VM Network"}, write=write, tracks_changes=True
     )
 
 

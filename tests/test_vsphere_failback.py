@@ -128,7 +128,8 @@ def test_it_fails_back_on_vsphere_and_commits_with_identical_disks(vcsim, replic
     assert hv.power_state(replica.vm_id) == POWERED_OFF and hv.power_state(session.production_vm_id) == POWERED_ON
     assert_identical(vcsim, session)
     disk = session.disks.get()
-    assert disk.method == "digest" and "unavailable" in disk.method_reason  # vcsim has no QueryChangedDiskAreas
+    # create_vm_like turned change tracking on for the replica: the switch asked what changed since phase 1
+    assert disk.method == "tracked" and disk.method_reason.startswith("Change tracking: ") and disk.change_id
     workflow.commit(operator, session.pk)
     session = reload(session)
     assert session.status == SessionStatus.COMMITTED and session.replica.state == ReplicaState.READY

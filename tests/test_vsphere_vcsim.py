@@ -1,13 +1,14 @@
 """VSphereHypervisor against VMware's vCenter simulator (vcsim from Debian's govmomi 0.24).
 
-No Django database: plain functions on a fresh simulator each. What vcsim does not do (change
-block tracking, guest tools, a free-space check, delta disks for snapshots) is stated where a test
-meets it.
+No Django database: plain functions on a fresh simulator each. Change block tracking comes from the
+project's own addition to vcsim (tests/vcsim/cbt.go). What vcsim does not do (guest tools, a
+free-space check, delta disks for snapshots) is stated where a test meets it.
 """
 
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pyVmomi import vim
@@ -360,16 +361,60 @@ def test_it_reads_ranges_and_copies_whole_disks_over_the_network(vcsim):
         net.copy_disk_network(replica, prod, "scsi0:0")
 
 
-def test_it_offers_no_change_tracking_on_vcsim_so_the_caller_compares_digests(vcsim):
+def test_it_tracks_changes_only_when_change_tracking_is_on(vcsim):
     hv = vcsim.hypervisor()
     replica = vm_named(hv, "DC0_H0_VM0").vm_id
     assert hv.change_tracking(replica, "scsi0:0") is None  # CBT is off on vcsim's own VMs
-    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=True))
-    assert hv.change_tracking(replica, "scsi0:0") is None  # on, but vcsim has no QueryChangedDiskAreas
-    with pytest.raises(HypervisorError, match="does not implement: QueryChangedDiskAreas"):
+    with pytest.raises(HypervisorError, match="change tracking is not enabled on DC0_H0_VM0"):
         hv.changed_areas(replica, "scsi0:0", "*")
+    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=True))
+    first = hv.change_tracking(replica, "scsi0:0")
+    assert first and first.endswith("/1")  # "xx xx .. xx-xx .. xx/N", as ESXi writes it
     with pytest.raises(NotFound, match="has no disk 'scsi0:7'"):
         hv.change_tracking(replica, "scsi0:7")
+
+
+def test_it_reports_the_areas_changed_since_a_change_id(vcsim):
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0").vm_id
+    resize_disk(hv, replica, "scsi0:0", 64 * MiB)
+    path = hv.disk_path(replica, "scsi0:0")
+    with open(path, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(MiB))
+    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=True))
+    start = hv.change_tracking(replica, "scsi0:0")
+    everything = hv.changed_areas(replica, "scsi0:0", "*")
+    assert everything.extents == ((5 * MiB, MiB),)  # "*": the allocated areas
+    assert everything.change_id == start  # the temporary snapshot froze the same state
+
+    with open(path, "r+b") as f:  # the guest writes 10 bytes in one block and 70 KiB across two
+        f.seek(20 * MiB + 100)
+        f.write(b"x" * 10)
+        f.seek(40 * MiB + 60 * 1024)
+        f.write(os.urandom(70 * 1024))
+    now = hv.change_tracking(replica, "scsi0:0")
+    assert now != start and now.rsplit("/", 1)[0] == start.rsplit("/", 1)[0]  # same epoch, later id
+    changed = hv.changed_areas(replica, "scsi0:0", start)
+    assert changed.extents == ((20 * MiB, 64 * 1024), (40 * MiB, 3 * 64 * 1024))  # 64 KiB blocks, merged
+    assert changed.change_id == now
+    assert hv.changed_areas(replica, "scsi0:0", now).extents == ()
+    leftovers = list(Path(vcsim.datastores["LocalDS_0"]).rglob("*.vmsn"))
+    assert leftovers == []  # every temporary snapshot was removed again
+
+
+def test_it_refuses_a_change_id_from_before_a_change_tracking_reset(vcsim):
+    hv = vcsim.hypervisor()
+    replica = vm_named(hv, "DC0_H0_VM0").vm_id
+    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=True))
+    old = hv.change_tracking(replica, "scsi0:0")
+    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=False))  # an admin's CBT reset
+    reconfigure(hv, replica, vim.vm.ConfigSpec(changeTrackingEnabled=True))
+    new = hv.change_tracking(replica, "scsi0:0")
+    assert new.rsplit("/", 1)[0] != old.rsplit("/", 1)[0]
+    for stale in (old, new.rsplit("/", 1)[0] + "/99", "not an id"):
+        with pytest.raises(HypervisorError, match="A specified parameter was not correct: changeId"):
+            hv.changed_areas(replica, "scsi0:0", stale)
 
 
 # -- failures of the connection ----------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 #!/bin/sh
-# Build the vCenter simulator for the vSphere tests (tests/vcsim/main.go) from Debian's packages:
+# Build the vCenter simulator for the vSphere tests (tests/vcsim/*.go) from Debian's packages:
 # golang-go and golang-github-vmware-govmomi-dev (govmomi 0.24 in bookworm), in GOPATH mode.
 #
-# The binary goes to var/bin/vcsim (var/ is git-ignored) and is rebuilt only when main.go, the
+# The binary goes to var/bin/vcsim (var/ is git-ignored) and is rebuilt only when its sources, the
 # govmomi package or the Go toolchain changed. Prints the binary's path on success; exits non-zero
 # with the reason when the packages cannot be installed or the build fails.
 set -eu
@@ -38,7 +38,7 @@ if [ -n "$missing" ]; then
 fi
 
 govmomi=$(dpkg-query -W -f='${Version}' golang-github-vmware-govmomi-dev)
-want=$( { sha256sum "$here/vcsim/main.go"; echo "govmomi $govmomi"; go version; } | sha256sum | cut -d' ' -f1)
+want=$( { sha256sum "$here"/vcsim/*.go; echo "govmomi $govmomi"; go version; } | sha256sum | cut -d' ' -f1)
 if [ -x "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$out"
   exit 0
@@ -48,8 +48,8 @@ echo "vcsim_build: building vcsim against govmomi $govmomi ($(go version | cut -
 mkdir -p "$root/var/cache/go-build" "$root/var/gopath"
 if ! (cd "$here/vcsim" && env GO111MODULE=off GOFLAGS= \
       GOPATH="$root/var/gopath:/usr/share/gocode" GOCACHE="$root/var/cache/go-build" \
-      go build -o "$out.tmp" main.go); then
-  echo "vcsim_build: go build failed for tests/vcsim/main.go" >&2
+      go build -o "$out.tmp" .); then
+  echo "vcsim_build: go build failed for tests/vcsim" >&2
   rm -f "$out.tmp"
   exit 1
 fi

@@ -10,6 +10,7 @@ from django.utils import timezone
 from .. import broadcast, prediction
 from .. import checks as prechecks
 from ..choices import Outcome, SessionStatus
+from ..hypervisors.base import HypervisorError
 from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy
@@ -27,7 +28,12 @@ def _catch_up(run, session, hv):
             return None  # network transport resends whole disks: a catch-up would not shrink the window
         src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
         new_id = hv.change_tracking(session.replica.vm_id, disk.key) if disk.change_id else None
-        extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents) if new_id else None
+        try:
+            extents = (
+                list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents) if new_id else None
+            )
+        except HypervisorError:  # the old id is refused (a reset): compare digests; new_id tracks from now on
+            extents = None
         sink = ProgressSink(disk, expect=SessionStatus.READY_TO_SWITCH, cancel=cancel, run=run, show=False)
         try:
             result = delta_copy(
@@ -44,7 +50,7 @@ def _catch_up(run, session, hv):
             return None  # a cancel: the copy map is consistent, the next pass carries on
         _save(disk, run, change_id=new_id or "")
         written[disk.key] = result.bytes_written
-        report.append(f"{disk.key}: {_mib(result.bytes_written)} ({'tracked' if new_id else 'digest'})")
+        report.append(f"{disk.key}: {_mib(result.bytes_written)} ({'digest' if extents is None else 'tracked'})")
     _save(
         session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
     )

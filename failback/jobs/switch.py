@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from .. import prediction, workflow
 from ..choices import Outcome, SessionStatus
-from ..hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED
+from ..hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED, HypervisorError
 from ..hypervisors.registry import hypervisor_for
 from ..models import AuditEvent, FailbackSession, SessionDisk
 from ..transfer import delta_copy, verify_changes
@@ -146,7 +146,11 @@ def _delta_method(hv, session, disk):
             "Change tracking unavailable on this VM: reading the replica once and comparing block digests",
             None,
         )
-    extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents)
+    try:
+        extents = list(hv.changed_areas(session.replica.vm_id, disk.key, disk.change_id).extents)
+    except HypervisorError as exc:  # e.g. change tracking reset on the replica since: its old ids are refused
+        why = f"Change tracking cannot answer for the recorded change ID ({exc}): reading the replica once and comparing block digests"
+        return "digest", why, None
     why = f"Change tracking: {len(extents)} extents ({_mib(sum(n for _, n in extents))}) changed since phase 1 began"
     return "tracked", why, extents
 

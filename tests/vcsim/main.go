@@ -9,6 +9,8 @@
 //	ready
 //
 // and serves until SIGTERM/SIGINT, when it removes the datastore directories and exits.
+// It adds changed block tracking (QueryChangedDiskAreas), which govmomi's simulator lacks: see cbt.go.
+// Its log (stderr) has one "cbt: QueryChangedDiskAreas ..." line per call of that method.
 // Datastore directories are made under $TMPDIR.
 //
 // Built in GOPATH mode against Debian's golang-github-vmware-govmomi-dev (govmomi 0.24):
@@ -119,6 +121,7 @@ func main() {
 	folders := flag.Int("folder", 0, "folders (see govmomi simulator.Model.Folder)")
 	autostart := flag.Bool("autostart", true, "power on the model's VMs")
 	delays := flag.String("method-delay", "", "per-method delays, e.g. PowerOnVM_Task:3000,RetrievePropertiesEx:100")
+	cbtSpan := flag.Int64("cbt-span", 16<<20, "bytes of a disk one QueryChangedDiskAreas answer covers at most (0: all)")
 	flag.Parse()
 
 	if *pass == "" {
@@ -154,7 +157,12 @@ func main() {
 	m.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *pass)}
 	m.Service.RegisterEndpoints = true
 
+	tracker := newTracker(*cbtSpan)
+	simulator.Map.AddHandler(tracker)
+
 	s := m.Service.NewServer()
+	// Before any request arrives: change tracking sees every SOAP request (see cbt.go).
+	s.Config.Handler = &cbtHandler{t: tracker, next: s.Config.Handler}
 
 	var lines []string
 	for _, obj := range simulator.Map.All("Datastore") {

@@ -2,7 +2,10 @@
 
 ``change_tracking()`` returns the disk's ``changeId`` only when the VM has ``changeTrackingEnabled``
 and the platform answers QueryChangedDiskAreas; otherwise None, and the caller falls back to digest
-comparison. vcsim (govmomi 0.24) does not implement that method.
+comparison. ``changed_areas()`` raises HypervisorError when vSphere refuses the change id (after a
+change tracking reset it answers InvalidArgument "A specified parameter was not correct: changeId");
+the callers then compare digests too. govmomi 0.24's vcsim lacks the method; the tests run against
+the project's addition to it (tests/vcsim/cbt.go).
 """
 
 from __future__ import annotations
