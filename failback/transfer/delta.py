@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import blake3
 
-from .blockio import PAGE, data_blocks, fadvise, grain_runs, opened, zero_page_runs
+from .blockio import PAGE, ZERO_PAGE, data_blocks, fadvise, grain_runs, opened, zero_page_runs
 from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, fingerprint, leaves_of, save_state
 from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
 from .results import CopyResult, TransferStateError, VerificationError
-from .sparse import is_zero
+from .sparse import data_extents, is_zero, punch_hole
 from .state import finish_state, load_state
 
 
@@ -173,6 +173,10 @@ class _Delta:
             else:  # record what the target really holds, then stop
                 target[g * LEAF : (g + 1) * LEAF] = self._target_leaf(job, a, b)
                 bad = job.offset + a if bad < 0 else bad
+        if bad < 0 and h.spare:  # the grains are right: give back the space the source gave back
+            p.before_write()
+            for x, y in h.spare:
+                punch_hole(p.dst_fd, job.offset + x, y - x)
         first_grain = job.index * self.per
         self.leaves.source.put(first_grain, bytes(source))
         self.leaves.target.put(first_grain, bytes(target))
@@ -267,7 +271,70 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         else:
             out.plans[g] = _differing_pages(p, job, buf, a, b)
             out.target_read += b - a
+    out.spare = _spare_pages(p, job, buf, out.plans)
     return out
+
+
+def _spare_pages(
+    p: Pass, job: Job, buf: bytearray, plans: dict[int, list[tuple[int, int]] | None]
+) -> list[tuple[int, int]]:
+    """The page runs (relative to the block) of the examined grains that the target allocates where the
+    source has a hole, and that read as zeros in the source: space the target holds and the source gave
+    back (a guest's discard, or zeros phase 1 copied). Punched once their grain is right, they change
+    no byte, and the target is never more allocated than the source. Only grains holding a zero page
+    are looked at (a memchr-fast search), so a block of data costs no extra system call; grains
+    punched whole are left out."""
+    g_size = p.grain
+    tail = job.length - job.length % PAGE  # where the disk's short last page starts, if it has one
+    candidates = [
+        g
+        for g in job.grains
+        if plans.get(g, ()) is not None
+        and (
+            not job.read
+            or buf.find(ZERO_PAGE, g * g_size, min((g + 1) * g_size, job.length)) >= 0
+            or (tail < job.length <= (g + 1) * g_size and is_zero(buf, tail, job.length))
+        )
+    ]
+    if not candidates:
+        return []
+    lo, hi = candidates[0] * g_size, min((candidates[-1] + 1) * g_size, job.length)
+    base = job.offset
+    target = [(a - base, b - base) for a, b in data_extents(p.dst_fd, base + lo, base + hi)]
+    if not target:
+        return []
+    source = [(a - base, b - base) for a, b in data_extents(p.src_fd, base + lo, base + hi)] if job.read else []
+    examined = set(candidates)
+    runs: list[tuple[int, int]] = []
+    for x, y in _minus(target, source):
+        x = -(-x // PAGE) * PAGE
+        y = y if y == job.length else y - y % PAGE  # a short last page only at the end of the disk
+        for page in range(x, y, PAGE):
+            stop = min(page + PAGE, y)
+            if page // g_size not in examined or (job.read and not is_zero(buf, page, stop)):
+                continue
+            if runs and runs[-1][1] == page:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((page, stop))
+    return runs
+
+
+def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The parts of the sorted ranges ``have`` outside the sorted ranges ``holes_of``."""
+    k = 0
+    for a, b in have:
+        while k < len(holes_of) and holes_of[k][1] <= a:
+            k += 1
+        j = k
+        while a < b:
+            if j >= len(holes_of) or holes_of[j][0] >= b:
+                yield a, b
+                break
+            if holes_of[j][0] > a:
+                yield a, holes_of[j][0]
+            a = max(a, holes_of[j][1])
+            j += 1
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[tuple[int, int]]:

@@ -18,11 +18,13 @@ change tracking names (rounded out to grains), or every grain holding data for t
 and computes their leaves. A grain whose new leaf equals the target's leaf is done. For the others it
 finds the 4 KiB pages to write: the source's non-zero pages when the target grain is known to be
 zeros, else the pages that differ from a read of the target grain (so a coarse change tracking, or an
-extent rewritten with the same bytes, costs reads, not writes). Zero pages are punched, never written, so the target keeps
-its holes. What was written is read back at once and compared with what was read from the source;
-only then does the target's leaf move. Writes therefore follow the changed pages, reads follow the
-changed grains (tracked) or the source's data (digest), and the switch needs no re-read of either
-disk: :func:`verify_changes` computes both disk digests from the leaves.
+extent rewritten with the same bytes, costs reads, not writes). Zero pages are punched, never written,
+and a zero page the target still allocates where the source has a hole (a guest's discard) is punched
+too, so the target keeps the source's holes and is never more allocated than it. What was written is
+read back at once and compared with what was read from the source; only then does the target's leaf
+move. Writes therefore follow the changed pages, reads follow the changed grains (tracked) or the
+source's data (digest), and the switch needs no re-read of either disk: :func:`verify_changes` computes
+both disk digests from the leaves.
 
 Callbacks run in the calling thread, so a caller may use its own database connection there, and an
 exception raised by a callback stops the pass and propagates (the checkpoint is kept). ``cancel`` is
@@ -114,8 +116,9 @@ def delta_copy(
     changed_extents (offset, length) given: method "tracked" — read only the grains (64 KiB) they
     touch, plus the blocks of an interrupted tracked pass. None: method "digest" — read all of src's
     data once and compare each grain's leaf. Either way only the 4 KiB pages that differ are written
-    (zero pages are punched, never written), and what was written is read back and compared before
-    the target's leaves move; grains already right cost no write.
+    (zero pages are punched, never written, as are the target's zero pages where the source now has a
+    hole), and what was written is read back and compared before the target's leaves move; grains
+    already right cost no write.
 
     If the target changed since the engine's last pass (its seal is broken: someone wrote to the
     powered-off production disk), its data is re-read first and every grain that differs is repaired;

@@ -68,6 +68,7 @@ class Hashed:
     copied: bool = False  # full copy: the block went in by copy_file_range
     new: dict[int, bytes] = dataclasses.field(default_factory=dict)  # delta: grain -> new source leaf
     plans: dict[int, list[tuple[int, int]] | None] = dataclasses.field(default_factory=dict)  # None: punch
+    spare: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: zero pages to give back
     target_read: int = 0
 
 
