@@ -8,14 +8,18 @@ Shapes (--quick divides every size and change count by 16):
 - sparse: 8 GiB, 10 % allocated in 1-4 MiB extents; 40 MiB changed in small scattered 4-64 KiB writes
 - dense:  4 GiB, all allocated; 1 % changed in 64 KiB writes
 - random: 2 GiB, 50 % allocated; 10,000 random 4 KiB writes
-Each change also discards (punches, as a guest's TRIM/UNMAP does) one range of 16-256 KiB inside the
-source's data per 16 writes: the target must give that space back too (holes_kept).
 - sweep:  1, 4 and 16 GiB at 10 % allocated, the same 64 x 64 KiB change on each: the switch's data
           window (tracked final delta + verify_changes) on 16 GiB over the one on 1 GiB is window_growth
+Images hold, per 256 KiB of data, a run of zeroed (allocated) pages; the changes of sparse, dense and
+random also discard (punch, as a guest's TRIM/UNMAP does) one range of 16-256 KiB of the source's data
+per 16 writes, which the target must give back too.
 Each shape prints phase 1 (full_copy, durable=False, as cp and rsync do not flush) against
 `cp --sparse=always`, alternated, and the tracked and digest deltas against
-`rsync --inplace --no-whole-file` of the changed image onto the old copy, with bytes written against the
-bytes of the 4 KiB pages that changed, target allocation against the source's, and correctness.
+`rsync --inplace --no-whole-file` of the changed image onto the old copy; per delta method, the bytes
+written against the 4 KiB pages whose content changed to data (write_amplification: pages that became
+zeros are punched, not written), the target's allocation against the source's, and the target's data
+lying in a hole of the source (holes_kept=yes: none, and no more allocated than the source), and
+correctness.
 Every timed run starts after os.sync(), with the source in the page cache. Between delta runs the
 target is restored from a copy of phase 1's result, and its seal re-recorded as phase 1 left it.
 The last line holds the summary: worst case over the shapes for each figure.
@@ -120,17 +124,21 @@ def change(path: str, shape: Shape, rng: random.Random, *, discards: bool = True
     return extents
 
 
-def changed_bytes(a: str, b: str, extents: list[tuple[int, int]]) -> int:
-    """Bytes of the 4 KiB pages that differ between a and b (looked for inside the written extents)."""
-    total = 0
+def changed_bytes(a: str, b: str, extents: list[tuple[int, int]]) -> tuple[int, int]:
+    """(bytes of the 4 KiB pages that differ between a and b, of those the pages that now hold data),
+    looked for inside the changed extents. A page that became zeros (a discard, a write of zeros) is
+    punched, not written, so write amplification is reckoned against the pages that became data."""
+    total = data = 0
     pages = sorted({o for off, n in extents for o in range(off - off % PAGE, off + n, PAGE)})
     with open(a, "rb") as fa, open(b, "rb") as fb:
         for o in pages:
             fa.seek(o)
             fb.seek(o)
             x, y = fa.read(PAGE), fb.read(PAGE)
-            total += len(x) if x != y else 0
-    return total
+            if x != y:
+                total += len(y)
+                data += len(y) if y.count(0) != len(y) else 0
+    return total, data
 
 
 def allocated(path: str) -> int:
@@ -250,7 +258,7 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int) -> Non
     shutil.copytree(state, base_state)
     run(["cp", "--sparse=always", src, old_src])
     extents = change(src, shape, rng)
-    changed = changed_bytes(old_src, src, extents)
+    changed, to_data = changed_bytes(old_src, src, extents)
     new_digest = disk_digest(src)
 
     def restore() -> None:  # same inode for dst, state as after phase 1
@@ -296,11 +304,14 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int) -> Non
         for step in steps[k % 3 :] + steps[: k % 3]:
             step()
     assert disk_digest(dst) == new_digest
-    print(f"  change: {len(extents)} extents, {changed / MiB:.2f} MiB of 4 KiB pages changed; correct: yes")
+    print(
+        f"  change: {len(extents)} extents, {changed / MiB:.2f} MiB of 4 KiB pages changed "
+        f"({to_data / MiB:.2f} MiB to data, {(changed - to_data) / MiB:.2f} MiB to zeros or discarded); correct: yes"
+    )
     for k in sorted(written):
-        amp = written[k] / changed if changed else 0.0
+        amp = written[k] / to_data if to_data else 0.0
         print(
-            f"  {k + ' delta':<38} wrote {written[k] / MiB:8.2f} MiB ({amp:.2f}x the change); "
+            f"  {k + ' delta':<38} wrote {written[k] / MiB:8.2f} MiB ({amp:.2f}x the pages changed to data); "
             f"target {alloc[k] / MiB:.2f} MiB allocated, source {allocated(src) / MiB:.2f} MiB, "
             f"target data in source holes {lost[k] / KiB:.0f} KiB"
         )
@@ -309,7 +320,7 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int) -> Non
     print(describe("rsync --inplace --no-whole-file", times["rsync"]))
     r["phase2_tracked_vs_rsync"] = statistics.median(times["rsync"]) / statistics.median(times["tracked"])
     r["phase2_digest_vs_rsync"] = statistics.median(times["rsync"]) / statistics.median(times["digest"])
-    r["write_amplification"] = max(written.values()) / changed if changed else 0.0
+    r["write_amplification"] = max(written.values()) / to_data if to_data else 0.0
     remove(src, dst, state, base, base_state, old_src)
 
 
