@@ -199,7 +199,8 @@ def _phase1_basis(base):
     if not base.get("read_bps"):
         return "default rates (phase 1 measured none)"
     if base.get("limit_held_s"):
-        limit = f"{base['limit_bps'] / 1e6:g} MB/s limit" if base.get("limit_bps") else "bandwidth limit"
+        bps = base.get("limit_bps")
+        limit = f"{bps / 2**20:.1f} MiB/s (set as {bps / 1e6:g} MB/s) limit" if bps else "bandwidth limit"
         return (
             f"rates measured in this failback's phase 1 without the {base['limit_held_s']:.1f} s its "
             f"{limit} held it back: the switch runs unlimited"
