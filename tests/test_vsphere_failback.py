@@ -14,7 +14,7 @@ from failback.choices import Outcome, ReplicaState, SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
 from failback.models import AuditEvent, FailbackSession, Replica, VCenterConnection
 
-from .test_vsphere_vcsim import resize_disk
+from .test_vsphere_vcsim import guest, resize_disk
 
 pytestmark = [pytest.mark.vcsim, pytest.mark.django_db(databases="__all__", transaction=True)]
 
@@ -134,6 +134,39 @@ def test_it_fails_back_on_vsphere_and_commits_with_identical_disks(vcsim, replic
     session = reload(session)
     assert session.status == SessionStatus.COMMITTED and session.replica.state == ReplicaState.READY
     assert session.replica.production_vm_id == session.production_vm_id
+    hv.close()
+
+
+def test_it_shuts_the_replica_s_guest_down_for_the_switch(vcsim, replica, operator):
+    hv = vcsim.hypervisor()
+    guest(hv, replica.vm_id, "running", shutdown_delay=300)  # tools running, the OS takes 0.3 s
+    session = reload(start(operator, replica, switch_mode=SwitchMode.AUTO))
+    assert session.status == SessionStatus.FAILBACK, session.error
+    assert session.stop_method == "Guest OS shut down"
+    assert hv.power_state(replica.vm_id) == POWERED_OFF
+    assert "guest: ShutdownGuest " + replica.vm_id + " -> accepted" in vcsim.log()
+    assert_identical(vcsim, session)
+    hv.close()
+
+
+def test_it_powers_the_replica_off_when_its_guest_hangs_on_shutdown(vcsim, replica, operator):
+    hv = vcsim.hypervisor()
+    guest(hv, replica.vm_id, "running", shutdown_delay="never")
+    session = reload(start(operator, replica, switch_mode=SwitchMode.AUTO, shutdown_timeout_s=2))
+    assert session.status == SessionStatus.FAILBACK, session.error
+    assert session.stop_method == "Guest OS did not shut down within 2 s: powered off"
+    assert hv.power_state(replica.vm_id) == POWERED_OFF
+    assert_identical(vcsim, session)
+    hv.close()
+
+
+def test_it_powers_the_replica_off_at_once_when_its_tools_are_not_running(vcsim, replica, operator):
+    hv = vcsim.hypervisor()
+    guest(hv, replica.vm_id, "notRunning")
+    session = reload(start(operator, replica, switch_mode=SwitchMode.AUTO))
+    assert session.status == SessionStatus.FAILBACK, session.error
+    assert session.stop_method == "No guest tools running on the replica: powered off at once"
+    assert "ShutdownGuest" not in vcsim.log()  # never asked: vSphere would refuse it
     hv.close()
 
 

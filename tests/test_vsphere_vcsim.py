@@ -1,8 +1,8 @@
 """VSphereHypervisor against VMware's vCenter simulator (vcsim from Debian's govmomi 0.24).
 
 No Django database: plain functions on a fresh simulator each. Change block tracking comes from the
-project's own addition to vcsim (tests/vcsim/cbt.go). What vcsim does not do (guest tools, a
-free-space check, delta disks for snapshots) is stated where a test meets it.
+project's own addition to vcsim (tests/vcsim/cbt.go), guest tools from another (guest.go). What vcsim
+does not do (a free-space check, delta disks for snapshots) is stated where a test meets it.
 """
 
 import os
@@ -280,8 +280,17 @@ def test_it_powers_on_and_off_and_refuses_to_delete_a_running_vm(vcsim):
     assert not os.path.exists(folder)
 
 
+def guest(hv, vm_id, tools, shutdown_delay=None):
+    """Give a VM a guest the simulator plays (tests/vcsim/guest.go): its tools, and how long it takes
+    to shut down (milliseconds, or "never")."""
+    options = [vim.option.OptionValue(key="vcsim.guest.tools", value=tools)]
+    if shutdown_delay is not None:
+        options.append(vim.option.OptionValue(key="vcsim.guest.shutdownDelay", value=str(shutdown_delay)))
+    reconfigure(hv, vm_id, vim.vm.ConfigSpec(extraConfig=options))
+
+
 def test_it_shuts_the_guest_down(vcsim):
-    # vcsim reports no guest tools on any VM (the workflow would power off at once), yet answers
+    # vcsim's own VMs report no guest tools (the workflow would power off at once), yet vcsim answers
     # ShutdownGuest by powering the VM off immediately; real vSphere refuses it without tools.
     hv = vcsim.hypervisor()
     vm = vm_named(hv, "DC0_H0_VM1").vm_id
@@ -291,6 +300,32 @@ def test_it_shuts_the_guest_down(vcsim):
     assert hv.power_state(vm) == POWERED_OFF
     with pytest.raises(HypervisorError, match=r"current state \(Powered off\)"):
         hv.shutdown_guest(vm)
+
+
+def test_it_asks_a_guest_with_running_tools_to_shut_down_and_returns_at_once(vcsim):
+    hv = vcsim.hypervisor()
+    vm = vm_named(hv, "DC0_H0_VM1").vm_id
+    guest(hv, vm, "running", shutdown_delay=500)
+    assert hv.tools_running(vm) is True
+    hv.shutdown_guest(vm)
+    assert hv.power_state(vm) == POWERED_ON  # the guest OS is still shutting down
+    deadline = time.monotonic() + 30
+    while hv.power_state(vm) != POWERED_OFF and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hv.power_state(vm) == POWERED_OFF and hv.tools_running(vm) is False
+
+
+def test_it_reports_vsphere_s_refusal_to_shut_down_a_guest_without_tools(vcsim):
+    hv = vcsim.hypervisor()
+    vm = vm_named(hv, "DC0_H0_VM1").vm_id
+    guest(hv, vm, "notRunning")
+    assert hv.tools_running(vm) is False
+    with pytest.raises(
+        HypervisorError,
+        match=f"Shut down the guest of {vm}: Cannot complete operation because VMware Tools is not running",
+    ):
+        hv.shutdown_guest(vm)
+    assert hv.power_state(vm) == POWERED_ON
 
 
 # -- disks ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
-	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
@@ -286,6 +285,7 @@ func (t *cbtTracker) refresh() {
 			continue
 		}
 		t.refreshVM(vm)
+		refreshGuest(vm)
 	}
 }
 
@@ -530,6 +530,14 @@ func (h *cbtHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	h.t.refresh()
+	if bytes.Contains(body, []byte("ShutdownGuest")) {
+		if method, err := simulator.UnmarshalBody(types.TypeFunc(), body); err == nil {
+			if req, ok := method.Body.(*types.ShutdownGuest); ok && h.shutdownGuest(w, r, req) {
+				h.t.refresh()
+				return
+			}
+		}
+	}
 	if !bytes.Contains(body, []byte("QueryChangedDiskAreas")) {
 		h.next.ServeHTTP(w, r)
 		h.t.refresh()
@@ -574,8 +582,8 @@ func (h *cbtHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	log.Printf("cbt: QueryChangedDiskAreas vm=%s snapshot=%s device=%d start=%d changeId=%q -> %d areas, %d bytes, of [%d, %d)",
 		req.This.Value, snap, req.DeviceKey, req.StartOffset, req.ChangeId, len(info.ChangedArea), total,
 		info.StartOffset, info.StartOffset+info.Length)
-	res := &methods.QueryChangedDiskAreasBody{Res: &types.QueryChangedDiskAreasResponse{Returnval: *info}}
-	writeSOAP(w, http.StatusOK, &soapResponse{res})
+	res := &types.QueryChangedDiskAreasResponse{Returnval: *info}
+	writeSOAP(w, http.StatusOK, &soapResponse{name: "QueryChangedDiskAreasResponse", res: res})
 }
 
 // The SOAP encoding below copies the simulator's own (its types are not exported).
@@ -616,16 +624,18 @@ func soapFaultBody(f *soap.Fault) interface{} {
 	return struct{ Fault *soapFault }{out}
 }
 
+// soapResponse is a SOAP body holding one method's response (e.g. name "QueryChangedDiskAreasResponse").
 type soapResponse struct {
-	body *methods.QueryChangedDiskAreasBody
+	name string
+	res  interface{}
 }
 
 func (r *soapResponse) MarshalXML(e *xml.Encoder, start xml.StartElement) error {
-	res := xml.StartElement{Name: xml.Name{Space: "urn:vim25", Local: "QueryChangedDiskAreasResponse"}}
+	res := xml.StartElement{Name: xml.Name{Space: "urn:vim25", Local: r.name}}
 	if err := e.EncodeToken(start); err != nil {
 		return err
 	}
-	if err := e.EncodeElement(r.body.Res, res); err != nil {
+	if err := e.EncodeElement(r.res, res); err != nil {
 		return err
 	}
 	return e.EncodeToken(start.End())

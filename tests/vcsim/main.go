@@ -9,7 +9,8 @@
 //	ready
 //
 // and serves until SIGTERM/SIGINT, when it removes the datastore directories and exits.
-// It adds changed block tracking (QueryChangedDiskAreas), which govmomi's simulator lacks: see cbt.go.
+// It adds changed block tracking (QueryChangedDiskAreas), which govmomi's simulator lacks (cbt.go), and
+// guest tools for VMs that ask for them in their extraConfig (guest.go).
 // Its log (stderr) has one "cbt: QueryChangedDiskAreas ..." line per call of that method.
 // Datastore directories are made under $TMPDIR.
 //
