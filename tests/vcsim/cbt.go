@@ -30,6 +30,7 @@ package main
 import (
 	"bytes"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"hash/maphash"
 	"io"
@@ -42,6 +43,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
@@ -700,5 +702,5 @@ func dataRanges(f *os.File, capacity int64) [][2]int64 {
 }
 
 func isNoData(err error) bool {
-	return strings.Contains(err.Error(), "no such device or address") // ENXIO: no data past the offset
+	return errors.Is(err, syscall.ENXIO) // no data past the offset
 }
