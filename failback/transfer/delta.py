@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import blake3
 
-from .blockio import PAGE, ZERO_PAGE, data_blocks, fadvise, grain_runs, opened, zero_page_runs
+from .blockio import PAGE, data_blocks, fadvise, grain_runs, opened, zero_page_runs
 from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, fingerprint, leaves_of, save_state
 from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
 from .results import CopyResult, TransferStateError, VerificationError
@@ -281,30 +281,20 @@ def _spare_pages(
     """The page runs (relative to the block) of the examined grains that the target allocates where the
     source has a hole, and that read as zeros in the source: space the target holds and the source gave
     back (a guest's discard, or zeros phase 1 copied). Punched once their grain is right, they change
-    no byte, and the target is never more allocated than the source. Only grains holding a zero page
-    are looked at (a memchr-fast search), so a block of data costs no extra system call; grains
-    punched whole are left out."""
+    no byte, and the target is never more allocated than the source. A block without a hole in the
+    source costs one lseek; grains punched whole are left out."""
     g_size = p.grain
-    tail = job.length - job.length % PAGE  # where the disk's short last page starts, if it has one
-    candidates = [
-        g
-        for g in job.grains
-        if plans.get(g, ()) is not None
-        and (
-            not job.read
-            or buf.find(ZERO_PAGE, g * g_size, min((g + 1) * g_size, job.length)) >= 0
-            or (tail < job.length <= (g + 1) * g_size and is_zero(buf, tail, job.length))
-        )
-    ]
-    if not candidates:
+    examined = {g for g in job.grains if plans.get(g, ()) is not None}
+    if not examined:
         return []
-    lo, hi = candidates[0] * g_size, min((candidates[-1] + 1) * g_size, job.length)
+    lo, hi = min(examined) * g_size, min((max(examined) + 1) * g_size, job.length)
     base = job.offset
+    if job.read and not _has_hole(p.src_fd, base + lo, base + hi):
+        return []
     target = [(a - base, b - base) for a, b in data_extents(p.dst_fd, base + lo, base + hi)]
     if not target:
         return []
     source = [(a - base, b - base) for a, b in data_extents(p.src_fd, base + lo, base + hi)] if job.read else []
-    examined = set(candidates)
     runs: list[tuple[int, int]] = []
     for x, y in _minus(target, source):
         x = -(-x // PAGE) * PAGE
@@ -318,6 +308,14 @@ def _spare_pages(
             else:
                 runs.append((page, stop))
     return runs
+
+
+def _has_hole(fd: int, start: int, end: int) -> bool:
+    """Whether fd has a hole in [start, end) (True when the filesystem cannot say)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_HOLE) < end
+    except OSError:
+        return True
 
 
 def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
