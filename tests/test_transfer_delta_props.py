@@ -3,10 +3,11 @@
 bytes, and discards (holes punched in the source, as a guest's TRIM does), each round sent by the
 tracked or the digest method, some rounds cancelled half-way and sent again.
 
-After every round: the target is byte-identical to the source; it allocates nothing where the source
-has a hole and no more blocks than the source; the delta wrote no more than the 4 KiB pages whose
-content changed (so no more than the change rounded up to the 64 KiB grain); a tracked delta read
-from the source only the grains its extents touch. And a corrupted target block is always caught."""
+After every round the target is byte-identical to the source, allocates nothing where the source has
+a hole and no more blocks than the source. After a round not cancelled, the delta wrote no more than
+the 4 KiB pages whose content changed (so no more than the change rounded up to the 64 KiB grain), and
+a tracked delta read from the source only the grains its extents touch. And a corrupted target block
+is always caught."""
 
 from __future__ import annotations
 

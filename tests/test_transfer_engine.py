@@ -30,7 +30,7 @@ from failback.transfer import (
     verify_target,
 )
 from failback.transfer.progress import Pacer
-from failback.transfer.sparse import data_extents
+from failback.transfer.sparse import data_extents, punch_hole
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -225,6 +225,32 @@ def test_it_sends_only_the_changed_blocks_by_digest_comparison(disk: tuple[Path,
     assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
     again = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
     assert again.bytes_written == 0 and again.digest == result.digest
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["digest", "tracked"])
+def test_it_gives_back_the_space_of_zero_pages_the_source_discarded(
+    disk: tuple[Path, Path, Path], tracked: bool
+) -> None:
+    src, dst, state = disk
+    # One grain of data with zeroed (allocated) pages in it: phase 1 copies them as they are.
+    grain = rand(4 * KiB, 1) + bytes(24 * KiB) + rand(36 * KiB, 2)
+    make_image(src, 8 * MiB, {MiB: grain})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    assert allocated(dst) == allocated(src) == 64 * KiB
+    fd = os.open(src, os.O_RDWR)
+    try:  # the guest discards the zeroed pages: the content is the same, the space is given back
+        assert punch_hole(fd, MiB + 4 * KiB, 24 * KiB)
+    finally:
+        os.close(fd)
+
+    extents_changed = [(MiB + 4 * KiB, 24 * KiB)] if tracked else None
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=extents_changed, durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.bytes_written == 0
+    assert extents(dst) == extents(src) == [(MiB, MiB + 4 * KiB), (MiB + 28 * KiB, MiB + 64 * KiB)]
+    assert allocated(dst) == allocated(src) == 40 * KiB
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
 
 
 def test_a_write_to_the_target_between_passes_is_seen_and_repaired(disk: tuple[Path, Path, Path]) -> None:
