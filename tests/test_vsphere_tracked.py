@@ -81,7 +81,7 @@ def test_it_switches_with_the_areas_changed_since_phase_1(vcsim, replica, operat
     disk = session.disks.get()
     assert (disk.method, disk.method_reason) == (
         "tracked",
-        "Change tracking: 2 extents (0.2 MiB) changed since phase 1 began",
+        "Change tracking: 2 extents (192.0 KiB) changed since phase 1 began",
     )
     assert 0 < disk.phase2_bytes_written <= 3 * BLOCK  # only the changed grains were sent
     assert_identical(vcsim, session)
@@ -126,7 +126,7 @@ def test_it_tracks_again_after_a_catch_up_compared_digests_over_a_reset(vcsim, r
     write(path, 7 * MiB, os.urandom(BLOCK))
     jobs.run_readiness(session.pk, catch_up=True)
     row = AuditEvent.objects.get(session=session, action="catch_up")
-    assert row.detail == "Catch-up sync while the replica runs: scsi0:0: 0.1 MiB (digest)"
+    assert row.detail == "Catch-up sync while the replica runs: scsi0:0: 64.0 KiB (digest)"
     new_id = session.disks.get().change_id
     assert new_id and epoch(new_id) != epoch(phase1_id)  # the id of the new tracking epoch
 

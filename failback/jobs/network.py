@@ -15,7 +15,7 @@ from ..choices import SessionStatus
 from ..transfer import TransferCancelled
 from ..transfer.progress import Pacer, Reporter, paused
 from .progress import ProgressSink
-from .runs import _mib, _note, _save
+from .runs import _note, _save, _size
 
 
 def _network(hv):
@@ -108,7 +108,7 @@ def _network_copy(run, hv, session, disk, *, phase, cancel=None):
         _note(
             session,
             "copy_disk",
-            f"Disk {disk.key}: {_mib(sent)} sent over the network in {seconds:.1f} s (full copy)",
+            f"Disk {disk.key}: {_size(sent)} sent over the network in {seconds:.1f} s (full copy)",
             data=data,
             run=run,
         )
@@ -137,7 +137,7 @@ def _verify_network_copy(run, hv, session, disk, sent, fields, data):
     _note(
         session,
         "send_changes",
-        f"Disk {disk.key}: {_mib(sent)} sent over the network (whole disk); production disk verified identical",
+        f"Disk {disk.key}: {_size(sent)} sent over the network (whole disk); production disk verified identical",
         data=data,
         run=run,
     )

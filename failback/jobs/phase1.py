@@ -20,7 +20,7 @@ from .finish import _discard_production_vm
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .readiness import _refresh_readiness
-from .runs import LeaseLost, Run, _drop_state, _mib, _note, _reason, _save, _state_dir, _take, session_lock, superseded
+from .runs import LeaseLost, Run, _drop_state, _note, _reason, _save, _size, _state_dir, _take, session_lock, superseded
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _note_copy(run, session, disk, result, change_id, copy):
     _note(
         session,
         "copy_disk",
-        f"Disk {disk.key}: {_mib(result.bytes_read)} read, {_mib(result.bytes_written)} written in {result.seconds:.1f} s ({how})",
+        f"Disk {disk.key}: {_size(result.bytes_read)} read, {_size(result.bytes_written)} written in {result.seconds:.1f} s ({how})",
         data={
             "disk": disk.key,
             "method": disk.method,

@@ -16,7 +16,7 @@ from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy
 from .network import _network
 from .progress import ProgressSink
-from .runs import Run, _mib, _note, _save, _state_dir, session_lock, superseded
+from .runs import Run, _note, _save, _size, _state_dir, session_lock, superseded
 
 
 def _catch_up(run, session, hv):
@@ -50,7 +50,7 @@ def _catch_up(run, session, hv):
             return None  # a cancel: the copy map is consistent, the next pass carries on
         _save(disk, run, change_id=new_id or "")
         written[disk.key] = result.bytes_written
-        report.append(f"{disk.key}: {_mib(result.bytes_written)} ({'digest' if extents is None else 'tracked'})")
+        report.append(f"{disk.key}: {_size(result.bytes_written)} ({'digest' if extents is None else 'tracked'})")
     _save(
         session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
     )

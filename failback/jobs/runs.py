@@ -21,6 +21,7 @@ from django.utils import timezone
 from .. import broadcast, workflow
 from ..choices import Outcome
 from ..models import FailbackSession
+from ..templatetags.failback_tags import binary_size
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,9 @@ def superseded(session_id, step):
         log.warning("%s of failback #%s stopped without writing: %s", step, session_id, lost)
 
 
-def _mib(n):
-    return f"{n / 2**20:,.1f} MiB"
+def _size(n):
+    """A size as the pages write it (binary units, scaled: '512 B', '4.0 KiB', '2.3 MiB', '1.5 GiB')."""
+    return binary_size(n)
 
 
 def _reason(session, exc):

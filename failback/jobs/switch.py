@@ -17,7 +17,7 @@ from ..models import AuditEvent, FailbackSession, SessionDisk
 from ..transfer import delta_copy, verify_changes
 from .network import _network, _network_copy
 from .progress import ProgressSink
-from .runs import LeaseLost, Run, _beat, _mib, _note, _reason, _save, _state_dir, _take, session_lock, superseded
+from .runs import LeaseLost, Run, _beat, _note, _reason, _save, _size, _state_dir, _take, session_lock, superseded
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _announce_phase2(run, session, hv):
         session,
         "predict_window",
         f"Predicted switch window {forecast['window_s']:.1f} s: guest shutdown {forecast['shutdown_s']:.1f} s "
-        f"({forecast['shutdown_basis']}), data {forecast['data_s']:.1f} s for {_mib(forecast['changed_bytes'])} changed ({forecast['data_basis']}), "
+        f"({forecast['shutdown_basis']}), data {forecast['data_s']:.1f} s for {_size(forecast['changed_bytes'])} changed ({forecast['data_basis']}), "
         f"power-on {forecast['power_on_s']:.1f} s ({forecast['power_on_basis']})",
         outcome=Outcome.INFO,
         data=forecast,
@@ -151,7 +151,7 @@ def _delta_method(hv, session, disk):
     except HypervisorError as exc:  # e.g. change tracking reset on the replica since: its old ids are refused
         why = f"Change tracking cannot answer for the recorded change ID ({exc}): reading the replica once and comparing block digests"
         return "digest", why, None
-    why = f"Change tracking: {len(extents)} extents ({_mib(sum(n for _, n in extents))}) changed since phase 1 began"
+    why = f"Change tracking: {len(extents)} extents ({_size(sum(n for _, n in extents))}) changed since phase 1 began"
     return "tracked", why, extents
 
 
@@ -200,7 +200,7 @@ def _send_changes(run, session, hv, disk, timing):
     _note(
         session,
         "send_changes",
-        f"Disk {disk.key}: {_mib(result.bytes_written)} of changes sent ({method}); production disk verified identical",
+        f"Disk {disk.key}: {_size(result.bytes_written)} of changes sent ({method}); production disk verified identical",
         data=_changes_data(disk, method, why, result, proof),
         run=run,
     )
