@@ -101,7 +101,7 @@ async def test_it_delivers_progress_published_by_another_process(session, operat
     )
     assert result.returncode == 0, result.stderr
     html = (await ws.receive_from(timeout=15)).replace("\xa0", " ")  # filesizeformat uses no-break spaces
-    assert "3.0 MB / 6.0 MB" in html and 'value="50"' in html and "1.0 MiB/s" in html
+    assert "3.0 MiB / 6.0 MiB" in html and 'value="50"' in html and "1.0 MiB/s" in html
     await ws.disconnect()
 
 
@@ -131,5 +131,5 @@ async def test_a_websocket_idle_longer_than_the_layers_blocking_read_still_gets_
     )
     await sync(broadcast.send_now)(session.pk)
     html = (await ws.receive_from(timeout=15)).replace("\xa0", " ")
-    assert "1.0 MB / 4.0 MB" in html
+    assert "1.0 MiB / 4.0 MiB" in html
     await ws.disconnect()
