@@ -7,9 +7,11 @@ listed in README.md's configuration table (tests/test_settings_env.py checks bot
 """
 
 import os
+import re
 import secrets
 import zoneinfo
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -144,6 +146,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # -- channels and django-q2 --------------------------------------------------------------------
 REDIS_URL = env_url("REDIS_URL", schemes=("redis", "rediss", "unix"))
+# Parallel test workers (pytest-xdist sets PYTEST_XDIST_WORKER=gwN, and the processes a test starts inherit
+# it) each use their own Redis database, the URL's number + N: one worker's qcluster never takes another's
+# tasks. Outside a parallel test run the variable is not set and the URL is used as given.
+if REDIS_URL and re.fullmatch(r"gw\d+", os.environ.get("PYTEST_XDIST_WORKER", "")):
+    _url = urlsplit(REDIS_URL)
+    if _url.scheme != "unix":
+        _db = int(_url.path.strip("/") or 0) + int(os.environ["PYTEST_XDIST_WORKER"][2:])
+        REDIS_URL = urlunsplit(_url._replace(path=f"/{_db}"))
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
