@@ -6,7 +6,9 @@ file interface (``/folder/<path>?dcPath=…&dsName=…``) with the API session's
   by default a datastore whose ``summary.url`` is a local directory is used as is (vcsim).
 - ``"network"``: ``download_range()`` (a ranged GET) and ``copy_disk_network()`` (the source's GET
   piped into a streaming PUT of the target's whole file). The interface cannot write a range, so in
-  network mode phase 2 re-sends the whole disk, not only the changes: say so to the admin.
+  network mode phase 2 re-sends the whole disk, not only the changes: say so to the admin. The PUT
+  carries the zeros too and the server writes them, so the target comes out fully allocated whatever
+  the source's holes (tests/test_vsphere_sparse.py); only the direct transport keeps a disk sparse.
 
 ``download_range`` and ``copy_disk_network`` use the file interface whatever the transport.
 """
