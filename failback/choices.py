@@ -206,6 +206,10 @@ class AuditAction(models.TextChoices):
     OVERRIDE_CHECKS = "override_checks", "Override failed checks"
     REPLICA_STATE = "replica_state", "Replica state"
     DECLARE_FAILOVER = "declare_failover", "Declare failover"
+    # the lab: rehearsing a failback again
+    LAB_POWER_ON = "lab_power_on", "Power on a lab VM"
+    LAB_POWER_OFF = "lab_power_off", "Power off a lab VM"
+    RESET_LAB = "reset_lab", "Reset the demo lab"
     # the worker's steps and the watchdog
     PHASE1 = "phase1", "Phase 1"
     PHASE2 = "phase2", "Phase 2"
