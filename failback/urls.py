@@ -20,6 +20,7 @@ urlpatterns = [
     path("audit/", views.audit_list, name="audit"),
     path("audit/export.<str:fmt>", views.audit_export, name="audit_export"),
     path("replicas/<int:pk>/failover/", views_connections.declare_failover, name="declare_failover"),
+    path("replicas/<int:pk>/power/<str:to>/", views.lab_power, name="lab_power"),
     path("account/tokens/", views_tokens.token_list, name="tokens"),
     path("account/tokens/<int:pk>/revoke/", views_tokens.token_revoke, name="token_revoke"),
     path("connections/", views_connections.connection_list, name="connections"),

@@ -12,7 +12,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import checks, workflow
+from . import checks, rehearsal, workflow
 from .actions import ACTIONS
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
 from .choices import ReplicaState
@@ -28,6 +28,9 @@ def replica_list(request):
     replicas, filters, errors = filtered_replicas(request.GET)
     page = Paginator(replicas, 50).get_page(request.GET.get("page"))
     attach_power_states(page.object_list)
+    may_power = rehearsal.may_power(request.user)
+    for r in page.object_list:
+        r.lab_power = rehearsal.power_offer(r, r.power) if may_power else None
     query = request.GET.copy()
     query.pop("page", None)
     facets = Replica.objects.order_by()
@@ -46,6 +49,20 @@ def replica_list(request):
             "hosts": facets.values_list("host", flat=True).distinct(),
         },
     )
+
+
+@require_http_methods(["POST"])
+def lab_power(request, pk, to):
+    """Power a lab replica's VM on or off (Administrators; the rules are in rehearsal.lab_power)."""
+    if to not in rehearsal.POWER_ACTIONS:
+        raise Http404("Power on or off")
+    try:
+        power = rehearsal.lab_power(request.user, pk, to, reason=request.POST.get("reason", ""))
+        messages.success(request, f"{Replica.objects.get(pk=pk).name} is {power}.")
+    except workflow.Refused as refused:
+        messages.error(request, refused.message)
+    back = request.POST.get("next", "")
+    return redirect(back if back.startswith("/replicas/?") else "failback:replicas")
 
 
 @require_GET

@@ -3,15 +3,15 @@ import secrets
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from failback.audit import Refused
 from failback.choices import ReplicaState
 from failback.hypervisors.lab import LabHypervisor
 from failback.hypervisors.lab_demo import seed_demo
 from failback.models import Replica, ReplicaDisk
-
-REPLICA_SUFFIX = "_replica"
+from failback.rehearsal import REPLICA_SUFFIX, reset_lab
 
 
 class Command(BaseCommand):
@@ -21,8 +21,14 @@ class Command(BaseCommand):
         parser.add_argument("--count", type=int, default=12)
         parser.add_argument("--scale", type=float, default=1.0, help="disk size factor (tests use small ones)")
         parser.add_argument("--no-user", action="store_true", help="do not create the demo login")
+        parser.add_argument(
+            "--reset",
+            action="store_true",
+            help="put the lab back as seeded to rehearse again: replicas in Failover and powered on, production "
+            "VMs deleted; ended failbacks and the audit trail are kept (refused while a failback runs)",
+        )
 
-    def handle(self, *args, count, scale, no_user, **options):
+    def handle(self, *args, count, scale, no_user, reset, **options):
         root = settings.LAB_ROOT
         lab = LabHypervisor(root)
         if not any(vm.name.endswith(REPLICA_SUFFIX) for vm in lab.inventory().vms):
@@ -30,6 +36,11 @@ class Command(BaseCommand):
             self.stdout.write(f"Lab created in {root}")
         added = self.import_replicas(lab)
         self.stdout.write(f"{added} replica(s) added; {Replica.objects.count()} in all")
+        if reset:
+            try:
+                self.stdout.write(reset_lab(lab))
+            except Refused as refused:
+                raise CommandError(refused.message) from None
         if not no_user:
             self.demo_login()
 
