@@ -21,8 +21,10 @@ setup: $(STAMP)
 	@if [ -z "$$REDIS_URL" ]; then $(BIN)/python manage.py migrate --database channels --noinput; fi
 	$(BIN)/python manage.py seed_lab
 
+# make run PORT=8080 serves on another port (default 8000); runportal --port does the same without make.
+PORT ?= 8000
 run: setup
-	$(BIN)/python manage.py runportal
+	$(BIN)/python manage.py runportal --port $(PORT)
 
 test: lint test-embedded test-production
 

@@ -313,5 +313,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True)},
-    "loggers": {"django_q": {"level": "WARNING"}},
+    "loggers": {
+        "django_q": {"level": "WARNING"},
+        # django-axes logs "AXES: BEGIN version …" from axes.apps at start-up of every command; it logs nothing
+        # else there (its lock-out messages come from axes.handlers and axes.helpers and stay).
+        "axes.apps": {"level": "WARNING"},
+    },
 }

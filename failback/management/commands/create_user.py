@@ -1,4 +1,5 @@
 import getpass
+import warnings
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
@@ -22,7 +23,8 @@ class Command(BaseCommand):
         User = get_user_model()
         if User.objects.filter(username=username).exists():
             raise CommandError(f"User {username!r} already exists.")
-        password = password or getpass.getpass(f"Password for {username}: ")
+        if not password:
+            password = self.ask_password(username)
         user = User(username=username, email=email, is_staff=role == "administrator")
         try:
             validate_password(password, user)
@@ -32,3 +34,15 @@ class Command(BaseCommand):
         user.save()
         user.groups.add(Group.objects.get(name=role.capitalize()))
         self.stdout.write(self.style.SUCCESS(f"Created {username} ({role.capitalize()})."))
+
+    def ask_password(self, username):
+        """The password typed at the terminal. Without one (a script, a pipe, a service) getpass would echo
+        what it reads from stdin or die with EOFError: say how to give the password instead."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", getpass.GetPassWarning)  # no terminal: it would echo
+                return getpass.getpass(f"Password for {username}: ")
+        except (EOFError, getpass.GetPassWarning):
+            raise CommandError(
+                f"No password for {username}: pass --password, or run the command in a terminal to type it."
+            ) from None

@@ -11,9 +11,9 @@ class Command(BaseCommand):
     help = "Run the web server (Daphne), the django-q2 worker and the lab workload together; Ctrl-C stops all."
 
     def add_arguments(self, parser):
-        parser.add_argument("--bind", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--no-workload", action="store_true")
+        parser.add_argument("--bind", default="127.0.0.1", help="address the web server listens on (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=8000, help="port of the web server (default 8000)")
+        parser.add_argument("--no-workload", action="store_true", help="do not run the lab workload generator")
 
     def handle(self, *args, bind, port, no_workload, **options):
         manage = [sys.executable, "manage.py"]
