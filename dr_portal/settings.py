@@ -231,6 +231,8 @@ FAILBACK_VSPHERE_RETRIES = env_int("FAILBACK_VSPHERE_RETRIES", 3, min=0)
 FAILBACK_PROGRESS_INTERVAL = env_float("FAILBACK_PROGRESS_INTERVAL", 0.5, min=0, unit="seconds")
 # Ready to switch: a background catch-up sync this often keeps the pending delta (and the switch window) small.
 FAILBACK_CATCHUP_MINUTES = env_int("FAILBACK_CATCHUP_MINUTES", 5, min=1, unit="minutes")
+# Disks of one VM sent side by side in the switch's final delta and proof and in a catch-up sync (jobs/disks.py).
+FAILBACK_DISK_THREADS = env_int("FAILBACK_DISK_THREADS", 2, min=1)
 # Switch window prediction before this VM's first switch measured them (vSphere; the lab knows its guests).
 FAILBACK_PREDICT_SHUTDOWN_S = env_int("FAILBACK_PREDICT_SHUTDOWN_S", 60, min=0, unit="seconds")
 FAILBACK_PREDICT_POWER_ON_S = env_int("FAILBACK_PREDICT_POWER_ON_S", 5, min=0, unit="seconds")

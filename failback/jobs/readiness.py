@@ -3,6 +3,7 @@
 import threading
 from contextlib import closing
 from datetime import timedelta
+from functools import partial
 
 from django.conf import settings
 from django.utils import timezone
@@ -14,18 +15,20 @@ from ..hypervisors.base import HypervisorError
 from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy
+from .disks import DiskWork, run_disks
 from .network import _network
 from .progress import ProgressSink
 from .runs import Run, _note, _save, _size, _state_dir, session_lock, superseded
 
 
 def _catch_up(run, session, hv):
-    """Bring the production disks up to date while the replica runs, so the final delta stays small."""
+    """Bring the production disks up to date while the replica runs, so the final delta stays small;
+    up to FAILBACK_DISK_THREADS disks at once (jobs/disks.py), the platform asked here beforehand."""
+    if _network(hv):
+        return None  # network transport resends whole disks: a catch-up would not shrink the window
     cancel = threading.Event()
-    written, report = {}, []
+    written, report, items = {}, [], []
     for disk in session.disks.all():
-        if _network(hv):
-            return None  # network transport resends whole disks: a catch-up would not shrink the window
         src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
         new_id = hv.change_tracking(session.replica.vm_id, disk.key) if disk.change_id else None
         try:
@@ -34,23 +37,26 @@ def _catch_up(run, session, hv):
             )
         except HypervisorError:  # the old id is refused (a reset): compare digests; new_id tracks from now on
             extents = None
-        sink = ProgressSink(disk, expect=SessionStatus.READY_TO_SWITCH, cancel=cancel, run=run, show=False)
-        try:
-            result = delta_copy(
-                src,
-                dst,
-                state_dir=_state_dir(session.pk, disk.key),
-                changed_extents=extents,
-                progress=sink,
-                progress_interval=settings.FAILBACK_PROGRESS_INTERVAL,
-                cancel=run.fence(cancel),
+
+        def done(result, disk=disk, new_id=new_id, extents=extents):
+            _save(disk, run, change_id=new_id or "")
+            written[disk.key] = result.bytes_written
+            report.append(f"{disk.key}: {_size(result.bytes_written)} ({'digest' if extents is None else 'tracked'})")
+
+        items.append(
+            DiskWork(
+                key=disk.key,
+                work=partial(_delta, src, dst, _state_dir(session.pk, disk.key), extents),
+                sink=ProgressSink(disk, expect=SessionStatus.READY_TO_SWITCH, cancel=cancel, run=run, show=False),
+                done=done,
             )
-        except TransferCancelled:
-            run.check()  # a switch that took the lease: stop here, silently
-            return None  # a cancel: the copy map is consistent, the next pass carries on
-        _save(disk, run, change_id=new_id or "")
-        written[disk.key] = result.bytes_written
-        report.append(f"{disk.key}: {_size(result.bytes_written)} ({'digest' if extents is None else 'tracked'})")
+        )
+    try:
+        run_disks(run, items, cancel)
+    except TransferCancelled:
+        run.check()  # a switch that took the lease: stop here, silently
+        return None  # a cancel: the copy maps are consistent, the next pass carries on
+    report.sort()  # disks finish in any order; the row reads in disk order
     _save(
         session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
     )
@@ -63,6 +69,19 @@ def _catch_up(run, session, hv):
         run=run,
     )
     return written
+
+
+def _delta(src, dst, state_dir, extents, progress, cancel):
+    """In a worker thread (no database, no platform): one disk's catch-up delta."""
+    return delta_copy(
+        src,
+        dst,
+        state_dir=state_dir,
+        changed_extents=extents,
+        progress=progress,
+        progress_interval=settings.FAILBACK_PROGRESS_INTERVAL,
+        cancel=cancel,
+    )
 
 
 def _refresh_readiness(session, hv):
