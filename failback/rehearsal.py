@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from .audit import actor_name, audit, refuse
 from .choices import ACTIVE, AuditAction, ReplicaState
-from .hypervisors.base import POWERED_OFF, POWERED_ON, HypervisorError
+from .hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED, HypervisorError
 from .hypervisors.registry import Platform, hypervisor_for
 from .models import FailbackSession, Replica
 
@@ -31,10 +31,11 @@ def may_power(actor):
 
 def power_offer(replica, power):
     """Which power button the replica list shows an Administrator for this replica ('on', 'off' or None):
-    a lab replica no failback owns, in a settled power state. The service checks again when pressed."""
+    a lab replica no failback owns, powered on, off or suspended (power on resumes it). The service checks
+    again when the button is pressed."""
     if replica.platform != Platform.LAB or replica.active_session is not None:
         return None
-    return {POWERED_OFF: "on", POWERED_ON: "off"}.get(power)
+    return {POWERED_OFF: "on", SUSPENDED: "on", POWERED_ON: "off"}.get(power)
 
 
 def lab_power(actor, replica_id, to, *, reason=""):

@@ -183,3 +183,18 @@ def test_it_refuses_the_reset_while_a_failback_runs(lab, operator):
     assert Replica.objects.get(pk=replica.pk).state == ReplicaState.READY_TO_SWITCH
     refused = rows(AuditAction.RESET_LAB)
     assert [(e.outcome, e.data["sessions"]) for e in refused] == [(Outcome.REFUSED, [session.pk])]
+
+
+def test_it_offers_power_on_for_a_suspended_lab_replica_and_resumes_it(lab, admin_user):
+    replica = replica_named("web-01")
+    lab.suspend(replica.vm_id)
+    client = logged_in(admin_user)
+    assert (
+        reverse("failback:lab_power", args=[replica.pk, "on"])
+        in client.get(reverse("failback:replicas")).content.decode()
+    )
+
+    power(client, replica, "on")
+
+    assert lab.power_state(replica.vm_id) == POWERED_ON
+    assert rows(AuditAction.LAB_POWER_ON)[-1].data["before"] == "suspended"
