@@ -149,11 +149,10 @@ REDIS_URL = env_url("REDIS_URL", schemes=("redis", "rediss", "unix"))
 # Parallel test workers (pytest-xdist sets PYTEST_XDIST_WORKER=gwN, and the processes a test starts inherit
 # it) each use their own Redis database, the URL's number + N: one worker's qcluster never takes another's
 # tasks. Outside a parallel test run the variable is not set and the URL is used as given.
-if REDIS_URL and re.fullmatch(r"gw\d+", os.environ.get("PYTEST_XDIST_WORKER", "")):
+XDIST_WORKER = env_str("PYTEST_XDIST_WORKER", "", check=lambda v: re.fullmatch(r"gw\d+", v), form="gwN")
+if REDIS_URL and XDIST_WORKER and urlsplit(REDIS_URL).scheme != "unix":
     _url = urlsplit(REDIS_URL)
-    if _url.scheme != "unix":
-        _db = int(_url.path.strip("/") or 0) + int(os.environ["PYTEST_XDIST_WORKER"][2:])
-        REDIS_URL = urlunsplit(_url._replace(path=f"/{_db}"))
+    REDIS_URL = urlunsplit(_url._replace(path=f"/{int(_url.path.strip('/') or 0) + int(XDIST_WORKER[2:])}"))
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {

@@ -72,13 +72,13 @@ def scheduled_switch_due(session_id):
     if session.status != SessionStatus.READY_TO_SWITCH:
         _skipped(session, "Scheduled switch is due while phase 1 runs; it starts as soon as phase 1 ends.")
         return
-    late = (now - session.switch_at).total_seconds()
+    late = round((now - session.switch_at).total_seconds(), 1)  # one figure for the text and the data
     is_late = late > SCHEDULE_LATE_AFTER_S
     begin_switch(
         session_id,
         actor=None,
         detail=f"Scheduled switch (due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}){f', {late:.0f} s late' if is_late else ''}",
-        data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": round(late, 1), "late": is_late},
+        data={"trigger": "scheduled", "due": session.switch_at.isoformat(), "late_s": late, "late": is_late},
     )
 
 
