@@ -429,4 +429,4 @@ def test_it_prints_a_report_with_checksums_and_the_switch_window(page, portal):
     assert re.search(r"\d", window) and "replica going down" in window, window
     assert session.switch_window is not None
     decided = page.locator("dt", has_text="Decided by").locator("xpath=following-sibling::dd[1]").inner_text()
-    assert "switch: olivia" in decided and "commit: olivia" in decided
+    assert "Switch now: olivia" in decided and "Commit: olivia" in decided

@@ -108,7 +108,10 @@ def _run_commit(session_id):
         "finish_commit",
         then=then,
         lease=run.token,
-        detail=f"Production VM {session.vm_name} replaces {old_source} as the protected workload; the replica returns to normal replication",
+        detail=f"Production VM {session.vm_name} ({session.production_vm_id}) is now the workload replica "
+        f"{session.replica.name} protects, in place of "
+        + (f"production VM {old_source}" if session.replica.production_vm_id else f"the original VM {old_source}")
+        + "; the replica returns to normal replication",
         data={"production_vm_id": session.production_vm_id, "previous_source": old_source},
     )
     _drop_state(session.pk)
