@@ -123,10 +123,9 @@ def assert_switched(lab, session):
     """The switch finished: production runs with the replica's bytes, the replica is off and in Failback."""
     assert session.status == SessionStatus.FAILBACK, session.error
     assert session.replica.state == ReplicaState.FAILBACK
-    assert (
-        lab.power_state(session.replica.vm_id) == POWERED_OFF
-        and lab.power_state(session.production_vm_id) == POWERED_ON
-    )
+    # The step reaches Failback first and powers production on right after: a poll can fall in between.
+    wait_for(lambda: lab.power_state(session.production_vm_id) == POWERED_ON, timeout=30, what="production powered on")
+    assert lab.power_state(session.replica.vm_id) == POWERED_OFF
     assert_identical(lab, session)
     assert all(d.verified for d in session.disks.all())
 

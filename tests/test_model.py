@@ -287,12 +287,7 @@ class FailbackModel(RuleBasedStateMachine):
             self.cluster.start()
         for _ in range(SETTLE_ROUNDS):
             try:
-                wait_for(
-                    lambda: not FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).exists(),
-                    timeout=20,
-                    interval=0.2,
-                    what="the steps to end",
-                )
+                wait_for(lambda: not self.still_working(), timeout=20, interval=0.2, what="the steps to end")
                 break
             except AssertionError:
                 time.sleep(self.settings.FAILBACK_STALL_SECONDS)
@@ -303,6 +298,17 @@ class FailbackModel(RuleBasedStateMachine):
         )
         assert not stuck, f"steps still running after {SETTLE_ROUNDS} watchdog rounds: {stuck}"
         self.check_at_rest()
+
+    def still_working(self):
+        """A step running, or a switch that reached Failback and has not yet powered production on (the
+        same step does that right after, or the watchdog's power-on step if the worker died in between)."""
+        mine = FailbackSession.objects.filter(pk__in=self.sessions)
+        return (
+            mine.filter(status__in=RUNNING).exists()
+            or mine.filter(status=SessionStatus.FAILBACK, power_on_after=True, production_on_at=None)
+            .exclude(pk__in=AuditEvent.objects.filter(action="power_on_production", outcome="failed").values("session"))
+            .exists()
+        )
 
     # -- invariants ----------------------------------------------------------------------------
 
