@@ -7,15 +7,19 @@ setting), and one disk that cannot be written failing the whole switch with the 
 
 import filecmp
 import random
+import threading
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 
 from failback import jobs, workflow
 from failback.choices import Outcome, SessionStatus
 from failback.hypervisors.base import POWERED_OFF, POWERED_ON
+from failback.jobs import Run
 from failback.models import AuditEvent
 
+from .conftest import wait_for
 from .helpers import replica_named, start
 from .test_faults import assert_replica_serving, fill, session_of, sha256, small_datastore
 
@@ -147,3 +151,39 @@ def test_it_fails_the_whole_switch_when_one_disk_cannot_be_written_and_brings_th
     assert "scsi0:2" not in {r.data["disk"] for r in rows}  # the disk that failed claims nothing
     assert len({r.data["disk"] for r in rows}) == rows.count()  # and no disk is reported twice
     assert not session.disks.get(key="scsi0:2").verified
+
+
+def test_it_stops_every_disk_without_writing_when_another_run_takes_the_switch_over(lab, operator, settings):
+    """The watchdog handed the switch to another run while the disks were going: the first run stops at
+    its next lease check, writes no further row, and the run that took over finishes the switch."""
+    settings.FAILBACK_DISK_THREADS = 1  # one disk after another: the takeover lands while some are left
+    replica = four_disk_replica(lab, "quad-lease", size=96 * MiB, data=64 * MiB, cbt=False)  # digest: reads all
+    session = session_of(start(operator, replica))
+    assert session.status == SessionStatus.READY_TO_SWITCH, session.error
+    change_every_disk(lab, replica, MiB)
+
+    def switch():
+        try:
+            workflow.switch_now(operator, session.pk)  # inline: the whole switch, in this thread
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=switch)
+    first.start()
+    rows = AuditEvent.objects.filter(session=session, action="send_changes")
+    wait_for(rows.exists, timeout=60, interval=0.005, what="the first disk sent")
+    taken = Run.take(session.pk, SessionStatus.SWITCHING)  # what the watchdog's new run does first
+    assert taken is not None
+    at_takeover = rows.count()
+    first.join(60)
+    assert not first.is_alive()
+    assert at_takeover < DISKS, "every disk was through before the takeover: nothing left to fence"
+    assert rows.count() == at_takeover  # nothing written after the lease moved on
+    assert not AuditEvent.objects.filter(session=session, action__in=["finish_switch", "fail_switch"]).exists()
+    assert session_of(session).status == SessionStatus.SWITCHING
+
+    jobs.run_switch(session.pk)  # the run that took over (the watchdog queues it)
+    session = session_of(session)
+    assert session.status == SessionStatus.FAILBACK, session.error
+    assert_identical(lab, session)
+    assert AuditEvent.objects.filter(session=session, action="finish_switch").count() == 1

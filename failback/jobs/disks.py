@@ -8,6 +8,7 @@ disk's ``ProgressSink`` by the calling thread, which also checks the lease every
 and renews the heartbeat, and saves each disk's result and writes its audit row as the disk finishes.
 The first failure (a disk's error, a wrong result, the lease lost) stops the other disks at their next
 block and is raised once they have all stopped, so a step never ends with a disk still being written.
+Worker threads close the database connection of their own thread, should anything have opened one.
 """
 
 import threading
@@ -94,51 +95,65 @@ def run_disks(run: Run, items: list[DiskWork], cancel: threading.Event):
     """Run every disk's ``work`` on a bounded pool, handling progress, results and the lease here.
 
     ``cancel`` is what the workers poll: set here on a failure or a lost lease, and by a sink that sees
-    the session leave its status. Raises the first failure (LeaseLost before anything else) once every
-    disk has stopped."""
+    the session leave its status. Raises the first failure once every disk has stopped: a lost lease
+    before an error, an error before a cancel."""
     if not items:
         return
-    latest = [_Latest() for _ in items]
-    chart = _SharedChart()
-    checked = beaten = time.monotonic()
-    failure = None
+    step = _Step(run, items, cancel)
     with ThreadPoolExecutor(max_workers=thread_count(len(items)), thread_name_prefix=f"disks-{run.session_id}") as pool:
-        futures = {pool.submit(_in_worker, item.work, latest[i], cancel): i for i, item in enumerate(items)}
+        futures = {pool.submit(_in_worker, item.work, step.latest[i], cancel): i for i, item in enumerate(items)}
         pending = set(futures)
-
-        def hand_on(i):
-            p = latest[i].take()
-            if p is not None and items[i].sink is not None and failure is None:
-                chart.call(items[i].sink, p)
-
-        def fail(exc):
-            nonlocal failure
-            cancel.set()
-            if failure is None or _rank(exc) > _rank(failure):
-                failure = exc
-
         while pending:
             finished, pending = wait(pending, timeout=TICK_S, return_when=FIRST_COMPLETED)
-            try:
-                for i in range(len(items)):
-                    hand_on(i)
-                now = time.monotonic()
-                if not isinstance(failure, LeaseLost) and now - checked >= Run.CHECK_EVERY_S:
-                    checked = now
-                    run.check()
-                if failure is None and now - beaten >= BEAT_S:
-                    beaten = now
-                    _beat(run)
-            except BaseException as exc:  # noqa: BLE001  raised below once every disk has stopped
-                fail(exc)
+            step.tick()
             for future in finished:
-                try:
-                    result = future.result()  # the disk's own error
-                    if not isinstance(
-                        failure, LeaseLost
-                    ):  # a disk that got there is recorded, even after another failed
-                        items[futures[future]].done(result)
-                except BaseException as exc:  # noqa: BLE001
-                    fail(exc)
-    if failure is not None:
-        raise failure
+                step.finished(futures[future], future)
+    step.raise_failure()
+
+
+class _Step:
+    """The calling thread's side of ``run_disks``: progress handed on, the lease checked, results recorded."""
+
+    def __init__(self, run, items, cancel):
+        self.run, self.items, self.cancel = run, items, cancel
+        self.latest = [_Latest() for _ in items]
+        self.chart = _SharedChart()
+        self.checked = self.beaten = time.monotonic()
+        self.failure = None
+
+    def fail(self, exc):
+        self.cancel.set()
+        if self.failure is None or _rank(exc) > _rank(self.failure):
+            self.failure = exc
+
+    def tick(self):
+        try:
+            for item, latest in zip(self.items, self.latest, strict=True):
+                p = latest.take()
+                if p is not None and item.sink is not None and self.failure is None:
+                    self.chart.call(item.sink, p)
+            now = time.monotonic()
+            if not isinstance(self.failure, LeaseLost) and now - self.checked >= Run.CHECK_EVERY_S:
+                self.checked = now
+                self.run.check()
+            if self.failure is None and now - self.beaten >= BEAT_S:
+                self.beaten = now
+                _beat(self.run)
+        except BaseException as exc:  # noqa: BLE001  raised once every disk has stopped
+            self.fail(exc)
+
+    def finished(self, i, future):
+        """A disk is through: recorded (even after another disk failed, unless the lease is gone), or its error kept."""
+        try:
+            result = future.result()
+            if not isinstance(self.failure, LeaseLost):
+                self.items[i].done(result)
+        except BaseException as exc:  # noqa: BLE001
+            self.fail(exc)
+
+    def raise_failure(self):
+        if self.failure is None:
+            return
+        if isinstance(self.failure, TransferCancelled):
+            self.run.check()  # a sink that found the lease gone cancelled the disks: that is the lease lost
+        raise self.failure
