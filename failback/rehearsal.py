@@ -48,6 +48,35 @@ def lab_power(actor, replica_id, to, *, reason=""):
         raise ValueError(f"to must be 'on' or 'off', not {to!r}")
     action = POWER_ACTIONS[to]
     verb = f"Power {to}"
+    replica = _may_power_replica(actor, replica_id, action, verb)
+    reason = (reason or "").strip()[:500]
+    with closing(hypervisor_for(replica)) as hv:
+        before = hv.power_state(replica.vm_id)
+        if before == (POWERED_ON if to == "on" else POWERED_OFF):
+            refuse(
+                f"{verb} refused: {replica.name} ({replica.vm_id}) is already {before}.",
+                action=action,
+                actor=actor,
+                replica=replica,
+            )
+        try:
+            (hv.power_on if to == "on" else hv.power_off)(replica.vm_id)
+        except HypervisorError as exc:
+            refuse(f"{verb} of {replica.name} failed: {exc}", action=action, actor=actor, replica=replica)
+        after = hv.power_state(replica.vm_id)
+    audit(
+        action=action,
+        actor=actor,
+        replica=replica,
+        detail=f"Lab VM {replica.name} ({replica.vm_id}) powered {to}: {before} → {after}"
+        + (f": {reason}" if reason else ""),
+        data={"vm_id": replica.vm_id, "before": before, "after": after, "reason": reason},
+    )
+    return after
+
+
+def _may_power_replica(actor, replica_id, action, verb):
+    """The replica a power button names, or the refusal (audited) that says why it may not be powered."""
     replica = Replica.objects.filter(pk=replica_id).first()
     if replica is None:
         refuse(f"{verb} refused: there is no replica #{replica_id}.", action=action, actor=actor)
@@ -77,30 +106,7 @@ def lab_power(actor, replica_id, to, *, reason=""):
             replica=replica,
             session=owner,
         )
-    reason = (reason or "").strip()[:500]
-    with closing(hypervisor_for(replica)) as hv:
-        before = hv.power_state(replica.vm_id)
-        if before == (POWERED_ON if to == "on" else POWERED_OFF):
-            refuse(
-                f"{verb} refused: {replica.name} ({replica.vm_id}) is already {before}.",
-                action=action,
-                actor=actor,
-                replica=replica,
-            )
-        try:
-            (hv.power_on if to == "on" else hv.power_off)(replica.vm_id)
-        except HypervisorError as exc:
-            refuse(f"{verb} of {replica.name} failed: {exc}", action=action, actor=actor, replica=replica)
-        after = hv.power_state(replica.vm_id)
-    audit(
-        action=action,
-        actor=actor,
-        replica=replica,
-        detail=f"Lab VM {replica.name} ({replica.vm_id}) powered {to}: {before} → {after}"
-        + (f": {reason}" if reason else ""),
-        data={"vm_id": replica.vm_id, "before": before, "after": after, "reason": reason},
-    )
-    return after
+    return replica
 
 
 def reset_lab(lab, *, actor=None):
@@ -120,63 +126,11 @@ def reset_lab(lab, *, actor=None):
             action=action,
             actor=actor,
         )
-    running = list(
-        FailbackSession.objects.filter(replica__platform=Platform.LAB, status__in=ACTIVE)
-        .select_related("replica")
-        .order_by("pk")
-    )
-    if running:
-        listed = ", ".join(f"#{s.pk} {s.replica.name} ({s.get_status_display()})" for s in running)
-        refuse(
-            f"Reset refused: failbacks still running on the lab: {listed}. Finish, undo or cancel them first.",
-            action=action,
-            actor=actor,
-            data={"sessions": [s.pk for s in running]},
-        )
+    _refuse_while_running(action, actor)
     replica_ids = set(seeded["replicas"])
-    deleted, powered_on = [], []
-    with lab.exclusive():
-        states = lab.power_states()
-        for vm in lab.inventory().vms:
-            if vm.vm_id in replica_ids:
-                if states.get(vm.vm_id) != POWERED_ON:
-                    lab.power_on(vm.vm_id)
-                    powered_on.append(f"{vm.name} ({vm.vm_id})")
-                continue
-            if states.get(vm.vm_id) != POWERED_OFF:
-                lab.power_off(vm.vm_id)
-            lab.delete_vm(vm.vm_id)
-            deleted.append(f"{vm.name} ({vm.vm_id} on {vm.host})")
-        for host, state in lab.host_states().items():
-            if state != "connected":
-                lab.set_host_state(host, "connected")
-    moved = []
+    deleted, powered_on = _reset_platform(lab, replica_ids)
     with transaction.atomic():
-        replicas = Replica.objects.select_for_update().filter(platform=Platform.LAB, vm_id__in=replica_ids)
-        for replica in replicas.order_by("name"):
-            source = replica.name.removesuffix(REPLICA_SUFFIX)
-            if (
-                replica.state == ReplicaState.FAILOVER
-                and not replica.production_vm_id
-                and replica.source_name == source
-            ):
-                continue
-            Replica.objects.filter(pk=replica.pk).update(
-                state=ReplicaState.FAILOVER, production_vm_id="", source_name=source, updated_at=timezone.now()
-            )
-            moved.append(replica.name)
-            audit(
-                action=AuditAction.REPLICA_STATE,
-                actor=actor,
-                replica=replica,
-                from_state=replica.state,
-                to_state=ReplicaState.FAILOVER,
-                detail=f"{replica.name} back in Failover, protecting {source}, by the demo lab's reset"
-                + (
-                    f" (it was protecting production VM {replica.production_vm_id})" if replica.production_vm_id else ""
-                ),
-                data={"previous_source": replica.source_name, "previous_production_vm_id": replica.production_vm_id},
-            )
+        moved = _reset_replicas(replica_ids, actor)
         kept = FailbackSession.objects.filter(replica__platform=Platform.LAB).count()
         summary = (
             f"Demo lab reset: {len(moved)} replica(s) back in Failover"
@@ -194,3 +148,66 @@ def reset_lab(lab, *, actor=None):
             data={"replicas": moved, "powered_on": powered_on, "deleted_vms": deleted, "sessions_kept": kept},
         )
     return summary
+
+
+def _refuse_while_running(action, actor):
+    """A failback still running on a lab replica refuses the reset: it is finished, undone or cancelled first."""
+    running = list(
+        FailbackSession.objects.filter(replica__platform=Platform.LAB, status__in=ACTIVE)
+        .select_related("replica")
+        .order_by("pk")
+    )
+    if running:
+        listed = ", ".join(f"#{s.pk} {s.replica.name} ({s.get_status_display()})" for s in running)
+        refuse(
+            f"Reset refused: failbacks still running on the lab: {listed}. Finish, undo or cancel them first.",
+            action=action,
+            actor=actor,
+            data={"sessions": [s.pk for s in running]},
+        )
+
+
+def _reset_platform(lab, replica_ids):
+    """In the lab: delete every VM the seed did not create, power the seeded replicas on, connect every host."""
+    deleted, powered_on = [], []
+    with lab.exclusive():
+        states = lab.power_states()
+        for vm in lab.inventory().vms:
+            if vm.vm_id in replica_ids:
+                if states.get(vm.vm_id) != POWERED_ON:
+                    lab.power_on(vm.vm_id)
+                    powered_on.append(f"{vm.name} ({vm.vm_id})")
+                continue
+            if states.get(vm.vm_id) != POWERED_OFF:
+                lab.power_off(vm.vm_id)
+            lab.delete_vm(vm.vm_id)
+            deleted.append(f"{vm.name} ({vm.vm_id} on {vm.host})")
+        for host, state in lab.host_states().items():
+            if state != "connected":
+                lab.set_host_state(host, "connected")
+    return deleted, powered_on
+
+
+def _reset_replicas(replica_ids, actor):
+    """In the portal: each lab replica in Failover again, protecting its original workload (one audit row each)."""
+    moved = []
+    replicas = Replica.objects.select_for_update().filter(platform=Platform.LAB, vm_id__in=replica_ids)
+    for replica in replicas.order_by("name"):
+        source = replica.name.removesuffix(REPLICA_SUFFIX)
+        if replica.state == ReplicaState.FAILOVER and not replica.production_vm_id and replica.source_name == source:
+            continue
+        Replica.objects.filter(pk=replica.pk).update(
+            state=ReplicaState.FAILOVER, production_vm_id="", source_name=source, updated_at=timezone.now()
+        )
+        moved.append(replica.name)
+        audit(
+            action=AuditAction.REPLICA_STATE,
+            actor=actor,
+            replica=replica,
+            from_state=replica.state,
+            to_state=ReplicaState.FAILOVER,
+            detail=f"{replica.name} back in Failover, protecting {source}, by the demo lab's reset"
+            + (f" (it was protecting production VM {replica.production_vm_id})" if replica.production_vm_id else ""),
+            data={"previous_source": replica.source_name, "previous_production_vm_id": replica.production_vm_id},
+        )
+    return moved
