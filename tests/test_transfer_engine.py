@@ -437,6 +437,72 @@ def test_a_callback_that_raises_stops_the_copy_and_keeps_the_checkpoint(
     assert dst.read_bytes() == src.read_bytes()
 
 
+def test_phase1_allocates_no_more_than_the_source_even_in_small_blocks(tmp_path: Path) -> None:
+    # Allocating the target ahead of the writes, block by block (256 KiB here), let the pieces land
+    # apart on disk, and a target in more extents than its inode holds needed an extent-tree block the
+    # source did not: one 4 KiB block more than the source, now and then.
+    for k in range(20):
+        src, dst, state = tmp_path / f"s{k}", tmp_path / f"d{k}", tmp_path / f"st{k}"
+        make_image(src, 832 * KiB, {0: rand(1, k), 16115: rand(770318, k)})
+        full_copy(str(src), str(dst), state_dir=str(state), block_size=256 * KiB, durable=False)
+        assert dst.read_bytes() == src.read_bytes()
+        assert os.stat(dst).st_blocks <= os.stat(src).st_blocks, k
+
+
+def test_a_resume_frees_space_allocated_past_the_checkpoint(disk: tuple[Path, Path, Path]) -> None:
+    # A range allocated in the target past the checkpoint but never written (by a copy stopped half-way,
+    # or by anyone else) reads as zeros and is not data to lseek. The resume must not keep it.
+    src, dst, state = disk
+    make_image(src, 32 * MiB, {0: rand(8 * MiB, 1), 20 * MiB: rand(MiB, 2)})
+
+    def stop(p: Progress) -> None:
+        if p.bytes_done >= 4 * MiB:
+            raise TransferCancelled("stop")
+
+    with pytest.raises(TransferCancelled):
+        full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, progress=stop, progress_interval=0)
+    fd = os.open(dst, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 24 * MiB, 4 * MiB)  # allocated past the checkpoint, never written
+    finally:
+        os.close(fd)
+
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert allocated(dst) <= allocated(src)
+
+
+def test_the_calling_thread_does_unstarted_work_and_blocks_finish_in_order() -> None:
+    from failback.transfer.passes import Controls, Hashed, Job, Pass, Work
+
+    caller = threading.current_thread()
+    release = threading.Event()
+    ran_here: list[int] = []
+    finished: list[int] = []
+
+    def first(job: Job, buf: bytearray) -> Work:
+        def work() -> Hashed:
+            if threading.current_thread() is caller:
+                ran_here.append(job.index)
+                release.set()
+            elif job.index == 0:
+                assert release.wait(10), "the calling thread never took work from the pool"
+            return Hashed(bytes([job.index]))
+
+        return work
+
+    def finish(job: Job, buf: bytearray, h: Hashed) -> None:
+        finished.append(h.leaves[0])
+
+    p = Pass(block_size=4096, controls=Controls(), src_fd=-1)
+    p.depth = 3  # the pool's one thread is stuck on block 0 until the calling thread does some work
+    p.run((Job(i, i * 4096, 4096, 4096) for i in range(8)), first, finish, 1)
+
+    assert finished == list(range(8))
+    assert ran_here
+
+
 def test_cancel_raises_and_a_later_call_finishes_the_copy(disk: tuple[Path, Path, Path]) -> None:
     src, dst, state = disk
     make_image(src, 32 * MiB, {0: rand(16 * MiB, 1)})

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from .sparse import data_extents, is_zero
 
 MAX_BLOCK_SIZE = 64 << 20
-IO_CHUNK = 256 << 10  # pwrite size
+IO_CHUNK = 256 << 10  # pwrite size (larger writes can cost far more in the kernel: see docs/decisions.md)
 PAGE = 4096
 PROBE = 4096
 ZERO_PAGE = bytes(PAGE)

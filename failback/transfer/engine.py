@@ -7,7 +7,8 @@ I/O) run beside it on a small thread pool. A fixed number of block buffers circu
 about ``(depth + workers) x block_size`` whatever the disk size.
 
 Phase 1 copies each block's data ranges with copy_file_range (in the kernel, no copy through user
-space), then a pool thread reads the block back from the target's page cache and computes its leaves:
+space), then a pool thread (or the calling thread, when it would otherwise wait) reads them back from
+the target's page cache and computes the block's leaves:
 the leaves record exactly the bytes that went into the target, even though phase 1 runs while the
 replica is in use and a source block may change while it is copied. Grains found all zero are punched
 out again. Blocks whose first data page is zeros are read into a buffer instead and only their

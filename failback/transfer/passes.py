@@ -8,7 +8,6 @@ How a pass works is told in :mod:`.engine`; what a pass does with each block is 
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 import threading
 from collections import deque
@@ -17,10 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-import blake3
-
 from .blockio import IO_CHUNK, NO_COPY_RANGE, PROBE, data_blocks, zero_page_runs
-from .blockmap import LEAF, ZERO_LEAF, Leaves, block_count, block_length, grain_for, leaves_of
+from .blockmap import LEAF, Leaves, block_count, block_length, grain_for, leaves_of
 from .progress import Pacer, Progress, Reporter
 from .results import TransferCancelled, TransferStateError
 from .sparse import is_zero, zero_range
@@ -73,7 +70,7 @@ class Hashed:
 
 
 Work = Callable[[], Hashed]
-_Window = deque[tuple[Job, bytearray, Future[Hashed]]]
+_Window = deque[tuple[Job, bytearray, Future[Hashed], Work | None]]
 
 
 class Pass:
@@ -91,10 +88,11 @@ class Pass:
         self.bytes_written = 0
         self.target_read = 0
         self.zero_skipped = 0
-        self.copy_range_ok = hasattr(os, "copy_file_range")
         self.before_write: Callable[[], None] = lambda: None
         self._local = threading.local()
+        self.copy_range_ok = hasattr(os, "copy_file_range")
         self._probe = bytearray(PROBE)
+        self._zeros = memoryview(bytes(block_size))  # only ever read: backed by the kernel's zero page
 
     # ---- in the calling thread
 
@@ -142,7 +140,8 @@ class Pass:
                 self.write(memoryview(buf)[x:y], base + x)
 
     def copy_range(self, offset: int, length: int) -> bool:
-        """Copy [offset, offset+length) src -> dst in the kernel. False if the kernel cannot."""
+        """Copy [offset, offset+length) src -> dst in the kernel. False if the kernel cannot copy
+        between these files."""
         self.before_write()
         chunk = self.pacer.chunk_size(length)
         done = 0
@@ -169,6 +168,10 @@ class Pass:
         got = os.preadv(self.src_fd, [memoryview(self._probe)[:n]], job.offset + start)
         return not is_zero(self._probe, 0, got)
 
+    def write_new(self, buf: bytearray, base: int, a: int, b: int) -> None:
+        """Write buf[a:b] at base+a into a range the target does not hold yet."""
+        self.write(memoryview(buf)[a:b], base + a)
+
     def run(
         self,
         jobs: Iterable[Job],
@@ -177,36 +180,51 @@ class Pass:
         workers: int,
     ) -> None:
         """For each job: ``first`` here (it may do I/O; it returns the result, or work for the pool),
-        then ``finish`` here, in block order. At most ``depth`` jobs (and buffers) are in flight."""
+        then ``finish`` here, in block order. At most ``depth`` jobs (and buffers) are in flight; when
+        this thread would wait for the pool, it does the newest work the pool has not started."""
         self.reporter.maybe_emit()
         free: list[bytearray] = []
         window: _Window = deque()
         with ThreadPoolExecutor(workers, thread_name_prefix="transfer") as pool:
             try:
                 for job in jobs:
-                    while len(window) >= self.depth:
-                        self._finish_oldest(window, free, finish)
+                    self._drain(window, free, finish, self.depth - 1)
                     buf = free.pop() if free else bytearray(self.bs)
                     out = first(job, buf)
                     if isinstance(out, Hashed):
-                        fut: Future[Hashed] = Future()
-                        fut.set_result(out)
+                        window.append((job, buf, _done(out), None))
                     else:
-                        fut = pool.submit(out)
-                    window.append((job, buf, fut))
+                        window.append((job, buf, pool.submit(out), out))
                     while window and window[0][2].done():
                         self._finish_oldest(window, free, finish)
                     self.tick()
-                while window:
-                    self._finish_oldest(window, free, finish)
+                self._drain(window, free, finish, 0)
             finally:
-                for _, _, fut in window:
+                for _, _, fut, _ in window:
                     fut.cancel()
+
+    def _drain(
+        self, window: _Window, free: list[bytearray], finish: Callable[[Job, bytearray, Hashed], None], keep: int
+    ) -> None:
+        """Finish jobs in order until at most ``keep`` are in flight, doing unstarted work here."""
+        while len(window) > keep:
+            if not window[0][2].done() and self._steal(window):
+                continue
+            self._finish_oldest(window, free, finish)
+
+    def _steal(self, window: _Window) -> bool:
+        """Do here the newest work no pool thread has started; False if there is none."""
+        for i in range(len(window) - 1, -1, -1):
+            job, buf, fut, work = window[i]
+            if work is not None and fut.cancel():
+                window[i] = (job, buf, _done(work()), None)
+                return True
+        return False
 
     def _finish_oldest(
         self, window: _Window, free: list[bytearray], finish: Callable[[Job, bytearray, Hashed], None]
     ) -> None:
-        job, buf, fut = window[0]
+        job, buf, fut, _ = window[0]
         wait = max(0.01, min(self.reporter.interval or 0.05, 0.25))
         while True:
             try:
@@ -239,17 +257,37 @@ class Pass:
 
     # ---- on the pool
 
-    def hash_target(self, job: Job) -> Hashed:
-        """The leaves of what copy_file_range put into the target (read back from the page cache)."""
-        m = mmap.mmap(self.dst_fd, job.length, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ, offset=job.offset)
-        try:
-            view = memoryview(m)
-            try:
-                return Hashed(_mapped_leaves(view, self.grain, job.segments or ((0, job.length),)), copied=True)
-            finally:
-                view.release()
-        finally:
-            m.close()
+    def fill(self, fd: int, job: Job, buf: bytearray) -> list[tuple[int, int]]:
+        """Read the block's data ranges from fd into buf, with zeros around them up to whole grains;
+        returns those grain spans (the rest of the block is holes: zero leaves, nothing to read)."""
+        n, segs = job.length, job.segments or ((0, job.length),)
+        spans = list(_grain_spans(segs, self.grain, n))
+        view, k = memoryview(buf), 0
+        for lo, hi in spans:
+            cur = lo
+            while k < len(segs) and segs[k][0] < hi:
+                a, b = segs[k]
+                view[cur:a] = self._zeros[: a - cur]
+                self.read(fd, buf, a, b, job.offset)
+                cur, k = b, k + 1
+            view[cur:hi] = self._zeros[: hi - cur]
+        return spans
+
+    def hash_copied(self, job: Job, buf: bytearray) -> Hashed:
+        """The leaves of what copy_file_range put into the target, read back from its page cache."""
+        h = self.hash_spans(job, buf, self.fill(self.dst_fd, job, buf))
+        h.copied = True
+        return h
+
+    def hash_spans(self, job: Job, buf: bytearray, spans: Sequence[tuple[int, int]]) -> Hashed:
+        """The block's leaves from buf, where only ``spans`` may hold anything but zeros."""
+        g = self.grain
+        if spans == [(0, job.length)]:
+            return Hashed(leaves_of(buf, 0, job.length, g))
+        leaves = bytearray(LEAF * block_count(job.length, g))
+        for a, b in spans:
+            leaves[a // g * LEAF : -(-b // g) * LEAF] = leaves_of(buf, a, b, g)
+        return Hashed(bytes(leaves))
 
     def hash_buffer(self, job: Job, buf: bytearray) -> Hashed:
         return Hashed(leaves_of(buf, 0, job.length, self.grain))
@@ -261,24 +299,24 @@ class Pass:
         return Hashed(leaves_of(buf, 0, job.length, self.grain))
 
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+def _done(result: Hashed) -> Future[Hashed]:
+    fut: Future[Hashed] = Future()
+    fut.set_result(result)
+    return fut
 
 
-def _mapped_leaves(view: memoryview, grain: int, segments: Sequence[tuple[int, int]]) -> bytes:
-    """leaves_of for a read-only mapping of a copied block: grains outside its data ranges were not
-    copied (zeros); a zero grain is rare inside copied data, so test its ends first."""
-    out = []
-    n = len(view)
-    for a in range(0, n, grain):
-        b = min(a + grain, n)
-        part = view[a:b]
-        if not any(x < b and y > a for x, y in segments) or (
-            view[a] == 0 and view[b - 1] == 0 and part.tobytes() == bytes(b - a)
-        ):
-            out.append(ZERO_LEAF)
-        else:
-            out.append(blake3.blake3(part).digest(LEAF))
-    return b"".join(out)
+def _grain_spans(segments: Sequence[tuple[int, int]], grain: int, n: int) -> Iterator[tuple[int, int]]:
+    """The data ranges rounded out to whole grains (the last one may end at n), merged."""
+    lo = hi = -1
+    for a, b in segments:
+        a, b = a // grain * grain, min(n, -(-b // grain) * grain)
+        if a > hi:
+            if hi > lo:
+                yield lo, hi
+            lo = a
+        hi = max(hi, b)
+    if hi > lo:
+        yield lo, hi
 
 
 # --------------------------------------------------------------------------------------------------

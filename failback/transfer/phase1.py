@@ -1,8 +1,9 @@
 """Phase 1, the full copy (public entry: :func:`.engine.full_copy`).
 
-Each block holding data goes in by copy_file_range and is hashed back from the target's page cache;
-a block whose first data page is zeros is read into a buffer instead and only its non-zero pages are
-written. The pass resumes from the checkpoint a background thread saves every few seconds.
+Each block's data ranges are copied by copy_file_range; the pool reads them back from the target's
+page cache and hashes them, so the leaves are of exactly the bytes that went in. A block whose first data page is zeros is read into a buffer instead and only its
+non-zero pages are written. The pass resumes from the checkpoint a background thread saves every few
+seconds. Why this shape, with figures: docs/decisions.md, "Transfer engine: phase 1 against cp".
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_len
 from .passes import COPY_WORKERS, Controls, Hashed, Job, Pass, Work
 from .progress import Reporter
 from .results import CopyResult
-from .sparse import allocated_bytes, data_extents, is_zero, zero_range
+from .sparse import allocated_bytes, data_extents, punch_hole, zero_range
 from .state import Checkpointer, finish_state
 
 
@@ -46,9 +47,11 @@ def run(
             return CopyResult("full", 0, 0, 0, 0, elapsed, state.digest, size, state.source_digest or "")
 
         # Whatever lies in dst past the checkpoint was written after it (or by someone else): clear it,
-        # so that the blocks skipped as holes or zeros do read as zeros.
-        for a, b in list(data_extents(dfd, position, size)):
-            zero_range(dfd, a, b - a)
+        # so that the blocks skipped as holes or zeros do read as zeros. One punch also frees ranges
+        # allocated but never written (they read as zeros but are not data to lseek).
+        if not punch_hole(dfd, position, size - position):
+            for a, b in list(data_extents(dfd, position, size)):
+                zero_range(dfd, a, b - a)
         with Leaves(state_dir, n_grains, fresh=not resume) as leaves:
             if resume:
                 leaves.clear_from(position // grain_for(bs))
@@ -112,7 +115,8 @@ class _FullCopy:
             raise
 
     def first(self, job: Job, buf: bytearray) -> Hashed | Work:
-        """Copy the block in the kernel, or read it and write its non-zero pages (a zero block: nothing)."""
+        """Copy the block in the kernel (the pool hashes it back from the target's page cache), or,
+        when its first data page is zeros, read it into buf and write only its non-zero pages."""
         p = self.p
         if (
             p.copy_range_ok
@@ -120,34 +124,34 @@ class _FullCopy:
             and all(p.copy_range(job.offset + a, b - a) for a, b in job.segments)
         ):
             p.bytes_read += job.work
-            # Hashed here, not on the pool: blake3 keeps the GIL for a 64 KiB leaf, and a
-            # pool thread holding it would stall this thread after every system call.
-            return p.hash_target(job)
-        p.read(p.src_fd, buf, 0, job.length, job.offset)
-        p.bytes_read += job.length
-        if is_zero(buf, 0, job.length):
-            p.zero_skipped += job.work
-            return Hashed(bytes(LEAF * block_count(job.length, p.grain)))
-        for a, b in _write_ranges(job, buf):
+            return lambda: p.hash_copied(job, buf)
+        spans = p.fill(p.src_fd, job, buf)
+        p.bytes_read += job.work
+        written = False
+        for a, b in job.segments:
             for x, y, zero in zero_page_runs(buf, a, b):
                 if zero:
                     p.zero_skipped += y - x
                 else:
-                    p.write(memoryview(buf)[x:y], job.offset + x)
-        return lambda: p.hash_buffer(job, buf)
+                    p.write_new(buf, job.offset, x, y)
+                    written = True
+        if not written:
+            return Hashed(bytes(LEAF * block_count(job.length, p.grain)))
+        return lambda: p.hash_spans(job, buf, spans)
 
     def finish(self, job: Job, buf: bytearray, h: Hashed) -> None:
         """Punch out copied grains found all zero, then record the block's leaves on both sides."""
         p, g_size = self.p, self.p.grain
+        if h.copied and ZERO_LEAF in h.leaves:
+            for k in range(len(h.leaves) // LEAF):
+                if h.leaves[k * LEAF : (k + 1) * LEAF] != ZERO_LEAF:
+                    continue
+                a, b = k * g_size, min((k + 1) * g_size, job.length)
+                data = sum(min(y, b) - max(x, a) for x, y in job.segments if x < b and y > a)
+                if data:  # copied, then found empty: make the grain a hole again
+                    p.zero_skipped += data
+                    zero_range(p.dst_fd, job.offset + a, b - a)
         first_grain = job.offset // g_size
-        for k in range(len(h.leaves) // LEAF if h.copied else 0):
-            if h.leaves[k * LEAF : (k + 1) * LEAF] != ZERO_LEAF:
-                continue
-            a, b = k * g_size, min((k + 1) * g_size, job.length)
-            data = sum(min(y, b) - max(x, a) for x, y in job.segments if x < b and y > a)
-            p.zero_skipped += data
-            if h.copied and data:  # copied, then found empty: make the grain a hole again
-                zero_range(p.dst_fd, job.offset + a, b - a)
         self.leaves.source.put(first_grain, h.leaves)
         self.leaves.target.put(first_grain, h.leaves)
         p.reporter.done += job.work
@@ -184,23 +188,3 @@ class _FullCopy:
             resumed_from,
             state.source_digest or "",
         )
-
-
-def _write_ranges(job: Job, buf: bytearray) -> tuple[tuple[int, int], ...]:
-    """What of a non-zero block to write in a full copy: its data ranges, and any "hole" that holds
-    data after all (the source is live: data may land there between lseek and read)."""
-    n = job.length
-    if not job.segments or job.segments == ((0, n),):
-        return ((0, n),)
-    ranges: list[tuple[int, int]] = []
-    cur = 0
-    for a, b in (*job.segments, (n, n)):
-        if a > cur and not is_zero(buf, cur, a):
-            a = cur
-        if b > a:
-            if ranges and ranges[-1][1] >= a:
-                ranges[-1] = (ranges[-1][0], max(b, ranges[-1][1]))
-            else:
-                ranges.append((a, b))
-        cur = max(cur, b)
-    return tuple(ranges)

@@ -5,6 +5,7 @@ finished pass leaves."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from .blockmap import DiskState, Leaves, block_count, fingerprint, seal
@@ -37,6 +38,13 @@ class Checkpointer:
 
     When durable, the target and the leaves are flushed (fdatasync) before the checkpoint that claims
     them, so it survives a power loss too, not only a killed worker; the flush runs beside the copy.
+
+    A checkpoint claims the position read when its save began, and it counts only once the save has
+    ended, so a stop loses the work done since the last counted save began: up to the wait plus the
+    next save's flush. The wait is therefore the interval less twice the last save's duration (at least a
+    quarter of it; the first save begins at half the interval), which keeps that loss within one interval while a flush takes under 3/8 of it;
+    waiting the whole interval after each save lost ``interval + flush`` (a 4 MiB block more than 2 s of
+    copying at 8 MB/s when the flush took half a second).
     """
 
     def __init__(self, save: Callable[[], None], interval: float) -> None:
@@ -54,8 +62,12 @@ class Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        wait = self._interval / 2  # the first save: its flush time is not known yet
+        while not self._stop.wait(wait):
+            began = time.monotonic()
             try:
                 self._save()
             except Exception:  # e.g. no space for state.json: try again next time; the final save reports
                 pass
+            took = time.monotonic() - began
+            wait = max(self._interval / 4, self._interval - 2 * took)
