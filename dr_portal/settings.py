@@ -67,6 +67,30 @@ def _credentials_keys():
 
 
 FAILBACK_CREDENTIALS_KEYS = _credentials_keys()
+
+
+def _evidence_key():
+    """The Ed25519 key that signs evidence files (32 url-safe base64 bytes): from the environment, or
+    generated once into var/ in dev. Auditors check a file against its public key, shown in the portal."""
+    import base64
+
+    key = env_str("FAILBACK_EVIDENCE_KEY", secret=True)
+    if not key:
+        path = VAR_DIR / "evidence_key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+        key = path.read_text().strip()
+    try:
+        if len(base64.urlsafe_b64decode(key.encode())) != 32:
+            raise ValueError
+    except ValueError:
+        raise ImproperlyConfigured("FAILBACK_EVIDENCE_KEY must be an Ed25519 private key: 32 url-safe base64 bytes")
+    return key
+
+
+FAILBACK_EVIDENCE_KEY = _evidence_key()
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
