@@ -53,6 +53,7 @@ from .hypervisors.base import HypervisorError
 from .hypervisors.registry import hypervisor_for
 from .models import FailbackPlan, FailbackSession, Replica
 from .queries import REPLICA_SORTS, filtered_replicas, filtered_sessions
+from .views_evidence import evidence_response
 
 
 class BearerToken(HttpBearer):
@@ -299,6 +300,18 @@ def list_sessions(
 )
 def get_session(request, session_id: PathId):
     return render.session(_one(render.session_rows(), session_id, "failback"))
+
+
+@api.get(
+    "/sessions/{session_id}/evidence",
+    response={200: dict, **ONE},
+    tags=["sessions"],
+    summary="The session's signed evidence file (Ed25519), byte for byte what manage.py verify_evidence checks",
+)
+def get_evidence(request, session_id: PathId):
+    return evidence_response(
+        _one(FailbackSession.objects.select_related("replica", "started_by", "plan"), session_id, "failback")
+    )
 
 
 @api.get("/plans", response={200: PlanPage, **READ}, tags=["plans"], summary="List failback plans, newest first")

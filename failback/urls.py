@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_connections, views_plans, views_tokens
+from . import views, views_connections, views_evidence, views_plans, views_tokens
 
 app_name = "failback"
 urlpatterns = [
@@ -12,6 +12,8 @@ urlpatterns = [
     path("sessions/", views.session_list, name="sessions"),
     path("sessions/<int:pk>/", views.session_detail, name="session"),
     path("sessions/<int:pk>/report/", views.session_report, name="report"),
+    path("sessions/<int:pk>/evidence.json", views_evidence.session_evidence, name="evidence"),
+    path("evidence/public-key", views_evidence.evidence_key, name="evidence_key"),
     path("sessions/<int:pk>/<str:action>/", views.session_action, name="action"),
     path("plans/", views_plans.plan_list, name="plans"),
     path("plans/new/", views_plans.plan_new, name="plan_new"),

@@ -12,7 +12,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import checks, rehearsal, workflow
+from . import checks, evidence, rehearsal, workflow
 from .actions import ACTIONS
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
 from .choices import ReplicaState
@@ -175,6 +175,7 @@ def session_report(request, pk):
             "deciders": deciders,
             "refused": [e for e in events if e.outcome == "refused"],
             "now": timezone.now(),
+            "evidence": evidence.summary(evidence.document(session)),
         },
     )
 
