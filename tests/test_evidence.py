@@ -27,7 +27,7 @@ from failback.models import AuditEvent, FailbackSession
 from .helpers import replica_named, start
 from .test_api import API, bearer, token_for
 
-pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.beyond]
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
