@@ -3,7 +3,9 @@
 from datetime import datetime, time, timedelta
 
 from django import forms
+from django.db import connections
 from django.db.models import Q, TextField
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -39,9 +41,7 @@ def filtered_events(params):
     data = form.cleaned_data
     tz = timezone.get_current_timezone()
     if data["q"]:  # the detail and the structured data (reasons, options, digests)
-        events = events.annotate(data_text=Cast("data", TextField())).filter(
-            Q(detail__icontains=data["q"]) | Q(data_text__icontains=data["q"])
-        )
+        events = text_search(events, data["q"])
     if data["user"]:
         events = events.filter(actor_name__iexact=data["user"])
     if data["replica"]:
@@ -59,6 +59,21 @@ def filtered_events(params):
     if data["until"]:
         events = events.filter(at__lt=datetime.combine(data["until"] + timedelta(days=1), time.min, tzinfo=tz))
     return form, events
+
+
+SQLITE_SEARCH = "SELECT rowid FROM failback_audit_search WHERE failback_audit_search MATCH %s"
+
+
+def text_search(events, text):
+    """Rows whose detail or data contains ``text``, whatever its case: one substring search, served by
+    migration 0017's index (trigram GIN indexes on PostgreSQL, used by this very comparison; an FTS5
+    trigram table on SQLite, which needs three characters: shorter texts are compared row by row)."""
+    if connections[events.db].vendor == "sqlite" and len(text) >= 3:
+        phrase = '"' + text.replace('"', '""') + '"'  # FTS5 syntax: one quoted phrase, a substring for trigrams
+        return events.filter(pk__in=RawSQL(SQLITE_SEARCH, [phrase]))
+    return events.annotate(data_text=Cast("data", TextField())).filter(
+        Q(detail__icontains=text) | Q(data_text__icontains=text)
+    )
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -79,8 +79,16 @@ def filtered_sessions(params):
 
 def page_by_ids(queryset, number, per_page):
     """Paginate over primary keys, then fetch the page's rows: a deep OFFSET then skips bare index
-    entries instead of building (and joining) every skipped row."""
+    entries instead of building (and joining) every skipped row, and a page in the second half is read
+    from the other end (the last page skips nothing)."""
     page = Paginator(queryset.values_list("pk", flat=True), per_page).get_page(number)
-    rows = {row.pk: row for row in queryset.filter(pk__in=list(page.object_list))}
-    page.object_list = [rows[pk] for pk in page.object_list]
+    bottom = (page.number - 1) * per_page
+    count = page.paginator.count
+    if queryset.ordered and bottom > count // 2:  # a page past the middle is nearer from the other end
+        top = min(bottom + per_page, count)
+        ids = list(queryset.reverse().values_list("pk", flat=True)[count - top : count - bottom])[::-1]
+    else:
+        ids = list(page.object_list)
+    rows = {row.pk: row for row in queryset.filter(pk__in=ids)}
+    page.object_list = [rows[pk] for pk in ids]
     return page

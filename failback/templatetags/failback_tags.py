@@ -99,3 +99,34 @@ def since(end, start):
     if not end or not start:
         return "—"
     return duration(end - start)
+
+
+@register.simple_tag
+def audit_rows(events):
+    """The audit page's rows, written here in one pass: a page holds a hundred rows, and rendering each
+    cell through the template engine made the page many times slower than its database work."""
+    from django.urls import reverse
+    from django.utils import timezone
+    from django.utils.html import escape
+    from django.utils.safestring import mark_safe
+
+    from ..choices import AuditAction, Outcome
+
+    actions, outcomes = dict(AuditAction.choices), dict(Outcome.choices)
+    session_url = reverse("failback:session", args=[0])[: -len("0/")]
+    rows = []
+    for e in events:
+        at = timezone.localtime(e.at)
+        where = f'<a href="{session_url}{e.session_id}/">#{e.session_id}</a>' if e.session_id else ""
+        if e.replica_id and e.replica:
+            where += f" {escape(e.replica.name)}"
+        moved = f"{escape(e.from_state or '—')} → {escape(e.to_state or '—')}" if e.from_state != e.to_state else ""
+        outcome = escape(e.outcome)
+        rows.append(
+            f'<tr class="outcome-{outcome}"><td>{at:%Y-%m-%d %H:%M:%S} {escape(at.tzname() or "")}</td>'
+            f"<td>{escape(e.actor_name)}</td>"
+            f'<td title="{escape(e.action)}">{escape(actions.get(e.action, e.action))}</td><td>{where}</td>'
+            f'<td>{moved}</td><td><span class="badge outcome {outcome}">{escape(outcomes.get(e.outcome, e.outcome))}</span></td>'
+            f"<td>{escape(e.detail)}</td></tr>"
+        )
+    return mark_safe("\n".join(rows) or '<tr><td colspan="7">Nothing matches.</td></tr>')
