@@ -314,9 +314,11 @@ SECURE_REFERRER_POLICY = "same-origin"
 HTTPS = env_bool("DJANGO_HTTPS", False)  # set behind TLS: secure cookies, HSTS, redirect
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
 SECURE_SSL_REDIRECT = HTTPS
-SECURE_HSTS_SECONDS = 31536000 if HTTPS else 0
-SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
-SECURE_HSTS_PRELOAD = HTTPS
+# HSTS behind TLS: a year by default; a team putting a new proxy in front starts with a day and raises it once
+# the certificate is right, since browsers refuse plain HTTP to the host for that long. 0: no HSTS.
+HSTS_DAYS = env_int("DJANGO_HSTS_DAYS", 365, min=0, unit="days")
+SECURE_HSTS_SECONDS = HSTS_DAYS * 86400 if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = HTTPS and HSTS_DAYS >= 365
 if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
