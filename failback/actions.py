@@ -1,10 +1,11 @@
 """The actions an operator takes on one failback session, in one table.
 
-The table drives the session page's buttons (``session_actions.html``), the page's POST
-(``views.session_action``) and the API's action endpoints. Whether an action is offered is the
-session's guard (``FailbackSession.may``, from ``choices.GUARDS``), the same one the service layer
-enforces; what it does is one call into ``workflow``. A new action is a guard, a service function
-and one row here.
+The table drives the session page's buttons (``session_actions.html``), the dialog each button opens
+(``action_dialog.html``: what will happen, with this session's names and figures, what stays as it is,
+a reason field of its own and the confirmation), the page's POST (``views.session_action``) and the
+API's action endpoints. Whether an action is offered is the session's guard (``FailbackSession.may``,
+from ``choices.GUARDS``), the same one the service layer enforces; what it does is one call into
+``workflow``. A new action is a guard, a service function and one row here.
 """
 
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from django.template import Context, Template
 from django.utils import timezone
 
 from . import plans, workflow
-from .choices import AuditAction
+from .choices import SCHEDULABLE, AuditAction, SwitchMode
 from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, SwitchForm
 
 
@@ -24,25 +25,56 @@ from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, SwitchForm
 class SessionAction:
     name: str  # in the page's URL and the API's allowed_actions
     guard: str  # its choices.GUARDS key, which is also its audit action
-    form: type[forms.Form]  # the page's form; the API's body has the same fields
-    button: str  # template text, rendered with the session
-    confirm: str  # the confirmation question (template text)
+    form: type[forms.Form]  # the dialog's form; the API's body has the same fields
+    button: str  # the page's button that opens the dialog (template text, rendered with the session)
+    title: str  # the dialog's question (template text; ``when`` is a scheduled switch's time)
+    consequence: str  # what happens, with the concrete names and figures (template text)
+    reason_label: str  # the dialog's reason field: each action asks its own question
+    confirm: str  # the dialog's button that does it
     perform: Callable[[Any, int, dict], Any]  # (actor, session id, cleaned data) -> the session
     notice: Callable[[Any], str]  # what the page says once it is done
-    style: str = ""
-    fields: str = ""  # a partial with the action's own fields, if any
+    keeps: str = ""  # what stays as it is (template text): said by the actions that hold something back
+    style: str = ""  # primary | secondary (an action that keeps or stops rather than moves on)
+    opener: str = ""  # a partial with fields the page's button sends to the dialog (the switch time)
+    fields: str = ""  # a partial with the dialog's own fields, if any
+    back: str = "Go back"  # the dialog's button that closes it and does nothing
 
-    def render(self, text, session):
-        return Template(text).render(Context({"session": session}))
+    def render(self, text, session, **extra):
+        return Template("{% load failback_tags %}" + text).render(Context({"session": session, **extra}))
 
     def offer(self, session):
-        """What the page needs to draw this action's form for this session."""
+        """What the page needs to draw this action's button for this session."""
         return {
             "name": self.name,
             "button": self.render(self.button, session),
             "style": self.style,
-            "confirm": self.render(self.confirm, session),
+            "opener": self.opener,
+        }
+
+    def dialog(self, session, opened=None):
+        """What the dialog says for this session, for the fields the page's button sent (``opened``)."""
+        form = self.form(opened if self.opener else None, auto_id="dlg_%s")
+        form.fields["reason"].label = self.render(self.reason_label, session)
+        form.fields["reason"].widget.attrs["autofocus"] = True  # the dialog opens on the reason, Enter confirms
+        values, problems = {}, []
+        if self.opener:  # the dialog restates what the button sent: it must be valid to be confirmed
+            if form.is_valid():
+                values = form.cleaned_data
+            else:
+                problems = [f"{form.fields[f].label}: {' '.join(e)}" for f, e in form.errors.items() if f != "reason"]
+        extra = {"when": values.get("switch_at"), "now": timezone.now()}
+        return {
+            "name": self.name,
+            "title": self.render(self.title, session, **extra),
+            "consequence": self.render(self.consequence, session, **extra),
+            "keeps": self.render(self.keeps, session, **extra).strip(),
+            "confirm": self.confirm,
+            "back": self.back,
+            "style": self.style,
             "fields": self.fields,
+            "form": form,
+            "hidden": {k: v for k, v in (opened or {}).items() if k in form.fields and k != "reason"},
+            "problems": problems,
         }
 
 
@@ -53,6 +85,11 @@ def _cancelled(session):
     return f"Cancelling: the copy stops and the production VM is {kept}; the replica keeps running."
 
 
+DOWNTIME = (
+    "{% if session.predicted_window_s is not None %}predicted downtime {{ session.predicted_window_s|seconds }}"
+    "{% else %}the downtime is predicted once phase 1 has ended{% endif %}"
+)
+
 ACTIONS = {
     a.name: a
     for a in (
@@ -61,11 +98,17 @@ ACTIONS = {
             "switch",
             SwitchForm,
             "Switch now",
+            title="Switch {{ session.replica.name }} over to {{ session.vm_name }} now?",
+            consequence="The replica {{ session.replica.name }} will be shut down now (powered off if its guest has not "
+            "stopped after {{ session.shutdown_timeout_s|duration }}): users lose access until {{ session.vm_name }} is up, "
+            + DOWNTIME
+            + ". The changes made since phase 1 are sent to {{ session.vm_name }} on {{ session.target_host }}, which is "
+            "then {% if session.power_on_after %}powered on{% else %}left powered off (you chose no power-on){% endif %}.",
+            keeps="The replica stays off but is kept until you commit or undo.",
+            reason_label="Why switch now (reason or ticket, optional)",
+            confirm="Shut down the replica and switch",
             style="primary",
             fields="failback/partials/action_switch.html",
-            confirm="Switch now? The replica {{ session.replica.name }} will be shut down (users lose access until the production VM "
-            "is up), the last changes sent, and {{ session.vm_name }}{% if session.power_on_after %} powered on"
-            "{% else %} left powered off{% endif %}.",
             perform=lambda actor, pk, d: workflow.switch_now(
                 actor, pk, reason=d["reason"], override_checks=d["override_checks"]
             ),
@@ -76,8 +119,17 @@ ACTIONS = {
             "schedule_switch",
             ScheduleSwitchForm,
             "Schedule switch",
-            fields="failback/partials/action_schedule.html",
-            confirm="Schedule the switch for this time? The replica will be shut down then.",
+            title="Switch {{ session.replica.name }} over at {{ when|date:'Y-m-d H:i T'|default:'the time given' }}?",
+            consequence="{% if when %}At {{ when|date:'Y-m-d H:i T' }} ({{ when|timeuntil:now }} from now){% else %}At that time"
+            "{% endif %} the replica {{ session.replica.name }} will be shut down and {{ session.vm_name }} takes over; "
+            "if phase 1 is still running then, the switch comes as soon as it ends. Users lose access during the switch, "
+            + DOWNTIME
+            + " as of now.{% if session.switch_at %} This replaces the switch set for "
+            "{{ session.switch_at|date:'Y-m-d H:i T' }}.{% endif %}",
+            keeps="Until then nothing changes: the replica keeps running and serving users.",
+            reason_label="Why at this time (reason or ticket, optional)",
+            confirm="Schedule the switch",
+            opener="failback/partials/action_schedule.html",
             perform=lambda actor, pk, d: workflow.schedule_switch(actor, pk, d["switch_at"], reason=d["reason"]),
             notice=lambda s: f"Switch scheduled for {timezone.localtime(s.switch_at):%Y-%m-%d %H:%M %Z}.",
         ),
@@ -86,9 +138,16 @@ ACTIONS = {
             "cancel",
             CancelForm,
             "Cancel failback",
+            title="Cancel the failback of {{ session.replica.name }}?",
+            consequence="The copy to {{ session.vm_name }} stops at its next progress tick. {{ session.vm_name }} is "
+            "deleted, unless you keep it below: then the next failback with the same name, host and datastore sends "
+            "only the blocks that differ.",
+            keeps="The replica {{ session.replica.name }} is not touched: it keeps running and serving users.",
+            reason_label="Why cancel (reason or ticket, optional)",
+            confirm="Cancel the failback",
+            back="Keep the failback going",
+            style="secondary",
             fields="failback/partials/action_cancel.html",
-            confirm="Cancel this failback? The copy stops; the replica {{ session.replica.name }} is not touched and keeps running. "
-            "The production VM {{ session.vm_name }} is deleted unless you chose to keep it.",
             perform=lambda actor, pk, d: workflow.cancel(
                 actor, pk, keep_production_vm=d["keep_production_vm"], reason=d["reason"]
             ),
@@ -99,9 +158,12 @@ ACTIONS = {
             "commit",
             ReasonForm,
             "Commit",
+            title="Commit the failback to {{ session.vm_name }}?",
+            consequence="{{ session.vm_name }} becomes the production workload for good and the replica "
+            "{{ session.replica.name }} returns to normal replication (Ready). Undo will no longer be possible.",
+            reason_label="Why commit: what was checked on {{ session.vm_name }} (optional)",
+            confirm="Commit the failback",
             style="primary",
-            confirm="Commit failback? {{ session.vm_name }} becomes the production workload for good and the replica "
-            "{{ session.replica.name }} returns to normal replication. Undo will no longer be possible.",
             perform=lambda actor, pk, d: workflow.commit(actor, pk, reason=d["reason"]),
             notice=lambda s: "Commit started.",
         ),
@@ -110,9 +172,15 @@ ACTIONS = {
             "undo",
             ReasonForm,
             "Undo",
-            style="danger",
-            confirm="Undo failback? {{ session.vm_name }} will be powered off and deleted: changes made on the production VM since "
+            title="Undo the failback and go back to {{ session.replica.name }}?",
+            consequence="{{ session.vm_name }} will be powered off and deleted: changes made on the production VM since "
             "the switch will be discarded. The replica {{ session.replica.name }} is powered on again and runs the workload.",
+            keeps="The replica {{ session.replica.name }} comes back as it was at the switch; the failback stays on "
+            "record and a new one can start later.",
+            reason_label="Why undo: what went wrong on {{ session.vm_name }} (optional)",
+            confirm="Undo the failback",
+            back="Keep the failback",
+            style="secondary",
             perform=lambda actor, pk, d: workflow.undo(actor, pk, reason=d["reason"]),
             notice=lambda s: "Undo started: going back to the replica.",
         ),
@@ -121,7 +189,13 @@ ACTIONS = {
             "stop_commit_policy",
             ReasonForm,
             "Stop the automatic {{ session.policy_verb }}",
-            confirm="Stop the countdown? Nothing happens automatically any more: someone must commit or undo.",
+            title="Stop the automatic {{ session.policy_verb }}?",
+            consequence="Nothing happens automatically at {{ session.policy_due_at|date:'Y-m-d H:i:s T' }} any more: "
+            "someone must commit or undo.",
+            keeps="{{ session.vm_name }} keeps running as production; the replica stays off until then.",
+            reason_label="Why stop the countdown (optional)",
+            confirm="Stop the countdown",
+            style="secondary",
             perform=lambda actor, pk, d: workflow.stop_commit_policy(actor, pk, reason=d["reason"]),
             notice=lambda s: "Countdown stopped: commit or undo when you are ready.",
         ),
@@ -136,8 +210,15 @@ def allowed(session):
 
 
 def offered(session):
-    """The forms the session page draws for an operator."""
+    """The buttons the session page draws for an operator."""
     return [BY_GUARD[guard].offer(session) for guard in session.allowed_actions]
+
+
+def scheduled_switch(session):
+    """When a scheduled switch will come, while it still may (the page's countdown), else None."""
+    if session.switch_mode == SwitchMode.SCHEDULED and session.switch_at and session.status in SCHEDULABLE:
+        return session.switch_at
+    return None
 
 
 def perform(name, actor, session_id, data):

@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from .choices import CommitPolicy, SessionStatus, SwitchMode
 from .connections import normalise_thumbprint
+from .starting import dr_hosts, failback_hosts
 from .workflow import REASON_MAX, StartOptions
 
 DATETIME_HELP = "{tz} time"
@@ -59,7 +60,7 @@ class ReasonField(forms.CharField):
         super().__init__(
             required=False,
             max_length=REASON_MAX,
-            label="Reason or ticket (optional)",
+            label=kwargs.pop("label", "Reason or ticket (optional)"),
             widget=forms.TextInput(attrs={"placeholder": "e.g. CHG-1234", "maxlength": REASON_MAX}),
             **kwargs,
         )
@@ -130,18 +131,19 @@ class StartFailbackForm(forms.Form):
     override_checks = forms.BooleanField(
         required=False, label="Override failed checks (Administrator; the reason is required)"
     )
-    reason = ReasonField()
+    reason = ReasonField(label="Why fail back now (reason or ticket, optional)")
 
     def __init__(self, *args, replica, inventory, placement=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["vm_name"].initial = replica.source_name
-        self.fields["target_host"].choices = [(h, h) for h in inventory.hosts]
+        hosts = failback_hosts(replica, inventory)  # production only: the DR site's hosts are not offered
+        self.fields["target_host"].choices = [(h, h) for h in hosts]
         self.fields["target_datastore"].choices = [
             (name, f"{name} ({free / 2**30:,.0f} GiB free)") for name, free in inventory.datastores.items()
         ]
         # Production goes back to production: pre-select a host and datastore the replica does not use.
         replica_stores = {d.datastore for d in replica.disks.all()}
-        self.fields["target_host"].initial = next((h for h in inventory.hosts if h != replica.host), None)
+        self.fields["target_host"].initial = next(iter(hosts), None)
         self.fields["target_datastore"].initial = next(
             (d for d in inventory.datastores if d not in replica_stores), None
         )
@@ -170,6 +172,13 @@ class StartFailbackForm(forms.Form):
                 required=False,
                 choices=[("", "The datacenter's VM folder")] + sorted(placement.folders.items(), key=lambda kv: kv[1]),
             )
+        # Where the VM goes and how it is wired first, then when and how it switches; the reason last.
+        self.order_fields(
+            ["vm_name", "target_host", "resource_pool", "folder", "target_datastore"]
+            + [name for _, name in self.nic_fields]
+            + ["switch_mode", "switch_at", "power_on_after", "bandwidth_mbps", "commit_policy", "commit_after_min"]
+            + ["override_checks", "reason"]
+        )
 
     def clean(self):
         data = super().clean()
@@ -322,7 +331,8 @@ class PlanForm(forms.Form):
     def __init__(self, *args, replicas, inventory, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows = []
-        hosts = [(h, h) for h in inventory.hosts]
+        dr = dr_hosts(replicas[0]) if replicas else set()  # production only, as in the start wizard
+        hosts = [(h, h) for h in inventory.hosts if h not in dr]
         stores = [(name, f"{name} ({free / 2**30:,.0f} GiB free)") for name, free in inventory.datastores.items()]
         configs = {vm.vm_id: vm for vm in inventory.vms}
         for position, replica in enumerate(replicas, 1):
@@ -337,7 +347,7 @@ class PlanForm(forms.Form):
             self.fields[f"{prefix}_host"] = forms.ChoiceField(
                 label=f"Target host for {replica.name}",
                 choices=hosts,
-                initial=next((h for h in inventory.hosts if h != replica.host), None),
+                initial=next((h for h, _ in hosts), None),
             )
             self.fields[f"{prefix}_datastore"] = forms.ChoiceField(
                 label=f"Datastore for {replica.name}",

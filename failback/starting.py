@@ -285,6 +285,61 @@ def _new_session(replica, options, facts, *, scope, record, plan, plan_order, ac
     return session
 
 
+def dr_hosts(replica):
+    """The DR site's hosts on the replica's platform: those the portal's replicas run on. A failback goes
+    back to production, so the start wizard and the plan form do not offer them (their choice fields then
+    refuse one that is posted anyway)."""
+    return set(
+        Replica.objects.filter(platform=replica.platform, connection_id=replica.connection_id)
+        .exclude(host="")
+        .order_by()
+        .values_list("host", flat=True)
+        .distinct()
+    )
+
+
+def failback_hosts(replica, inventory):
+    """The hosts a failback of this replica may go to, in the platform's order."""
+    dr = dr_hosts(replica)
+    return [h for h in inventory.hosts if h not in dr]
+
+
+def review(replica, options):
+    """Everything a start with these options will do, as the wizard's review step shows it before it starts."""
+    from .templatetags.failback_tags import bandwidth_limit, duration
+
+    o = options
+    where = f"{o.target_host} / {o.target_datastore}" + "".join(
+        f" · {name} {value}" for name, value in (("resource pool", o.resource_pool), ("folder", o.folder)) if value
+    )
+    switch = SwitchMode(o.switch_mode).label
+    if o.switch_mode == SwitchMode.SCHEDULED and o.switch_at:
+        left = duration((o.switch_at - timezone.now()).total_seconds())
+        switch += f": {timezone.localtime(o.switch_at):%Y-%m-%d %H:%M %Z} (in {left}; as soon as phase 1 ends if it runs longer)"
+    policy = CommitPolicy(o.commit_policy).label
+    if o.commit_policy != CommitPolicy.NONE:
+        policy = policy.replace("N minutes", f"{o.commit_after_min} min")
+    return {
+        "facts": [
+            ("Replica", f"{replica.name} on {replica.host} ({replica.site}): it keeps running during phase 1"),
+            ("Production VM", f"{o.vm_name}, built new on {where}"),
+            ("Switch", switch),
+            (
+                "Power-on",
+                f"{o.vm_name} is powered on after the switch"
+                if o.power_on_after
+                else f"{o.vm_name} stays powered off after the switch",
+            ),
+            ("After the switch", policy),
+            ("Bandwidth limit", bandwidth_limit(o.bandwidth_mbps)),
+            ("Reason", o.reason or "—"),
+        ],
+        "disks": [(d.key, d.capacity_bytes, d.datastore, o.target_datastore) for d in replica.disks.all()],
+        "total_bytes": sum(d.capacity_bytes for d in replica.disks.all()),
+        "networks": [(source, target or "Disconnected") for source, target in o.network_map.items()],
+    }
+
+
 def name_scope(replica, folder=""):
     """Where a VM name must be unique: the platform (and vCenter) and the folder."""
     return f"{replica.platform}:{replica.connection_id or ''}:{folder or ''}"

@@ -12,7 +12,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import checks, evidence, rehearsal, workflow
+from . import checks, evidence, rehearsal, starting, workflow
 from .actions import ACTIONS
 from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
 from .choices import ReplicaState
@@ -115,7 +115,9 @@ def start_failback_checks(request, pk):
 def start_failback(request, pk):
     replica = get_object_or_404(Replica, pk=pk)
     form = _start_form(request, replica, request.POST or None)
-    error = None
+    error, step = None, request.POST.get("step")
+    if request.method == "POST" and form.is_valid() and step in ("review", "edit"):
+        return _start_review(request, replica, form, review=step == "review")
     if request.method == "POST" and form.is_valid():
         try:
             session = workflow.start_failback(request.user, replica.pk, form.options())
@@ -148,6 +150,19 @@ def start_failback(request, pk):
         },
         status=400 if request.method == "POST" else 200,
     )
+
+
+def _start_review(request, replica, form, *, review):
+    """The wizard's review step (everything the start will do, and the checks), or the form again to change it."""
+    context = {
+        "replica": replica,
+        "form": form,
+        "can_operate": can_operate(request.user),
+        "checks": _start_checks(replica, form),
+        "can_override": request.user.has_perm(workflow.OVERRIDE_PERMISSION),
+        "review": starting.review(replica, form.options()) if review else None,
+    }
+    return render(request, "failback/start_failback.html", context)
 
 
 @require_GET
@@ -190,8 +205,10 @@ def session_action(request, pk, action):
     spec = ACTIONS.get(action)
     if spec is None:
         raise Http404("No such action")
+    if request.method == "GET":  # the dialog that states the consequence and asks for the reason
+        return session_action_dialog(request, pk, spec)
     if request.method != "POST":
-        return HttpResponseNotAllowed(["POST"])
+        return HttpResponseNotAllowed(["GET", "POST"])
     session = get_object_or_404(FailbackSession, pk=pk)
     form = spec.form(request.POST)
     error = notice = None
@@ -212,6 +229,20 @@ def session_action(request, pk, action):
         return render(request, "failback/partials/session_actions.html", context, status=status)
     (messages.error if error else messages.success)(request, error or notice)
     return redirect("failback:session", pk=pk)
+
+
+def session_action_dialog(request, pk, spec):
+    """The action's dialog (htmx puts it in the page's <dialog>); without JavaScript, a page of its own."""
+    session = get_object_or_404(FailbackSession.objects.select_related("replica"), pk=pk)
+    context = {
+        "session": session,
+        "dialog": spec.dialog(session, request.GET),
+        "can_override": request.user.has_perm(workflow.OVERRIDE_PERMISSION),
+    }
+    if not (can_operate(request.user) and session.may(spec.guard)):
+        context["dialog"]["problems"].append(f"{spec.render(spec.button, session)} is not possible now.")
+    template = "failback/partials/action_dialog.html" if request.htmx else "failback/session_action.html"
+    return render(request, template, context)
 
 
 @require_GET

@@ -77,14 +77,27 @@ def start_from_the_replicas_page(page, replica, *, bandwidth=None):
     assert page.locator("#id_switch_mode_2").get_attribute("value") == SwitchMode.MANUAL
     if bandwidth:
         page.fill("#id_bandwidth_mbps", str(bandwidth))
-    page.get_by_role("button", name="Start failback").click()  # confirm() accepted by the fixture
+    page.get_by_role("button", name="Review the failback").click()  # step 2: what will happen, and the checks
+    expect(page.get_by_role("heading", name=f"Review the failback of {CRM}")).to_be_visible()
+    page.get_by_role("button", name="Start failback").click()
     page.wait_for_url(re.compile(r"/sessions/\d+/$"))
     return int(re.search(r"/sessions/(\d+)/$", page.url).group(1))
 
 
+def act(page, button, confirm):
+    """Press the session page's button, then the confirmation in the dialog it opens; returns the dialog's text."""
+    page.locator("#session-actions").get_by_role("button", name=button, exact=True).click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("button", name=confirm)).to_be_visible()
+    text = dialog.inner_text()
+    dialog.get_by_role("button", name=confirm).click()
+    expect(dialog).to_be_hidden()
+    return text
+
+
 def until_failback(page, pk):
     expect(status(page)).to_have_text("Ready to switch", timeout=LONG)
-    page.get_by_role("button", name="Switch now").click()
+    act(page, "Switch now", "Shut down the replica and switch")
     expect(status(page)).to_have_text("Failback", timeout=LONG)
 
 
@@ -142,14 +155,18 @@ def test_it_fails_back_through_the_browser_with_live_progress_and_commits(page, 
     assert page.evaluate("window.__doc") == doc, "the page was reloaded"
     assert page.evaluate("window.__ws.messages") >= 2
 
-    page.get_by_role("button", name="Switch now").click()
+    asked = [act(page, "Switch now", "Shut down the replica and switch")]
     expect(status(page)).to_have_text("Failback", timeout=LONG)
     expect(page.locator("#session-progress")).to_contain_text("switch window")
-    page.get_by_role("button", name="Commit").click()
+    asked.append(act(page, "Commit", "Commit the failback"))
     expect(status(page)).to_have_text("Committed", timeout=LONG)
     expect(page.get_by_role("button", name="Undo")).to_have_count(0)
     assert page.evaluate("window.__doc") == doc, "the page was reloaded"
-    assert [m.split("?")[0] for m in page.dialogs] == [f"Start failback of {CRM}", "Switch now", "Commit failback"]
+    assert [text.split("?")[0] for text in asked] == [
+        f"Switch {CRM} over to app-crm-01 now",
+        "Commit the failback to app-crm-01",
+    ]
+    assert page.dialogs == []  # the dialogs are the page's own, no browser confirm()
     assert page.js_errors == []
 
     session = session_of(pk)
@@ -216,9 +233,9 @@ def test_it_undoes_a_failback_from_the_browser(page, portal):
     pk = start_from_the_replicas_page(page, replica)
     until_failback(page, pk)
     assert lab.power_state(replica.vm_id) != POWERED_ON  # the replica stays off until commit or undo
-    page.get_by_role("button", name="Undo").click()
+    asked = act(page, "Undo", "Undo the failback")
     expect(status(page)).to_have_text("Undone", timeout=LONG)
-    assert "discarded" in page.dialogs[-1]  # the confirmation says what is lost
+    assert "discarded" in asked  # the confirmation says what is lost
     session = session_of(pk)
     assert session.status == SessionStatus.UNDONE, session.error
     assert session.replica.state == ReplicaState.FAILOVER
@@ -305,9 +322,14 @@ def test_it_switches_with_the_keyboard(page, portal):
             break
     else:
         pytest.fail("Tab never reached the Switch now button")
+    page.keyboard.press("Enter")  # the dialog opens on its reason field
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("heading")).to_have_text(f"Switch {CRM} over to app-crm-01 now?")
+    page.keyboard.type("CHG-9")
+    page.keyboard.press("Tab")  # to the dialog's confirmation
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Shut down the replica and switch"
     page.keyboard.press("Enter")
     expect(status(page)).to_have_text("Failback", timeout=LONG)
-    assert page.dialogs and page.dialogs[-1].startswith("Switch now?")
     session = session_of(pk)
     assert (session.status, session.replica.state) == (SessionStatus.FAILBACK, ReplicaState.FAILBACK)
     assert AuditEvent.objects.get(session=session, action="switch", outcome=Outcome.OK).actor_name == "olivia"
@@ -354,7 +376,10 @@ def test_it_fits_narrow_screens_with_named_controls(browser, portal, width, heig
         # The controls an operator needs are found by their accessible names.
         expect(narrow.get_by_role("button", name="Switch now")).to_be_visible()
         expect(narrow.get_by_role("button", name="Schedule switch")).to_be_attached()
-        expect(narrow.get_by_role("textbox", name="Reason or ticket (optional)").first).to_be_attached()
+        narrow.get_by_role("button", name="Switch now").click()  # the dialog fits too, with its controls named
+        expect(narrow.get_by_role("dialog").get_by_role("textbox", name="Why switch now")).to_be_visible()
+        assert narrow.evaluate(LAYOUT_PROBLEMS) == []
+        narrow.get_by_role("dialog").get_by_role("button", name="Go back").click()
         expect(narrow.get_by_role("navigation", name="Main").get_by_role("link", name="Replicas")).to_be_attached()
         narrow.goto("/replicas/")
         expect(narrow.get_by_role("searchbox", name="Search")).to_be_attached()

@@ -1,5 +1,5 @@
 """The Content-Security-Policy in a real browser: Chromium logs no violation while the pages work (a form's
-confirmation from portal.js, htmx actions with hx-confirm, live updates over the websocket)."""
+action dialogs from dialogs.js, htmx actions, live updates over the websocket)."""
 
 import re
 
@@ -51,15 +51,17 @@ def test_the_pages_work_under_the_policy_and_the_browser_reports_no_violation(pa
         page.evaluate("htmx.config.allowEval") is False
         and page.evaluate("document.head.querySelectorAll('style').length") == 0
     )
-    page.get_by_role("button", name="Start failback").click()  # portal.js asks first (the fixture accepts)
+    page.get_by_role("button", name="Review the failback").click()  # the review step, then the start
+    page.get_by_role("button", name="Start failback").click()
     page.wait_for_url(re.compile(r"/sessions/\d+/$"))
-    assert page.dialogs[-1].startswith(f"Start failback of {CRM}?")
     pk = int(re.search(r"/sessions/(\d+)/$", page.url).group(1))
     wait_in_page(page, "window.__ws.open >= 1")  # live updates connected under connect-src 'self'
     # Seen live; and the buttons, re-sent when the status changes, stay put while the next one is clicked.
     expect(page.locator("#session-status")).to_have_text("Ready to switch", timeout=LONG)
-    page.get_by_role("button", name="Cancel failback").click()  # htmx: hx-confirm, hx-post, swap
-    assert page.dialogs[-1].startswith("Cancel this failback?")
+    page.get_by_role("button", name="Cancel failback").click()  # htmx: the dialog (dialogs.js), hx-post, swap
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("heading")).to_have_text(f"Cancel the failback of {CRM}?")
+    dialog.get_by_role("button", name="Cancel the failback").click()
     expect(page.locator("#session-status")).to_have_text("Cancelled", timeout=LONG)  # the worker's end, seen live
     assert FailbackSession.objects.get(pk=pk).status == "cancelled"
     assert page.evaluate("window.__ws.messages") >= 1

@@ -141,8 +141,13 @@ def test_it_hides_every_action_from_a_viewer(session, viewer):
 
 def test_it_states_the_consequence_of_undo_in_the_confirmation(session, operator):
     put_session_in(session, SessionStatus.FAILBACK)
-    page = logged_in(operator).get(reverse("failback:session", args=[session.pk])).content.decode()
-    assert "changes made on the production VM since the switch will be discarded" in page
+    client = logged_in(operator)
+    dialog = client.get(reverse("failback:action", args=[session.pk, "undo"]), HTTP_HX_REQUEST="true").content.decode()
+    assert "changes made on the production VM since the switch will be discarded" in dialog
+    assert f"The replica {session.replica.name} comes back as it was at the switch" in dialog  # what it keeps
+    page = client.get(reverse("failback:action", args=[session.pk, "undo"])).content.decode()  # without JavaScript
+    assert "<!doctype html>" in page and "Undo the failback" in page
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK  # a GET only asks
 
 
 @pytest.mark.security
@@ -169,10 +174,11 @@ def test_it_requires_the_csrf_token(session, operator):
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
 
 
-def test_it_refuses_get_on_actions_and_unknown_actions(session, operator):
+def test_it_refuses_other_methods_on_actions_and_unknown_actions(session, operator):
     client = logged_in(operator)
-    assert client.get(reverse("failback:action", args=[session.pk, "commit"])).status_code == 405
+    assert client.put(reverse("failback:action", args=[session.pk, "commit"])).status_code == 405
     assert client.post(reverse("failback:action", args=[session.pk, "explode"])).status_code == 404
+    assert client.get(reverse("failback:action", args=[session.pk, "explode"])).status_code == 404
 
 
 def test_it_schedules_a_switch_from_the_session_page(session, operator):

@@ -101,6 +101,14 @@ def since(end, start):
     return duration(end - start)
 
 
+@register.filter
+def scheduled_switch(session):
+    """When the session's scheduled switch comes, while it still may (the session page's countdown)."""
+    from ..actions import scheduled_switch as due
+
+    return due(session)
+
+
 @register.simple_tag
 def audit_rows(events):
     """The audit page's rows, written here in one pass: a page holds a hundred rows, and rendering each
