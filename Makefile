@@ -39,15 +39,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The cluster tests (tests/test_cluster.py) run the production profile whatever the run's profile, so they run
+# once, in test-production; run alone on the embedded profile they use PostgreSQL and Redis at their defaults.
 test-embedded: $(STAMP)
 	sh tests/apt.sh chromium
-	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest $(PYTEST_PARALLEL)
+	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not cluster"
 
 # The second profile runs only what touches the database, the channel layer or the broker: the engine's,
 # the lab adapter's and the vSphere adapter's own tests use none of them and ran in the first profile.
 NO_DB_TESTS := tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py
 
 test-production: $(STAMP) services
+	sh tests/apt.sh nginx openssl
 	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$(REDIS_TEST_URL) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(NO_DB_TESTS))
 
 services:

@@ -262,6 +262,25 @@ FAILBACK_PREDICT_POWER_ON_S = env_int("FAILBACK_PREDICT_POWER_ON_S", 5, min=0, u
 # Pre-failback check: the scheduler's clock may differ from the web server's by at most this.
 FAILBACK_MAX_CLOCK_SKEW_S = env_int("FAILBACK_MAX_CLOCK_SKEW_S", 30, min=1, unit="seconds")
 
+# -- notifications (failback/notifications/) ----------------------------------------------------
+# E-mail goes out through Django's SMTP backend with these; webhooks are signed POSTs from the worker.
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, min=1, max=65535)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", secret=True)
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL cannot both be true")
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10, min=1, unit="seconds")
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "dr-portal@localhost")
+FAILBACK_NOTIFY_BASE_URL = env_url("FAILBACK_NOTIFY_BASE_URL", schemes=("http", "https"))  # links in messages
+FAILBACK_WEBHOOK_TIMEOUT_S = env_float("FAILBACK_WEBHOOK_TIMEOUT_S", 10.0, above=0, unit="seconds")
+FAILBACK_NOTIFY_ATTEMPTS = env_int("FAILBACK_NOTIFY_ATTEMPTS", 6, min=1)
+FAILBACK_NOTIFY_RETRY_S = env_float("FAILBACK_NOTIFY_RETRY_S", 30.0, above=0, unit="seconds")  # doubles each time
+FAILBACK_NOTIFY_WAITING_MINUTES = env_int("FAILBACK_NOTIFY_WAITING_MINUTES", 60, min=1, unit="minutes")
+FAILBACK_NOTIFY_POLICY_MINUTES = env_int("FAILBACK_NOTIFY_POLICY_MINUTES", 15, min=1, unit="minutes")
+
 # -- auth and security -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -12,6 +12,7 @@ ROLES = {
         "failback.add_vcenterconnection",
         "failback.change_vcenterconnection",
         "failback.view_vcenterconnection",
+        "failback.change_notificationendpoint",  # notification endpoints and the deliveries page
     ],
 }
 
@@ -44,6 +45,16 @@ def ensure_schedules(sender, using="default", **kwargs):
     Schedule.objects.update_or_create(
         name="failback-readiness",
         defaults={"func": "failback.tasks.readiness", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
+    )
+    # Every minute: notifications of moments no audit row marks, and deliveries whose task was lost.
+    Schedule.objects.update_or_create(
+        name="failback-notifications",
+        defaults={
+            "func": "failback.notifications.tasks.periodic",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 1,
+            "repeats": -1,
+        },
     )
 
 

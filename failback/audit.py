@@ -9,6 +9,7 @@ from django.db import transaction
 
 from .choices import TRANSITIONS, AuditAction, Outcome
 from .models import AuditEvent, FailbackSession
+from .notifications import hook as notifications
 
 OPERATE_PERMISSION = "failback.operate_failback"
 OVERRIDE_PERMISSION = "failback.override_checks"
@@ -53,7 +54,7 @@ def audit(
     if via is not None:
         data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
     detail, data = without_nul(detail), without_nul(data or {})  # PostgreSQL stores no NUL in text or JSON
-    return AuditEvent.objects.create(
+    row = AuditEvent.objects.create(
         actor=actor,
         actor_name=name or actor_name(actor),  # name: who it claimed to be, when nobody is logged in
         action=action,
@@ -65,6 +66,8 @@ def audit(
         detail=detail,
         data=data or {},
     )
+    notifications.audited(row)  # what this row tells is sent after commit, never inside the step
+    return row
 
 
 def without_nul(value):

@@ -243,3 +243,7 @@ class AuditAction(models.TextChoices):
     LOGIN_LOCKED_OUT = "login_locked_out", "Login locked out"
     API_TOKEN_CREATED = "api_token_created", "API token created"
     API_TOKEN_REVOKED = "api_token_revoked", "API token revoked"
+    # notifications
+    NOTIFY_ENDPOINT_SAVED = "notify_endpoint_saved", "Notification endpoint saved"
+    NOTIFY_ENDPOINT_DELETED = "notify_endpoint_deleted", "Notification endpoint deleted"
+    NOTIFY_SUBSCRIPTION = "notify_subscription", "E-mail subscriptions changed"

@@ -438,3 +438,12 @@ class ApiToken(models.Model):
     @property
     def is_active(self):
         return self.revoked_at is None
+
+
+from .notifications.models import (  # noqa: E402, F401  (notification models live beside their code)
+    Delivery,
+    DeliveryAttempt,
+    Notification,
+    NotificationEndpoint,
+    NotificationSubscription,
+)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_connections, views_evidence, views_plans, views_tokens
+from . import views, views_connections, views_evidence, views_notifications, views_plans, views_tokens
 
 app_name = "failback"
 urlpatterns = [
@@ -25,6 +25,12 @@ urlpatterns = [
     path("replicas/<int:pk>/power/<str:to>/", views.lab_power, name="lab_power"),
     path("account/tokens/", views_tokens.token_list, name="tokens"),
     path("account/tokens/<int:pk>/revoke/", views_tokens.token_revoke, name="token_revoke"),
+    path("account/notifications/", views_notifications.my_notifications, name="my_notifications"),
+    path("notifications/", views_notifications.endpoint_list, name="notify_endpoints"),
+    path("notifications/new/", views_notifications.endpoint_edit, name="notify_endpoint_new"),
+    path("notifications/<int:pk>/", views_notifications.endpoint_edit, name="notify_endpoint"),
+    path("notifications/<int:pk>/delete/", views_notifications.endpoint_delete, name="notify_endpoint_delete"),
+    path("notifications/deliveries/", views_notifications.delivery_list, name="notify_deliveries"),
     path("connections/", views_connections.connection_list, name="connections"),
     path("connections/new/", views_connections.connection_edit, name="connection_new"),
     path("connections/<int:pk>/", views_connections.connection_detail, name="connection"),

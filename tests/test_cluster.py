@@ -58,12 +58,12 @@ def cluster_urls():
     return own_database_url(DEFAULT_DATABASE_URL, f"cluster{worker}"), redis_url
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture
+def cluster(tmp_path):
     subprocess.run(["sh", str(ROOT / "tests" / "apt.sh"), "nginx", "openssl"], check=True)
     database_url, redis_url = cluster_urls()
     cluster = Cluster(
-        tmp_path_factory.mktemp("cluster"),
+        tmp_path,
         database_url,
         redis_url,
         settings={
@@ -105,7 +105,10 @@ def make_replica(cluster, name, *, size=64 * MiB, data=48 * MiB, **options):
     return lab, replica
 
 
-def test_it_checks_the_deploy_files_with_nginx_and_systemd(cluster):
+def test_it_checks_the_deploy_files_with_nginx_and_systemd(tmp_path):
+    subprocess.run(["sh", str(ROOT / "tests" / "apt.sh"), "nginx", "openssl"], check=True)
+    cluster = Cluster(tmp_path, *cluster_urls())  # the files only: nothing is started
+    cluster.write_configs()
     code, output = cluster.nginx_test()
     assert code == 0 and "syntax is ok" in output and "test is successful" in output, output
     units = cluster.workdir / "units"
