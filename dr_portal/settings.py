@@ -281,6 +281,29 @@ FAILBACK_NOTIFY_RETRY_S = env_float("FAILBACK_NOTIFY_RETRY_S", 30.0, above=0, un
 FAILBACK_NOTIFY_WAITING_MINUTES = env_int("FAILBACK_NOTIFY_WAITING_MINUTES", 60, min=1, unit="minutes")
 FAILBACK_NOTIFY_POLICY_MINUTES = env_int("FAILBACK_NOTIFY_POLICY_MINUTES", 15, min=1, unit="minutes")
 
+# -- health and metrics (failback/health.py, failback/metrics.py) -------------------------------
+# /readyz: the watchdog (queued by the scheduler every minute, run by a worker) must have run this recently.
+FAILBACK_READY_WORKER_SECONDS = env_int("FAILBACK_READY_WORKER_SECONDS", 180, min=60, unit="seconds")
+# /metrics answers a scrape that sends this bearer token, or that comes from one of these addresses or networks;
+# with neither set it answers nobody.
+FAILBACK_METRICS_TOKEN = env_str(
+    "FAILBACK_METRICS_TOKEN", secret=True, check=lambda v: len(v) >= 16, form="16 characters or more"
+)
+
+
+def _networks(name, items):
+    import ipaddress
+
+    try:
+        return [ipaddress.ip_network(item, strict=False) for item in items]
+    except ValueError as exc:
+        raise ImproperlyConfigured(
+            f"{name} must be addresses or networks such as 127.0.0.1,10.0.0.0/8: {exc}"
+        ) from None
+
+
+FAILBACK_METRICS_ALLOW = _networks("FAILBACK_METRICS_ALLOW", env_list("FAILBACK_METRICS_ALLOW"))
+
 # -- auth and security -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -338,6 +361,8 @@ SECURE_SSL_REDIRECT = HTTPS
 HSTS_DAYS = env_int("DJANGO_HSTS_DAYS", 365, min=0, unit="days")
 SECURE_HSTS_SECONDS = HSTS_DAYS * 86400 if HTTPS else 0
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = HTTPS and HSTS_DAYS >= 365
+# Probes and scrapes may come in plain HTTP from the machine or the proxy itself.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
@@ -353,16 +378,25 @@ STATIC_ROOT = VAR_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)
 WHITENOISE_USE_FINDERS = True  # serve straight from the apps' static dirs; no collectstatic step
 
+# LOG_FORMAT=json: one JSON object per line. Either way a line logged during a failback's step carries the
+# session's id and the step's name (failback/logging_context.py).
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"session": {"()": "failback.logging_context.SessionFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s%(context)s %(message)s"},
+        "json": {"()": "failback.logging_context.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["session"]}},
     "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True)},
     "loggers": {
         "django_q": {"level": "WARNING"},
         # django-axes logs "AXES: BEGIN version …" from axes.apps at start-up of every command; it logs nothing
         # else there (its lock-out messages come from axes.handlers and axes.helpers and stay).
         "axes.apps": {"level": "WARNING"},
+        # django-health-check logs each failed probe with its traceback; /readyz logs one line per unready answer.
+        "health_check": {"level": "ERROR"},
     },
 }

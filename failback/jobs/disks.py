@@ -11,6 +11,7 @@ block and is raised once they have all stopped, so a step never ends with a disk
 Worker threads close the database connection of their own thread, should anything have opened one.
 """
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -101,7 +102,11 @@ def run_disks(run: Run, items: list[DiskWork], cancel: threading.Event):
         return
     step = _Step(run, items, cancel)
     with ThreadPoolExecutor(max_workers=thread_count(len(items)), thread_name_prefix=f"disks-{run.session_id}") as pool:
-        futures = {pool.submit(_in_worker, item.work, step.latest[i], cancel): i for i, item in enumerate(items)}
+        # Each disk's thread runs in a copy of this context: its log lines carry the session's id (logging_context).
+        futures = {
+            pool.submit(contextvars.copy_context().run, _in_worker, item.work, step.latest[i], cancel): i
+            for i, item in enumerate(items)
+        }
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=TICK_S, return_when=FIRST_COMPLETED)

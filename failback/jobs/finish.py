@@ -4,7 +4,7 @@ from contextlib import closing
 
 from django.conf import settings
 
-from .. import workflow
+from .. import logging_context, workflow
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import POWERED_OFF, POWERED_ON, NotFound
 from ..hypervisors.registry import hypervisor_for
@@ -89,6 +89,7 @@ def _discard_production_vm(session, hv, run=None):
 # -- commit ------------------------------------------------------------------------------------
 
 
+@logging_context.step("commit")
 def run_commit(session_id):
     with superseded(session_id, "commit"):
         _run_commit(session_id)
@@ -120,6 +121,7 @@ def _run_commit(session_id):
 # -- undo --------------------------------------------------------------------------------------
 
 
+@logging_context.step("undo")
 def run_undo(session_id):
     with superseded(session_id, "undo"):
         session, run = _take(session_id, SessionStatus.UNDOING, "undo", "Undo step not run")
@@ -205,6 +207,7 @@ def _powered_on(hv, vm_id):
 # -- cancel ------------------------------------------------------------------------------------
 
 
+@logging_context.step("cancel")
 def run_cancel(session_id):
     with superseded(session_id, "cancel"):
         _run_cancel(session_id)

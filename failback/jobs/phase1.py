@@ -9,7 +9,7 @@ from contextlib import closing
 from django.conf import settings
 from django.utils import timezone
 
-from .. import automatic, broadcast, prediction, workflow
+from .. import automatic, broadcast, logging_context, prediction, workflow
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
@@ -25,6 +25,7 @@ from .runs import LeaseLost, Run, _drop_state, _note, _reason, _save, _size, _st
 log = logging.getLogger(__name__)
 
 
+@logging_context.step("phase1")
 def run_phase1(session_id, resume=False):
     with superseded(session_id, "phase 1"):
         _run_phase1(session_id, resume)

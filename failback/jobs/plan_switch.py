@@ -5,11 +5,13 @@ import threading
 from django.db import connection
 from django.utils import timezone
 
+from .. import logging_context
 from ..choices import SessionStatus
 from ..models import FailbackSession
 from .switch import run_switch
 
 
+@logging_context.step("plan_switch", key="plan_id")
 def run_plan_switch(plan_id):
     """Phase 2 of a plan's members, in boot order, with the plan's delay between power-ons."""
     from .. import plans

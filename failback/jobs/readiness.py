@@ -8,7 +8,7 @@ from functools import partial
 from django.conf import settings
 from django.utils import timezone
 
-from .. import broadcast, prediction
+from .. import broadcast, logging_context, prediction
 from .. import checks as prechecks
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import HypervisorError
@@ -101,6 +101,7 @@ def _refresh_readiness(session, hv):
     return forecast
 
 
+@logging_context.step("readiness")
 def run_readiness(session_id, *, catch_up=None):
     """Scheduled every minute per Ready-to-switch session: a catch-up when one is due, then a fresh prediction."""
     with superseded(session_id, "catch-up"):

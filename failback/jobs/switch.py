@@ -10,7 +10,7 @@ from functools import partial
 from django.conf import settings
 from django.utils import timezone
 
-from .. import prediction, workflow
+from .. import logging_context, prediction, workflow
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED, HypervisorError
 from ..hypervisors.registry import hypervisor_for
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 RECOVERY_ATTEMPTS = 3  # switches left open for the watchdog when the replica cannot be brought back
 
 
+@logging_context.step("switch")
 def run_switch(session_id):
     with superseded(session_id, "phase 2"):
         session, run = _take(session_id, SessionStatus.SWITCHING, "phase2", "Phase 2 not run")
@@ -290,6 +291,7 @@ def _power_on_production(run, session, hv):
         )
 
 
+@logging_context.step("power_on")
 def run_power_on(session_id):
     """The watchdog found a switched session whose production VM was never powered on (worker lost)."""
     with superseded(session_id, "power on"):

@@ -1,0 +1,265 @@
+"""/metrics in Prometheus' text format, for a scrape that sends the token or comes from an allowed address.
+
+Almost every figure is read from the database at scrape time (``PortalCollector``), not counted in
+memory: the web and worker processes of every node write the same rows, so every node answers a
+scrape with the same numbers, a restart loses nothing, and a process that died takes none of its
+counts with it. Counts that only grow are counters (bytes copied, steps resumed); counts of what is
+true now are gauges (sessions per status, queue depth). The switch windows and the prediction's error
+are histograms over every switch on record.
+
+One figure is this process's own: ``dr_portal_websocket_clients``, the websockets open on this web
+process (``CountWebsockets`` wraps the websocket application in ``dr_portal/asgi.py``). Scrape every
+web node and add them up (``sum(dr_portal_websocket_clients)``); the database figures are the same on
+every node (``max`` them, or scrape one).
+"""
+
+import hmac
+import ipaddress
+import threading
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required
+from django.db.models import Count, Q, Sum
+from django.http import HttpResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from .choices import AuditAction, SessionStatus
+from .models import AuditEvent, FailbackSession, SessionDisk
+
+WINDOW_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# |measured - predicted|, seconds (a histogram with negative buckets has no sum nor count in Prometheus' format:
+# the sign goes into the bias gauge instead).
+ERROR_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300)
+
+
+# -- websockets open on this process ------------------------------------------------------------
+
+
+class _Gauge:
+    def __init__(self):
+        self.value, self.lock = 0, threading.Lock()
+
+    def add(self, n):
+        with self.lock:
+            self.value += n
+
+
+websocket_clients = _Gauge()
+
+
+class CountWebsockets:
+    """ASGI middleware: counts a websocket from its accept until its consumer returns (closed either side)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        accepted = False
+
+        async def counting_send(message):
+            nonlocal accepted
+            if message.get("type") == "websocket.accept" and not accepted:
+                accepted = True
+                websocket_clients.add(1)
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, counting_send)
+        finally:
+            if accepted:
+                websocket_clients.add(-1)
+
+
+# -- figures read from the database -------------------------------------------------------------
+
+
+def _sessions():
+    counts = dict(FailbackSession.objects.order_by().values_list("status").annotate(n=Count("id")))
+    family = GaugeMetricFamily("dr_portal_sessions", "Failback sessions per status", labels=["status"])
+    for status in SessionStatus:
+        family.add_metric([status.value], counts.get(status.value, 0))
+    return family
+
+
+def _bytes_copied():
+    sums = SessionDisk.objects.aggregate(p1=Sum("phase1_bytes_written"), p2=Sum("phase2_bytes_written"))
+    done = CounterMetricFamily(
+        "dr_portal_bytes_copied",
+        "Bytes written to production disks by finished copies: phase 1 (full copy) and 2 (the switch's final delta)",
+        labels=["phase"],
+    )
+    done.add_metric(["1"], sums["p1"] or 0)
+    done.add_metric(["2"], sums["p2"] or 0)
+    running = SessionDisk.objects.filter(session__status__in=[SessionStatus.PHASE1, SessionStatus.SWITCHING]).aggregate(
+        p1=Sum("bytes_done", filter=_phase(1)), p2=Sum("bytes_done", filter=_phase(2))
+    )
+    moving = GaugeMetricFamily(
+        "dr_portal_bytes_in_progress", "Bytes done so far by the copies running now", labels=["phase"]
+    )
+    moving.add_metric(["1"], running["p1"] or 0)
+    moving.add_metric(["2"], running["p2"] or 0)
+    return [done, moving]
+
+
+def _phase(n):
+    status = SessionStatus.PHASE1 if n == 1 else SessionStatus.SWITCHING
+    return Q(phase=n, session__status=status)
+
+
+def _histogram(name, documentation, values, buckets):
+    counts = [sum(1 for v in values if v <= bound) for bound in buckets]
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric(
+        [],
+        [(_bound(b), c) for b, c in zip(buckets, counts, strict=True)] + [("+Inf", len(values))],
+        sum_value=sum(values),
+    )
+    return family
+
+
+def _bound(value):
+    return floatToGoString(value)  # "1.0", "-2.0": as prometheus_client writes its own buckets
+
+
+def _switches():
+    """Every switch window on record (replica going down -> production on, as the session page shows it), and
+    the prediction's error for those that had a prediction."""
+    windows, errors = [], []
+    rows = (
+        FailbackSession.objects.order_by()
+        .filter(phase2_ended_at__isnull=False)
+        .values_list(
+            "replica_stop_started_at", "replica_off_at", "phase2_ended_at", "production_on_at", "predicted_window_s"
+        )
+    )
+    for stop_started, off, ended, on, predicted in rows.iterator(chunk_size=2000):
+        start, end = stop_started or off, on or ended
+        if start is None:
+            continue
+        window = (end - start).total_seconds()
+        windows.append(window)
+        if predicted is not None:
+            errors.append(window - predicted)
+    bias = GaugeMetricFamily(
+        "dr_portal_switch_prediction_bias_seconds",
+        "Mean of measured minus predicted switch windows (above 0: the windows were longer than predicted)",
+        value=sum(errors) / len(errors) if errors else 0,
+    )
+    return [
+        _histogram(
+            "dr_portal_switch_window_seconds",
+            "Switch windows: replica going down to production on",
+            windows,
+            WINDOW_BUCKETS,
+        ),
+        _histogram(
+            "dr_portal_switch_prediction_error_seconds",
+            "How far the measured switch window was from the window predicted when the switch began",
+            [abs(e) for e in errors],
+            ERROR_BUCKETS,
+        ),
+        bias,
+    ]
+
+
+def _resumes():
+    rows = (
+        AuditEvent.objects.filter(action=AuditAction.RESUME)
+        .order_by()
+        .values_list("data__step")
+        .annotate(n=Count("id"))
+        .values_list("data__step", "n")
+    )
+    family = CounterMetricFamily(
+        "dr_portal_watchdog_resumes",
+        "Steps queued again by the watchdog after their worker went silent",
+        labels=["step"],
+    )
+    for step, n in sorted(rows, key=lambda r: str(r[0])):
+        family.add_metric([str(step or "")], n)
+    return family
+
+
+def _failed_logins():
+    from axes.models import AccessAttempt
+
+    failures = AccessAttempt.objects.aggregate(n=Sum("failures_since_start"))["n"] or 0
+    return GaugeMetricFamily(
+        "dr_portal_failed_logins",
+        "Failed logins still counted towards a lock-out (django-axes, within the cool-off time)",
+        value=failures,
+    )
+
+
+def _queue():
+    """django-q2's queue depth and, with Redis, the clusters running now."""
+    from django_q.brokers import get_broker
+
+    from .health import live_clusters, worker_silence_s
+
+    broker = get_broker()
+    try:
+        depth = broker.queue_size() or 0
+    finally:
+        if settings.REDIS_URL:
+            broker.connection.close()
+    yield GaugeMetricFamily("dr_portal_queue_depth", "Tasks waiting in django-q2's queue", value=depth)
+    if settings.REDIS_URL:
+        yield GaugeMetricFamily("dr_portal_q_clusters", "django-q2 clusters running now", value=len(live_clusters()))
+    silent = worker_silence_s()
+    if silent is not None:
+        yield GaugeMetricFamily(
+            "dr_portal_watchdog_silence_seconds",
+            "Seconds since the watchdog last ran (scheduler and a worker)",
+            value=silent,
+        )
+
+
+class PortalCollector:
+    """Everything /metrics shows, read when it is scraped."""
+
+    def collect(self):
+        yield _sessions()
+        yield from _bytes_copied()
+        yield from _switches()
+        yield _resumes()
+        yield from _queue()
+        yield _failed_logins()
+        yield GaugeMetricFamily(
+            "dr_portal_websocket_clients", "Websockets open on this web process", value=websocket_clients.value
+        )
+
+
+registry = CollectorRegistry(auto_describe=False)
+registry.register(PortalCollector())
+
+
+# -- who may scrape -----------------------------------------------------------------------------
+
+
+def scrape_allowed(request):
+    """The bearer token matches (compared in constant time), or the caller's address is on the allow-list."""
+    token = settings.FAILBACK_METRICS_TOKEN
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return True
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(address in network for network in settings.FAILBACK_METRICS_ALLOW)
+
+
+@login_not_required
+@never_cache
+@require_GET
+def metrics(request):
+    if not scrape_allowed(request):
+        response = HttpResponse("Forbidden: send the metrics token, or scrape from an allowed address.\n", status=403)
+        response["Content-Type"] = "text/plain; charset=utf-8"
+        return response
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,159 @@
+"""/metrics: refused without the token or an allowed address; its figures are the database's rows after a
+real lab failback, a watchdog resume, failed logins, and the websockets open on this process."""
+
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+from django.utils import timezone
+from django_q.brokers import get_broker
+from django_q.conf import Conf
+from prometheus_client.parser import text_string_to_metric_families
+
+from dr_portal.asgi import application
+from failback import watchdog, workflow
+from failback.choices import SessionStatus
+from failback.models import FailbackSession, SessionDisk
+
+from .helpers import replica_named, start
+
+pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+
+TOKEN = "s3cret-metrics-token-for-tests"
+
+
+@pytest.fixture
+def token(settings):
+    settings.FAILBACK_METRICS_TOKEN = TOKEN
+    settings.FAILBACK_METRICS_ALLOW = []
+    return TOKEN
+
+
+def scrape(**headers):
+    return Client().get("/metrics", HTTP_AUTHORIZATION=f"Bearer {TOKEN}", **headers)
+
+
+def samples():
+    """{(name, (label pairs)): value} of one scrape."""
+    response = scrape()
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain; version=")  # Prometheus' text format
+    found = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found, name, **labels):
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.mark.security
+def test_it_refuses_a_scrape_without_the_token(token, settings):
+    assert Client().get("/metrics").status_code == 403
+    wrong = Client().get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-metrics-token-for-test")
+    assert wrong.status_code == 403
+    assert b"dr_portal" not in wrong.content
+    assert Client().get("/metrics", HTTP_AUTHORIZATION=f"Basic {TOKEN}").status_code == 403
+    assert scrape().status_code == 200
+    settings.FAILBACK_METRICS_TOKEN = ""  # no token configured: nobody gets in with any token
+    assert Client().get("/metrics", HTTP_AUTHORIZATION="Bearer ").status_code == 403
+    assert scrape().status_code == 403
+
+
+@pytest.mark.security
+def test_it_answers_an_allowed_address_without_a_token(settings):
+    import ipaddress
+
+    settings.FAILBACK_METRICS_TOKEN = ""
+    settings.FAILBACK_METRICS_ALLOW = [ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("::1")]
+    assert Client().get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
+    assert Client().get("/metrics", REMOTE_ADDR="::1").status_code == 200
+    assert Client().get("/metrics", REMOTE_ADDR="10.2.0.1").status_code == 403
+    assert Client().get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 403
+
+
+def test_it_counts_what_a_real_lab_failback_wrote(lab, operator, token):
+    replica = replica_named("app-erp")
+    lab.set_vm_options(replica.vm_id, shutdown_seconds=0.2)
+    session = start(operator, replica)  # phase 1 runs inline (django-q2's sync mode)
+    lab.guest_write(replica.vm_id, session.disks.first().key, 0, b"written after phase 1" * 2000)
+    workflow.switch_now(operator, session.pk)
+    workflow.commit(operator, session.pk)
+    session = FailbackSession.objects.get(pk=session.pk)
+    assert session.status == SessionStatus.COMMITTED, session.error
+
+    found = samples()
+    assert value(found, "dr_portal_sessions", status="committed") == 1
+    assert value(found, "dr_portal_sessions", status="phase1") == 0
+    disks = SessionDisk.objects.filter(session=session)
+    phase1 = sum(d.phase1_bytes_written for d in disks)
+    phase2 = sum(d.phase2_bytes_written for d in disks)
+    assert phase1 > 0 and phase2 > 0
+    assert value(found, "dr_portal_bytes_copied_total", phase="1") == phase1
+    assert value(found, "dr_portal_bytes_copied_total", phase="2") == phase2
+    window = session.switch_window.total_seconds()
+    assert value(found, "dr_portal_switch_window_seconds_count") == 1
+    assert value(found, "dr_portal_switch_window_seconds_sum") == pytest.approx(window)
+    assert value(found, "dr_portal_switch_window_seconds_bucket", le="+Inf") == 1
+    below = [b for b in (1, 2, 5, 10, 20, 30, 60) if window <= b]
+    assert value(found, "dr_portal_switch_window_seconds_bucket", le=f"{below[0]}.0") == 1
+    assert session.predicted_window_s is not None
+    error = window - session.predicted_window_s
+    assert value(found, "dr_portal_switch_prediction_error_seconds_count") == 1
+    assert value(found, "dr_portal_switch_prediction_error_seconds_sum") == pytest.approx(abs(error))
+    assert value(found, "dr_portal_switch_prediction_bias_seconds") == pytest.approx(error)
+
+
+def test_it_counts_the_queue_and_the_steps_the_watchdog_resumed(lab, operator, token, monkeypatch):
+    monkeypatch.setattr(Conf, "SYNC", False)  # tasks wait in the broker's queue: no worker runs here
+    broker = get_broker()
+    broker.purge_queue()
+    try:
+        session = start(operator, replica_named("app-crm"))
+        queued = value(samples(), "dr_portal_queue_depth")
+        assert queued >= 1  # phase 1 (and whatever else the start queued)
+        assert queued == broker.queue_size()
+        # No worker took phase 1 for longer than the stall limit: the watchdog queues it again.
+        FailbackSession.objects.filter(pk=session.pk).update(enqueued_at=timezone.now() - timedelta(minutes=10))
+        assert watchdog.recover_stalled() == [session.pk]
+        found = samples()
+        assert value(found, "dr_portal_watchdog_resumes_total", step="phase1") == 1
+        assert value(found, "dr_portal_queue_depth") == broker.queue_size() >= queued + 1
+        assert value(found, "dr_portal_sessions", status="queued") == 1
+    finally:
+        broker.purge_queue()  # this test's own queue (the ORM table, or its Redis database)
+
+
+@pytest.mark.security
+def test_it_counts_failed_logins(operator, token):
+    for _ in range(3):
+        Client().post("/accounts/login/", {"username": "olivia", "password": "wrong"}, REMOTE_ADDR="10.9.8.7")
+    Client().post("/accounts/login/", {"username": "nobody", "password": "wrong"}, REMOTE_ADDR="10.9.8.6")
+    assert value(samples(), "dr_portal_failed_logins") == 4
+
+
+async def test_it_counts_the_websockets_open_on_this_process(lab, operator, token):
+    session = await sync_to_async(lambda: start(operator, replica_named("app-crm")))()
+    client = Client()
+    await sync_to_async(client.force_login)(operator)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    headers = [(b"origin", b"http://localhost"), (b"cookie", cookie)]
+
+    async def open_now():
+        return value(await sync_to_async(samples)(), "dr_portal_websocket_clients")
+
+    before = await open_now()
+    sockets = [WebsocketCommunicator(application, f"/ws/sessions/{session.pk}/", headers=headers) for _ in range(2)]
+    for ws in sockets:
+        connected, _ = await ws.connect()
+        assert connected
+    refused = WebsocketCommunicator(application, f"/ws/sessions/{session.pk}/", headers=headers[:1])
+    assert not (await refused.connect())[0]  # anonymous: refused, never counted
+    assert await open_now() == before + 2
+    for ws in sockets:
+        await ws.disconnect()
+    assert await open_now() == before
