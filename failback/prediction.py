@@ -168,15 +168,13 @@ def predict(hv, session):
     copy_bps = float(base.get("write_bps") or base.get("copy_bps") or 100e6)
     read_bps = float(base.get("read_bps") or 200e6)
     if last:
-        data_s = (
-            changed / (replica.measured_delta_bps or copy_bps)
-            + reads / last["verify_bps"]
-            + last.get("overhead_s", 0.0)
-        )
+        delta_s, verify_s = changed / (replica.measured_delta_bps or copy_bps), reads / last["verify_bps"]
+        overhead_s = last.get("overhead_s", 0.0)
         data_basis = "rates and overhead measured on this VM's last switch"
     else:
-        data_s = changed / copy_bps + reads / read_bps
+        delta_s, verify_s, overhead_s = changed / copy_bps, reads / read_bps, 0.0
         data_basis = _phase1_basis(base)
+    data_s = delta_s + verify_s + overhead_s
     shutdown_s, shutdown_basis = _shutdown(hv, session)
     power_on_s, power_on_basis = _power_on(hv, session)
     window = shutdown_s + data_s + power_on_s
@@ -187,6 +185,9 @@ def predict(hv, session):
         "shutdown_basis": shutdown_basis,
         "data_s": round(data_s, 2),
         "data_basis": data_basis,
+        "delta_s": round(delta_s, 2),  # the data part's own parts, for the breakdown the session page shows
+        "verify_s": round(verify_s, 2),
+        "overhead_s": round(overhead_s, 2),
         "changed_bytes": changed,
         "read_bytes": int(reads),
         "power_on_s": round(power_on_s, 2),
@@ -224,6 +225,7 @@ def learn(session, timing):
         if timing["delta_bytes"] > 8 << 20:  # too few bytes say nothing about a rate
             measured["delta_bps"] = timing["delta_bytes"] / max(timing["delta_s"], 1e-3)
         measured["overhead_s"] = max(0.0, data_s - timing["delta_s"] - timing["verify_s"])
+        measured["delta_s"], measured["verify_s"] = timing["delta_s"], timing["verify_s"]
     if not measured:
         return measured
     FailbackSession.objects.filter(pk=session.pk).update(

@@ -25,7 +25,10 @@ def dashboard_context():
     )
     waiting = list(sessions.filter(status=SessionStatus.FAILBACK).order_by("phase2_ended_at")[:50])
     ready = list(sessions.filter(status=SessionStatus.READY_TO_SWITCH).order_by("phase1_ended_at")[:50])
-    failures = list(sessions.filter(status=SessionStatus.FAILED).order_by("-ended_at")[:10])
+    # The newest ten failures picked by key first: sorting every failed session's whole row (its JSON
+    # fields too) to keep ten was most of the dashboard's time on a long history.
+    failed = FailbackSession.objects.filter(status=SessionStatus.FAILED).order_by("-ended_at", "-pk")
+    failures = list(sessions.filter(pk__in=list(failed.values_list("pk", flat=True)[:10])).order_by("-ended_at", "-pk"))
     return {
         "states": [
             (value, label, counts.get(value, 0), REPLICA_COLOURS[value]) for value, label in ReplicaState.choices
@@ -52,6 +55,7 @@ def session_context(session, user, **extra):
         "time_left_s": session.time_left_s(disks),
         "actions": actions.offered(session),
         "timeline": session_timeline(session),
+        "downtime": downtime_breakdown(session),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
         "reason_form": ReasonForm(),
         "now": timezone.now(),
@@ -80,3 +84,76 @@ def plan_context(plan, user, **extra):
         "reason_form": ReasonForm(),
         **extra,
     }
+
+
+# What would shrink each part of the switch window, said where the part is the largest.
+DOWNTIME_HINTS = {
+    "shutdown": "a guest that stops faster: stop its heavy services first, or check that its tools answer "
+    "(without tools the replica is powered off at once, after the guest shutdown timeout otherwise)",
+    "data": "fewer changes to send: switch right after a catch-up sync, or when the replica writes least",
+    "delta": "fewer changes to send: switch right after a catch-up sync, or when the replica writes least",
+    "verify": "less to read back: a tracked delta verifies the changed ranges only, a digest delta the whole disk",
+    "overhead": "the portal's own steps between the others (database, platform calls): a busy worker host adds here",
+    "power_on": "the production host's start of the VM: not in the portal's hands; check the host is not overloaded",
+}
+DOWNTIME_LABELS = {
+    "shutdown": "guest shutdown",
+    "data": "final delta and verification",
+    "delta": "final delta",
+    "verify": "verification",
+    "overhead": "portal work",
+    "power_on": "power-on",
+}
+
+
+def _parts(figures):
+    parts = [(key, figures.get(key)) for key in DOWNTIME_LABELS]
+    parts = [(key, float(seconds)) for key, seconds in parts if seconds is not None]
+    if not parts:
+        return None
+    total = sum(seconds for _, seconds in parts)
+    key, largest = max(parts, key=lambda part: part[1])
+    return {
+        "parts": [
+            {"key": k, "label": DOWNTIME_LABELS[k], "s": v, "share": round(100 * v / total) if total else 0}
+            for k, v in parts
+        ],
+        "total_s": total,
+        "largest": {"label": DOWNTIME_LABELS[key], "s": largest, "hint": DOWNTIME_HINTS[key]},
+    }
+
+
+def _measured_figures(session):
+    """The switch as it went: shutdown, data (split in delta, verification and portal work when the switch
+    recorded them) and power-on, from the session's stamps."""
+    s = session
+    if not (s.replica_off_at and s.phase2_ended_at):
+        return None
+    measured = (s.prediction or {}).get("measured") or {}
+    data_s = (s.phase2_ended_at - s.replica_off_at).total_seconds()
+    figures = {}
+    if s.replica_stop_started_at:
+        figures["shutdown"] = (s.replica_off_at - s.replica_stop_started_at).total_seconds()
+    if measured.get("delta_s") is not None and measured.get("verify_s") is not None:
+        figures["delta"], figures["verify"] = measured["delta_s"], measured["verify_s"]
+        figures["overhead"] = max(0.0, data_s - measured["delta_s"] - measured["verify_s"])
+    else:
+        figures["data"] = data_s  # final delta and verification together: the switch did not split them
+    if s.production_on_at:
+        figures["power_on"] = (s.production_on_at - s.phase2_ended_at).total_seconds()
+    return figures
+
+
+def downtime_breakdown(session):
+    """The switch window in parts, predicted (while Ready to switch) and measured (after the switch), each
+    with its largest part named and what would shrink it."""
+    now = (session.prediction or {}).get("now") or {}
+    predicted = None
+    if now:
+        if "delta_s" in now:
+            figures = {k: now.get(k + "_s") for k in ("shutdown", "delta", "verify", "overhead", "power_on")}
+        else:  # a prediction made before the data part was split
+            figures = {"shutdown": now.get("shutdown_s"), "data": now.get("data_s"), "power_on": now.get("power_on_s")}
+        predicted = _parts(figures)
+    measured = _measured_figures(session)
+    return {"predicted": predicted, "measured": _parts(measured) if measured else None}

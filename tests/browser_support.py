@@ -272,3 +272,24 @@ def wait_in_page(page, expression, *, timeout=30_000):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout / 1000:g} s waiting for {expression}")
         page.wait_for_timeout(100)
+
+
+# Accessibility: axe-core (shipped inside the axe-playwright-python wheel, no CDN) run in the page.
+SERIOUS = ("serious", "critical")
+
+
+def axe_violations(page, impacts=SERIOUS):
+    """Run axe-core on the page as it is now; the violations of the given impacts, one line each
+    ("rule (impact): help — selector of each node"), empty when there are none.
+
+    page.evaluate is not subject to the Content-Security-Policy, so the portal's strict policy stays on
+    for the check: axe is evaluated as a script, not added as a <script> element."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page, options={"resultTypes": ["violations"]}).response
+    assert results["testEngine"]["name"] == "axe-core" and results["url"] == page.url, results.get("url")
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} — " + ", ".join(" ".join(n["target"]) for n in v["nodes"][:5])
+        for v in results["violations"]
+        if v["impact"] in impacts
+    ]

@@ -22,3 +22,11 @@ document.addEventListener("focusin", (event) => {
     event.target.select();
   }
 });
+
+// The session page: once the live fragment says the session has ended, the notes at the top that were
+// about its start ("Failback #N started.") are stale; they go. Errors stay until the next page.
+document.addEventListener("htmx:wsAfterMessage", () => {
+  if (document.querySelector("#session-progress[data-ended]")) {
+    document.querySelectorAll("main > .messages > .msg:not(.error)").forEach((note) => note.remove());
+  }
+});
