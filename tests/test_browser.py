@@ -324,7 +324,7 @@ def test_it_switches_with_the_keyboard(page, portal):
         pytest.fail("Tab never reached the Switch now button")
     page.keyboard.press("Enter")  # the dialog opens on its reason field
     dialog = page.get_by_role("dialog")
-    expect(dialog.get_by_role("heading")).to_have_text(f"Switch {CRM} over to app-crm-01 now?")
+    expect(dialog.get_by_role("heading")).to_have_text(f"Switch {CRM} over to {session_of(pk).vm_name} now?")
     page.keyboard.type("CHG-9")
     page.keyboard.press("Tab")  # to the dialog's confirmation
     assert page.evaluate("document.activeElement.textContent.trim()") == "Shut down the replica and switch"

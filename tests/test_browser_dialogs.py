@@ -125,6 +125,12 @@ def test_each_action_asks_in_a_dialog_of_its_own_with_its_consequence_and_reason
     dialog.get_by_role("button", name="Commit the failback").click()
     expect(page.locator("#session-status")).to_have_text("Committed", timeout=LONG)
     assert len(set(labels)) == len(labels) == 5, labels
+    # The event log and the audit trail name the states as the page does, not as stored.
+    expect(page.locator("ol.events")).to_contain_text("(Ready to switch → Switching)")
+    expect(page.locator("ol.events")).not_to_contain_text("ready_to_switch")
+    page.goto(f"/audit/?session={pk}")
+    expect(page.locator("table.grid tbody")).to_contain_text("Failback → Committing")
+    expect(page.locator("table.grid tbody")).not_to_contain_text("ready_to_switch")
     assert page.dialogs == [] and page.js_errors == []  # no browser confirm() any more
 
 

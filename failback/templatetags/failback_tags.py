@@ -1,4 +1,5 @@
 from datetime import timedelta
+from functools import cache
 
 from django import template
 
@@ -128,7 +129,11 @@ def audit_rows(events):
         where = f'<a href="{session_url}{e.session_id}/">#{e.session_id}</a>' if e.session_id else ""
         if e.replica_id and e.replica:
             where += f" {escape(e.replica.name)}"
-        moved = f"{escape(e.from_state or '—')} → {escape(e.to_state or '—')}" if e.from_state != e.to_state else ""
+        moved = (
+            f"{escape(state_label(e.from_state))} → {escape(state_label(e.to_state))}"
+            if e.from_state != e.to_state
+            else ""
+        )
         outcome = escape(e.outcome)
         rows.append(
             f'<tr class="outcome-{outcome}"><td>{at:%Y-%m-%d %H:%M:%S} {escape(at.tzname() or "")}</td>'
@@ -138,3 +143,19 @@ def audit_rows(events):
             f"<td>{escape(e.detail)}</td></tr>"
         )
     return mark_safe("\n".join(rows) or '<tr><td colspan="7">Nothing matches.</td></tr>')
+
+
+@register.filter
+def state_label(value):
+    """A session status or replica state kept in an audit row, named as the pages name it: 'ready_to_switch'
+    reads 'Ready to switch'. A value no longer known is shown as stored; none is a dash."""
+    if not value:
+        return "—"
+    return _state_labels().get(value, value)
+
+
+@cache
+def _state_labels():
+    from ..choices import ReplicaState, SessionStatus
+
+    return {**dict(ReplicaState.choices), **dict(SessionStatus.choices)}
