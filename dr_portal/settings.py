@@ -91,6 +91,11 @@ def _evidence_key():
 
 
 FAILBACK_EVIDENCE_KEY = _evidence_key()
+# The allow-list of hook commands (TOML, see failback/hooks.py): kept by the machine's administrator, outside
+# anything the portal writes; a failback only names hooks from it. Unset: no hooks.
+FAILBACK_HOOKS_FILE = env_str("FAILBACK_HOOKS_FILE", "")
+# Four eyes: how long a request for approval waits for a second person before it expires (approvals.py).
+FAILBACK_APPROVAL_MINUTES = env_int("FAILBACK_APPROVAL_MINUTES", 240, min=1, max=7 * 24 * 60, unit="minutes")
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 

@@ -24,8 +24,11 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security import HttpBearer
 
-from . import actions, plans, tokens, workflow
+from . import actions, approvals, plans, tokens, workflow
 from . import api_render as render
+from .api_approvals import ApprovalOut
+from .api_approvals import out as approval_out
+from .api_approvals import router as approvals_router
 from .api_schemas import (
     DB_INT_MAX,
     AuditFilters,
@@ -100,7 +103,8 @@ ACT = {
     403: Error,
     409: Error,
     413: Error,
-}  # 400: the body is not a JSON object; 413: it is too large
+    202: ApprovalOut,
+}  # 400: the body is not a JSON object; 413: it is too large; 202: it waits for a second person's approval
 Limit = Query(50, ge=1, le=500, description="Rows per page (at most 500)")
 Offset = Query(0, ge=0, le=DB_INT_MAX, description="Rows to skip")
 PathId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An id (404 when there is none)")]
@@ -184,6 +188,12 @@ def too_big(request, exc):
     problem = f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
     _refuse_request(request, problem[0].lower() + problem[1:])
     return api.create_response(request, {"detail": problem}, status=413)
+
+
+@api.exception_handler(approvals.ApprovalRequested)
+def approval_requested(request, exc):
+    """Not done yet: the action waits for a second person (the request says which)."""
+    return api.create_response(request, approval_out(exc.request, exc.message), status=202)
 
 
 @api.exception_handler(workflow.Refused)
@@ -507,6 +517,8 @@ def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
 
 
 from . import api_connections  # noqa: E402, F401 (registers the vCenter set-up endpoints on ``api``)
+
+api.add_router("/approvals", approvals_router)
 
 
 def urls():

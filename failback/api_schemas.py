@@ -5,7 +5,7 @@ action is allowed is decided by the service layer (workflow.py, plans.py) alone.
 """
 
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from ninja import Schema
 from pydantic import AwareDatetime, Field, StrictBool, StrictInt, StringConstraints
@@ -22,6 +22,7 @@ def Text(max_length, min_length=0):
 
 
 Reason = Annotated[Text(REASON_MAX), Field(description="Reason or ticket, recorded in the audit trail")]
+HookPoint = Literal["before_phase1", "before_switch", "after_switch", "after_commit", "after_undo"]  # hooks.POINTS
 Id = Annotated[int, Field(ge=1, le=DB_INT_MAX)]  # in a query string, where every value arrives as text
 
 
@@ -256,6 +257,11 @@ class StartFailbackIn(Schema):
         False, description="Start despite a failed pre-failback check (needs the permission; give a reason)"
     )
     reason: Reason = ""
+    hooks: dict[HookPoint, list[Text(100, 1)]] | None = Field(
+        None,
+        description="Hooks to run at each point, by name from the allow-list file (FAILBACK_HOOKS_FILE). "
+        "None: the file's defaults for this replica; {}: none.",
+    )
 
 
 class PlanMemberIn(Schema):

@@ -12,6 +12,7 @@ ROLES = {
         "failback.add_vcenterconnection",
         "failback.change_vcenterconnection",
         "failback.view_vcenterconnection",
+        "failback.change_approvalrule",  # which actions need a second person's approval
         "failback.change_notificationendpoint",  # notification endpoints and the deliveries page
     ],
 }

@@ -5,6 +5,8 @@ writes its row in a transaction of its own (``durable=True``: Django refuses to 
 caller's transaction, so a rollback can never take the refusal's row with it) and raises ``Refused``.
 """
 
+import contextvars
+
 from django.db import transaction
 
 from .choices import TRANSITIONS, AuditAction, Outcome
@@ -14,6 +16,8 @@ from .notifications import hook as notifications
 OPERATE_PERMISSION = "failback.operate_failback"
 OVERRIDE_PERMISSION = "failback.override_checks"
 REASON_MAX = 500
+# The approved request (approvals.py) being run now: the rows its action writes name the approver.
+APPROVED = contextvars.ContextVar("approved_request", default=None)
 
 
 class Refused(Exception):
@@ -53,6 +57,9 @@ def audit(
     via = getattr(actor, "api_token", None)  # set by the API's authentication: the row says it came that way
     if via is not None:
         data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
+    approved = APPROVED.get()
+    if approved is not None and getattr(session, "pk", session) == approved.session_id:
+        data = {**(data or {}), "approved_by": actor_name(approved.decided_by), "approval_request": approved.pk}
     detail, data = without_nul(detail), without_nul(data or {})  # PostgreSQL stores no NUL in text or JSON
     row = AuditEvent.objects.create(
         actor=actor,

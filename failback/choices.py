@@ -178,6 +178,16 @@ GUARDS = {
 }
 
 
+class Approvable(models.TextChoices):
+    """The actions that cause downtime or lose data, which an Administrator may put behind a second person."""
+
+    SWITCH = "switch", "Switch now"
+    SCHEDULE_SWITCH = "schedule_switch", "Schedule switch"
+    COMMIT = "commit", "Commit"
+    UNDO = "undo", "Undo"
+    CANCEL = "cancel", "Cancel"
+
+
 class AuditAction(models.TextChoices):
     """Every action the audit trail records, one spelling each (AuditEvent.action)."""
 
@@ -224,6 +234,13 @@ class AuditAction(models.TextChoices):
     SWITCH_WINDOW = "switch_window", "Switch window measured"
     POWER_ON_PRODUCTION = "power_on_production", "Power on production"
     RECOVER_REPLICA = "recover_replica", "Bring the replica back"
+    RUN_HOOK = "run_hook", "Run a hook"
+    # four eyes: an action asked for, then approved (and run as the requester's) or rejected
+    REQUEST_APPROVAL = "request_approval", "Ask for approval"
+    APPROVE = "approve", "Approve"
+    REJECT = "reject", "Reject"
+    APPROVAL_EXPIRED = "approval_expired", "Approval request expired"
+    APPROVAL_RULE = "approval_rule", "Change which actions need approval"
     # plans
     START_PLAN = "start_plan", "Start a plan"
     SWITCH_PLAN = "switch_plan", "Switch a plan"

@@ -162,7 +162,7 @@ def _actions(events):
         {
             "action": e.action,
             "requested_by": e.actor_name,
-            "approved_by": None,  # no approval step exists yet: the requester's action ran at once
+            "approved_by": (e.data or {}).get("approved_by") if isinstance(e.data, dict) else None,
             "at": _at(e.at),
             "outcome": e.outcome,
             "from": e.from_state,
@@ -172,6 +172,24 @@ def _actions(events):
         }
         for e in events
         if e.action in DECISIONS
+    ]
+
+
+def _hooks(events):
+    """Each hook run: where, which, how it ended, and its output (as bounded by hooks.py)."""
+    return [
+        {
+            "point": e.data.get("point"),
+            "hook": e.data.get("hook"),
+            "at": _at(e.at),
+            "outcome": e.outcome,
+            "exit_code": e.data.get("exit_code"),
+            "timed_out": e.data.get("timed_out"),
+            "seconds": e.data.get("seconds"),
+            "output": e.data.get("output", ""),
+        }
+        for e in events
+        if e.action == AuditAction.RUN_HOOK and isinstance(e.data, dict)
     ]
 
 
@@ -190,7 +208,7 @@ def payload(session):
         "timeline": _timeline(session),
         "downtime": _downtime(session),
         "disks": _disks(session, events),
-        "hooks": [],  # no hooks run in a failback yet
+        "hooks": _hooks(events),
         "audit": _audit([_row(e) for e in events]),
     }
 

@@ -7,6 +7,7 @@ from .choices import (
     GUARDS,
     REPLICA_COLOURS,
     STATUS_COLOURS,
+    Approvable,
     AuditAction,
     CommitPolicy,
     Outcome,
@@ -221,6 +222,8 @@ class FailbackSession(models.Model):
     predicted_window_s = models.FloatField(null=True, blank=True)
     prediction = models.JSONField(default=dict, blank=True)
     catchup_at = models.DateTimeField(null=True, blank=True)  # last background catch-up sync
+    # Hooks to run at each point ({"before_switch": ["drain-web"], ...}), names from the allow-list (hooks.py).
+    hooks = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -438,6 +441,60 @@ class ApiToken(models.Model):
     @property
     def is_active(self):
         return self.revoked_at is None
+
+
+class ApprovalRule(models.Model):
+    """An action that needs a second person's approval: for every failback, or for one plan's members."""
+
+    action = models.CharField(max_length=30, choices=Approvable.choices)
+    plan = models.ForeignKey(FailbackPlan, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["action", "plan_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["action"], condition=models.Q(plan=None), name="one_global_rule_per_action"),
+            models.UniqueConstraint(fields=["action", "plan"], name="one_rule_per_action_and_plan"),
+        ]
+
+
+class ApprovalRequest(models.Model):
+    """An action asked for and waiting for a second person (approvals.py). It runs as the requester's."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting for approval"
+        DONE = "done", "Approved and done"
+        FAILED = "failed", "Approved, but refused when run"
+        REJECTED = "rejected", "Rejected"
+        EXPIRED = "expired", "Expired"
+
+    session = models.ForeignKey(FailbackSession, on_delete=models.PROTECT, related_name="approvals")
+    action = models.CharField(max_length=30, choices=Approvable.choices)
+    params = models.JSONField(default=dict, blank=True)  # the action's own arguments (reason, time, ...)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )  # None: the portal itself (a scheduled switch, the commit policy)
+    requested_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_reason = models.CharField(max_length=500, blank=True)
+    result = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-requested_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "action"], condition=models.Q(status="pending"), name="one_pending_request_per_action"
+            )
+        ]
+
+    def __str__(self):
+        return f"Approval request #{self.pk}: {self.get_action_display()} on failback #{self.session_id}"
 
 
 from .notifications.models import (  # noqa: E402, F401  (notification models live beside their code)

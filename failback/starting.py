@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import broadcast
+from . import broadcast, hooks
 from . import checks as prechecks
 from .audit import audit, clean_reason, refuse, require_operator
 from .choices import ACTIVE, CommitPolicy, ReplicaState, SessionStatus, SwitchMode
@@ -45,6 +45,7 @@ class StartOptions:
     commit_policy: str = CommitPolicy.NONE
     commit_after_min: int | None = None
     override_checks: bool = False
+    hooks: dict | None = None  # {point: [hook names]}; None: the allow-list's defaults for the replica
 
     def record(self, found, kept):
         """The options as the audit row keeps them."""
@@ -114,6 +115,10 @@ def _valid_options(options, *, plan, action, actor, replica):
         )
     if options.bandwidth_mbps is not None and not 1 <= int(options.bandwidth_mbps) <= 100_000:
         refuse("The bandwidth limit must be between 1 and 100000 MB/s (or none).", **where)
+    try:
+        chosen = hooks.choose(replica.name, options.hooks)
+    except ValueError as exc:  # an unknown point or name, or an allow-list that cannot be read
+        refuse(f"Start failback refused: {exc}.", **where)
     return replace(
         options,
         vm_name=vm_name,
@@ -126,6 +131,7 @@ def _valid_options(options, *, plan, action, actor, replica):
         folder=options.folder or "",
         shutdown_timeout_s=options.shutdown_timeout_s or settings.FAILBACK_SHUTDOWN_TIMEOUT,
         power_on_after=bool(options.power_on_after),
+        hooks=chosen,
     )
 
 
@@ -259,6 +265,7 @@ def _new_session(replica, options, facts, *, scope, record, plan, plan_order, ac
         name_scope=scope,
         owner_tag=kept.owner_tag if kept else secrets.token_hex(16),
         prediction={"start_checks": [c.as_dict() for c in facts.found]},
+        hooks=o.hooks,
     )
     SessionDisk.objects.bulk_create(
         SessionDisk(session=session, key=d.key, capacity_bytes=d.capacity_bytes) for d in replica.disks.all()

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_connections, views_evidence, views_notifications, views_plans, views_tokens
+from . import views, views_approvals, views_connections, views_evidence, views_notifications, views_plans, views_tokens
 
 app_name = "failback"
 urlpatterns = [
@@ -20,6 +20,9 @@ urlpatterns = [
     path("plans/<int:pk>/", views_plans.plan_detail, name="plan"),
     path("plans/<int:pk>/<str:action>/", views_plans.plan_action, name="plan_action"),
     path("audit/", views.audit_list, name="audit"),
+    path("approvals/", views_approvals.approval_list, name="approvals"),
+    path("approvals/rules/", views_approvals.approval_rule, name="approval_rule"),
+    path("approvals/<int:pk>/<str:verb>/", views_approvals.approval_decide, name="approval_decide"),
     path("audit/export.<str:fmt>", views.audit_export, name="audit_export"),
     path("replicas/<int:pk>/failover/", views_connections.declare_failover, name="declare_failover"),
     path("replicas/<int:pk>/power/<str:to>/", views.lab_power, name="lab_power"),

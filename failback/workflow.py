@@ -15,7 +15,7 @@ from datetime import timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import broadcast
+from . import approvals, broadcast
 from . import checks as prechecks
 from .audit import (  # noqa: F401 (Refused, refuse, refuse_input and the permissions are the service layer's API too)
     OPERATE_PERMISSION,
@@ -196,6 +196,7 @@ def switch_now(actor, session_id, *, reason="", override_checks=False):
     require_operator(actor, "switch", session=session_id)
     _guard(actor, "switch", session_id)
     reason = clean_reason(reason, action="switch", actor=actor, session=session_id)
+    approvals.gate(actor, "switch", session_id, reason=reason, override_checks=override_checks)
     session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
     found = []
     if session is not None and session.status == SessionStatus.READY_TO_SWITCH:
@@ -255,6 +256,7 @@ def schedule_switch(actor, session_id, switch_at, *, reason=""):
     _guard(actor, action, session_id)
     reason = clean_reason(reason, action=action, actor=actor, session=session_id)
     validate_switch_time(switch_at, action=action, actor=actor, session=session_id)
+    approvals.gate(actor, action, session_id, switch_at=switch_at, reason=reason)
     with transaction.atomic():
         session = FailbackSession.objects.select_for_update().filter(pk=session_id).first()
         if session is not None and session.status in SCHEDULABLE:
@@ -303,6 +305,7 @@ def commit(actor, session_id, *, reason=""):
     """Keep production: the replica returns to Ready and the production VM takes the source's place."""
     require_operator(actor, "commit", session=session_id)
     reason = clean_reason(reason, action="commit", actor=actor, session=session_id)
+    approvals.gate(actor, "commit", session_id, reason=reason)
     return transition(
         session_id, "commit", actor=actor, detail=reason, data={"reason": reason}, then=finalise("commit")
     )
@@ -312,6 +315,7 @@ def undo(actor, session_id, *, reason=""):
     """Go back to the replica: production off (its changes since the switch discarded), replica on."""
     require_operator(actor, "undo", session=session_id)
     reason = clean_reason(reason, action="undo", actor=actor, session=session_id)
+    approvals.gate(actor, "undo", session_id, reason=reason)
     return transition(session_id, "undo", actor=actor, detail=reason, data={"reason": reason}, then=finalise("undo"))
 
 
@@ -326,6 +330,7 @@ def cancel(actor, session_id, *, keep_production_vm=False, reason=""):
     reason = clean_reason(reason, action=action, actor=actor, session=session_id)
     session = _guard(actor, action, session_id)
     keep = bool(keep_production_vm)
+    approvals.gate(actor, action, session_id, keep_production_vm=keep, reason=reason)
     what = "keep the production VM for a retry" if keep else "delete the production VM"
     data = {"reason": reason, "keep_production_vm": keep}
     detail = f"Cancel: {what}{'; reason: ' + reason if reason else ''}"

@@ -21,8 +21,17 @@ from django.utils import timezone
 
 from failback import connections, plans, tokens
 from failback.choices import CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
-from failback.models import AuditEvent, FailbackPlan, FailbackSession, Replica, VCenterConnection
+from failback.models import (
+    ApprovalRequest,
+    ApprovalRule,
+    AuditEvent,
+    FailbackPlan,
+    FailbackSession,
+    Replica,
+    VCenterConnection,
+)
 
+from .conftest import make_user
 from .helpers import network_map, put_session_in, replica_named, start
 from .security_support import closed_port, db_state, empty_lab, fast_password_hashing  # noqa: F401 (an autouse fixture)
 
@@ -271,6 +280,33 @@ def connection_action(action, data=dict, *, effect):
     return arrange
 
 
+def approval_rule_target(world):
+    return Target(
+        reverse("failback:approval_rule"),
+        reverse("failback:approvals"),
+        {"action": "commit", "required": "yes"},
+        lambda: ApprovalRule.objects.filter(action="commit", plan=None).exists(),
+    )
+
+
+def approve_target(world):
+    """A commit asked for by a third person (so neither the operator nor the admin is its requester)."""
+    session = session_in(SessionStatus.FAILBACK)(world)
+    request = ApprovalRequest.objects.create(
+        session=session,
+        action="commit",
+        params={"reason": "matrix"},
+        requested_by=make_user("rita", "Operator"),
+        expires_at=timezone.now() + timedelta(hours=1),
+    )
+    return Target(
+        reverse("failback:approval_decide", args=[request.pk, "approve"]),
+        reverse("failback:approvals"),
+        {"reason": "ok"},
+        lambda: ApprovalRequest.objects.get(pk=request.pk).status == ApprovalRequest.Status.DONE,
+    )
+
+
 def audited(action, outcome=None):
     """The action reached its service function (an audit row of that action, not a role refusal)."""
     rows = AuditEvent.objects.filter(action=action).exclude(detail__contains="role is needed")
@@ -369,6 +405,8 @@ ACTIONS = [
         OPERATORS,
         "undo_plan",
     ),
+    Action("require approval", approval_rule_target, ADMINS, "approval_rule"),
+    Action("approve a request", approve_target, OPERATORS, "approve"),
     Action("create connection", connection_new_target, ADMINS, None, offered="link"),
     Action("edit connection", connection_edit_target, ADMINS, None, offered="link"),
     Action(

@@ -9,6 +9,7 @@ from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import POWERED_OFF, POWERED_ON, NotFound
 from ..hypervisors.registry import hypervisor_for
 from ..models import AuditEvent, Replica
+from .hooking import run_hooks
 from .runs import LeaseLost, _drop_state, _note, _take, session_lock, superseded
 
 UNDO_ATTEMPTS = 3  # runs of the undo step (the first and the watchdog's) before it ends with "act by hand"
@@ -115,6 +116,7 @@ def _run_commit(session_id):
         + "; the replica returns to normal replication",
         data={"production_vm_id": session.production_vm_id, "previous_source": old_source},
     )
+    run_hooks(run, session, "after_commit")
     _drop_state(session.pk)
 
 
@@ -147,6 +149,7 @@ def _undo(run, session, hv):
     workflow.transition(
         session.pk, "finish_undo", lease=run.token, detail="; ".join(steps).capitalize(), data={"steps": steps}
     )
+    run_hooks(run, session, "after_undo")
     _drop_state(session.pk)
 
 

@@ -17,6 +17,7 @@ from ..transfer import TransferCancelled, delta_copy, full_copy
 from ..transfer.progress import paused
 from ..transfer.sparse import allocated_bytes
 from .finish import _discard_production_vm
+from .hooking import run_hooks
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .readiness import _refresh_readiness
@@ -61,6 +62,7 @@ def _phase1(run, session, hv):
     A cancel stops it with the checkpoints kept; any other error discards what it built."""
     cancel = threading.Event()
     try:
+        run_hooks(run, session, "before_phase1")  # nothing built yet: a failing hook fails phase 1 here
         _create_production_vm(run, session, hv)
         disks = list(session.disks.all())
         _announce_phase1(run, session, hv, disks)

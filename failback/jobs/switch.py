@@ -17,6 +17,7 @@ from ..hypervisors.registry import hypervisor_for
 from ..models import AuditEvent, FailbackSession, SessionDisk
 from ..transfer import delta_copy, verify_changes
 from .disks import DiskWork, run_disks
+from .hooking import run_hooks
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .runs import LeaseLost, Run, _beat, _note, _reason, _save, _size, _state_dir, _take, session_lock, superseded
@@ -69,6 +70,7 @@ def _switch(run, session, hv):
     if session.power_on_after:
         _power_on_production(run, session, hv)
     _record_window(run, session, timing)
+    run_hooks(run, session, "after_switch")
 
 
 def _announce_phase2(run, session, hv):
@@ -108,6 +110,7 @@ def _replica_down(run, session, hv):
     if session.replica_off_at is not None:
         return
     if session.replica_stop_started_at is None:
+        run_hooks(run, session, "before_switch")  # the replica still runs: a failing hook stops the switch here
         _announce_phase2(run, session, hv)
         _save(session, run, replica_stop_started_at=timezone.now())
     how = _stop_replica(run, session, hv)
@@ -303,6 +306,7 @@ def run_power_on(session_id):
             return
         with run.beating(), closing(hypervisor_for(session.replica)) as platform:
             _power_on_production(run, session, run.hypervisor(platform))
+            run_hooks(run, session, "after_switch")
 
 
 def _record_window(run, session, timing):

@@ -1,0 +1,227 @@
+"""Four eyes on the buttons that cause downtime or lose data.
+
+An Administrator may require a second person's approval for Switch now, Schedule switch, Commit, Undo
+and Cancel: for every failback, or for one plan's members (``ApprovalRule``). Such an action, asked
+for, becomes an ``ApprovalRequest`` with its arguments and reason instead of running. Another person
+with the Operator role or higher (never the requester) approves it, and it then runs as the requester's
+action, with both names in its audit row; or they reject it. Requests expire after
+``FAILBACK_APPROVAL_MINUTES``. Every step is audited. The service functions in ``workflow`` call
+``gate`` once they have checked the role and the input, so the page, the API and plans are covered alike.
+"""
+
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .audit import APPROVED, Refused, actor_name, audit, clean_reason, refuse, require_operator
+from .choices import Approvable, AuditAction, Outcome
+from .models import ApprovalRequest, ApprovalRule, FailbackSession
+
+RULES_PERMISSION = "failback.change_approvalrule"
+Status = ApprovalRequest.Status
+
+
+class ApprovalRequested(Refused):
+    """The action was not run: it waits for a second person (``request`` says which). A kind of refusal,
+    so every caller that shows a refusal shows this too; the API answers 202 with the request."""
+
+    def __init__(self, request):
+        who = actor_name(request.requested_by)
+        super().__init__(
+            f"{request.get_action_display()} on failback #{request.session_id} needs a second person's approval: "
+            f"request #{request.pk} by {who} waits until {timezone.localtime(request.expires_at):%H:%M %Z}."
+        )
+        self.request = request
+
+
+def running():
+    """The approved request being run now, if any."""
+    return APPROVED.get()
+
+
+@contextmanager
+def _run_as_approved(request):
+    token = APPROVED.set(request)
+    try:
+        yield
+    finally:
+        APPROVED.reset(token)
+
+
+def _services():
+    from . import workflow
+
+    def schedule(actor, session_id, switch_at, reason=""):
+        return workflow.schedule_switch(actor, session_id, datetime.fromisoformat(switch_at), reason=reason)
+
+    return {
+        "switch": workflow.switch_now,
+        "schedule_switch": schedule,
+        "commit": workflow.commit,
+        "undo": workflow.undo,
+        "cancel": workflow.cancel,
+    }
+
+
+def required(session, action):
+    """Whether ``action`` on ``session`` needs approval: a rule for every failback, or for its plan."""
+    if action not in Approvable.values:
+        return False
+    rules = ApprovalRule.objects.filter(action=action)
+    return rules.filter(plan=None).exists() or (
+        session.plan_id is not None and rules.filter(plan_id=session.plan_id).exists()
+    )
+
+
+def gate(actor, action, session_id, **params):
+    """Called by the service function before it acts: returns when it may act now; raises
+    ``ApprovalRequested`` after recording a request when a second person must approve it first."""
+    request = running()
+    if request is not None and request.session_id == session_id and request.action == action:
+        return  # this is the approved request being run
+    session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
+    if session is None or not session.may(action) or not required(session, action):
+        return  # nothing to approve: the service function refuses, or acts
+    stored = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in params.items()}
+    raise ApprovalRequested(_ask(actor, session, action, stored))
+
+
+def _ask(actor, session, action, params):
+    reason = params.get("reason", "")
+    expires = timezone.now() + timedelta(minutes=settings.FAILBACK_APPROVAL_MINUTES)
+    try:
+        with transaction.atomic():
+            request = ApprovalRequest.objects.create(
+                session=session, action=action, params=params, requested_by=actor, expires_at=expires
+            )
+            audit(
+                action=AuditAction.REQUEST_APPROVAL,
+                outcome=Outcome.INFO,
+                actor=actor,
+                session=session,
+                from_state=session.status,
+                to_state=session.status,
+                detail=f"{request.get_action_display()} asked for, waiting for a second person's approval (request #{request.pk})"
+                + (f": {reason}" if reason else ""),
+                data={"request": request.pk, "action": action, "params": params, "expires_at": expires.isoformat()},
+            )
+            return request
+    except IntegrityError:
+        waiting = ApprovalRequest.objects.filter(session=session, action=action, status=Status.PENDING).first()
+        refuse(
+            f"{Approvable(action).label} refused: request #{waiting.pk if waiting else '?'} by "
+            f"{actor_name(waiting.requested_by) if waiting else 'someone'} already waits for approval.",
+            action=action,
+            actor=actor,
+            session=session,
+            from_state=session.status,
+        )
+
+
+def _decide(actor, request_id, verb, reason):
+    """Lock the request and check it may be decided by ``actor`` now; the row, or a refusal."""
+    action = AuditAction.APPROVE if verb == "approve" else AuditAction.REJECT
+    require_operator(actor, action)
+    reason = clean_reason(reason, action=action, actor=actor)
+    expire_due()
+    with transaction.atomic():
+        request = ApprovalRequest.objects.select_for_update().filter(pk=request_id).first()
+        problem = _why_not(actor, request, verb)
+        if problem is None:
+            request.status = Status.DONE if verb == "approve" else Status.REJECTED
+            request.decided_by, request.decided_at, request.decision_reason = actor, timezone.now(), reason
+            request.save(update_fields=["status", "decided_by", "decided_at", "decision_reason"])
+            _audit_decision(actor, request, action, reason)
+            return request
+    session = request.session if request else None
+    refuse(problem, action=action, actor=actor, session=session, from_state=session.status if session else "")
+
+
+def _why_not(actor, request, verb):
+    if request is None:
+        return "There is no such approval request."
+    if request.status != Status.PENDING:
+        who = f" by {actor_name(request.decided_by)}" if request.decided_by_id else ""
+        return f"Request #{request.pk} is already {request.get_status_display().lower()}{who}: nothing to {verb}."
+    if verb == "approve" and request.requested_by_id == actor.pk:
+        return f"You asked for request #{request.pk}: a second person must approve it."
+    return None
+
+
+def _audit_decision(actor, request, action, reason):
+    session = request.session
+    verb = "approved" if action == AuditAction.APPROVE else "rejected"
+    audit(
+        action=action,
+        actor=actor,
+        session=session,
+        from_state=session.status,
+        to_state=session.status,
+        detail=f"{request.get_action_display()} asked for by {actor_name(request.requested_by)} {verb} by "
+        f"{actor_name(actor)} (request #{request.pk})" + (f": {reason}" if reason else ""),
+        data={"request": request.pk, "action": request.action, "requested_by": actor_name(request.requested_by)},
+    )
+
+
+def approve(actor, request_id, *, reason=""):
+    """Approve a waiting request and run its action as the requester's. Returns the request, its result set."""
+    request = _decide(actor, request_id, "approve", reason)
+    try:
+        with _run_as_approved(request):
+            _services()[request.action](request.requested_by, request.session_id, **request.params)
+        request.result = "done"
+    except Refused as refused:  # the session moved on meanwhile: the service's refusal is in the trail
+        request.status, request.result = Status.FAILED, refused.message
+    request.save(update_fields=["status", "result"])
+    return request
+
+
+def reject(actor, request_id, *, reason=""):
+    return _decide(actor, request_id, "reject", reason)
+
+
+def expire_due():
+    """Mark every waiting request past its time as expired, each with its audit row."""
+    for request in ApprovalRequest.objects.filter(status=Status.PENDING, expires_at__lte=timezone.now()):
+        with transaction.atomic():
+            if ApprovalRequest.objects.filter(pk=request.pk, status=Status.PENDING).update(status=Status.EXPIRED):
+                audit(
+                    action=AuditAction.APPROVAL_EXPIRED,
+                    outcome=Outcome.INFO,
+                    session=request.session,
+                    from_state=request.session.status,
+                    to_state=request.session.status,
+                    detail=f"Request #{request.pk} ({request.get_action_display()} by {actor_name(request.requested_by)}) "
+                    "expired without a decision; nothing was done",
+                    data={"request": request.pk, "action": request.action},
+                )
+
+
+def set_rule(actor, action, *, required=True, plan=None):
+    """An Administrator requires (or stops requiring) approval for ``action``, everywhere or for one plan."""
+    what = AuditAction.APPROVAL_RULE
+    if actor is None or not actor.has_perm(RULES_PERMISSION):
+        refuse(f"{actor_name(actor)} may not change which actions need approval: the Administrator role is needed.",
+               action=what, actor=actor, forbidden=True)  # fmt: skip
+    if action not in Approvable.values:
+        refuse(
+            f"Unknown action {action!r}; these can need approval: {', '.join(Approvable.values)}.",
+            action=what,
+            actor=actor,
+        )
+    rules = ApprovalRule.objects.filter(action=action, plan=plan)
+    with transaction.atomic():
+        if required and not rules.exists():
+            ApprovalRule.objects.create(action=action, plan=plan, created_by=actor)
+        elif not required:
+            rules.delete()
+        where = f"plan {plan.name}" if plan else "every failback"
+        audit(
+            action=what,
+            actor=actor,
+            detail=f"{Approvable(action).label} {'needs' if required else 'no longer needs'} a second person's approval on {where}",
+            data={"action": action, "required": required, "plan": plan.pk if plan else None},
+        )
