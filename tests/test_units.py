@@ -8,6 +8,7 @@ import time
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.utils.text import slugify
 
 from failback import plans
 from failback.models import FailbackSession, SessionDisk
@@ -35,13 +36,39 @@ def test_it_writes_sizes_in_binary_units():
         "5.0 TiB",
     ]
     assert binary_size(None) == "—" and rate(0) == "—" and rate(50 * MiB) == "50.0 MiB/s"
-    assert bandwidth_limit(None) == "none" and bandwidth_limit(3) == "2.9 MiB/s (set as 3 MB/s)"
-    assert bandwidth_limit(100) == "95.4 MiB/s (set as 100 MB/s)"
+    assert bandwidth_limit(None) == "none" and bandwidth_limit(3) == "2.9 MiB/s (set as 3 MB/s) on the data written"
+    assert bandwidth_limit(100) == "95.4 MiB/s (set as 100 MB/s) on the data written"
 
 
 def test_it_labels_the_chart_in_mib_per_second():
-    svg = throughput_chart([[0, 40 * MiB, 1], [10, 60 * MiB, 1]])
-    assert "peak 60.0 MiB/s over 10 s" in svg and ">MiB/s</text>" in svg and ">60</text>" in svg
+    svg = throughput_chart([[0, 40 * MiB, 1], [1, 60 * MiB, 1], [2, 30 * MiB, 1]])
+    assert "peak 60.0 MiB/s, latest 30.0 MiB/s over 2 s" in svg and ">MiB/s</text>" in svg and ">60</text>" in svg
+    assert "idle" not in svg  # data moved the whole time
+
+
+def polylines(svg):
+    return [
+        [tuple(map(float, point.split(","))) for point in found.split()]
+        for found in re.findall(r'<polyline points="([^"]+)"', svg)
+    ]
+
+
+def test_the_chart_draws_idle_time_idle():
+    """Phase 1, then ten minutes Ready to switch with nothing moving, then the switch: no slope from the
+    last rate of phase 1 to the first of phase 2 across the wait, but two runs with the wait at zero."""
+    phase1 = [[t, 40 * MiB, 1] for t in range(0, 60)]
+    switch = [[660 + t, 12 * MiB, 2] for t in range(0, 8)]
+    svg = throughput_chart(phase1 + switch)
+    lines = polylines(svg)
+    assert len(lines) == 2 and 'class="rate phase-1"' in svg and 'class="rate phase-2"' in svg, svg
+    baseline = lines[0][0][1]
+    for line in lines:  # each run rises from zero and falls back to it
+        assert line[0][1] == baseline and line[-1][1] == baseline, line
+    end_of_phase1, start_of_switch = lines[0][-1][0], lines[1][0][0]
+    gap = re.search(r'<rect x="([\d.]+)" y="10" width="([\d.]+)"[^>]*class="idle"', svg)
+    assert gap and float(gap.group(1)) == end_of_phase1, svg
+    assert abs(float(gap.group(1)) + float(gap.group(2)) - start_of_switch) < 0.2, svg
+    assert "idle 10 min 01 s" in svg and "peak 40.0 MiB/s, latest 12.0 MiB/s" in svg
 
 
 @pytest.mark.django_db
@@ -50,6 +77,10 @@ def test_it_shows_binary_units_on_every_page(lab, operator, admin_user):
     disk = session.disks.order_by("key").first()
     SessionDisk.objects.filter(pk=disk.pk).update(
         capacity_bytes=3 * GiB, bytes_total=3 * GiB, bytes_done=1536 * MiB, rate_bps=50 * MiB
+    )
+    second = session.disks.order_by("key").last()  # a phase-2 row: what it read and the changes it sent
+    SessionDisk.objects.filter(pk=second.pk).update(
+        phase=2, bytes_total=28 * MiB, bytes_done=28 * MiB, bytes_written=int(2.6 * MiB), rate_bps=MiB
     )
     now = time.time()
     FailbackSession.objects.filter(pk=session.pk).update(throughput=[[now - 10, 40 * MiB, 1], [now, 60 * MiB, 1]])
@@ -87,8 +118,10 @@ def test_it_shows_binary_units_on_every_page(lab, operator, admin_user):
         assert not decimal_units(html), f"{name} shows decimal units: {decimal_units(html)}"
     assert f"{disk.key} (3.0 GiB)" in pages["session"] and "1.5 GiB / 3.0 GiB" in pages["session"]
     assert "50.0 MiB/s" in pages["session"] and "peak 60.0 MiB/s" in pages["session"]
+    row = re.sub(r"<[^>]+>", " ", pages["session"].split(f'id="disk-{slugify(second.key)}"')[-1].split("</tr>")[0])
+    assert "28.0 MiB / 28.0 MiB" in row and "2.6 MiB written (changes sent)" in row, row  # as the log says it
     for name in ("session", "report"):
-        assert "2.9 MiB/s (set as 3 MB/s)" in pages[name], name
+        assert "2.9 MiB/s (set as 3 MB/s) on the data written" in pages[name], name
     assert re.search(r"\d [MG]iB", pages["replicas"]) and "(512.0 MiB of 1.0 GiB)" in pages["plan"]
     assert "50.0 MiB/s" in pages["dashboard"]
     assert "1 MB/s = 10^6 bytes/s" in pages["start"]  # the form says what the unit it asks for is

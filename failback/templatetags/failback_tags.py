@@ -61,30 +61,71 @@ def rate(bps):
 @register.filter
 def bandwidth_limit(mbps):
     """A session's bandwidth limit: set in MB/s (10^6 bytes/s), shown in MiB/s like every rate, with the
-    figure as it was typed: '2.9 MiB/s (set as 3 MB/s)'."""
+    figure as it was typed: '2.9 MiB/s (set as 3 MB/s) on the data written'. The limit holds back writes;
+    reading (a delta reads more than it writes) is not limited, so the read rate may be above it."""
     if not mbps:
         return "none"
-    return f"{mbps * 10**6 / 2**20:,.1f} MiB/s (set as {mbps} MB/s)"
+    return f"{mbps * 10**6 / 2**20:,.1f} MiB/s (set as {mbps} MB/s) on the data written"
+
+
+IDLE_GAP_S = 5.0  # samples come every second while data moves: a longer gap is time nothing moved
+
+
+def chart_runs(samples, gap=IDLE_GAP_S):
+    """The samples ([t, bytes/s, phase]) in time order, cut into runs of data moving; between two runs
+    nothing moved (phase 1 over and the switch not begun, or a pause), so the chart draws that time idle
+    at zero instead of a slope from one run's last rate to the next one's first."""
+    runs = []
+    for sample in sorted(samples, key=lambda s: s[0]):
+        if runs and sample[0] - runs[-1][-1][0] <= gap and sample[2:3] == runs[-1][-1][2:3]:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return runs
 
 
 @register.simple_tag
 def throughput_chart(samples, width=640, height=140):
-    """Server-rendered SVG of transfer rate over time (numbers only, so nothing to escape)."""
+    """Server-rendered SVG of transfer rate over time (numbers only, so nothing to escape): one line per
+    run of data moving, idle time between runs drawn at zero and marked, phase 2 in its own colour.
+    The peak and the latest figure are the same per-disk rates the disk table's Rate column shows."""
     from django.utils.safestring import mark_safe
 
     if not samples or len(samples) < 2:
         return mark_safe('<p class="muted">The chart appears once data is moving.</p>')
-    t0 = samples[0][0]
+    t0 = min(s[0] for s in samples)
     span = max(s[0] - t0 for s in samples) or 1
     top = max(s[1] for s in samples) or 1
     pad, w, h = 40, width - 50, height - 30
-    points = " ".join(f"{pad + (s[0] - t0) / span * w:.1f},{10 + h - s[1] / top * h:.1f}" for s in samples)
+    x = lambda t: pad + (t - t0) / span * w  # noqa: E731
+    y = lambda bps: 10 + h - bps / top * h  # noqa: E731
+    runs = chart_runs(samples)
+    parts, idle_s = [], 0.0
+    for i, run in enumerate(runs):
+        phase = run[0][2] if len(run[0]) > 2 else 1
+        points = [(x(run[0][0]), y(0))] + [(x(s[0]), y(s[1])) for s in run] + [(x(run[-1][0]), y(0))]
+        parts.append(
+            f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in points)}" class="rate phase-{phase}"/>'
+        )
+        if i + 1 < len(runs):  # nothing moved until the next run
+            start, end = run[-1][0], runs[i + 1][0][0]
+            idle_s += end - start
+            parts.append(
+                f'<rect x="{x(start):.1f}" y="10" width="{max(1.0, x(end) - x(start)):.1f}" height="{h}" class="idle"/>'
+                f'<text x="{x(start) + 4:.1f}" y="{10 + h / 2:.0f}" class="idle-label">idle {duration(end - start)}</text>'
+            )
+    latest = max(samples, key=lambda s: s[0])[1]
+    label = f"Throughput over time, peak {top / 2**20:.1f} MiB/s, latest {latest / 2**20:.1f} MiB/s over {span:.0f} s"
+    if idle_s:
+        label += f", of which {duration(idle_s)} idle"
     return mark_safe(
-        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="Throughput over time, peak {top / 2**20:.1f} MiB/s over {span:.0f} s">'
+        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{label}">'
         f'<line x1="{pad}" y1="{10 + h}" x2="{pad + w}" y2="{10 + h}" class="axis"/><line x1="{pad}" y1="10" x2="{pad}" y2="{10 + h}" class="axis"/>'
         f'<text x="2" y="16">{top / 2**20:.0f}</text><text x="2" y="{10 + h}">0</text>'
         f'<text x="{pad}" y="{height - 4}">0 s</text><text x="{pad + w - 40}" y="{height - 4}">{span:.0f} s</text>'
-        f'<text x="{pad + 6}" y="22">MiB/s</text><polyline points="{points}" class="rate"/></svg>'
+        f'<text x="{pad + 6}" y="22">MiB/s</text>{"".join(parts)}</svg>'
+        f'<p class="muted chart-note">Peak {top / 2**20:.1f} MiB/s, latest {latest / 2**20:.1f} MiB/s'
+        f"{f'; idle {duration(idle_s)} (nothing moved)' if idle_s else ''}.</p>"
     )
 
 
