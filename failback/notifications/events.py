@@ -1,8 +1,8 @@
 """The one place that decides what is worth telling: from audit rows, and from moments nobody clicks.
 
-``wanted(row)`` is asked by ``audit.audit()`` for every row it writes (a pure test on the row, no query):
-a row that tells something is handed to ``notify_audit`` after the step's transaction commits, in the
-worker. ``periodic()`` runs every minute beside the watchdog and finds the moments no audit row marks:
+``kind_of()`` is asked through ``hook.audited()`` for every audit row written (a pure test on the row,
+no query): a row that tells something, and that someone listens to, is handed to ``notify_audit`` in the
+worker after the step's transaction commits. ``periodic()`` runs every minute beside the watchdog and finds the moments no audit row marks:
 a session waiting for commit or undo for N minutes, a commit policy firing in N minutes, a pre-switch check
 failing before a scheduled switch. Each moment has a key, so a second look at it sends nothing twice.
 """
@@ -45,10 +45,6 @@ def kind_of(action, outcome, to_state, actor_id):
     if action == "switch" and outcome == Outcome.REFUSED and actor_id is None:
         return NotifyEvent.PRECHECK_FAILED  # an automatic (scheduled or after phase 1) switch the checks held back
     return None
-
-
-def wanted(row):
-    return row.session_id is not None and kind_of(row.action, row.outcome, row.to_state, row.actor_id) is not None
 
 
 def notify_audit(row_id):

@@ -10,20 +10,25 @@ import logging
 from django.db import transaction
 from django_q.tasks import async_task
 
-from .events import wanted
+from .events import kind_of
+from .routing import listening
 
 log = logging.getLogger(__name__)
 
 
 def audited(row):
-    if wanted(row):
-        transaction.on_commit(lambda: _queue(row.pk), robust=True)
+    kind = kind_of(row.action, row.outcome, row.to_state, row.actor_id) if row.session_id else None
+    if kind is not None:
+        transaction.on_commit(lambda: _queue(row.pk, kind), robust=True)
 
 
-def _queue(row_id):
+def _queue(row_id, kind):
+    """After commit: a task only when someone listens to this kind of event (no idle work for the workers)."""
     try:
+        if not listening(kind):
+            return
         async_task(
             "failback.notifications.tasks.notify_audit", row_id, task_name=f"notify-audit-{row_id}", group="notify"
         )
     except Exception:
-        log.warning("Notification of audit row %s not queued", row_id, exc_info=True)
+        log.warning("Notification of audit row %s not queued", row_id, exc_info=True)  # never the step's failure
