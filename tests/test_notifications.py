@@ -17,8 +17,8 @@ from django_q.conf import Conf
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
 
+from failback import automatic, workflow
 from failback import tasks as failback_tasks
-from failback import workflow
 from failback.choices import CommitPolicy, SessionStatus, SwitchMode
 from failback.models import AuditEvent, FailbackSession
 from failback.notifications import config, delivery, events, signing
@@ -205,6 +205,12 @@ def test_it_tells_the_moments_nobody_clicks_once_each(lab, operator, admin_user,
     # Thirty minutes later the waiting session is told again, and the other switched one for the first time.
     again = events.periodic(now=timezone.now() + timedelta(minutes=30))
     assert sorted(n.key for n in again) == sorted([f"waiting-{waiting.pk}-2", f"waiting-{policy.pk}-1"])
+    # The switch's moment comes with the host still in maintenance: the checks hold it back, and that is told.
+    FailbackSession.objects.filter(pk=scheduled.pk).update(switch_at=timezone.now() - timedelta(seconds=1))
+    automatic.scheduled_switch_due(scheduled.pk)
+    assert FailbackSession.objects.get(pk=scheduled.pk).status == SessionStatus.READY_TO_SWITCH
+    held = smtp.messages[-1]
+    assert held["event"] == "precheck_failed" and "blocked by the pre-switch checks" in held["body"]
 
 
 def test_it_tells_a_failure_with_its_reason_and_a_cancel(lab, operator, admin_user, smtp):
@@ -245,7 +251,9 @@ def test_only_administrators_manage_endpoints_and_see_deliveries(lab, operator, 
     assert not NotificationEndpoint.objects.exists()
     with pytest.raises(workflow.Refused):
         config.save_endpoint(viewer, NotificationEndpoint(name="x", kind="email", addresses="a@example.org"))
-    assert AuditEvent.objects.filter(action="notify_endpoint_saved", outcome="refused").count() == 1
+    with pytest.raises(workflow.Refused, match="http:// or https://"):
+        config.save_endpoint(admin_user, NotificationEndpoint(name="x", kind="webhook", url="ftp://127.0.0.1/x"))
+    assert AuditEvent.objects.filter(action="notify_endpoint_saved", outcome="refused").count() == 2
     port = free_port()
     endpoint = webhook(admin_user, f"http://127.0.0.1:{port}/hooks/dr", events=["started"])
     start(operator, replica_named("app-crm"))

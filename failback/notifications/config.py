@@ -37,8 +37,8 @@ def save_endpoint(actor, endpoint, *, secret=""):
     action = AuditAction.NOTIFY_ENDPOINT_SAVED
     _require_admin(actor, action)
     endpoint.events = _clean_events(endpoint.events, action=action, actor=actor)
-    if endpoint.kind == NotificationEndpoint.Kind.WEBHOOK and not endpoint.url:
-        refuse("A webhook needs a URL.", action=action, actor=actor)
+    if endpoint.kind == NotificationEndpoint.Kind.WEBHOOK and not endpoint.url.startswith(("http://", "https://")):
+        refuse("A webhook needs an http:// or https:// URL.", action=action, actor=actor)
     if endpoint.kind == NotificationEndpoint.Kind.EMAIL and not endpoint.addresses.strip():
         refuse("An e-mail endpoint needs at least one address.", action=action, actor=actor)
     created = endpoint.pk is None
