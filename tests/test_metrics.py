@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 from django.test import Client
 from django.utils import timezone
 from django_q.brokers import get_broker
@@ -157,3 +158,4 @@ async def test_it_counts_the_websockets_open_on_this_process(lab, operator, toke
     for ws in sockets:
         await ws.disconnect()
     assert await open_now() == before
+    await sync_to_async(connections.close_all)()  # the thread the consumers and this test read the database in
