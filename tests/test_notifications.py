@@ -16,6 +16,9 @@ from django.utils import timezone
 from django_q.conf import Conf
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
+from hypothesis import given
+from hypothesis import settings as settings_hypothesis
+from hypothesis import strategies as st
 
 from failback import automatic, workflow
 from failback import tasks as failback_tasks
@@ -194,6 +197,8 @@ def test_it_tells_the_moments_nobody_clicks_once_each(lab, operator, admin_user,
     lab.set_host_state("esx-prod-01", "maintenance")
     failback_tasks.readiness()  # the every-minute readiness job re-runs the switch checks
     smtp.messages.clear()
+    schedule = Schedule.objects.get(name="failback-notifications")  # the worker's every-minute look
+    assert schedule.func == "failback.notifications.tasks.periodic" and schedule.minutes == 1
     told = events.periodic()
     assert events.periodic() == []  # a second look tells nothing twice
     assert sorted(n.event for n in told) == ["policy_soon", "precheck_failed", "waiting"]
@@ -238,7 +243,40 @@ def test_it_tells_a_failure_with_its_reason_and_a_cancel(lab, operator, admin_us
     assert "Reason: " in mail["body"] and failed.error.split(": ", 1)[-1] in mail["body"]
 
 
+def test_a_mail_server_that_is_down_costs_the_failback_nothing(lab, operator, settings, fast_retries):
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()  # nothing listens
+    config.set_subscription(operator, ["started", "switch_finished", "committed"], email="olivia@example.org")
+    session = start(operator, replica_named("app-crm"), switch_mode=SwitchMode.AUTO)
+    workflow.commit(operator, session.pk)
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.COMMITTED
+    waiting = Delivery.objects.order_by("pk")
+    assert [d.status for d in waiting] == ["retrying"] * 3 and all(d.channel == "email" for d in waiting)
+    assert all("ConnectionRefusedError" in d.attempt_rows.get().error for d in waiting)
+    with SmtpServer() as server:  # the mail server is back: the retries get through
+        settings.EMAIL_PORT = server.port
+        fire_due_retries()
+    assert [m["event"] for m in server.mailbox.messages] == ["started", "switch_finished", "committed"]
+    assert [d.status for d in Delivery.objects.all()] == ["delivered"] * 3
+
+
+@settings_hypothesis(max_examples=50, deadline=None)
+@given(secret=st.text(min_size=1, max_size=40), body=st.binary(max_size=300), flip=st.integers(min_value=0))
+def test_a_signature_checks_out_only_for_the_same_secret_timestamp_and_bytes(secret, body, flip):
+    ts = 1_800_000_000
+    sig = signing.sign(secret, ts, body)
+    assert signing.verify(secret, str(ts), sig, body, now=ts)
+    assert not signing.verify(secret, str(ts + 1), sig, body, now=ts)  # another timestamp
+    assert not signing.verify(secret + "x", str(ts), sig, body, now=ts)
+    if body:
+        i = flip % len(body)
+        changed = body[:i] + bytes([body[i] ^ 1]) + body[i + 1 :]
+        assert not signing.verify(secret, str(ts), sig, changed, now=ts)
+
+
 def test_only_administrators_manage_endpoints_and_see_deliveries(lab, operator, viewer, admin_user, client):
+    client.force_login(viewer)
+    assert client.get(reverse("failback:my_notifications")).status_code == 200  # everyone chooses their own
     client.force_login(operator)
     for name in ("notify_endpoints", "notify_endpoint_new", "notify_deliveries"):
         assert client.get(reverse(f"failback:{name}")).status_code == 403
