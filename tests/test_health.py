@@ -236,13 +236,21 @@ class Portal:
 
     def start(self):
         self.manage("migrate", "--noinput")
-        self.spawn("qcluster", [sys.executable, "manage.py", "qcluster"])
+        self.start_cluster()
         web = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "dr_portal.asgi:application"]
         self.spawn("daphne", web)
         _wait(lambda: _connects(self.port), "Daphne to listen")
         # The watchdog's task, queued through the broker and run by the cluster's worker, as the scheduler
         # does every minute (its first round comes only 30 s after the cluster starts).
         self.manage("shell", "-c", "from django_q.tasks import async_task; async_task('failback.tasks.watchdog')")
+
+    def start_cluster(self):
+        self.spawn("qcluster", [sys.executable, "manage.py", "qcluster"])
+        self.cluster = self.procs[-1]
+
+    def kill_cluster(self):
+        os.killpg(self.cluster.pid, signal.SIGKILL)  # the node's whole cluster: sentinel, pusher, workers
+        self.cluster.wait(10)
 
     def ready(self, expected):
         """Wait until /readyz answers ``expected`` (200 or 503); the last answer."""
@@ -302,7 +310,7 @@ def own_services():
 
 @pytest.mark.process
 @pytest.mark.faults
-def test_it_turns_unready_when_postgresql_or_redis_stops_and_ready_when_back(own_services):
+def test_it_turns_unready_when_postgresql_redis_or_the_workers_stop_and_ready_when_back(own_services):
     postgres, redis, portal = own_services
     assert portal.ready(200) == {
         "status": "ready",
@@ -326,3 +334,10 @@ def test_it_turns_unready_when_postgresql_or_redis_stops_and_ready_when_back(own
     redis.start()
     back = portal.ready(200)
     assert back["checks"] == {"database": "ok", "channel_layer": "ok", "broker": "ok", "worker_and_scheduler": "ok"}
+
+    # The node's workers die: their cluster's status expires from Redis within seconds, long before the
+    # watchdog's row grows old.
+    portal.kill_cluster()
+    assert portal.ready(503)["checks"]["worker_and_scheduler"] == "no cluster running"
+    portal.start_cluster()
+    assert portal.ready(200)["status"] == "ready"
