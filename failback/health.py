@@ -6,9 +6,10 @@ cache), so a node whose database is down is still alive and is not restarted for
 ``/readyz`` says the node can do its work: the database answers, the channel layer carries a message,
 django-q2's broker answers, and a worker and the scheduler were seen recently. django-health-check runs
 the probes (concurrently, each with its own time limit, an unexpected error logged here and shown as
-a plain "unavailable"); the checks themselves are ours because each has to drop its connection after
-the probe (a connection kept by the probe's thread would stay broken after a database restart) and the
-answer must say nothing an anonymous caller should not learn: no host, no version, no error text.
+a plain "unavailable"); the checks themselves are ours because the answer must say nothing an anonymous
+caller should not learn (the package's database check repeats the driver's error, which names the server's
+address and port) and because a probe that uses the ORM from the package's threads must close its
+connection afterwards (one kept by such a thread would stay broken after a database restart).
 
 "A worker and the scheduler seen": the scheduler queues the watchdog every minute and a worker runs it,
 and the watchdog writes ``SchedulerClock`` (checks.record_scheduler_clock), in the database every node
