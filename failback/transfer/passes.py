@@ -66,6 +66,9 @@ class Hashed:
     new: dict[int, bytes] = dataclasses.field(default_factory=dict)  # delta: grain -> new source leaf
     plans: dict[int, list[tuple[int, int]] | None] = dataclasses.field(default_factory=dict)  # None: punch
     spare: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: zero pages to give back
+    writes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to write
+    zeros: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to punch
+    zero_grains: int = 0  # delta: bytes of the grains punched whole
     target_read: int = 0
 
 
