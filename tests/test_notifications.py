@@ -296,6 +296,23 @@ def test_only_administrators_manage_endpoints_and_see_deliveries(lab, operator, 
     endpoint = webhook(admin_user, f"http://127.0.0.1:{port}/hooks/dr", events=["started"])
     start(operator, replica_named("app-crm"))
     client.force_login(admin_user)
+    listing = client.get(reverse("failback:notify_endpoints")).content.decode()
+    assert endpoint.name in listing and endpoint.url in listing
+    edit = client.get(reverse("failback:notify_endpoint", args=[endpoint.pk])).content.decode()
+    assert "s3cret-for-tests" not in edit and endpoint.secret_encrypted not in edit  # never rendered back
+    changed = client.post(
+        reverse("failback:notify_endpoint", args=[endpoint.pk]),
+        {
+            "name": endpoint.name,
+            "kind": "webhook",
+            "url": endpoint.url,
+            "events": ["started", "failed"],
+            "active": "on",
+        },
+    )
+    assert changed.status_code == 302
+    endpoint.refresh_from_db()
+    assert endpoint.events == ["started", "failed"] and endpoint.reveal_secret() == "s3cret-for-tests"  # kept
     page = client.get(reverse("failback:notify_deliveries")).content.decode()
     assert "ConnectionRefusedError" in page and "Retrying" in page and endpoint.name in page
     assert client.post(reverse("failback:notify_endpoint_delete", args=[endpoint.pk])).status_code == 302
