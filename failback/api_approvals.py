@@ -5,12 +5,16 @@ of acting; another person then approves it here and it runs as the requester's (
 """
 
 from datetime import datetime
+from typing import Annotated
 
-from ninja import Field, Router, Schema
+from ninja import Field, Path, Router, Schema
 
 from . import approvals
-from .api_schemas import Reason
+from .api_schemas import DB_INT_MAX, Error, Reason, ValidationProblem
 from .models import ApprovalRequest
+
+RequestId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An approval request's id")]
+DECIDE = {401: Error, 403: Error, 400: Error, 409: Error, 413: Error, 422: ValidationProblem}
 
 
 class ApprovalOut(Schema):
@@ -54,7 +58,11 @@ def out(request, detail=""):
 router = Router(tags=["approvals"])
 
 
-@router.get("", response=list[ApprovalOut], summary="Approval requests: waiting ones first, then the last 100 decided")
+@router.get(
+    "",
+    response={200: list[ApprovalOut], 401: Error},
+    summary="Approval requests: waiting ones first, then the last 100 decided",
+)
 def list_approvals(request):
     approvals.expire_due()
     rows = ApprovalRequest.objects.select_related("requested_by", "decided_by")
@@ -63,14 +71,16 @@ def list_approvals(request):
     return [out(r) for r in pending + decided]
 
 
-@router.post("/{request_id}/approve", response={200: ApprovalOut}, summary="Approve a request: its action runs now")
-def approve(request, request_id: int, body: DecisionIn):
+@router.post(
+    "/{request_id}/approve", response={200: ApprovalOut, **DECIDE}, summary="Approve a request: its action runs now"
+)
+def approve(request, request_id: RequestId, body: DecisionIn):
     row = approvals.approve(request.auth, request_id, reason=body.reason)
     return out(row, row.result)
 
 
 @router.post(
-    "/{request_id}/reject", response={200: ApprovalOut}, summary="Reject (or, as its requester, withdraw) a request"
+    "/{request_id}/reject", response={200: ApprovalOut, **DECIDE}, summary="Reject (or, as its requester, withdraw) a request"
 )
-def reject(request, request_id: int, body: DecisionIn):
+def reject(request, request_id: RequestId, body: DecisionIn):
     return out(approvals.reject(request.auth, request_id, reason=body.reason))

@@ -145,7 +145,7 @@ def _why_not(actor, request, verb):
         return "There is no such approval request."
     if request.status != Status.PENDING:
         who = f" by {actor_name(request.decided_by)}" if request.decided_by_id else ""
-        return f"Request #{request.pk} is already {request.get_status_display().lower()}{who}: nothing to {verb}."
+        return f"Request #{request.pk} was already decided{who} ({request.get_status_display().lower()}): nothing to {verb}."
     if verb == "approve" and request.requested_by_id == actor.pk:
         return f"You asked for request #{request.pk}: a second person must approve it."
     return None

@@ -7,10 +7,12 @@ so the whole run stays well under a minute.
 """
 
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 import requests
 import schemathesis
+from django.utils import timezone
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -24,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from failback import connections, plans, tokens
-from failback.models import VCenterConnection
+from failback.models import ApprovalRequest, VCenterConnection
 
 from .browser_support import Portal, server_env
 from .conftest import make_user
@@ -33,7 +35,7 @@ from .security_support import closed_port
 
 pytestmark = [pytest.mark.api, pytest.mark.django_db(databases="__all__", transaction=True)]
 
-EXAMPLES = 6  # per operation and mode: 30 operations x 2 modes x 6 requests
+EXAMPLES = 6  # per operation and mode: 34 operations x 2 modes x 6 requests
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -71,6 +73,14 @@ def live_api(lab, settings, tmp_path):
             }
         ],
     ).pk
+    # A switch asked for by someone else and waiting for approval: approve and reject reach a real request.
+    ids["request_id"] = ApprovalRequest.objects.create(
+        session_id=ids["session_id"],
+        action="switch",
+        params={"reason": "schemathesis"},
+        requested_by=make_user("rita", "Operator"),
+        expires_at=timezone.now() + timedelta(hours=1),
+    ).pk
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     server = Portal(env=server_env(settings), log_dir=log_dir)
@@ -90,7 +100,7 @@ def test_it_holds_to_its_schema_under_generated_requests(live_api):
     config = schemathesis.Config.from_dict({"generation": {"allow-extra-parameters": False}})
     schema = schemathesis.openapi.from_url(f"{url}/api/v1/schema/", config=config)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 30
+    assert len(operations) == 34
     failures, seen = {}, Counter()
     http = requests.Session()
     http.hooks["response"].append(
@@ -133,6 +143,6 @@ def test_it_publishes_a_schema_that_names_every_operation(live_api):
     url, _, _ = live_api
     published = requests.get(f"{url}/api/v1/schema/", timeout=10).json()
     operations = {(method.upper(), path) for path, item in published["paths"].items() for method in item}
-    assert len(operations) == 30
+    assert len(operations) == 34
     assert all(item[m].get("security") == [{"BearerToken": []}] for item in published["paths"].values() for m in item)
     assert requests.get(f"{url}/api/v1/replicas", timeout=10).status_code == 401
