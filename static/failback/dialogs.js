@@ -83,5 +83,6 @@
   };
   document.addEventListener("DOMContentLoaded", tick);
   document.addEventListener("htmx:afterSettle", tick);
+  document.addEventListener("htmx:oobAfterSwap", tick); // the live fragments redraw the server's own wording
   setInterval(tick, 1000);
 })();
