@@ -89,7 +89,23 @@ def gate(actor, action, session_id, **params):
     raise ApprovalRequested(_ask(actor, session, action, stored))
 
 
-def _ask(actor, session, action, params):
+def hold(session, action, detail, **params):
+    """The portal's own moment for ``action`` (an automatic or scheduled switch, the commit policy): True
+    when it must wait because the action needs approval (a request by the portal then waits, made once,
+    and the page says so); False to act now."""
+    if running() is not None or not required(session, action):
+        return False
+    # Once per moment: a request the portal made and someone then rejected (or let expire) is not made
+    # again at the watchdog's next round; a person acts instead.
+    if not ApprovalRequest.objects.filter(session=session, action=action, requested_by=None).exists():
+        try:
+            _ask(None, session, action, {"detail": detail, **params}, by_portal=True)
+        except Refused:  # made at the same moment by another run of this step
+            pass
+    return True
+
+
+def _ask(actor, session, action, params, by_portal=False):
     reason = params.get("reason", "")
     expires = timezone.now() + timedelta(minutes=settings.FAILBACK_APPROVAL_MINUTES)
     try:
@@ -104,8 +120,12 @@ def _ask(actor, session, action, params):
                 session=session,
                 from_state=session.status,
                 to_state=session.status,
-                detail=f"{request.get_action_display()} asked for, waiting for a second person's approval (request #{request.pk})"
-                + (f": {reason}" if reason else ""),
+                detail=(
+                    f"{params['detail']}: waiting for a person's approval (request #{request.pk}); nothing is done until then"
+                    if by_portal
+                    else f"{request.get_action_display()} asked for, waiting for a second person's approval "
+                    f"(request #{request.pk})" + (f": {reason}" if reason else "")
+                ),
                 data={"request": request.pk, "action": action, "params": params, "expires_at": expires.isoformat()},
             )
             return request
@@ -171,12 +191,29 @@ def approve(actor, request_id, *, reason=""):
     request = _decide(actor, request_id, "approve", reason)
     try:
         with _run_as_approved(request):
-            _services()[request.action](request.requested_by, request.session_id, **request.params)
+            if request.requested_by_id is None:  # the portal's own moment, held for approval
+                _run_portal_action(request)
+            else:
+                _services()[request.action](request.requested_by, request.session_id, **request.params)
         request.result = "done"
     except Refused as refused:  # the session moved on meanwhile: the service's refusal is in the trail
         request.status, request.result = Status.FAILED, refused.message
     request.save(update_fields=["status", "result"])
     return request
+
+
+def _run_portal_action(request):
+    """What the portal would have done at its moment, done now that someone approved it."""
+    from . import workflow
+
+    why = f"{request.params.get('detail', request.get_action_display())}, approved by {actor_name(request.decided_by)}"
+    data = {k: v for k, v in request.params.items() if k != "detail"}
+    if request.action == Approvable.SWITCH:
+        workflow.begin_switch(request.session_id, actor=None, detail=why, data=data)
+    else:
+        workflow.transition(
+            request.session_id, request.action, detail=why, data=data, then=workflow.finalise(request.action)
+        )
 
 
 def reject(actor, request_id, *, reason=""):

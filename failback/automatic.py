@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from . import plans
+from . import approvals, plans
 from .audit import Refused, audit
 from .choices import SCHEDULABLE, CommitPolicy, Outcome, SessionStatus, SwitchMode
 from .models import FailbackSession
@@ -26,9 +26,12 @@ def after_phase1(session_id):
     if session.status != SessionStatus.READY_TO_SWITCH:
         return
     if session.switch_mode == SwitchMode.AUTO:
-        begin_switch(session_id, actor=None, detail="Automatic switch after phase 1", data={"trigger": "auto"})
+        if not approvals.hold(session, "switch", "Automatic switch after phase 1", trigger="auto"):
+            begin_switch(session_id, actor=None, detail="Automatic switch after phase 1", data={"trigger": "auto"})
     elif session.switch_mode == SwitchMode.SCHEDULED and session.switch_at and session.switch_at <= timezone.now():
         late = (timezone.now() - session.switch_at).total_seconds()
+        if approvals.hold(session, "switch", "Scheduled switch due", trigger="scheduled"):
+            return
         begin_switch(
             session_id,
             actor=None,
@@ -74,6 +77,10 @@ def scheduled_switch_due(session_id):
         return
     late = round((now - session.switch_at).total_seconds(), 1)  # one figure for the text and the data
     is_late = late > SCHEDULE_LATE_AFTER_S
+    if approvals.hold(
+        session, "switch", f"Scheduled switch due {session.switch_at:%Y-%m-%d %H:%M:%S %Z}", trigger="scheduled"
+    ):
+        return
     begin_switch(
         session_id,
         actor=None,
@@ -105,6 +112,8 @@ def commit_policy_due(session_id):
         return None
     step = "commit" if session.commit_policy == CommitPolicy.AUTO_COMMIT else "undo"
     late = (timezone.now() - session.policy_due_at).total_seconds()
+    if approvals.hold(session, step, f"Automatic {step} by the commit policy", trigger="commit_policy"):
+        return None
     try:
         return transition(
             session.pk,

@@ -14,7 +14,7 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from failback import approvals, plans, workflow
+from failback import approvals, automatic, plans, workflow
 from failback.choices import AuditAction, Outcome, SessionStatus, SwitchMode
 from failback.models import ApprovalRequest, AuditEvent, FailbackSession
 from failback.workflow import Refused
@@ -184,3 +184,30 @@ def test_the_approvals_page_lets_another_operator_approve_and_hides_the_button_f
     assert f"Approve #{request.pk}: Commit" in other.get("/approvals/").content.decode()
     other.post(f"/approvals/{request.pk}/approve/", {"reason": "fine"})
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.COMMITTED
+
+
+def test_the_portals_own_moments_wait_for_a_person_and_run_once_approved(lab, operator, second, admin_user):
+    approvals.set_rule(admin_user, "switch")
+    session = start(operator, replica_named("app-crm"), switch_mode=SwitchMode.AUTO)
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH  # held, not switched
+    (request,) = ApprovalRequest.objects.filter(session=session, action="switch")
+    assert request.requested_by is None and request.status == Status.PENDING
+    (asked,) = rows(session, AuditAction.REQUEST_APPROVAL)
+    assert asked.detail.startswith("Automatic switch after phase 1: waiting for a person's approval")
+    approvals.approve(operator, request.pk)  # the portal asked: any Operator may approve
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
+    (switch,) = [r for r in rows(session, AuditAction.SWITCH) if r.outcome == Outcome.OK]
+    assert switch.actor is None and switch.data["approved_by"] == operator.username
+
+    approvals.set_rule(admin_user, "commit")
+    FailbackSession.objects.filter(pk=session.pk).update(
+        commit_policy="auto_commit", commit_after_min=1, policy_due_at=timezone.now() - timedelta(seconds=5)
+    )
+    for _ in range(2):  # the scheduler, then the watchdog's next round: one request
+        assert automatic.commit_policy_due(session.pk) is None
+    (policy,) = ApprovalRequest.objects.filter(session=session, action="commit")
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
+    approvals.reject(second, policy.pk, reason="the app owner wants a day more")
+    automatic.commit_policy_due(session.pk)
+    assert ApprovalRequest.objects.filter(session=session, action="commit").count() == 1  # not asked again
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
