@@ -1,6 +1,7 @@
 """Accessibility as a test: every page of the portal, checked in Chromium with axe-core, has no serious or
 critical violation, in the states an admin sees it (a session queued, in phase 1, ready to switch with
-its predicted downtime, in Failback with the measured one, ended). Also on the session page: the note
+its predicted downtime, in Failback with the measured one, ended; the wizard's review step; the action
+dialogs open). Also on the session page: the note
 "Failback #N started." goes once the live page shows the session ended.
 
 The portal here is Daphne alone, without a worker: the sessions are put in each state by the test, so
@@ -141,6 +142,9 @@ def test_every_page_has_no_serious_accessibility_violation(browser, web):  # noq
     page = login(new_page(browser, web.url), ada)
     try:
         check(page, found, "wizard", f"/replicas/{replica_named('web-01').pk}/failback/")  # while all are in Failover
+        page.get_by_role("button", name="Review the failback").click()
+        expect(page.get_by_role("button", name="Start failback")).to_be_visible()
+        found["wizard, review step"] = axe_violations(page)
         sessions = off_loop(sessions_in_every_state, ada)  # the workflow's live nudges need a thread without a loop
         plan = off_loop(a_plan, ada)
         connection = VCenterConnection.objects.create(name="vc-lab", host="vcenter.example.test", username="reader")
@@ -161,6 +165,11 @@ def test_every_page_has_no_serious_accessibility_violation(browser, web):  # noq
         }
         for name, url in pages.items():
             check(page, found, name, url)
+        for name, button in (("ready", "Switch now"), ("failback", "Undo")):  # the action dialogs, open
+            page.goto(f"/sessions/{sessions[name]}/")
+            page.get_by_role("button", name=button).first.click()
+            expect(page.locator("dialog[open]")).to_be_visible()
+            found[f"session ({name}), {button} dialog"] = axe_violations(page)
         assert not page.js_errors, page.js_errors
     finally:
         page.context.close()
