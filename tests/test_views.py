@@ -219,3 +219,51 @@ def test_it_shows_the_vms_live_power_state_beside_the_replica_state(lab, operato
     page = logged_in(operator).get(reverse("failback:replicas")).content.decode()
     row = page.split(f'id="replica-{replica.pk}"')[1].split("</tr>")[0]
     assert "Failover" in row and "poweredOff" in row
+
+
+def start_form(replica, **fields):
+    form = {
+        "vm_name": "app-crm-01",
+        "target_host": "esx-prod-01",
+        "target_datastore": "prod-ds-01",
+        "switch_mode": SwitchMode.MANUAL,
+        "power_on_after": "on",
+        **{f"net_{n}": target for n, target in zip(("nic0", "nic1"), network_map(replica).values(), strict=False)},
+    }
+    return {**form, **fields}
+
+
+def test_it_reviews_a_start_before_it_starts_and_keeps_the_choices_to_change_them(lab, operator):
+    replica = replica_named("app-crm")
+    client = logged_in(operator)
+    url = reverse("failback:start", args=[replica.pk])
+    review = client.post(url, start_form(replica, step="review", reason="CHG-3")).content.decode()
+    assert "Review the failback of app-crm-01_replica" in review and not FailbackSession.objects.exists()
+    assert 'name="step" value="start"' in review and 'type="hidden" name="reason" value="CHG-3"' in review
+    back = client.post(url, start_form(replica, step="edit", reason="CHG-3")).content.decode()
+    assert 'name="step" value="review"' in back and 'value="CHG-3"' in back and not FailbackSession.objects.exists()
+    response = client.post(url, start_form(replica, step="start", reason="CHG-3"))
+    assert response.status_code == 302 and FailbackSession.objects.get().reason == "CHG-3"
+
+
+def test_it_offers_and_takes_production_hosts_only(lab, operator):
+    replica = replica_named("app-crm")
+    client = logged_in(operator)
+    url = reverse("failback:start", args=[replica.pk])
+    page = client.get(url).content.decode()
+    assert 'value="esx-prod-01"' in page and 'value="esx-dr-01"' not in page and 'value="esx-dr-02"' not in page
+    response = client.post(url, start_form(replica, target_host="esx-dr-01", step="review"))
+    assert response.status_code == 400 and "Select a valid choice" in response.content.decode()
+    assert not FailbackSession.objects.exists()
+
+
+def test_the_schedule_dialog_restates_the_time_and_refuses_to_confirm_a_bad_one(session, operator):
+    client = logged_in(operator)
+    url = reverse("failback:action", args=[session.pk, "schedule"])
+    when = timezone.localtime() + timedelta(hours=5)
+    dialog = client.get(url, {"switch_at": when.strftime("%Y-%m-%dT%H:%M")}, HTTP_HX_REQUEST="true").content.decode()
+    assert f"At {when:%Y-%m-%d %H:%M}" in dialog and "Schedule the switch</button>" in dialog
+    assert f'name="switch_at" value="{when:%Y-%m-%dT%H:%M}"' in dialog  # sent on with the confirmation
+    bad = client.get(url, {"switch_at": "tomorrow-ish"}, HTTP_HX_REQUEST="true").content.decode()
+    assert "Enter a valid date/time" in bad and "Schedule the switch</button>" not in bad
+    assert FailbackSession.objects.get(pk=session.pk).switch_mode == SwitchMode.MANUAL
