@@ -131,6 +131,9 @@ def test_it_shows_binary_units_on_every_page(lab, operator, admin_user):
 def test_it_writes_the_event_log_in_binary_units(lab, operator, admin_user):
     session = start(operator, replica_named("db-sql"))
     wait_for(lambda: FailbackSession.objects.get(pk=session.pk).status == "ready_to_switch", what="phase 1 to finish")
+    samples = {s[1] for s in FailbackSession.objects.get(pk=session.pk).throughput}
+    for disk in session.disks.all():  # each pass's last rate is on the chart, as the Rate column shows it
+        assert disk.rate_bps > 0 and round(disk.rate_bps) in samples, (disk.key, disk.rate_bps, samples)
     texts = [e.detail for e in session.events.all()]
     copied = [t for t in texts if " read, " in t and " written in " in t]
     assert copied and all(re.search(r"\d MiB read, [\d.,]+ MiB written", t) for t in copied), texts

@@ -53,7 +53,9 @@ class ProgressSink:
                 self.cancel.set()  # the engine stops at its next block; the run then raises LeaseLost
                 return
             now = time.time()
-            if now - self.last_sample >= SAMPLE_EVERY:
+            # A pass's last report is always kept: a pass shorter than a sample interval would leave
+            # only its first (rate 0) and the chart would disagree with the rate column.
+            if now - self.last_sample >= SAMPLE_EVERY or p.bytes_done >= p.bytes_total:
                 self.last_sample = now
                 self.samples = (self.samples + [[round(now, 1), round(p.rate_bps), self.disk.phase]])[-MAX_SAMPLES:]
                 fields["throughput"] = self.samples
