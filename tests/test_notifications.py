@@ -322,11 +322,17 @@ def test_only_administrators_manage_endpoints_and_see_deliveries(lab, operator, 
 
 
 @pytest.mark.process
-def test_the_worker_delivers_and_retries_while_it_runs_the_failback(lab, operator, admin_user, settings, monkeypatch):
+def test_the_worker_delivers_and_retries_while_it_runs_the_failback(
+    lab, operator, admin_user, settings, monkeypatch, tmp_path
+):
     monkeypatch.setattr(Conf, "SYNC", False)  # a real qcluster process runs every step and every delivery
     receiver = WebhookReceiver(secret="s3cret-for-tests", fail_first=1).start()
+    log = tmp_path / "cluster.log"
     cluster = start_cluster(
-        settings, FAILBACK_NOTIFY_RETRY_S="0.5", FAILBACK_CREDENTIALS_KEYS=",".join(settings.FAILBACK_CREDENTIALS_KEYS)
+        settings,
+        log,
+        FAILBACK_NOTIFY_RETRY_S="0.5",
+        FAILBACK_CREDENTIALS_KEYS=",".join(settings.FAILBACK_CREDENTIALS_KEYS),
     )
     try:
         webhook(admin_user, receiver.url, events=["started", "ready_to_switch", "switch_started", "switch_finished"])
@@ -342,6 +348,7 @@ def test_the_worker_delivers_and_retries_while_it_runs_the_failback(lab, operato
     finally:
         kill_cluster(cluster)
         receiver.stop()
+        print(log.read_text()[-4000:])
     assert sorted(set(receiver.events())) == ["ready_to_switch", "started", "switch_finished", "switch_started"]
     assert all(r["valid"] for r in receiver.requests)
     assert [d.status for d in Delivery.objects.all()] == ["delivered"] * 4
