@@ -12,7 +12,14 @@ from django.utils.text import slugify
 
 from failback import plans
 from failback.models import FailbackSession, SessionDisk
-from failback.templatetags.failback_tags import bandwidth_limit, binary_size, rate, throughput_chart
+from failback.templatetags.failback_tags import (
+    bandwidth_limit,
+    binary_size,
+    disk_rate,
+    rate,
+    throughput_chart,
+    written_apart,
+)
 
 from .conftest import wait_for
 from .helpers import network_map, replica_named, start
@@ -44,6 +51,20 @@ def test_it_labels_the_chart_in_mib_per_second():
     svg = throughput_chart([[0, 40 * MiB, 1], [1, 60 * MiB, 1], [2, 30 * MiB, 1]])
     assert "peak 60.0 MiB/s, latest 30.0 MiB/s over 2 s" in svg and ">MiB/s</text>" in svg and ">60</text>" in svg
     assert "idle" not in svg  # data moved the whole time
+
+
+def test_a_rate_under_a_limit_does_not_read_above_it():
+    """1 MB/s is 0.95 MiB/s: a copy paced to it shows at most that, and the chart draws the limit; a delta,
+    which reads more than it writes, shows its read rate with what it wrote beside it."""
+    copy = SessionDisk(phase=1, rate_bps=1.03 * 10**6, bytes_done=50 * MiB, bytes_written=50 * MiB)
+    assert disk_rate(copy, 1) == "1.0 MiB/s" and disk_rate(copy, None) == "1.0 MiB/s"
+    assert rate(1.03 * 10**6) == "1.0 MiB/s" and disk_rate(copy, 1) == rate(10**6) == "1.0 MiB/s"
+    fast = SessionDisk(phase=1, rate_bps=1.3 * MiB, bytes_done=50 * MiB, bytes_written=50 * MiB)
+    assert disk_rate(fast, 1) == "1.0 MiB/s" and disk_rate(fast, None) == "1.3 MiB/s"
+    delta = SessionDisk(phase=2, rate_bps=1.3 * MiB, bytes_done=28 * MiB, bytes_written=int(2.6 * MiB))
+    assert disk_rate(delta, 1) == "1.3 MiB/s" and written_apart(delta) and not written_apart(fast)
+    svg = throughput_chart([[0, 0.9 * MiB, 1], [1, 0.95 * MiB, 1]], 1)
+    assert 'class="limit"' in svg and "limit 1.0 MiB/s" in svg, svg
 
 
 def polylines(svg):

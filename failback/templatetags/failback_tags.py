@@ -59,6 +59,24 @@ def rate(bps):
 
 
 @register.filter
+def disk_rate(disk, limit_mbps):
+    """A disk's read rate as its row shows it. Under a bandwidth limit, a pass that writes what it reads
+    (phase 1's copy) runs at the limit on average; its rate, measured over the last few seconds, can read a
+    few per cent above it (a block is read before its paced write), which is shown as the limit."""
+    bps = disk.rate_bps
+    if bps and limit_mbps and disk.phase == 1 and disk.bytes_written >= 0.95 * disk.bytes_done:
+        bps = min(bps, limit_mbps * 10**6)
+    return rate(bps)
+
+
+@register.filter
+def written_apart(disk):
+    """Whether a disk's bytes written differ enough from its bytes read to be shown beside them: a delta
+    (phase 2, catch-ups) or a copy that skips blocks already there; not the rounding of a plain copy."""
+    return disk.phase == 2 or disk.bytes_written < 0.98 * disk.bytes_done
+
+
+@register.filter
 def bandwidth_limit(mbps):
     """A session's bandwidth limit: set in MB/s (10^6 bytes/s), shown in MiB/s like every rate, with the
     figure as it was typed: '2.9 MiB/s (set as 3 MB/s) on the data written'. The limit holds back writes;
@@ -85,7 +103,7 @@ def chart_runs(samples, gap=IDLE_GAP_S):
 
 
 @register.simple_tag
-def throughput_chart(samples, width=640, height=140):
+def throughput_chart(samples, limit_mbps=None, width=640, height=140):
     """Server-rendered SVG of transfer rate over time (numbers only, so nothing to escape): one line per
     run of data moving, idle time between runs drawn at zero and marked, phase 2 in its own colour.
     The peak and the latest figure are the same per-disk rates the disk table's Rate column shows."""
@@ -95,7 +113,9 @@ def throughput_chart(samples, width=640, height=140):
         return mark_safe('<p class="muted">The chart appears once data is moving.</p>')
     t0 = min(s[0] for s in samples)
     span = max(s[0] - t0 for s in samples) or 1
-    top = max(s[1] for s in samples) or 1
+    peak = max(s[1] for s in samples)
+    limit = limit_mbps * 10**6 if limit_mbps else None
+    top = max(peak, limit or 0) or 1
     pad, w, h = 40, width - 50, height - 30
     x = lambda t: pad + (t - t0) / span * w  # noqa: E731
     y = lambda bps: 10 + h - bps / top * h  # noqa: E731
@@ -114,8 +134,13 @@ def throughput_chart(samples, width=640, height=140):
                 f'<rect x="{x(start):.1f}" y="10" width="{max(1.0, x(end) - x(start)):.1f}" height="{h}" class="idle"/>'
                 f'<text x="{x(start) + 4:.1f}" y="{10 + h / 2:.0f}" class="idle-label">idle {duration(end - start)}</text>'
             )
+    if limit:  # the bandwidth limit, which holds the data written at or under it on average
+        parts.append(
+            f'<line x1="{pad}" y1="{y(limit):.1f}" x2="{pad + w}" y2="{y(limit):.1f}" class="limit"/>'
+            f'<text x="{pad + w - 120}" y="{y(limit) - 3:.1f}">limit {limit / 2**20:.1f} MiB/s</text>'
+        )
     latest = max(samples, key=lambda s: s[0])[1]
-    label = f"Throughput over time, peak {top / 2**20:.1f} MiB/s, latest {latest / 2**20:.1f} MiB/s over {span:.0f} s"
+    label = f"Throughput over time, peak {peak / 2**20:.1f} MiB/s, latest {latest / 2**20:.1f} MiB/s over {span:.0f} s"
     if idle_s:
         label += f", of which {duration(idle_s)} idle"
     return mark_safe(
@@ -124,7 +149,7 @@ def throughput_chart(samples, width=640, height=140):
         f'<text x="2" y="16">{top / 2**20:.0f}</text><text x="2" y="{10 + h}">0</text>'
         f'<text x="{pad}" y="{height - 4}">0 s</text><text x="{pad + w - 40}" y="{height - 4}">{span:.0f} s</text>'
         f'<text x="{pad + 6}" y="22">MiB/s</text>{"".join(parts)}</svg>'
-        f'<p class="muted chart-note">Peak {top / 2**20:.1f} MiB/s, latest {latest / 2**20:.1f} MiB/s'
+        f'<p class="muted chart-note">Peak {peak / 2**20:.1f} MiB/s, latest {latest / 2**20:.1f} MiB/s'
         f"{f'; idle {duration(idle_s)} (nothing moved)' if idle_s else ''}.</p>"
     )
 
