@@ -19,7 +19,9 @@ import threading
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db.models import Count, Q, Sum
+from django.db import connection
+from django.db.models import Count, FloatField, Func, Q, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -110,14 +112,25 @@ def _phase(n):
     return Q(phase=n, session__status=status)
 
 
-def _histogram(name, documentation, values, buckets):
-    counts = [sum(1 for v in values if v <= bound) for bound in buckets]
+class SecondsBetween(Func):
+    """``end - start`` in seconds (float), in the database's own functions: an interval's epoch on PostgreSQL,
+    julian days on SQLite (Django's own timestamp subtraction there is a Python function, called per row)."""
+
+    arity = 2
+    template = "EXTRACT(EPOCH FROM (%(expressions)s))"
+    arg_joiner = " - "
+    output_field = FloatField()
+
+    def as_sqlite(self, compiler, connection, **extra):
+        end, start = (compiler.compile(e) for e in self.get_source_expressions())
+        return f"((julianday({end[0]}) - julianday({start[0]})) * 86400.0)", [*end[1], *start[1]]
+
+
+def _histogram(name, documentation, figures, key, buckets):
+    """A histogram from the aggregate ``figures``: ``{key}_le_{i}`` per bucket, ``{key}_n`` and ``{key}_sum``."""
     family = HistogramMetricFamily(name, documentation)
-    family.add_metric(
-        [],
-        [(_bound(b), c) for b, c in zip(buckets, counts, strict=True)] + [("+Inf", len(values))],
-        sum_value=sum(values),
-    )
+    counts = [(_bound(b), figures[f"{key}_le_{i}"]) for i, b in enumerate(buckets)]
+    family.add_metric([], [*counts, ("+Inf", figures[f"{key}_n"])], sum_value=figures[f"{key}_sum"])
     return family
 
 
@@ -125,41 +138,66 @@ def _bound(value):
     return floatToGoString(value)  # "1.0", "-2.0": as prometheus_client writes its own buckets
 
 
+def _switch_figures():
+    """Counts and sums of the switch windows and the prediction's misses, per bucket: one query whose common
+    table works out each session's window once (an aggregate over an annotation would work it out per bucket)."""
+    start = Coalesce("replica_stop_started_at", "replica_off_at")
+    end = Coalesce("production_on_at", "phase2_ended_at")
+    switched = (
+        FailbackSession.objects.order_by()
+        .filter(phase2_ended_at__isnull=False)
+        .exclude(replica_stop_started_at__isnull=True, replica_off_at__isnull=True)
+        .annotate(window_s=SecondsBetween(end, start))
+        .values_list("window_s", "predicted_window_s")
+    )
+    inner, inner_params = switched.query.sql_with_params()
+    w, p = '"window_s"', '"predicted_window_s"'
+    columns = {
+        "window_n": "COUNT(*)",
+        "window_sum": f"SUM({w})",
+        "error_n": f"COUNT({p})",
+        "error_sum": f"SUM(ABS({w} - {p}))",
+        "bias_sum": f"SUM({w} - {p})",
+    }
+    params = []
+    for i, bound in enumerate(WINDOW_BUCKETS):
+        columns[f"window_le_{i}"] = f"SUM(CASE WHEN {w} <= %s THEN 1 ELSE 0 END)"
+        params.append(bound)
+    for i, bound in enumerate(ERROR_BUCKETS):
+        columns[f"error_le_{i}"] = f"SUM(CASE WHEN ABS({w} - {p}) <= %s THEN 1 ELSE 0 END)"
+        params.append(bound)
+    with connection.cursor() as cursor:
+        # MATERIALIZED: each window is worked out once, not once per bucket (SQLite would otherwise inline it).
+        cursor.execute(
+            f"WITH switched AS MATERIALIZED ({inner}) SELECT {', '.join(columns.values())} FROM switched",
+            [*inner_params, *params],
+        )
+        row = cursor.fetchone()
+    return {name: value or 0 for name, value in zip(columns, row, strict=True)}
+
+
 def _switches():
     """Every switch window on record (replica going down -> production on, as the session page shows it), and
     the prediction's error for those that had a prediction."""
-    windows, errors = [], []
-    rows = (
-        FailbackSession.objects.order_by()
-        .filter(phase2_ended_at__isnull=False)
-        .values_list(
-            "replica_stop_started_at", "replica_off_at", "phase2_ended_at", "production_on_at", "predicted_window_s"
-        )
-    )
-    for stop_started, off, ended, on, predicted in rows.iterator(chunk_size=2000):
-        start, end = stop_started or off, on or ended
-        if start is None:
-            continue
-        window = (end - start).total_seconds()
-        windows.append(window)
-        if predicted is not None:
-            errors.append(window - predicted)
+    figures = _switch_figures()
     bias = GaugeMetricFamily(
         "dr_portal_switch_prediction_bias_seconds",
         "Mean of measured minus predicted switch windows (above 0: the windows were longer than predicted)",
-        value=sum(errors) / len(errors) if errors else 0,
+        value=figures["bias_sum"] / figures["error_n"] if figures["error_n"] else 0,
     )
     return [
         _histogram(
             "dr_portal_switch_window_seconds",
             "Switch windows: replica going down to production on",
-            windows,
+            figures,
+            "window",
             WINDOW_BUCKETS,
         ),
         _histogram(
             "dr_portal_switch_prediction_error_seconds",
             "How far the measured switch window was from the window predicted when the switch began",
-            [abs(e) for e in errors],
+            figures,
+            "error",
             ERROR_BUCKETS,
         ),
         bias,
