@@ -148,7 +148,7 @@ class Node:
 class Cluster:
     workdir: Path
     database_url: str
-    redis_url: str
+    redis_url: str | None
     web_nodes: int = 2
     worker_nodes: int = 3
     proxy: bool = True
@@ -216,7 +216,8 @@ class Cluster:
     def node_settings(self):
         return {
             "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
+            "REDIS_URL": self.redis_url or "",  # blank: the embedded profile (SQLite channel layer, ORM broker)
+            **({} if self.redis_url else {"CHANNELS_DB_PATH": str(self.shared / "channels.sqlite3")}),
             "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
             "FAILBACK_CREDENTIALS_KEYS": _fernet_key(),
             "DJANGO_HTTPS": "true" if self.proxy else "false",
@@ -286,10 +287,14 @@ class Cluster:
 
     def prepare(self, *, seed_count=4, seed_scale=0.02):
         """A fresh database and Redis db, migrated, with a seeded lab, an Operator and her API token."""
-        recreate_database(self.database_url)
-        redis.Redis.from_url(self.redis_url).flushdb()
+        if self.database_url.startswith("postgres"):
+            recreate_database(self.database_url)
+        if self.redis_url:
+            redis.Redis.from_url(self.redis_url).flushdb()
         self.write_configs()
         self.manage("migrate", "--noinput")
+        if not self.redis_url:  # the embedded profile: the channel layer's own SQLite file, shared by the nodes
+            self.manage("migrate", "--database", "channels", "--noinput")
         self.manage("seed_lab", "--count", str(seed_count), "--scale", str(seed_scale), "--no-user")
         self.manage("create_user", "olivia", "--role", "operator", "--password", PASSWORD)
         out = self.manage("create_api_token", "olivia", "--name", "cluster")
@@ -368,6 +373,18 @@ class Cluster:
                     except OSError:
                         pass
         return None
+
+    def rss_bytes(self, node):
+        """Resident memory of a node's whole process group now."""
+        total = 0
+        for pid in node.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+            total += int(found.group(1)) * 1024 if found else 0
+        return total
 
     def logs(self, tail=3000):
         out = []
