@@ -25,6 +25,7 @@ class SubscriptionForm(forms.Form):
 
 
 class EndpointForm(forms.ModelForm):
+    url = forms.URLField(label="URL", required=False, max_length=500, assume_scheme="https")
     events = forms.MultipleChoiceField(
         label="Events sent here", choices=EVENT_CHOICES, required=False, widget=forms.CheckboxSelectMultiple
     )
