@@ -2,8 +2,8 @@
 channel layer, the broker and the watchdog.
 
 The outage test runs a portal (Daphne and a qcluster, as an operator would) on a PostgreSQL cluster and a
-Redis server of its own, started for it in a temporary folder on free ports, and stops and starts them: the
-shared servers of the production-profile run are never touched.
+Redis server of its own, started for it in a temporary folder on free ports, and stops and starts them (and
+kills the portal's workers): the shared servers of the production-profile run are never stopped.
 """
 
 import json
@@ -106,7 +106,6 @@ class Postgres:
     """A throwaway PostgreSQL cluster: initdb in a temporary folder, on a free loopback port, trust auth."""
 
     def __init__(self, folder):
-        subprocess.run(["sh", str(ROOT / "tests/apt.sh"), "postgresql"], check=True)
         self.bin = Path(sorted(glob("/usr/lib/postgresql/*/bin/initdb"))[-1]).parent
         self.folder, self.port = folder, _free_port()
         if os.geteuid() == 0:
@@ -152,7 +151,6 @@ class Redis:
     """A throwaway redis-server on a free loopback port, without persistence."""
 
     def __init__(self, folder):
-        subprocess.run(["sh", str(ROOT / "tests/apt.sh"), "redis-server"], check=True)
         self.folder, self.port, self.proc = folder, _free_port(), None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
@@ -284,6 +282,10 @@ class Portal:
 
 @pytest.fixture
 def own_services():
+    # PostgreSQL's and Redis's binaries, installed (through tests/apt.sh) as the production profile's run
+    # installs them: a bare `apt-get install postgresql` here would leave the shared cluster without the
+    # loopback trust line that services.sh adds only when it installs PostgreSQL itself. Then our own servers.
+    subprocess.run(["sh", str(ROOT / "tests/services.sh")], check=True, capture_output=True)
     folder = tempfile.mkdtemp(prefix="dr-readyz-")
     os.chmod(folder, 0o755)
     started = []
