@@ -80,7 +80,9 @@ def approve(request, request_id: RequestId, body: DecisionIn):
 
 
 @router.post(
-    "/{request_id}/reject", response={200: ApprovalOut, **DECIDE}, summary="Reject (or, as its requester, withdraw) a request"
+    "/{request_id}/reject",
+    response={200: ApprovalOut, **DECIDE},
+    summary="Reject (or, as its requester, withdraw) a request",
 )
 def reject(request, request_id: RequestId, body: DecisionIn):
     return out(approvals.reject(request.auth, request_id, reason=body.reason))

@@ -454,7 +454,9 @@ class ApprovalRule(models.Model):
     class Meta:
         ordering = ["action", "plan_id"]
         constraints = [
-            models.UniqueConstraint(fields=["action"], condition=models.Q(plan=None), name="one_global_rule_per_action"),
+            models.UniqueConstraint(
+                fields=["action"], condition=models.Q(plan=None), name="one_global_rule_per_action"
+            ),
             models.UniqueConstraint(fields=["action", "plan"], name="one_rule_per_action_and_plan"),
         ]
 
@@ -489,7 +491,9 @@ class ApprovalRequest(models.Model):
         ordering = ["-requested_at", "-id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["session", "action"], condition=models.Q(status="pending"), name="one_pending_request_per_action"
+                fields=["session", "action"],
+                condition=models.Q(status="pending"),
+                name="one_pending_request_per_action",
             )
         ]
 
