@@ -160,7 +160,7 @@ class _Delta:
         if job.read:
             p.bytes_read += job.work
         p.target_read += h.target_read
-        source = bytearray(job.old_source)
+        source = bytearray(h.leaves or job.old_source)  # h.leaves: the whole block's, when it was in sync
         target = bytearray(job.old_target)
         for g, leaf in h.new.items():
             source[g * LEAF : (g + 1) * LEAF] = leaf
@@ -270,6 +270,14 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         for g0, g1 in grain_runs(job.grains):
             p.read(p.src_fd, buf, g0 * g_size, min(g1 * g_size, job.length), job.offset)
     out = Hashed()
+    if job.read and len(job.grains) == len(job.old_target) // LEAF:  # the whole block (digest method)
+        leaves = leaves_of(buf, 0, job.length, g_size)
+        if leaves == job.old_target:  # in sync: no per-grain plan (most blocks of a digest delta)
+            out.leaves = leaves
+            out.spare = _spare_pages(p, job, buf, out.plans)
+            if out.spare:
+                _io_runs(job, buf, out, g_size)
+            return out
     view = memoryview(buf)
     for g in job.grains:
         a, b = g * g_size, min((g + 1) * g_size, job.length)
