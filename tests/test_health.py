@@ -49,6 +49,18 @@ def test_it_says_alive_to_anyone_and_nothing_more():
 
 
 @pytest.mark.django_db(transaction=True, databases=_databases())
+def test_it_answers_probes_in_plain_http_behind_tls(settings):
+    """With DJANGO_HTTPS every page redirects to https, but a probe from the node itself or the proxy still
+    gets its answer."""
+    settings.SECURE_SSL_REDIRECT = True
+    client = Client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code in (200, 503)
+    assert client.get("/metrics").status_code == 403  # answered (refused), not redirected
+    assert client.get("/accounts/login/").status_code == 301
+
+
+@pytest.mark.django_db(transaction=True, databases=_databases())
 def test_it_is_unready_until_the_watchdog_has_run_and_again_when_it_goes_silent(settings):
     settings.REDIS_URL = ""  # the worker check reads the watchdog's row only (a cluster's Stat is the live test's)
     client = Client()
