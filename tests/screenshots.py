@@ -21,7 +21,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PAGES = ["dashboard", "replicas", "start-failback", "session-phase1", "session-failback", "sessions", "audit", "report"]
+PAGES = [
+    "dashboard",
+    "replicas",
+    "start-failback",
+    "start-review",
+    "session-phase1",
+    "session-ready",
+    "session-dialog",
+    "session-failback",
+    "sessions",
+    "plan",
+    "audit",
+    "report",
+]
 
 
 def main():
@@ -211,12 +224,12 @@ def run(out, var):
         page.get_by_role("button", name="Log in").click()
         page.wait_for_url(lambda url: "/accounts/login/" not in url)
 
-        def shot(name, path=None, settle=True):
+        def shot(name, path=None, settle=True, full_page=True):
             if path:
                 page.goto(path)
             page.wait_for_load_state("networkidle" if settle else "load")
             target = out / f"{name}.png"
-            page.screenshot(path=str(target), full_page=True)
+            page.screenshot(path=str(target), full_page=full_page)
             print(
                 f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {target.stat().st_size // 1024} KiB"
             )
@@ -235,8 +248,16 @@ def run(out, var):
         shot("dashboard", settle=False)
         shot("replicas", "/replicas/")
         shot("start-failback", f"/replicas/{replica_named('app-hr-01').pk}/failback/")
+        page.get_by_role("button", name="Review the failback").click()
+        page.get_by_role("button", name="Start failback").wait_for()
+        shot("start-review")  # everything that will happen, and the checks, before anything starts
         shot("session-failback", f"/sessions/{waiting}/")
         shot("session-ready", f"/sessions/{scheduled}/")
+        page.get_by_role("button", name="Switch now").first.click()
+        page.locator("dialog[open]").wait_for()
+        shot(
+            "session-dialog", settle=False, full_page=False
+        )  # the consequence stated with this session's names and figures
         shot("sessions", "/sessions/")
         shot("plan", f"/plans/{plan.pk}/")
         shot("audit", "/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
