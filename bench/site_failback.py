@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -105,8 +106,9 @@ def start_everything(cluster, args):
     replicas = sorted(cluster.api("GET", "/replicas?limit=500")["items"], key=lambda r: r["id"])
     assert len(replicas) >= args.vms + args.standalone, f"only {len(replicas)} replicas seeded"
     members = []
-    for i, replica in enumerate(replicas[: args.vms]):
-        targets = cluster.api("GET", f"/replicas/{replica['id']}/targets")
+    with ThreadPoolExecutor(8) as pool:  # each replica's suggested network map (a platform inventory read each)
+        maps = list(pool.map(lambda r: cluster.api("GET", f"/replicas/{r['id']}/targets"), replicas[: args.vms]))
+    for i, (replica, targets) in enumerate(zip(replicas[: args.vms], maps, strict=True)):
         members.append(
             {
                 "replica_id": replica["id"],
