@@ -103,8 +103,8 @@ ACT = {
     403: Error,
     409: Error,
     413: Error,
-    202: ApprovalOut,
-}  # 400: the body is not a JSON object; 413: it is too large; 202: it waits for a second person's approval
+}  # 400: the body is not a JSON object; 413: it is too large
+ASK = {**ACT, 202: ApprovalOut}  # an action that may need approval: 202, it waits for a second person
 Limit = Query(50, ge=1, le=500, description="Rows per page (at most 500)")
 Offset = Query(0, ge=0, le=DB_INT_MAX, description="Rows to skip")
 PathId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An id (404 when there is none)")]
@@ -376,7 +376,7 @@ def start_failback(request, replica_id: PathId, body: StartFailbackIn):
 
 @api.post(
     "/sessions/{session_id}/switch",
-    response={200: SessionOut, **ACT},
+    response={200: SessionOut, **ASK},
     tags=["actions"],
     **_audited("switch"),
     summary="Switch now (phase 2)",
@@ -389,7 +389,7 @@ def switch_now(request, session_id: PathId, body: SwitchIn):
 
 @api.post(
     "/sessions/{session_id}/schedule",
-    response={200: SessionOut, **ACT},
+    response={200: SessionOut, **ASK},
     tags=["actions"],
     **_audited("schedule_switch"),
     summary="Schedule or change the switch time",
@@ -402,7 +402,7 @@ def schedule_switch(request, session_id: PathId, body: ScheduleIn):
 
 @api.post(
     "/sessions/{session_id}/cancel",
-    response={200: SessionOut, **ACT},
+    response={200: SessionOut, **ASK},
     tags=["actions"],
     **_audited("cancel"),
     summary="Cancel before the switch (the replica keeps running)",
@@ -428,7 +428,7 @@ def stop_commit_policy(request, session_id: PathId, body: ReasonIn):
 
 @api.post(
     "/sessions/{session_id}/commit",
-    response={200: SessionOut, **ACT},
+    response={200: SessionOut, **ASK},
     tags=["actions"],
     **_audited("commit"),
     summary="Commit: keep production",
@@ -441,7 +441,7 @@ def commit(request, session_id: PathId, body: ReasonIn):
 
 @api.post(
     "/sessions/{session_id}/undo",
-    response={200: SessionOut, **ACT},
+    response={200: SessionOut, **ASK},
     tags=["actions"],
     **_audited("undo"),
     summary="Undo: back to the replica (production's changes since the switch are discarded)",

@@ -253,3 +253,17 @@ def test_it_powers_production_on_when_the_worker_died_right_after_the_switch(lab
     assert session.status == SessionStatus.FAILBACK and session.production_on_at is not None
     assert lab.power_state(session.production_vm_id) == POWERED_ON
     assert AuditEvent.objects.filter(session=session, action="resume").get().data["step"] == "power_on"
+
+
+def test_a_guest_that_finishes_its_shutdown_at_the_limit_is_shut_down_not_a_failed_switch(lab, operator):
+    """The platform refuses the power-off at the limit because the guest just went off: the switch goes on."""
+    from failback.jobs.switch import _stop_replica
+
+    replica = replica_named("app-erp")  # guest tools running
+    session = reload(start(operator, replica))
+    lab.set_vm_options(replica.vm_id, shutdown_seconds=0.0)
+    # The limit has passed already (a resumed switch): the power-off comes before any look at the guest.
+    session.replica_stop_started_at = timezone.now() - timedelta(seconds=session.shutdown_timeout_s + 1)
+    how = _stop_replica(None, session, lab)
+    assert how == f"Guest OS shut down at the {session.shutdown_timeout_s} s limit"
+    assert lab.power_state(replica.vm_id) == POWERED_OFF
