@@ -211,3 +211,28 @@ def test_the_portals_own_moments_wait_for_a_person_and_run_once_approved(lab, op
     automatic.commit_policy_due(session.pk)
     assert ApprovalRequest.objects.filter(session=session, action="commit").count() == 1  # not asked again
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
+
+
+def test_a_request_tells_the_people_who_can_approve_it(lab, operator, admin_user, settings):
+    from failback.notifications import config
+    from failback.notifications.models import NotificationEndpoint
+
+    from .notify_support import SmtpServer
+
+    session = failback_waiting_for_commit(operator)
+    approvals.set_rule(admin_user, "commit")
+    config.save_endpoint(
+        admin_user,
+        NotificationEndpoint(
+            name="approvers", kind="email", addresses="leads@example.org", events=["approval_requested"]
+        ),
+    )
+    with SmtpServer() as server:
+        settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+        settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", server.port, 5
+        with pytest.raises(approvals.ApprovalRequested) as asked:
+            workflow.commit(operator, session.pk, reason="CHG-3")
+        (mail,) = server.mailbox.messages
+    assert mail["event"] == "approval_requested"
+    assert f"Approval needed: commit of failback #{session.pk}" in mail["subject"]
+    assert f"request #{asked.value.request.pk}" in mail["subject"] and "CHG-3" in mail["body"]

@@ -42,6 +42,8 @@ def kind_of(action, outcome, to_state, actor_id):
         return NotifyEvent.SWITCH_STARTED
     if action == "switch_window":
         return NotifyEvent.SWITCH_FINISHED
+    if action == "request_approval":
+        return NotifyEvent.APPROVAL_REQUESTED  # someone (or the portal's own moment) waits for a second person
     if action == "switch" and outcome == Outcome.REFUSED and actor_id is None:
         return NotifyEvent.PRECHECK_FAILED  # an automatic (scheduled or after phase 1) switch the checks held back
     return None
@@ -116,6 +118,10 @@ def describe(kind, session, row):
         title = f"Failback failed: {_name(session)}"
     elif kind == NotifyEvent.SWITCH_STARTED:
         data["trigger"] = row.data.get("trigger")
+    elif kind == NotifyEvent.APPROVAL_REQUESTED:
+        data["request"], data["action"] = row.data.get("request"), row.data.get("action")
+        data["expires_at"] = row.data.get("expires_at")
+        title = f"Approval needed: {row.data.get('action', '').replace('_', ' ')} of {_name(session)} (request #{data['request']})"
     elif kind == NotifyEvent.PRECHECK_FAILED:
         data["checks"] = [c for c in row.data.get("checks", []) if c.get("status") == "fail"]
     elif kind in DECISIONS:

@@ -22,6 +22,7 @@ class NotifyEvent(models.TextChoices):
     UNDONE = "undone", "Undone"
     CANCELLED = "cancelled", "Cancelled"
     PRECHECK_FAILED = "precheck_failed", "Pre-switch check failing"
+    APPROVAL_REQUESTED = "approval_requested", "Waiting for a second person's approval"
 
 
 class NotificationEndpoint(models.Model):
