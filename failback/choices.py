@@ -235,6 +235,11 @@ class AuditAction(models.TextChoices):
     POWER_ON_PRODUCTION = "power_on_production", "Power on production"
     RECOVER_REPLICA = "recover_replica", "Bring the replica back"
     RUN_HOOK = "run_hook", "Run a hook"
+    # switch when it fits: maintenance windows and a downtime budget (windows.py)
+    SET_SWITCH_WINDOWS = "set_switch_windows", "Set maintenance windows and a downtime budget"
+    WINDOW_WAITING = "window_waiting", "Waiting in a window for the downtime to fit"
+    WINDOW_MISSED = "window_missed", "Maintenance window missed"
+    CONVERGENCE_WARNING = "convergence_warning", "Writes outpace the copy"
     # four eyes: an action asked for, then approved (and run as the requester's) or rejected
     REQUEST_APPROVAL = "request_approval", "Ask for approval"
     APPROVE = "approve", "Approve"

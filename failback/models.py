@@ -139,6 +139,10 @@ class FailbackPlan(models.Model):
     power_on_after = models.BooleanField(default=True)
     power_on_delay_s = models.PositiveIntegerField(default=0)  # between one production VM's power-on and the next
     switch_started_at = models.DateTimeField(null=True, blank=True)  # set once: the plan switches once
+    # Switch when it fits (windows.py): maintenance windows, a downtime budget, what was decided about them.
+    switch_windows = models.JSONField(default=list, blank=True)
+    downtime_budget_s = models.PositiveIntegerField(null=True, blank=True)
+    window_state = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -224,6 +228,10 @@ class FailbackSession(models.Model):
     catchup_at = models.DateTimeField(null=True, blank=True)  # last background catch-up sync
     # Hooks to run at each point ({"before_switch": ["drain-web"], ...}), names from the allow-list (hooks.py).
     hooks = models.JSONField(default=dict, blank=True)
+    # Switch when it fits (windows.py): maintenance windows, a downtime budget, what was decided about them.
+    switch_windows = models.JSONField(default=list, blank=True)
+    downtime_budget_s = models.PositiveIntegerField(null=True, blank=True)
+    window_state = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

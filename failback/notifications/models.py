@@ -23,6 +23,8 @@ class NotifyEvent(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
     PRECHECK_FAILED = "precheck_failed", "Pre-switch check failing"
     APPROVAL_REQUESTED = "approval_requested", "Waiting for a second person's approval"
+    WINDOW_MISSED = "window_missed", "Maintenance window missed: the downtime did not fit"
+    CONVERGENCE = "convergence", "Writes outpace the copy: the delta will not shrink"
 
 
 class NotificationEndpoint(models.Model):
