@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/dr_portal
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/7
 
-.PHONY: run setup test lint test-embedded test-production services bench model screenshots clean
+.PHONY: run setup test lint test-embedded test-production services bench model screenshots clean nbd-client
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { sh tests/apt.sh python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -41,20 +41,27 @@ lint: $(STAMP)
 
 # The cluster tests (tests/test_cluster.py) run the production profile whatever the run's profile, so they run
 # once, in test-production; run alone on the embedded profile they use PostgreSQL and Redis at their defaults.
-test-embedded: $(STAMP)
+test-embedded: $(STAMP) nbd-client
 	sh tests/apt.sh chromium
 	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not cluster"
 
 # The second profile runs only what touches the database, the channel layer or the broker: the engine's,
 # the lab adapter's and the vSphere adapter's own tests use none of them and ran in the first profile.
-NO_DB_TESTS := tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py
+NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py
 
-test-production: $(STAMP) services
+test-production: $(STAMP) services nbd-client
 	sh tests/apt.sh nginx openssl
 	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$(REDIS_TEST_URL) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(NO_DB_TESTS))
 
 services:
 	sh tests/services.sh
+
+# The nbd transport: Debian's nbdkit (the test servers), libnbd's Python binding (the engine's client) and
+# openssl (the tests' certificates). The venv reaches the binding through two symlinks in its
+# site-packages (nbd.py and its C extension), not through the system's whole site-packages.
+nbd-client: $(STAMP)
+	sh tests/apt.sh nbdkit python3-libnbd openssl
+	sh tests/nbd_venv.sh $(VENV)
 
 # A longer, randomised search of the workflow's state machine than the one `make test` runs.
 model: $(STAMP)

@@ -1,5 +1,9 @@
 """File-level helpers of the engine: opening, read-ahead hints, block sizes, where a file's data lies
-block by block, and how a buffer cuts into grain runs and zero pages."""
+block by block, and how a buffer cuts into grain runs and zero pages.
+
+A disk is a file descriptor (a local file: direct mode) or an :class:`.nbd.NbdDisk` (an NBD export:
+nbd mode); :func:`opened` picks by the path, and the few operations here (and in :mod:`.sparse`)
+that touch a disk take either, so the passes do not care which."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import errno
 import os
 from collections.abc import Iterator, Sequence
 
+from .nbd import NbdDisk, NbdError, is_nbd
 from .sparse import data_extents, is_zero
+
+Disk = int | NbdDisk
 
 MAX_BLOCK_SIZE = 64 << 20
 IO_CHUNK = 256 << 10  # pwrite size (larger writes can cost far more in the kernel: see docs/decisions.md)
@@ -19,7 +26,16 @@ NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errn
 
 
 @contextlib.contextmanager
-def opened(path: str, flags: int) -> Iterator[int]:
+def opened(path: str, flags: int) -> Iterator[Disk]:
+    """A file descriptor for a path, an NbdDisk for an NBD URI (writable unless flags are O_RDONLY;
+    O_CREAT means nothing to an export, which must exist with the source's size)."""
+    if is_nbd(path):
+        disk = NbdDisk(path, writable=flags & os.O_ACCMODE != os.O_RDONLY)
+        try:
+            yield disk
+        finally:
+            disk.close()
+        return
     fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     try:
         yield fd
@@ -27,7 +43,64 @@ def opened(path: str, flags: int) -> Iterator[int]:
         os.close(fd)
 
 
-def fadvise(fd: int, advice: int) -> None:
+def size_of(disk: Disk) -> int:
+    return disk.size if isinstance(disk, NbdDisk) else os.fstat(disk).st_size
+
+
+def resize(disk: Disk, size: int) -> None:
+    """Make the target disk size bytes long (an NBD export cannot be resized: it must be that size)."""
+    if isinstance(disk, NbdDisk):
+        if disk.size != size:
+            raise NbdError(f"{disk.name}: the export is {disk.size} bytes, the source {size}: create it that size")
+        return
+    os.ftruncate(disk, size)
+
+
+def preadv(disk: Disk, view: memoryview, offset: int) -> int:
+    if isinstance(disk, NbdDisk):
+        return disk.preadv(view, offset)
+    return os.preadv(disk, [view], offset)
+
+
+def pread(disk: Disk, n: int, offset: int) -> bytes:
+    return disk.pread(n, offset) if isinstance(disk, NbdDisk) else os.pread(disk, n, offset)
+
+
+def pwrite(disk: Disk, data: memoryview, offset: int) -> int:
+    return disk.pwrite(data, offset) if isinstance(disk, NbdDisk) else os.pwrite(disk, data, offset)
+
+
+def flush(disk: Disk) -> None:
+    """Make what was written durable (fdatasync, or NBD flush)."""
+    if isinstance(disk, NbdDisk):
+        disk.flush()
+    else:
+        os.fdatasync(disk)
+
+
+def has_hole(disk: Disk, start: int, end: int) -> bool:
+    """Whether the disk has a hole in [start, end) (True when it cannot say)."""
+    if isinstance(disk, NbdDisk):
+        return disk.has_hole(start, end)
+    try:
+        return os.lseek(disk, start, os.SEEK_HOLE) < end
+    except OSError:
+        return True
+
+
+def next_data(disk: Disk, offset: int) -> int:
+    """The first data offset at or after offset (offset itself when the disk cannot say; OSError
+    ENXIO when no data follows)."""
+    if isinstance(disk, NbdDisk):
+        for a, _ in disk.data_extents(offset, disk.size):
+            return a
+        raise OSError(errno.ENXIO, "no data after the offset")
+    return os.lseek(disk, offset, os.SEEK_DATA)
+
+
+def fadvise(fd: Disk, advice: int) -> None:
+    if isinstance(fd, NbdDisk):
+        return
     with contextlib.suppress(OSError, AttributeError):
         os.posix_fadvise(fd, 0, 0, advice)
 
@@ -37,7 +110,7 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a multiple of 4096 up to {MAX_BLOCK_SIZE}, not {block_size}")
 
 
-def data_blocks(fd: int, start: int, end: int, bs: int) -> Iterator[tuple[int, tuple[tuple[int, int], ...]]]:
+def data_blocks(fd: Disk, start: int, end: int, bs: int) -> Iterator[tuple[int, tuple[tuple[int, int], ...]]]:
     """(index, data ranges relative to the block) for each block of [start, end) holding data."""
     current = -1
     segs: list[tuple[int, int]] = []

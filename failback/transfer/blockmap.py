@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import blake3
 
+from .nbd import NbdDisk
 from .sparse import is_zero
 
 GRAIN = 64 << 10
@@ -198,18 +199,22 @@ class Leaves:
 _COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's value; file timestamps come from it
 
 
-def fingerprint(fd: int) -> list[int]:
+def fingerprint(fd: int | NbdDisk) -> list[int]:
+    if isinstance(fd, NbdDisk):
+        return fd.fingerprint()
     st = os.fstat(fd)
     return [st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def seal(fd: int, max_wait: float = 0.05) -> list[int]:
+def seal(fd: int | NbdDisk, max_wait: float = 0.05) -> list[int]:
     """The file's fingerprint, taken once the coarse clock has moved past its timestamps.
 
     Linux stamps a write with the coarse clock (one tick, 1-10 ms). A write in the same tick as the
     engine's last one would leave mtime and ctime unchanged; waiting for the next tick (at most a few
     ms) makes any later write show. ctime cannot be set back by a user (utime sets it to now)."""
     fp = fingerprint(fd)
+    if isinstance(fd, NbdDisk):
+        return fp
     deadline = time.monotonic() + max_wait
     while time.clock_gettime_ns(_COARSE) <= max(fp[2], fp[3]) and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -233,9 +238,8 @@ class DiskState:
     version: int = VERSION
 
     @classmethod
-    def new(cls, size: int, block_size: int, dst_fd: int) -> DiskState:
-        st = os.fstat(dst_fd)
-        return cls(size, block_size, grain_for(block_size), st.st_dev, st.st_ino)
+    def new(cls, size: int, block_size: int, dst_fd: int | NbdDisk) -> DiskState:
+        return cls(size, block_size, grain_for(block_size), *_identity(dst_fd))
 
     @classmethod
     def load(cls, state_dir: str) -> DiskState | None:
@@ -249,9 +253,16 @@ class DiskState:
         except (OSError, ValueError, TypeError):
             return None
 
-    def same_target(self, dst_fd: int) -> bool:
-        st = os.fstat(dst_fd)
-        return (st.st_dev, st.st_ino) == (self.dst_dev, self.dst_ino)
+    def same_target(self, dst_fd: int | NbdDisk) -> bool:
+        return _identity(dst_fd) == (self.dst_dev, self.dst_ino)
+
+
+def _identity(fd: int | NbdDisk) -> tuple[int, int]:
+    """(device, inode) of a file; an NBD export's stand-in for them."""
+    if isinstance(fd, NbdDisk):
+        return fd.identity()
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 _save_lock = threading.Lock()

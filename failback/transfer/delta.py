@@ -15,7 +15,19 @@ from dataclasses import dataclass
 
 import blake3
 
-from .blockio import PAGE, data_blocks, fadvise, grain_runs, opened, zero_page_runs
+from .blockio import (
+    PAGE,
+    Disk,
+    data_blocks,
+    fadvise,
+    flush,
+    grain_runs,
+    has_hole,
+    opened,
+    pread,
+    size_of,
+    zero_page_runs,
+)
 from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, fingerprint, leaves_of, save_state
 from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
 from .results import CopyResult, TransferStateError, VerificationError
@@ -35,7 +47,7 @@ def run(
 ) -> CopyResult:
     started = time.monotonic()
     with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDWR) as dfd:
-        size = os.fstat(sfd).st_size
+        size = size_of(sfd)
         state = load_state(state_dir, size, block_size)
         if not state.same_target(dfd):
             raise TransferStateError(f"{dst} is not the file the full copy wrote")
@@ -196,10 +208,10 @@ class _Delta:
         took = True
         for x, y in writes:
             p.target_read += y - x
-            took = buf.startswith(os.pread(p.dst_fd, y - x, job.offset + x), x) and took
+            took = buf.startswith(pread(p.dst_fd, y - x, job.offset + x), x) and took
         for x, y in zeros:
             p.target_read += y - x
-            took = is_zero(os.pread(p.dst_fd, y - x, job.offset + x)) and took
+            took = is_zero(pread(p.dst_fd, y - x, job.offset + x)) and took
         if took:
             return set()
         return {g for g, plan in h.plans.items() if not self._took(job, buf, g, plan)}
@@ -209,8 +221,8 @@ class _Delta:
         dfd, g_size = self.p.dst_fd, self.g_size
         if plan is None:
             a, b = g * g_size, min((g + 1) * g_size, job.length)
-            return is_zero(os.pread(dfd, b - a, job.offset + a))
-        return all(os.pread(dfd, y - x, job.offset + x) == buf[x:y] for x, y in plan)
+            return is_zero(pread(dfd, b - a, job.offset + a))
+        return all(pread(dfd, y - x, job.offset + x) == buf[x:y] for x, y in plan)
 
     def _target_leaf(self, job: Job, a: int, b: int) -> bytes:
         t = self.p.scratch()
@@ -219,7 +231,7 @@ class _Delta:
 
     def _close(self, *, keep_pending: bool) -> None:
         if self.durable:
-            os.fdatasync(self.p.dst_fd)
+            flush(self.p.dst_fd)
             self.leaves.sync()
         if not keep_pending:
             self.state.pending = []
@@ -334,7 +346,7 @@ def _spare_pages(
         return []
     lo, hi = min(examined) * g_size, min((max(examined) + 1) * g_size, job.length)
     base = job.offset
-    if job.read and not _has_hole(p.src_fd, base + lo, base + hi):
+    if job.read and not has_hole(p.src_fd, base + lo, base + hi):
         return []
     target = [(a - base, b - base) for a, b in data_extents(p.dst_fd, base + lo, base + hi)]
     if not target:
@@ -353,14 +365,6 @@ def _spare_pages(
             else:
                 runs.append((page, stop))
     return runs
-
-
-def _has_hole(fd: int, start: int, end: int) -> bool:
-    """Whether fd has a hole in [start, end) (True when the filesystem cannot say)."""
-    try:
-        return os.lseek(fd, start, os.SEEK_HOLE) < end
-    except OSError:
-        return True
 
 
 def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -402,7 +406,7 @@ def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[
 # Choosing the blocks
 
 
-def _compare_jobs(fd: int, leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[Job]:
+def _compare_jobs(fd: Disk, leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[Job]:
     """Digest method: a job for every block that holds data in fd or non-zero leaves on either side."""
     data = data_blocks(fd, 0, size, bs)
     next_data = next(data, None)
@@ -424,7 +428,7 @@ def _compare_jobs(fd: int, leaves: Leaves, size: int, bs: int, g_size: int) -> I
             )
 
 
-def _reread_target(p: Pass, leaves: Leaves, dfd: int, size: int, bs: int) -> list[int]:
+def _reread_target(p: Pass, leaves: Leaves, dfd: Disk, size: int, bs: int) -> list[int]:
     """Re-read the target's data and put its real leaves in the map; the blocks now out of sync."""
     g_size = p.grain
     per = bs // g_size

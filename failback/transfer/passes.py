@@ -16,8 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from .blockio import IO_CHUNK, NO_COPY_RANGE, PROBE, data_blocks, zero_page_runs
+from .blockio import IO_CHUNK, NO_COPY_RANGE, PROBE, Disk, data_blocks, preadv, pwrite, zero_page_runs
 from .blockmap import LEAF, Leaves, block_count, block_length, grain_for, leaves_of
+from .nbd import NbdDisk
 from .progress import Pacer, Progress, Reporter
 from .results import TransferCancelled, TransferStateError
 from .sparse import is_zero, zero_range
@@ -77,7 +78,7 @@ _Window = deque[tuple[Job, bytearray, Future[Hashed], Work | None]]
 
 
 class Pass:
-    def __init__(self, *, block_size: int, controls: Controls, src_fd: int, dst_fd: int = -1) -> None:
+    def __init__(self, *, block_size: int, controls: Controls, src_fd: Disk, dst_fd: Disk = -1) -> None:
         self.bs = block_size
         self.grain = grain_for(block_size)
         self.src_fd = src_fd
@@ -93,7 +94,10 @@ class Pass:
         self.zero_skipped = 0
         self.before_write: Callable[[], None] = lambda: None
         self._local = threading.local()
-        self.copy_range_ok = hasattr(os, "copy_file_range")
+        # copy_file_range only between two files; an NBD side reads and writes through the buffers
+        self.copy_range_ok = (
+            hasattr(os, "copy_file_range") and not isinstance(src_fd, NbdDisk) and not isinstance(dst_fd, NbdDisk)
+        )
         self._probe = bytearray(PROBE)
         self._zeros = memoryview(bytes(block_size))  # only ever read: backed by the kernel's zero page
 
@@ -123,7 +127,7 @@ class Pass:
         chunk = min(IO_CHUNK, self.pacer.chunk_size(len(data)))
         done = 0
         while done < len(data):
-            n = os.pwrite(self.dst_fd, data[done : done + chunk], offset + done)
+            n = pwrite(self.dst_fd, data[done : done + chunk], offset + done)
             done += n
             self._wrote(n)
 
@@ -168,7 +172,7 @@ class Pass:
         """Whether the first page of the block's data is non-zero (then the block surely is)."""
         start = job.segments[0][0] if job.segments else 0
         n = min(PROBE, job.length - start)
-        got = os.preadv(self.src_fd, [memoryview(self._probe)[:n]], job.offset + start)
+        got = preadv(self.src_fd, memoryview(self._probe)[:n], job.offset + start)
         return not is_zero(self._probe, 0, got)
 
     def write_new(self, buf: bytearray, base: int, a: int, b: int) -> None:
@@ -242,12 +246,12 @@ class Pass:
 
     # ---- in any thread
 
-    def read(self, fd: int, buf: bytearray, start: int, end: int, base: int) -> None:
+    def read(self, fd: Disk, buf: bytearray, start: int, end: int, base: int) -> None:
         """Fill buf[start:end] with fd's bytes at base+start."""
         view = memoryview(buf)
         got = start
         while got < end:
-            n = os.preadv(fd, [view[got:end]], base + got)
+            n = preadv(fd, view[got:end], base + got)
             if n == 0:
                 raise TransferStateError(f"file ended at {base + got}, inside its recorded size")
             got += n
@@ -260,7 +264,7 @@ class Pass:
 
     # ---- on the pool
 
-    def fill(self, fd: int, job: Job, buf: bytearray) -> list[tuple[int, int]]:
+    def fill(self, fd: Disk, job: Job, buf: bytearray) -> list[tuple[int, int]]:
         """Read the block's data ranges from fd into buf, with zeros around them up to whole grains;
         returns those grain spans (the rest of the block is holes: zero leaves, nothing to read)."""
         n, segs = job.length, job.segments or ((0, job.length),)
@@ -295,7 +299,7 @@ class Pass:
     def hash_buffer(self, job: Job, buf: bytearray) -> Hashed:
         return Hashed(leaves_of(buf, 0, job.length, self.grain))
 
-    def hash_file(self, fd: int, job: Job, buf: bytearray) -> Hashed:
+    def hash_file(self, fd: Disk, job: Job, buf: bytearray) -> Hashed:
         if not job.read:
             return Hashed(bytes(LEAF * block_count(job.length, self.grain)))
         self.read(fd, buf, 0, job.length, job.offset)
@@ -339,7 +343,7 @@ def block_leaves(leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[tu
             yield first + k, s[k * per * LEAF : (k + 1) * per * LEAF], t[k * per * LEAF : (k + 1) * per * LEAF]
 
 
-def verify_jobs(fd: int, leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[Job]:
+def verify_jobs(fd: Disk, leaves: Leaves, size: int, bs: int, g_size: int) -> Iterator[Job]:
     """A job for every block holding data in fd or non-zero target leaves, with both sides' leaves."""
     data = data_blocks(fd, 0, size, bs)
     next_data = next(data, None)

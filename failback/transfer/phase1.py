@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from .blockio import check_block_size, data_blocks, fadvise, opened, zero_page_runs
+from .blockio import Disk, check_block_size, data_blocks, fadvise, flush, opened, resize, size_of, zero_page_runs
 from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, grain_for, save_state
 from .passes import COPY_WORKERS, Controls, Hashed, Job, Pass, Work
 from .progress import Reporter
@@ -38,7 +38,7 @@ def run(
     os.makedirs(state_dir, exist_ok=True)
     bs = block_size
     with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDWR | os.O_CREAT) as dfd:
-        size = os.fstat(sfd).st_size
+        size = size_of(sfd)
         n_grains = block_count(size, grain_for(bs))
         state, resume, position = _checkpoint_or_fresh(state_dir, size, bs, dfd, n_grains)
         if resume and state.complete and state.digest:
@@ -68,7 +68,7 @@ def run(
     return copy.result(started, position)
 
 
-def _checkpoint_or_fresh(state_dir: str, size: int, bs: int, dfd: int, n_grains: int) -> tuple[DiskState, bool, int]:
+def _checkpoint_or_fresh(state_dir: str, size: int, bs: int, dfd: Disk, n_grains: int) -> tuple[DiskState, bool, int]:
     """(state, resume, position): the checkpoint to resume from when it fits this source, block size
     and target file, else a fresh state and the target sized to the source."""
     state = DiskState.load(state_dir)
@@ -78,16 +78,16 @@ def _checkpoint_or_fresh(state_dir: str, size: int, bs: int, dfd: int, n_grains:
         and state.block_size == bs
         and state.position % bs == 0
         and state.same_target(dfd)
-        and os.fstat(dfd).st_size == size
+        and size_of(dfd) == size
         and Leaves.exist(state_dir, n_grains)
     ):
         return state, True, size if state.complete else state.position
-    if os.fstat(dfd).st_size != size:
-        os.ftruncate(dfd, size)
+    if size_of(dfd) != size:
+        resize(dfd, size)
     return DiskState.new(size, bs, dfd), False, 0
 
 
-def _jobs(sfd: int, position: int, size: int, bs: int) -> Iterator[Job]:
+def _jobs(sfd: Disk, position: int, size: int, bs: int) -> Iterator[Job]:
     """A job for each block from position on that holds data, with its data ranges."""
     return (
         Job(i, i * bs, block_length(i, size, bs), sum(b - a for a, b in segs), segs)
@@ -160,7 +160,7 @@ class _FullCopy:
     def checkpoint(self) -> None:
         pos = self.p.position
         if self.durable:
-            os.fdatasync(self.p.dst_fd)
+            flush(self.p.dst_fd)
             self.leaves.sync()
         save_state(self.state_dir, dataclasses.replace(self.state, position=pos), durable=self.durable)
 
@@ -168,7 +168,7 @@ class _FullCopy:
         """The copy is whole: flush, then record it complete with both digests and fresh seals."""
         state = self.state
         if self.durable:
-            os.fdatasync(self.p.dst_fd)
+            flush(self.p.dst_fd)
             self.leaves.sync()
         state.position, state.complete, state.pending = state.size, True, []
         finish_state(state, self.leaves, self.p.src_fd, self.p.dst_fd)

@@ -12,6 +12,8 @@ import errno
 import os
 from collections.abc import Iterator
 
+from .nbd import NbdDisk
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -27,12 +29,15 @@ _punch_supported = True
 _zero_buf = bytes(0)  # grows to the largest length asked; only ever read
 
 
-def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+def data_extents(fd: int | NbdDisk, start: int, end: int) -> Iterator[tuple[int, int]]:
     """Yield (offset, end) of the data (non-hole) ranges of fd within [start, end), in order.
 
     Streams (two lseek calls per extent), so memory stays flat however fragmented the file is.
-    Without SEEK_DATA support the whole range counts as data.
+    Without SEEK_DATA support the whole range counts as data. An NBD export answers from block status.
     """
+    if isinstance(fd, NbdDisk):
+        yield from fd.data_extents(start, end)
+        return
     off = start
     while off < end:
         try:
@@ -51,7 +56,7 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         off = hole
 
 
-def allocated_bytes(fd: int, start: int, end: int) -> int:
+def allocated_bytes(fd: int | NbdDisk, start: int, end: int) -> int:
     return sum(e - s for s, e in data_extents(fd, start, end))
 
 
@@ -79,14 +84,17 @@ def is_zero(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> b
     return buf.startswith(_zeros(n), start)
 
 
-def punch_hole(fd: int, offset: int, length: int) -> bool:
+def punch_hole(fd: int | NbdDisk, offset: int, length: int) -> bool:
     """Deallocate [offset, offset+length) keeping the file size; it then reads as zeros.
 
-    Returns False when the filesystem cannot punch holes (the caller writes zeros instead).
+    Returns False when the filesystem cannot punch holes (the caller writes zeros instead). On an NBD
+    export: a write of zeros the server may deallocate (False when the export cannot zero).
     """
     global _punch_supported
     if length <= 0:
         return True
+    if isinstance(fd, NbdDisk):
+        return fd.zero(offset, length)
     if _libc is None or not _punch_supported:
         return False
     if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
@@ -98,7 +106,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def zero_range(fd: int, offset: int, length: int, chunk: int = 1 << 20) -> int:
+def zero_range(fd: int | NbdDisk, offset: int, length: int, chunk: int = 1 << 20) -> int:
     """Make [offset, offset+length) read as zeros: punch a hole, else write zeros. Returns bytes written."""
     if punch_hole(fd, offset, length):
         return 0
@@ -106,5 +114,8 @@ def zero_range(fd: int, offset: int, length: int, chunk: int = 1 << 20) -> int:
     written = 0
     while written < length:
         n = min(len(zero), length - written)
-        written += os.pwrite(fd, zero[:n], offset + written)
+        if isinstance(fd, NbdDisk):
+            written += fd.pwrite(zero[:n], offset + written)
+        else:
+            written += os.pwrite(fd, zero[:n], offset + written)
     return written

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from .blockmap import DiskState, Leaves, block_count, fingerprint, seal
+from .nbd import NbdDisk
 from .results import TransferStateError
 
 
@@ -25,7 +26,7 @@ def load_state(state_dir: str, size: int, block_size: int | None) -> DiskState:
     return state
 
 
-def finish_state(state: DiskState, leaves: Leaves, sfd: int, dfd: int) -> None:
+def finish_state(state: DiskState, leaves: Leaves, sfd: int | NbdDisk, dfd: int | NbdDisk) -> None:
     """Both digests from the leaves, and fresh seals of both files (after the engine's last write)."""
     state.digest = leaves.target.digest(state.size, state.grain)
     state.source_digest = leaves.source.digest(state.size, state.grain)

@@ -10,7 +10,7 @@ import random
 import time
 from typing import NamedTuple
 
-from .blockio import check_block_size, data_blocks, fadvise, opened
+from .blockio import Disk, check_block_size, data_blocks, fadvise, next_data, opened, pread, size_of
 from .blockmap import (
     LEAF,
     ZERO_LEAF,
@@ -34,7 +34,7 @@ def digest(path: str, block_size: int, controls: Controls) -> str:
     check_block_size(block_size)
     bs = block_size
     with opened(path, os.O_RDONLY) as fd:
-        size = os.fstat(fd).st_size
+        size = size_of(fd)
         p = Pass(block_size=bs, controls=controls, src_fd=fd)
         tree = TreeDigest(size, p.grain)
         p.reporter.total = allocated_bytes(fd, 0, size)
@@ -59,7 +59,7 @@ def digest(path: str, block_size: int, controls: Controls) -> str:
 def check_target(dst: str, *, state_dir: str, controls: Controls) -> str:
     """Re-read all of dst's data against the target leaves; dst's digest."""
     with opened(dst, os.O_RDONLY) as fd:
-        size = os.fstat(fd).st_size
+        size = size_of(fd)
         state = load_state(state_dir, size, None)
         bs, g_size = state.block_size, state.grain
         p = Pass(block_size=bs, controls=controls, src_fd=fd)
@@ -107,7 +107,7 @@ def sealed_target(dst: str, *, state_dir: str) -> bool:
 
 class _Side(NamedTuple):
     name: str
-    fd: int
+    fd: Disk
     leaves: LeafFile
     sealed: bool
 
@@ -116,7 +116,7 @@ def prove(src: str, dst: str, *, state_dir: str, samples: int, controls: Control
     """Both disk digests from the leaves (a side whose seal broke is re-read), then sampled grains."""
     started = time.monotonic()
     with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDONLY) as dfd:
-        size = os.fstat(sfd).st_size
+        size = size_of(sfd)
         state = load_state(state_dir, size, None)
         if not state.same_target(dfd):
             raise TransferStateError(f"{dst} is not the file the full copy wrote")
@@ -165,7 +165,7 @@ def _check_samples(
             g = _sample_grain(side.fd, size, g_size, rng)
             a = g * g_size
             n = min(g_size, size - a)
-            data = bytearray(os.pread(side.fd, n, a))
+            data = bytearray(pread(side.fd, n, a))
             bytes_read += n
             checked += 1
             if leaves_of(data, 0, len(data), g_size) != side.leaves.get(g, 1):
@@ -173,12 +173,12 @@ def _check_samples(
     return bytes_read, checked
 
 
-def _sample_grain(fd: int, size: int, g_size: int, rng: random.SystemRandom) -> int:
+def _sample_grain(fd: Disk, size: int, g_size: int, rng: random.SystemRandom) -> int:
     """A random grain, drawn among the file's data when it has some (a random offset, then SEEK_DATA)."""
     offset = rng.randrange(size)
     try:
-        offset = os.lseek(fd, offset, os.SEEK_DATA)
+        offset = next_data(fd, offset)
     except OSError:
         with contextlib.suppress(OSError):
-            offset = os.lseek(fd, 0, os.SEEK_DATA)
+            offset = next_data(fd, 0)
     return min(offset, size - 1) // g_size

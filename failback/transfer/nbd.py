@@ -1,0 +1,222 @@
+"""Disks reached as NBD exports, through libnbd (Debian's ``python3-libnbd``): the engine's third way
+to a disk, beside a local file (direct) and the datastore's HTTP interface (network, in the jobs).
+
+An NBD URI (``nbd://host:port/export``, ``nbds://…`` for TLS, ``nbd+unix:///export?socket=/path``,
+``nbds+unix://…``; libnbd's own query parameters such as ``tls-certificates=DIR`` pass through) opens
+an :class:`NbdDisk`, which offers the file operations the engine uses: ranged reads and writes, zeroing
+that lets the server punch a hole (NBD_CMD_WRITE_ZEROES without NO_HOLE: nbdkit's ``file`` plugin and
+``vddk`` both deallocate), where the data lies (block status, ``base:allocation``), and flush.
+
+The pool reads in parallel, so each thread gets its own connection to the export (a libnbd handle
+serialises its requests); writes go through the calling thread's. What NBD cannot give, and what
+the engine does instead, is told in docs/decisions.md ("The NBD transport"): there is no inode (the
+target's identity is the export's URI without its query, and its size), and no timestamps, so an NBD
+disk's seal is its size only — a write to the production disk behind the engine's back is not seen
+by the seal, only by the sampled grains of the proof or a full verify_target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
+MAX_REQUEST = 32 << 20  # NBD servers refuse larger requests (libnbd caps at 64 MiB)
+STATUS_SPAN = 1 << 30  # block status asked for at most this much at a time
+MISSING = (
+    "the NBD transport needs libnbd's Python binding, which is not importable from this Python: "
+    "install Debian's python3-libnbd (apt-get install python3-libnbd) and link it into the venv with "
+    "`sh tests/nbd_venv.sh .venv` (make test does both); see README, 'The NBD transport'"
+)
+
+
+class NbdError(OSError):
+    """An NBD export could not be reached or refused a request; the message names the export."""
+
+
+def is_nbd(path: str) -> bool:
+    return isinstance(path, str) and path.startswith(SCHEMES)
+
+
+def libnbd() -> Any:
+    """The ``nbd`` module, or NbdError saying how to install it."""
+    try:
+        import nbd  # noqa: PLC0415 - optional: only the nbd transport needs it
+    except ImportError as exc:
+        raise NbdError(MISSING) from exc
+    return nbd
+
+
+def redacted(uri: str) -> str:
+    """The URI without its query (which may name key files): for messages and identity."""
+    parts = urlsplit(uri)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+class NbdDisk:
+    """One NBD export, opened read-only or for writing. Thread-safe: a connection per thread."""
+
+    def __init__(self, uri: str, *, writable: bool) -> None:
+        self.uri = uri
+        self.name = redacted(uri)
+        self.writable = writable
+        self._nbd = libnbd()
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        self._lock = threading.Lock()
+        main = self._handle()
+        self.size: int = main.get_size()
+        self.can_zero = bool(main.can_zero())
+        self.can_flush = bool(main.can_flush())
+        self.has_status = bool(main.can_meta_context("base:allocation"))
+        if writable and main.is_read_only():
+            self.close()
+            raise NbdError(f"{self.name}: the export is read-only, and the engine must write to it")
+
+    # ---- connections
+
+    def _connect(self) -> Any:
+        nbd = self._nbd
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.set_uri_allow_local_file(True)  # the URI comes from the portal's settings: its key files are ours
+        try:
+            h.connect_uri(self.uri)
+        except nbd.Error as exc:
+            raise NbdError(f"{self.name}: cannot connect to the NBD export: {exc}") from exc
+        return h
+
+    def _handle(self) -> Any:
+        h = getattr(self._local, "h", None)
+        if h is None:
+            h = self._local.h = self._connect()
+            with self._lock:
+                self._handles.append(h)
+        return h
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for h in handles:
+            try:
+                h.shutdown()
+            except Exception:  # the server went away: nothing left to close politely
+                pass
+        # libnbd closes a handle when Python frees it (this binding has no close())
+        self._local = threading.local()
+
+    def _fail(self, what: str, offset: int, exc: Exception) -> NbdError:
+        return NbdError(f"{self.name}: NBD {what} at offset {offset} failed: {exc}")
+
+    # ---- the file operations the engine uses
+
+    def preadv(self, view: memoryview, offset: int) -> int:
+        """Fill view with the bytes at offset (a short read only at the end of the export)."""
+        n = min(len(view), max(0, self.size - offset))
+        h, done = self._handle(), 0
+        while done < n:
+            k = min(MAX_REQUEST, n - done)
+            try:
+                view[done : done + k] = h.pread(k, offset + done)
+            except self._nbd.Error as exc:
+                raise self._fail("read", offset + done, exc) from exc
+            done += k
+        return n
+
+    def pread(self, n: int, offset: int) -> bytes:
+        buf = bytearray(min(n, max(0, self.size - offset)))
+        self.preadv(memoryview(buf), offset)
+        return bytes(buf)
+
+    def pwrite(self, data: memoryview | bytes, offset: int) -> int:
+        h, view, done = self._handle(), memoryview(data), 0
+        while done < len(view):
+            k = min(MAX_REQUEST, len(view) - done)
+            try:
+                h.pwrite(view[done : done + k], offset + done)
+            except self._nbd.Error as exc:
+                raise self._fail("write", offset + done, exc) from exc
+            done += k
+        return len(view)
+
+    def zero(self, offset: int, length: int) -> bool:
+        """Make [offset, offset+length) read as zeros, letting the server deallocate it. False when the
+        export cannot zero (the caller writes zeros)."""
+        if not self.can_zero:
+            return False
+        h, done = self._handle(), 0
+        while done < length:
+            k = min(1 << 30, length - done)
+            try:
+                h.zero(k, offset + done)
+            except self._nbd.Error as exc:
+                raise self._fail("zero", offset + done, exc) from exc
+            done += k
+        return True
+
+    def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """(offset, end) of the allocated ranges within [start, end), from block status; all of it
+        when the server does not report allocation. Adjacent data extents are merged."""
+        end = min(end, self.size)
+        if not self.has_status:
+            if start < end:
+                yield start, end
+            return
+        h, hole = self._handle(), self._nbd.STATE_HOLE
+        off, run = start, None
+        while off < end:
+            got: list[int] = []
+
+            def entries(_ctx: str, _off: int, e: list[int], _err: Any, got: list[int] = got) -> int:
+                if _ctx == "base:allocation":
+                    got.extend(e)
+                return 0
+
+            try:
+                h.block_status(min(STATUS_SPAN, end - off), off, entries)
+            except self._nbd.Error as exc:
+                raise self._fail("block status", off, exc) from exc
+            if not got:
+                raise NbdError(f"{self.name}: NBD block status at offset {off} returned no extent")
+            for k in range(0, len(got), 2):
+                a, b = off, min(off + got[k], end)
+                off = b
+                if not got[k + 1] & hole:
+                    if run is not None and run[1] == a:
+                        run = (run[0], b)
+                    else:
+                        if run is not None:
+                            yield run
+                        run = (a, b)
+                if off >= end:
+                    break
+        if run is not None:
+            yield run
+
+    def has_hole(self, start: int, end: int) -> bool:
+        covered = start
+        for a, b in self.data_extents(start, end):
+            if a > covered:
+                return True
+            covered = b
+        return covered < min(end, self.size)
+
+    def flush(self) -> None:
+        if self.can_flush and self.writable:
+            try:
+                self._handle().flush()
+            except self._nbd.Error as exc:
+                raise NbdError(f"{self.name}: NBD flush failed: {exc}") from exc
+
+    def identity(self) -> tuple[int, int]:
+        """Stands for a file's (st_dev, st_ino) in the recorded state: the export's URI (without its
+        query) and size, so a resumed copy goes on only into the same export."""
+        digest = hashlib.blake2b(self.name.encode(), digest_size=7).digest()
+        return -1, int.from_bytes(digest, "big") ^ self.size
+
+    def fingerprint(self) -> list[int]:
+        """NBD has no timestamps: the seal of an export is its size (see the module's doc)."""
+        return [self.size, -1, -1, -1]
