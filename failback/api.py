@@ -24,7 +24,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security import HttpBearer
 
-from . import actions, approvals, plans, tokens, workflow
+from . import actions, approvals, plans, tokens, windows, workflow
 from . import api_render as render
 from .api_approvals import ApprovalOut
 from .api_approvals import out as approval_out
@@ -48,6 +48,7 @@ from .api_schemas import (
     SwitchIn,
     TargetsOut,
     ValidationProblem,
+    WindowsIn,
 )
 from .audit_filters import export_row, filtered_events
 from .choices import ReplicaState, SessionStatus
@@ -401,6 +402,22 @@ def schedule_switch(request, session_id: PathId, body: ScheduleIn):
 
 
 @api.post(
+    "/sessions/{session_id}/windows",
+    response={200: SessionOut, **ACT},
+    tags=["actions"],
+    **_audited("set_switch_windows"),
+    summary="Set maintenance windows and a downtime budget: the switch starts in a window when the downtime fits",
+)
+def set_windows(request, session_id: PathId, body: WindowsIn):
+    _one(FailbackSession.objects, session_id, "failback")
+    rules = [w.dict() for w in body.windows]
+    windows.set_session_rules(
+        request.auth, session_id, windows=rules, budget_s=body.downtime_budget_s, reason=body.reason
+    )
+    return render.fresh_session(session_id)
+
+
+@api.post(
     "/sessions/{session_id}/cancel",
     response={200: SessionOut, **ASK},
     tags=["actions"],
@@ -513,6 +530,20 @@ def undo_plan(request, plan_id: PathId, body: ReasonIn):
 def schedule_plan(request, plan_id: PathId, body: ScheduleIn):
     _one(FailbackPlan.objects, plan_id, "plan")
     plans.schedule_switch(request.auth, plan_id, body.switch_at, reason=body.reason)
+    return render.fresh_plan(plan_id)
+
+
+@api.post(
+    "/plans/{plan_id}/windows",
+    response={200: PlanOut, **ACT},
+    tags=["actions"],
+    **_audited("set_switch_windows"),
+    summary="Set the plan's maintenance windows and downtime budget (every member's downtime must fit)",
+)
+def set_plan_windows(request, plan_id: PathId, body: WindowsIn):
+    _one(FailbackPlan.objects, plan_id, "plan")
+    rules = [w.dict() for w in body.windows]
+    windows.set_plan_rules(request.auth, plan_id, windows=rules, budget_s=body.downtime_budget_s, reason=body.reason)
     return render.fresh_plan(plan_id)
 
 

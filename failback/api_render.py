@@ -2,7 +2,7 @@
 
 from django.db.models import Prefetch
 
-from . import actions
+from . import actions, windows
 from .models import FailbackPlan, FailbackSession
 from .queries import attach_power_states
 
@@ -63,6 +63,8 @@ def session(s):
         **{f: getattr(s, f) for f in SESSION_FIELDS},
         "started_by": s.started_by.get_username(),
         "switch_window_s": window.total_seconds() if window is not None else None,
+        "switch_windows": windows.session_summary(s),
+        "convergence": (s.prediction or {}).get("convergence") if s.status == "ready_to_switch" else None,
         "disks": [{**{f: getattr(d, f) for f in DISK_FIELDS}, "percent": d.percent} for d in s.disks.all()],
     }
 
@@ -80,6 +82,7 @@ def plans(rows):
                 **{f: getattr(plan, f) for f in PLAN_FIELDS},
                 "created_by": plan.created_by.get_username(),
                 "percent": FailbackPlan.summary(members)["percent"],
+                "switch_windows": windows.plan_summary(plan, members),
                 "members": [
                     {
                         "session_id": s.pk,

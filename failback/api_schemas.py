@@ -127,6 +127,39 @@ class SessionDiskOut(Schema):
     verified: bool
 
 
+class OccurrenceOut(Schema):
+    start: datetime
+    end: datetime
+    label: str
+
+
+class WindowsOut(Schema):
+    """Switch when it fits: the rules, the window open now or next, and why the switch still waits."""
+
+    windows: list[dict]
+    lines: list[str]
+    budget_s: int | None
+    open: OccurrenceOut | None
+    next: OccurrenceOut | None
+    predicted_s: float | None
+    fits: bool
+    why_not: str | None
+    last_missed: dict | None
+    none_left: bool
+
+
+class ConvergenceOut(Schema):
+    """Writes outpacing the copy: the delta will not shrink however often catch-ups run."""
+
+    write_bps: int
+    copy_bps: int
+    copy_basis: str
+    since: datetime
+    changed_bytes: int
+    disks: list[dict]
+    text: str
+
+
 class SessionOut(Schema):
     id: int
     replica_id: int
@@ -164,6 +197,8 @@ class SessionOut(Schema):
     ended_at: datetime | None
     switch_window_s: float | None = Field(description="Downtime users felt: replica going down to production on")
     predicted_window_s: float | None
+    switch_windows: WindowsOut | None = Field(description="Maintenance windows and downtime budget, if any")
+    convergence: ConvergenceOut | None = Field(description="Set while the VM's writes outpace the copy")
     stop_method: str
     error: str
     disks: list[SessionDiskOut]
@@ -194,6 +229,7 @@ class PlanOut(Schema):
     power_on_after: bool
     power_on_delay_s: int
     switch_started_at: datetime | None
+    switch_windows: WindowsOut | None = Field(description="Maintenance windows and downtime budget, if any")
     percent: int = Field(description="Bytes copied of all members' disks, in percent")
     members: list[PlanMemberOut]
 
@@ -295,6 +331,29 @@ class SwitchIn(ReasonIn):
 
 class ScheduleIn(ReasonIn):
     switch_at: AwareDatetime = Field(description="With a time zone offset, more than 5 s and less than a year ahead")
+
+
+class WindowIn(Schema):
+    kind: Literal["once", "weekly"] = Field(description="once: a date-time span; weekly: days and a time of day span")
+    start: Annotated[str, StringConstraints(max_length=40)] = Field(
+        description="once: YYYY-MM-DDTHH:MM; weekly: HH:MM (the zone's wall-clock time, no offset)"
+    )
+    end: Annotated[str, StringConstraints(max_length=40)] = Field(
+        description="After start (weekly: 00:00 means midnight at the end of the day)"
+    )
+    tz: Annotated[str, StringConstraints(max_length=60)] = Field(description="An IANA time zone: Europe/Paris, UTC")
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=list, max_length=7, description="weekly: the days it opens"
+    )
+
+
+class WindowsIn(ReasonIn):
+    windows: list[WindowIn] = Field(
+        max_length=20, description="Maintenance windows; none means any time (with a budget) or a manual switch"
+    )
+    downtime_budget_s: int | None = Field(
+        None, ge=1, le=604800, description="The longest predicted downtime the switch may start with, in seconds"
+    )
 
 
 class CancelIn(ReasonIn):

@@ -3,15 +3,18 @@ countdown ran out. Each decides from the database whether its moment still means
 through the workflow's own functions (audited as automatic: no actor).
 """
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
-from . import approvals, plans
+from . import approvals, plans, windows
 from .audit import Refused, audit
 from .choices import SCHEDULABLE, CommitPolicy, Outcome, SessionStatus, SwitchMode
-from .models import FailbackSession
+from .models import FailbackPlan, FailbackSession
+from .plans import OUT_OF_PLAY
 from .schedules import set_switch_schedule, wait_for_moment
 from .workflow import begin_switch, finalise, transition
 
@@ -25,6 +28,8 @@ def after_phase1(session_id):
         return
     if session.status != SessionStatus.READY_TO_SWITCH:
         return
+    if session.switch_mode == SwitchMode.AUTO and windows.gated(session):
+        return  # it waits for a window where the downtime fits: the readiness tick decides (switch_when_fits)
     if session.switch_mode == SwitchMode.AUTO:
         if not approvals.hold(session, "switch", "Automatic switch after phase 1", trigger="auto"):
             begin_switch(session_id, actor=None, detail="Automatic switch after phase 1", data={"trigger": "auto"})
@@ -130,3 +135,152 @@ def commit_policy_due(session_id):
         )
     except Refused:
         return None  # an operator acted at the same moment: their action won, the refusal is audited
+
+
+# -- switch when it fits: maintenance windows and a downtime budget (windows.py) ---------------------
+
+
+def switch_when_fits(session_id, now=None):
+    """Each readiness tick, after the fresh prediction: a session whose switch waits for a window or a budget
+    switches at the first moment inside a window when the predicted downtime fits; a window that passed
+    without fitting is told (why, and the next one)."""
+    now = now or timezone.now()
+    session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
+    if session is None or session.plan_id or session.status != SessionStatus.READY_TO_SWITCH:
+        return None
+    if not windows.gated(session):
+        return None
+    data = session.prediction or {}
+    fit = Fit(session.predicted_window_s, data.get("now"), data.get("convergence"), session.phase1_ended_at)
+    return _decide(session, session, now, fit, lambda window, detail, facts: _switch_session(session, detail, facts))
+
+
+def plan_switch_when_fits(plan_id, now=None):
+    """The same for a plan, once every member is Ready to switch: it fits when every member's predicted
+    downtime does (each member is down only during its own switch); the worst member speaks for the plan."""
+    now = now or timezone.now()
+    plan = FailbackPlan.objects.filter(pk=plan_id).first()
+    if plan is None or plan.switch_started_at is not None or not windows.gated(plan):
+        return None
+    live = [
+        s for s in plan.sessions.select_related("replica").order_by("plan_order", "pk") if s.status not in OUT_OF_PLAY
+    ]
+    if not live or any(s.status != SessionStatus.READY_TO_SWITCH for s in live):
+        return None  # phase 1 still runs somewhere: nothing to decide yet
+    unknown = [s for s in live if s.predicted_window_s is None]
+    worst = unknown[0] if unknown else max(live, key=lambda s: s.predicted_window_s)
+    data = worst.prediction or {}
+    ready_at = max(s.phase1_ended_at or now for s in live)
+    fit = Fit(worst.predicted_window_s, data.get("now"), data.get("convergence"), ready_at)
+
+    def start(window, detail, facts):
+        return plans.switch_if_due(plan.pk, trigger="window", reason=f"{detail} (worst member: failback #{worst.pk})")
+
+    return _decide(plan, worst, now, fit, start)
+
+
+@dataclass(frozen=True)
+class Fit:
+    predicted: float | None  # seconds, the readiness job's latest figure
+    forecast: dict | None  # its parts (prediction.predict)
+    converging: dict | None  # writes outpacing the copy (windows.convergence)
+    ready_at: object  # since when the switch could have started: a window before that was not missed
+
+
+def _decide(owner, session, now, fit, start):
+    """``owner`` (a session or a plan) carries the rules and their state; audit rows go on ``session``."""
+    rules, budget = owner.switch_windows or [], owner.downtime_budget_s
+    fits = windows.fits(fit.predicted, budget)
+    why = None if fits else windows.why_not(fit.predicted, budget, fit.forecast, fit.converging)
+    _tell_missed(owner, session, now, fit, why)
+    current = windows.open_window(rules, now) if rules else None
+    if rules and current is None:
+        windows.remember(owner, checked_at=now.isoformat())
+        return None
+    key = current.key if current else "any time"
+    facts = {
+        "window": current.as_dict() if current else None,
+        "predicted_s": fit.predicted,
+        "budget_s": budget,
+        "convergence": fit.converging,
+    }
+    if fits:
+        windows.remember(owner, checked_at=now.isoformat(), met=key)
+        where = f"in the maintenance window {current.label}" if current else "now"
+        fit_text = (
+            f"predicted {windows.seconds(fit.predicted)} within the budget of {budget} s"
+            if budget is not None
+            else "no downtime budget"
+        )
+        return start(current, f"Switch started {where}: {fit_text}", facts)
+    state = owner.window_state or {}
+    if state.get("waiting") != key:
+        until = f"until the window closes at {current.label.split('–')[1]}" if current else "whenever it does"
+        with transaction.atomic():
+            audit(
+                action="window_waiting",
+                outcome=Outcome.INFO,
+                session=session,
+                from_state=session.status,
+                to_state=session.status,
+                detail=f"The switch waits {'in the maintenance window ' + current.label if current else ''}: {why}. "
+                f"It starts as soon as the downtime fits, {until}; catch-up syncs run every minute meanwhile.",
+                data={**facts, "why": why, **_plan_of(owner)},
+            )
+    reasons = {**state.get("why", {}), key: why}
+    windows.remember(owner, checked_at=now.isoformat(), waiting=key, why=dict(list(reasons.items())[-8:]))
+    return None
+
+
+def _plan_of(owner):
+    return {"plan": owner.name, "plan_id": owner.pk} if isinstance(owner, FailbackPlan) else {}
+
+
+def _tell_missed(owner, session, now, fit, why_now):
+    """Every window that closed since the last look, while the switch could have started, without it: why
+    (the reason seen inside it, else the current one), and which window comes next. Told once each."""
+    rules, budget = owner.switch_windows or [], owner.downtime_budget_s
+    state = owner.window_state or {}
+    seen = [parse_datetime(v) for v in (state.get("checked_at"), state.get("since")) if v] + [fit.ready_at]
+    after = max(t for t in seen if t is not None) if any(seen) else now
+    missed = [o for o in windows.occurrences(rules, after, now) if after < o.end <= now and o.key != state.get("met")]
+    for occurrence in missed:
+        why = (
+            state.get("why", {}).get(occurrence.key)
+            or why_now
+            or "the portal did not look inside it (no readiness tick)"
+        )
+        coming = windows.next_window(rules, now)
+        then = (
+            f"Next window: {coming.label}."
+            if coming
+            else "No window is left: the switch waits until windows are set again, or someone switches now."
+        )
+        with transaction.atomic():
+            audit(
+                action="window_missed",
+                outcome=Outcome.INFO,
+                session=session,
+                from_state=session.status,
+                to_state=session.status,
+                detail=f"Maintenance window {occurrence.label} passed without the switch: {why}. {then}",
+                data={
+                    "window": occurrence.as_dict(),
+                    "why": why,
+                    "predicted_s": fit.predicted,
+                    "budget_s": budget,
+                    "convergence": fit.converging,
+                    "next": coming.as_dict() if coming else None,
+                    **_plan_of(owner),
+                },
+            )
+        windows.remember(
+            owner,
+            last_missed={"window": occurrence.as_dict(), "why": why, "next": coming.as_dict() if coming else None},
+        )
+
+
+def _switch_session(session, detail, facts):
+    if approvals.hold(session, "switch", detail, trigger="window"):
+        return None
+    return begin_switch(session.pk, actor=None, detail=detail, data={"trigger": "window", **facts})

@@ -15,7 +15,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from . import broadcast, workflow
+from . import broadcast, windows, workflow
 from .audit import Refused, audit, clean_reason, refuse, require_operator
 from .choices import Outcome, SessionStatus, SwitchMode
 from .models import FailbackPlan, FailbackSession, Replica
@@ -203,8 +203,8 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
 
 
 def _moment_came(plan):
-    if plan.switch_mode == SwitchMode.MANUAL:
-        return False
+    if plan.switch_mode == SwitchMode.MANUAL or windows.gated(plan):
+        return False  # manual, or waiting for a window where the downtime fits (automatic.plan_switch_when_fits)
     return plan.switch_mode != SwitchMode.SCHEDULED or bool(plan.switch_at and plan.switch_at <= timezone.now())
 
 

@@ -37,11 +37,16 @@ def watchdog():
 
 def readiness():
     """Every minute: each Ready-to-switch session gets its catch-up (when due) and a fresh prediction."""
-    from .choices import SessionStatus
-    from .models import FailbackSession
+    from .choices import SessionStatus, SwitchMode
+    from .models import FailbackPlan, FailbackSession
 
     for session_id in FailbackSession.objects.filter(status=SessionStatus.READY_TO_SWITCH).values_list("pk", flat=True):
         jobs.run_readiness(session_id)
+        automatic.switch_when_fits(session_id)  # a session waiting for a window where its downtime fits
+    for plan_id in FailbackPlan.objects.filter(switch_started_at=None, switch_mode=SwitchMode.AUTO).values_list(
+        "pk", flat=True
+    ):
+        automatic.plan_switch_when_fits(plan_id)
 
 
 def commit_policy(session_id):

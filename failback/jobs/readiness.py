@@ -2,13 +2,12 @@
 
 import threading
 from contextlib import closing
-from datetime import timedelta
 from functools import partial
 
 from django.conf import settings
 from django.utils import timezone
 
-from .. import broadcast, logging_context, prediction
+from .. import broadcast, logging_context, prediction, windows
 from .. import checks as prechecks
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import HypervisorError
@@ -88,6 +87,7 @@ def _refresh_readiness(session, hv):
     """Predict the window of a switch started now and re-run the switch checks; shown beside the buttons."""
     forecast = prediction.predict(hv, session)
     found = prechecks.before_switch(hv, session)
+    converging = windows.convergence(session, forecast, timezone.now())  # writes outpacing the copy
     FailbackSession.objects.filter(pk=session.pk, status=SessionStatus.READY_TO_SWITCH).update(
         predicted_window_s=forecast["window_s"],
         prediction={
@@ -95,8 +95,10 @@ def _refresh_readiness(session, hv):
             "now": forecast,
             "checks": [c.as_dict() for c in found],
             "checked_at": timezone.now().isoformat(),
+            "convergence": converging,
         },
     )
+    windows.warn_convergence(session, converging)
     broadcast.send_now(session.pk)
     return forecast
 
@@ -123,7 +125,7 @@ def _run_readiness(session_id, catch_up):
         with run.beating(), closing(hypervisor_for(session.replica)) as platform:
             hv = run.hypervisor(platform)
             last = session.catchup_at or session.phase1_ended_at
-            due = last is None or timezone.now() - last >= timedelta(minutes=settings.FAILBACK_CATCHUP_MINUTES)
+            due = last is None or timezone.now() - last >= windows.catchup_every(session, timezone.now())
             if catch_up if catch_up is not None else due:
                 _catch_up(run, session, hv)
                 session.refresh_from_db()

@@ -10,7 +10,7 @@ from functools import partial
 from django.conf import settings
 from django.utils import timezone
 
-from .. import logging_context, prediction, workflow
+from .. import logging_context, prediction, windows, workflow
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED, HypervisorError
 from ..hypervisors.registry import hypervisor_for
@@ -323,6 +323,8 @@ def _record_window(run, session, timing):
         forecast = (session.prediction or {}).get("at_switch") or {}
         predicted = forecast.get("window_s")
         versus = f"; predicted {predicted:.1f} s ({actual - predicted:+.1f} s)" if predicted is not None else ""
+        budget = windows.rules(session)[1]  # the downtime budget, beside predicted and actual (windows.py)
+        versus += f"; budget {budget} s ({'within' if actual <= budget else 'over'})" if budget is not None else ""
         learned = prediction.learn(session, timing)
         _note(
             session,
@@ -333,6 +335,7 @@ def _record_window(run, session, timing):
             data={
                 "seconds": round(actual, 3),
                 "predicted_s": predicted,
+                "budget_s": budget,
                 "shown_s": (session.prediction or {}).get("shown_s"),
                 "error_s": round(actual - predicted, 3) if predicted is not None else None,
                 "phase1_seconds": round(session.phase1_duration.total_seconds(), 3)

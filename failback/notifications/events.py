@@ -42,6 +42,10 @@ def kind_of(action, outcome, to_state, actor_id):
         return NotifyEvent.SWITCH_STARTED
     if action == "switch_window":
         return NotifyEvent.SWITCH_FINISHED
+    if action == "window_missed":
+        return NotifyEvent.WINDOW_MISSED  # a maintenance window passed: the downtime did not fit (windows.py)
+    if action == "convergence_warning":
+        return NotifyEvent.CONVERGENCE  # writes outpace the copy: catch-ups cannot shrink the delta
     if action == "request_approval":
         return NotifyEvent.APPROVAL_REQUESTED  # someone (or the portal's own moment) waits for a second person
     if action == "switch" and outcome == Outcome.REFUSED and actor_id is None:
@@ -122,6 +126,15 @@ def describe(kind, session, row):
         data["request"], data["action"] = row.data.get("request"), row.data.get("action")
         data["expires_at"] = row.data.get("expires_at")
         title = f"Approval needed: {row.data.get('action', '').replace('_', ' ')} of {_name(session)} (request #{data['request']})"
+    elif kind in (NotifyEvent.WINDOW_MISSED, NotifyEvent.CONVERGENCE):
+        data.update(
+            {
+                k: row.data.get(k)
+                for k in ("window", "why", "predicted_s", "budget_s", "next", "write_bps", "copy_bps", "disks")
+                if k in row.data
+            }
+        )
+        title = f"{label}: {_name(session)}"
     elif kind == NotifyEvent.PRECHECK_FAILED:
         data["checks"] = [c for c in row.data.get("checks", []) if c.get("status") == "fail"]
     elif kind in DECISIONS:

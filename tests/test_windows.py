@@ -1,0 +1,191 @@
+"""Switch when it fits: maintenance windows, a downtime budget, and writes that outpace the copy (issue 17, part 1).
+
+On the real lab with inline workers. Time is moved by handing the readiness tick (``automatic.switch_when_fits``)
+the moment it decides at, as the scheduler would call it then: no sleeping, no clock patched.
+"""
+
+from datetime import UTC, datetime, time, timedelta
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from failback import automatic, jobs, windows
+from failback.choices import Outcome, SessionStatus, SwitchMode
+from failback.models import AuditEvent, FailbackSession
+from failback.notifications import config
+from failback.notifications.models import Notification, NotificationEndpoint
+from failback.workflow import Refused
+
+from .helpers import replica_named, start
+
+pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.beyond]
+
+MiB = 2**20
+
+
+def one_off(day, start, end, tz="UTC"):
+    return {"kind": "once", "start": f"{day:%Y-%m-%d}T{start}", "end": f"{day:%Y-%m-%d}T{end}", "tz": tz}
+
+
+def at(day, clock):
+    return datetime.combine(day, time.fromisoformat(clock), tzinfo=UTC)
+
+
+@pytest.fixture
+def told(admin_user):
+    """An e-mail endpoint for the two new events (delivered to Django's test outbox)."""
+    config.save_endpoint(
+        admin_user,
+        NotificationEndpoint(
+            name="dr-team", kind="email", addresses="dr@example.org", events=["window_missed", "convergence"]
+        ),
+    )
+    return mail.outbox
+
+
+def test_it_misses_a_window_the_budget_does_not_fit_then_switches_in_the_next(lab, operator, told):
+    replica = replica_named("web-01")
+    lab.set_vm_options(replica.vm_id, tools_installed=True, shutdown_seconds=240, shutdown_hangs=False, workload=False)
+    session = start(operator, replica, shutdown_timeout_s=600)
+    assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH
+    day1 = timezone.now().date() + timedelta(days=2)
+    day2 = day1 + timedelta(days=1)
+    windows.set_session_rules(
+        operator,
+        session.pk,
+        windows=[one_off(day1, "02:00", "04:00"), one_off(day2, "02:00", "04:00")],
+        budget_s=120,
+        reason="CHG-17 nights only",
+    )
+    session = FailbackSession.objects.get(pk=session.pk)
+    assert session.switch_mode == SwitchMode.AUTO and session.downtime_budget_s == 120
+
+    jobs.run_readiness(session.pk, catch_up=False)
+    assert FailbackSession.objects.get(pk=session.pk).predicted_window_s >= 240
+    assert automatic.switch_when_fits(session.pk, now=at(day1, "01:00")) is None  # before the window: nothing
+    assert automatic.switch_when_fits(session.pk, now=at(day1, "02:30")) is None  # inside: it does not fit
+    waiting = AuditEvent.objects.get(session=session, action="window_waiting")
+    assert "predicted 240 s against a budget of 120 s" in waiting.detail
+    automatic.switch_when_fits(session.pk, now=at(day1, "02:31"))  # a second look inside says nothing new
+    assert AuditEvent.objects.filter(session=session, action="window_waiting").count() == 1
+
+    automatic.switch_when_fits(session.pk, now=at(day1, "05:00"))  # the window has passed
+    missed = AuditEvent.objects.get(session=session, action="window_missed")
+    assert missed.outcome == Outcome.INFO
+    assert "passed without the switch: predicted 240 s against a budget of 120 s" in missed.detail
+    assert "guest shutdown 240 s" in missed.detail and f"Next window: {day2:%a %Y-%m-%d} 02:00" in missed.detail
+    assert missed.data["budget_s"] == 120 and missed.data["next"]["start"] == at(day2, "02:00").isoformat()
+    assert Notification.objects.filter(session=session, event="window_missed").count() == 1
+    assert any("Maintenance window missed" in m.subject for m in told)
+    automatic.switch_when_fits(session.pk, now=at(day1, "06:00"))
+    assert AuditEvent.objects.filter(session=session, action="window_missed").count() == 1  # told once
+
+    # The admin makes the guest shut down quickly; the next prediction fits and the next window is met.
+    lab.set_vm_options(replica.vm_id, shutdown_seconds=1)
+    jobs.run_readiness(session.pk, catch_up=False)
+    assert automatic.switch_when_fits(session.pk, now=at(day2, "01:59")) is None  # not yet inside
+    automatic.switch_when_fits(session.pk, now=at(day2, "02:10"))
+    session = FailbackSession.objects.get(pk=session.pk)
+    assert session.status == SessionStatus.FAILBACK
+    switch = AuditEvent.objects.get(session=session, action="switch", outcome=Outcome.OK)
+    assert switch.actor is None and switch.data["trigger"] == "window" and switch.data["budget_s"] == 120
+    assert (
+        f"in the maintenance window {day2:%a %Y-%m-%d} 02:00" in switch.detail and "within the budget" in switch.detail
+    )
+    measured = AuditEvent.objects.get(session=session, action="switch_window")  # budget, predicted, actual together
+    assert measured.data["budget_s"] == 120 and measured.data["predicted_s"] is not None
+    assert measured.data["seconds"] == pytest.approx(session.switch_window.total_seconds(), abs=1e-3)
+    assert "budget 120 s (within)" in measured.detail
+
+
+@pytest.fixture
+def bigger_lab(db, settings):
+    import os
+
+    from django.core.management import call_command
+
+    from failback.hypervisors.lab import LabHypervisor
+
+    call_command("seed_lab", "--count", "2", "--scale", "0.25", "--no-user", stdout=open(os.devnull, "w"))
+    return LabHypervisor(settings.LAB_ROOT)
+
+
+def test_it_warns_when_a_vm_is_written_faster_than_the_copy(bigger_lab, operator, told, client):
+    lab = bigger_lab
+    replica = max(FailbackSession.replica.field.related_model.objects.all(), key=lambda r: r.disks.count())
+    lab.set_vm_options(replica.vm_id, workload=False, cbt=True)
+    session = start(operator, replica)
+    first = jobs.run_readiness(session.pk, catch_up=False)
+    assert FailbackSession.objects.get(pk=session.pk).prediction["convergence"] is None  # nothing written yet
+    assert first["changed_bytes"] < windows.MIN_PENDING_BYTES
+
+    # The link is limited to 1 MB/s; a catch-up has just run, and the guest writes 32 MiB to its last disk at once.
+    FailbackSession.objects.filter(pk=session.pk).update(bandwidth_mbps=1, catchup_at=timezone.now())
+    disk = replica.disks.order_by("key").last()
+    assert disk.capacity_bytes >= 32 * MiB
+    for offset in range(0, 32 * MiB, MiB):
+        lab.guest_write(replica.vm_id, disk.key, offset, b"\x5a" * MiB)
+    jobs.run_readiness(session.pk, catch_up=False)
+    session = FailbackSession.objects.get(pk=session.pk)
+    found = session.prediction["convergence"]
+    assert [d["disk"] for d in found["disks"]] == [disk.key] and found["write_bps"] > found["copy_bps"] == 1_000_000
+    assert (
+        f"the write rate on disk {disk.key}" in found["text"]
+        and "is outpacing the copy rate (1.0 MB/s" in found["text"]
+    )
+    warning = AuditEvent.objects.get(session=session, action="convergence_warning")
+    assert warning.outcome == Outcome.INFO and found["text"] in warning.detail
+    assert Notification.objects.filter(session=session, event="convergence").count() == 1
+    jobs.run_readiness(session.pk, catch_up=False)  # still outpacing: not said again
+    assert AuditEvent.objects.filter(session=session, action="convergence_warning").count() == 1
+
+    # Before anyone presses Switch: the page and the API say so.
+    client.force_login(operator)
+    page = client.get(f"/sessions/{session.pk}/").content.decode()
+    assert "Writes outpace the copy" in page and f"the write rate on disk {disk.key}" in page
+    from failback import api_render
+
+    assert api_render.fresh_session(session.pk)["convergence"]["text"] == found["text"]
+
+
+def test_it_refuses_bad_windows_and_budgets_with_a_clear_reason(lab, operator):
+    session = start(operator, replica_named("web-01"))
+    tomorrow = timezone.now().date() + timedelta(days=1)
+    cases = [
+        ([one_off(tomorrow, "04:00", "02:00")], None, "Window 1 refused: The window ends"),
+        ([one_off(tomorrow, "02:00", "04:00", tz="Mars/Olympus")], None, "Unknown time zone 'Mars/Olympus'"),
+        ([{"kind": "weekly", "days": ["mon"], "start": "05:00", "end": "01:00", "tz": "UTC"}], None, "is two windows"),
+        ([{"kind": "weekly", "days": [], "start": "01:00", "end": "02:00", "tz": "UTC"}], None, "names its days"),
+        ([], -5, "Downtime budget refused: -5 is not a positive number of seconds."),
+    ]
+    for rules, budget, message in cases:
+        with pytest.raises(Refused) as refused:
+            windows.set_session_rules(operator, session.pk, windows=rules, budget_s=budget)
+        assert message in refused.value.message
+    assert AuditEvent.objects.filter(action="set_switch_windows", outcome=Outcome.REFUSED).count() == len(cases)
+    assert FailbackSession.objects.get(pk=session.pk).switch_windows == []
+
+
+def test_it_sets_windows_through_the_api_and_refuses_bad_ones(lab, operator, client):
+    from failback import tokens
+
+    session = start(operator, replica_named("web-01"))
+    _, secret = tokens.issue(operator, operator, "ci")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    url = f"/api/v1/sessions/{session.pk}/windows"
+    body = {
+        "windows": [{"kind": "weekly", "days": ["sat", "sun"], "start": "02:00", "end": "04:00", "tz": "Europe/Paris"}],
+        "downtime_budget_s": 120,
+        "reason": "CHG-9",
+    }
+    response = client.post(url, body, content_type="application/json", **auth)
+    assert response.status_code == 200, response.content
+    shown = response.json()["switch_windows"]
+    assert shown["lines"] == ["weekly sat,sun 02:00-04:00 Europe/Paris"] and shown["budget_s"] == 120
+    assert shown["next"]["label"].endswith("02:00–04:00 Europe/Paris") and response.json()["switch_mode"] == "auto"
+    bad = {**body, "windows": [{**body["windows"][0], "tz": "Nowhere/City"}]}
+    response = client.post(url, bad, content_type="application/json", **auth)
+    assert response.status_code == 409 and "Unknown time zone 'Nowhere/City'" in response.json()["detail"]
+    response = client.post(url, {**body, "downtime_budget_s": -1}, content_type="application/json", **auth)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == "downtime_budget_s"
