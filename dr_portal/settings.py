@@ -240,6 +240,14 @@ else:
 # -- failback ----------------------------------------------------------------------------------
 LAB_ROOT = env_path("LAB_ROOT", VAR_DIR / "lab")
 FAILBACK_STATE_DIR = env_path("FAILBACK_STATE_DIR", VAR_DIR / "sessions")
+# The nbd transport (failback/jobs/nbd.py): how the lab's disks are reached (direct: opened as files; nbd:
+# served by nbdkit and reached over NBD), where the worker's nbdkit listens (a directory holding
+# ca-cert.pem, server-cert.pem and server-key.pem: TLS on 127.0.0.1; empty: a Unix socket), and the VDDK
+# library for vSphere's vddk plugin (empty: the file plugin on a mounted datastore; see README).
+LAB_TRANSPORT = env_choice("LAB_TRANSPORT", "direct", ("direct", "nbd"))
+FAILBACK_NBD_TLS_DIR = env_str("FAILBACK_NBD_TLS_DIR")
+FAILBACK_VDDK_LIBDIR = env_str("FAILBACK_VDDK_LIBDIR")
+FAILBACK_NBDKIT = env_str("FAILBACK_NBDKIT", "nbdkit")
 # Phase 2: how long a guest may take to shut down before it is powered off (DOMAIN: 15 minutes).
 FAILBACK_SHUTDOWN_TIMEOUT = env_int("FAILBACK_SHUTDOWN_TIMEOUT", 15 * 60, min=1, unit="seconds")
 # A running step that shows no sign of life for this long is queued again (it resumes from its checkpoint).

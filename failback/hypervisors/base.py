@@ -95,7 +95,24 @@ class Placement:
     folders: dict[str, str] = field(default_factory=dict)  # VM folder id -> path, e.g. "group-v3" -> "DC0/vm"
 
 
-Transport = Literal["direct", "network"]
+Transport = Literal["direct", "network", "nbd"]
+
+
+@dataclass(frozen=True)
+class NbdExport:
+    """How nbdkit serves one disk for the nbd transport: the plugin and its ``key=value`` arguments.
+    The portal starts the server (failback/jobs/nbd.py), so the adapter only says what to serve.
+
+    ``password`` (the vddk plugin's vCenter password) is kept out of ``args``: the portal writes it
+    to a private file and passes ``password=+FILE``, so it never shows in a process list.
+    ``verified`` says whether this plugin has been run by the project's tests (``file``: yes, against
+    Debian's nbdkit; ``vddk``: no, only its command line; see README, "The NBD transport")."""
+
+    plugin: str  # "file" | "vddk"
+    args: tuple[str, ...]
+    readonly: bool
+    password: str | None = field(default=None, repr=False)
+    verified: bool = True
 
 
 @runtime_checkable
@@ -109,6 +126,8 @@ class DiskAccess(Protocol):
       always; vSphere with the datastores mounted on the worker host).
     - ``"network"``: no local file; ranges are read with ``download_range`` and a whole disk is
       copied from VM to VM with ``copy_disk_network`` (the target cannot be written by range).
+    - ``"nbd"``: ``nbd_export`` says how nbdkit serves the disk; the engine reads and writes it by
+      range over NBD (libnbd), as in direct mode.
 
     ``download_range`` and ``copy_disk_network`` work in both modes, so checks and tests can use them
     on any platform.
@@ -119,6 +138,13 @@ class DiskAccess(Protocol):
     def disk_path(self, vm_id: str, disk_key: str) -> str:
         """A local path to the disk's raw data (lab files; vSphere direct mode). HypervisorError
         when the transport is not direct."""
+        ...
+
+    def nbd_export(self, vm_id: str, disk_key: str, *, writable: bool, snapshot: str | None = None) -> NbdExport:
+        """How nbdkit serves the disk (read-only unless ``writable``; ``snapshot``: a snapshot id to
+        read from, where the platform has them): the ``file`` plugin on a disk file this host can
+        reach, or the platform's own plugin (vSphere: ``vddk``). HypervisorError when neither is
+        possible here."""
         ...
 
     def download_range(self, vm_id: str, disk_key: str, offset: int, length: int) -> bytes:

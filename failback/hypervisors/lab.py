@@ -102,9 +102,13 @@ class LabHypervisor(LabDisks):
     """A hypervisor over a directory of real sparse disk files; see the module docstring."""
 
     name = "lab"
-    transport = "direct"  # the disks are local files: always
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], transport: str = "direct") -> None:
+        # The disks are local files: the engine opens them (direct), or nbdkit's file plugin serves
+        # them and the engine reaches them over NBD (nbd: the same path as vSphere's vddk exports).
+        if transport not in ("direct", "nbd"):
+            raise HypervisorError(f"The lab's transport is 'direct' or 'nbd', not {transport!r}.")
+        self.transport = transport
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "vms").mkdir(exist_ok=True)

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .base import POWERED_ON, ChangedAreas, HypervisorError
+from .base import POWERED_ON, ChangedAreas, HypervisorError, NbdExport
 
 KiB, MiB = 1024, 1024**2
 BLOCK_SIZE = 64 * KiB  # change tracking granularity
@@ -58,6 +58,12 @@ class LabDisks:
     def disk_path(self, vm_id: str, disk_key: str) -> str:
         vm = self._vm(vm_id)
         return str(self._disk_file(vm, self._disk(vm, disk_key)))
+
+    def nbd_export(self, vm_id: str, disk_key: str, *, writable: bool, snapshot: str | None = None) -> NbdExport:
+        """nbdkit's ``file`` plugin on the disk's file (the lab has no snapshots: ``snapshot`` must be None)."""
+        if snapshot is not None:
+            raise HypervisorError("The lab has no snapshots to read a disk from.")
+        return NbdExport("file", (f"file={self.disk_path(vm_id, disk_key)}",), readonly=not writable)
 
     def guest_write(self, vm_id: str, disk_key: str, offset: int, data: bytes) -> None:
         """The guest writes ``data`` at ``offset``: the bytes land on the disk and change tracking

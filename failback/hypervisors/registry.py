@@ -24,7 +24,7 @@ class Platform(models.TextChoices):
 def lab() -> Hypervisor:
     from .lab import LabHypervisor
 
-    return LabHypervisor(settings.LAB_ROOT)
+    return LabHypervisor(settings.LAB_ROOT, transport=settings.LAB_TRANSPORT)
 
 
 def for_connection(connection: Any) -> Hypervisor:
@@ -39,6 +39,7 @@ def for_connection(connection: Any) -> Hypervisor:
         verify=True,
         datastore_paths=connection.datastore_paths or None,
         transport=connection.transport,
+        vddk_libdir=settings.FAILBACK_VDDK_LIBDIR or None,
         timeout=settings.FAILBACK_VSPHERE_TIMEOUT,
         retries=settings.FAILBACK_VSPHERE_RETRIES,
     )

@@ -14,10 +14,12 @@ from ..choices import Outcome, SessionStatus
 from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy, full_copy
+from ..transfer.blockio import opened
 from ..transfer.progress import paused
 from ..transfer.sparse import allocated_bytes
 from .finish import _discard_production_vm
 from .hooking import run_hooks
+from .nbd import disk_ends
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .readiness import _refresh_readiness
@@ -65,8 +67,9 @@ def _phase1(run, session, hv):
         run_hooks(run, session, "before_phase1")  # nothing built yet: a failing hook fails phase 1 here
         _create_production_vm(run, session, hv)
         disks = list(session.disks.all())
-        _announce_phase1(run, session, hv, disks)
-        copies = [_copy_disk(run, session, hv, disk, cancel) for disk in disks]
+        with disk_ends(hv, session, [] if _network(hv) else disks) as ends:
+            _announce_phase1(run, session, hv, disks, ends)
+            copies = [_copy_disk(run, session, hv, disk, cancel, ends) for disk in disks]
         _finish_phase1(run, session, copies)
     except LeaseLost:
         raise
@@ -126,13 +129,13 @@ def _reusable_state(session, disk):
     return bool(os.listdir(new))
 
 
-def _announce_phase1(run, session, hv, disks):
+def _announce_phase1(run, session, hv, disks, ends):
     """Say, before any byte moves, which method each disk uses and why, and how much it holds."""
     for disk in disks:
         if _network(hv) or disk.method:  # network copies state their own; on a resume the method is already stated
             continue
-        with open(hv.disk_path(session.replica.vm_id, disk.key), "rb") as f:
-            allocated = allocated_bytes(f.fileno(), 0, disk.capacity_bytes)
+        with opened(ends[disk.key][0], os.O_RDONLY) as source:  # a file, or an NBD export (block status)
+            allocated = allocated_bytes(source, 0, disk.capacity_bytes)
         if _reusable_state(session, disk):
             method, why = (
                 "digest",
@@ -152,7 +155,7 @@ def _limit_bps(session):
     return session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
 
 
-def _copy_disk(run, session, hv, disk, cancel):
+def _copy_disk(run, session, hv, disk, cancel, ends):
     """One disk of phase 1, resumable from its checkpoint: a prediction.Copy (what moved, how long it took,
     how long the bandwidth limit held it back)."""
     replica = session.replica
@@ -162,7 +165,7 @@ def _copy_disk(run, session, hv, disk, cancel):
     if _network(hv):
         return _network_copy(run, hv, session, disk, phase=1, cancel=cancel)
     _save(disk, run, change_id=change_id)
-    src, dst = hv.disk_path(replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
+    src, dst = ends[disk.key]
     limit = _limit_bps(session)
     sink = ProgressSink(disk, expect=SessionStatus.PHASE1, cancel=cancel, run=run)
     copy_args = {

@@ -15,6 +15,7 @@ from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy
 from .disks import DiskWork, run_disks
+from .nbd import disk_ends
 from .network import _network
 from .progress import ProgressSink
 from .runs import Run, _note, _save, _size, _state_dir, session_lock, superseded
@@ -25,10 +26,33 @@ def _catch_up(run, session, hv):
     up to FAILBACK_DISK_THREADS disks at once (jobs/disks.py), the platform asked here beforehand."""
     if _network(hv):
         return None  # network transport resends whole disks: a catch-up would not shrink the window
+    report = []
+    disks = list(session.disks.all())
+    with disk_ends(hv, session, disks) as ends:
+        written = _catch_up_disks(run, session, hv, disks, ends, report)
+    if written is None:
+        return None
+    report.sort()  # disks finish in any order; the row reads in disk order
+    _save(
+        session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
+    )
+    _note(
+        session,
+        "catch_up",
+        f"Catch-up sync while the replica runs: {', '.join(report)}",
+        outcome=Outcome.INFO,
+        data={"bytes_written": written},
+        run=run,
+    )
+    return written
+
+
+def _catch_up_disks(run, session, hv, disks, ends, report):
+    """Each disk's catch-up delta on the pool: bytes written per disk, or None when cancelled."""
     cancel = threading.Event()
-    written, report, items = {}, [], []
-    for disk in session.disks.all():
-        src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
+    written, items = {}, []
+    for disk in disks:
+        src, dst = ends[disk.key]
         new_id = hv.change_tracking(session.replica.vm_id, disk.key) if disk.change_id else None
         try:
             extents = (
@@ -55,18 +79,6 @@ def _catch_up(run, session, hv):
     except TransferCancelled:
         run.check()  # a switch that took the lease: stop here, silently
         return None  # a cancel: the copy maps are consistent, the next pass carries on
-    report.sort()  # disks finish in any order; the row reads in disk order
-    _save(
-        session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
-    )
-    _note(
-        session,
-        "catch_up",
-        f"Catch-up sync while the replica runs: {', '.join(report)}",
-        outcome=Outcome.INFO,
-        data={"bytes_written": written},
-        run=run,
-    )
     return written
 
 

@@ -18,6 +18,7 @@ from ..models import AuditEvent, FailbackSession, SessionDisk
 from ..transfer import delta_copy, verify_changes
 from .disks import DiskWork, run_disks
 from .hooking import run_hooks
+from .nbd import disk_ends
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .runs import LeaseLost, Run, _beat, _note, _reason, _save, _size, _state_dir, _take, session_lock, superseded
@@ -172,10 +173,15 @@ def _send_changes(run, session, hv, disks, timing):
     """Each disk's final delta while the replica is off, then the proof that both disks are identical;
     up to FAILBACK_DISK_THREADS disks at once (jobs/disks.py). The platform is asked here, before the
     threads start; they run the engine only."""
+    with disk_ends(hv, session, disks) as ends:
+        _send_each(run, session, hv, disks, timing, ends)
+
+
+def _send_each(run, session, hv, disks, timing, ends):
     stop = threading.Event()
     items = []
     for disk in disks:
-        src, dst = hv.disk_path(session.replica.vm_id, disk.key), hv.disk_path(session.production_vm_id, disk.key)
+        src, dst = ends[disk.key]
         method, why, extents = _delta_method(hv, session, disk)
         _save(
             disk,

@@ -10,7 +10,7 @@ that lets the server punch a hole (NBD_CMD_WRITE_ZEROES without NO_HOLE: nbdkit'
 The pool reads in parallel, so each thread gets its own connection to the export (a libnbd handle
 serialises its requests); writes go through the calling thread's. What NBD cannot give, and what
 the engine does instead, is told in docs/decisions.md ("The NBD transport"): there is no inode (the
-target's identity is the export's URI without its query, and its size), and no timestamps, so an NBD
+target's identity is the export's name and its size), and no timestamps, so an NBD
 disk's seal is its size only — a write to the production disk behind the engine's back is not seen
 by the seal, only by the sampled grains of the proof or a full verify_target.
 """
@@ -212,9 +212,11 @@ class NbdDisk:
                 raise NbdError(f"{self.name}: NBD flush failed: {exc}") from exc
 
     def identity(self) -> tuple[int, int]:
-        """Stands for a file's (st_dev, st_ino) in the recorded state: the export's URI (without its
-        query) and size, so a resumed copy goes on only into the same export."""
-        digest = hashlib.blake2b(self.name.encode(), digest_size=7).digest()
+        """Stands for a file's (st_dev, st_ino) in the recorded state: the export's name (the URI's
+        path, not its host, port or socket, which a restarted server may change) and its size, so a
+        resumed copy goes on only into an export of that name. The portal names each export after its
+        session, VM and disk (failback/jobs/nbd.py)."""
+        digest = hashlib.blake2b(urlsplit(self.uri).path.encode(), digest_size=7).digest()
         return -1, int.from_bytes(digest, "big") ^ self.size
 
     def fingerprint(self) -> list[int]:

@@ -32,12 +32,13 @@ class VSphereHypervisor(Client, InventoryReader, Provisioning, Lifecycle, Datast
         verify: bool = True,
         datastore_paths: dict[str, str] | None = None,
         transport: str = "direct",
+        vddk_libdir: str | None = None,
         timeout: float = 30,
         retries: int = 3,
         task_timeout: float = 900,
     ) -> None:
-        if transport not in ("direct", "network"):
-            raise HypervisorError(f"Unknown transport {transport!r}: 'direct' or 'network'.")
+        if transport not in ("direct", "network", "nbd"):
+            raise HypervisorError(f"Unknown transport {transport!r}: 'direct', 'network' or 'nbd'.")
         if timeout <= 0 or retries < 0:
             raise HypervisorError("timeout must be positive and retries not negative.")
         self.host, self.port, self.user = host, int(port), user
@@ -45,6 +46,7 @@ class VSphereHypervisor(Client, InventoryReader, Provisioning, Lifecycle, Datast
         self.thumbprint = _normalise_thumbprint(thumbprint) if thumbprint else None
         self._ctx = _tls_context(self.thumbprint, verify)
         self.transport = transport
+        self.vddk_libdir = vddk_libdir or None
         self.timeout, self.retries, self.task_timeout = float(timeout), int(retries), float(task_timeout)
         self._datastore_paths = dict(datastore_paths or {})
         self._lock = threading.RLock()
