@@ -248,7 +248,9 @@ def test_it_keeps_the_shutdown_deadline_when_the_worker_dies_during_a_hung_shutd
     )
     deadline = session.replica_stop_started_at + timedelta(seconds=6)
     assert session.replica_off_at >= deadline - timedelta(seconds=0.1)
-    assert (session.replica_off_at - max(deadline, resumed.started)).total_seconds() < 2
+    # Counted again from the resumed worker's start, the power-off would come 6 s after it; the margin
+    # below is for a busy machine, not a timing target.
+    assert (session.replica_off_at - max(deadline, resumed.started)).total_seconds() < 5
 
 
 @pytest.mark.process

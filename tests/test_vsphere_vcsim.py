@@ -457,20 +457,20 @@ def test_it_refuses_a_change_id_from_before_a_change_tracking_reset(vcsim):
 
 @pytest.mark.faults
 def test_it_fails_clearly_and_in_time_when_vcenter_goes_away_mid_call(vcsim_factory):
-    sim = vcsim_factory("-method-delay", "PowerOffVM_Task:5000")
+    sim = vcsim_factory("-method-delay", "PowerOffVM_Task:60000")
     hv = sim.hypervisor(timeout=4, retries=2)
     vm = vm_named(hv, "DC0_H0_VM0").vm_id
     threading.Timer(0.5, sim.kill).start()
     started = time.monotonic()
     with pytest.raises(HypervisorError) as e:
         hv.power_off(vm)  # changes state: not retried after the request left
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 30  # the call hangs for 60 s: the margin is for a busy machine
     assert str(e.value).startswith(f"Power off {vm}: lost the connection to vCenter {sim.host}:{sim.port}")
 
     started = time.monotonic()
     with pytest.raises(HypervisorError) as e:
         hv.power_state(vm)  # a read: retried, then given up
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 30
     assert str(e.value) == (
         f"Read the power state of {vm}: cannot connect to vCenter {sim.host}:{sim.port}: "
         "connection refused (after 3 attempts)"
@@ -479,12 +479,12 @@ def test_it_fails_clearly_and_in_time_when_vcenter_goes_away_mid_call(vcsim_fact
 
 @pytest.mark.faults
 def test_it_gives_up_on_a_call_that_hangs_after_the_timeout(vcsim_factory):
-    sim = vcsim_factory("-method-delay", "CurrentTime:3000")
+    sim = vcsim_factory("-method-delay", "CurrentTime:60000")
     hv = sim.hypervisor(timeout=0.5, retries=1)
     started = time.monotonic()
     with pytest.raises(HypervisorError) as e:
         hv.about()
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 30  # not the 60 s the call hangs for
     assert str(e.value) == (
         f"Test the connection to vCenter {sim.host}:{sim.port}: vCenter {sim.host}:{sim.port} "
         "did not answer within 0.5 s (after 2 attempts)"
