@@ -16,9 +16,9 @@ from django import forms
 from django.template import Context, Template
 from django.utils import timezone
 
-from . import plans, workflow
+from . import plans, windows, workflow
 from .choices import SCHEDULABLE, AuditAction, SwitchMode
-from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, SwitchForm
+from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, SwitchForm, WindowsForm
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,28 @@ ACTIONS = {
             opener="failback/partials/action_schedule.html",
             perform=lambda actor, pk, d: workflow.schedule_switch(actor, pk, d["switch_at"], reason=d["reason"]),
             notice=lambda s: f"Switch scheduled for {timezone.localtime(s.switch_at):%Y-%m-%d %H:%M %Z}.",
+        ),
+        SessionAction(
+            "windows",
+            "set_switch_windows",
+            WindowsForm,
+            "Maintenance windows",
+            title="Switch {{ session.replica.name }} only in a maintenance window, when the downtime fits?",
+            consequence="The switch becomes automatic: it starts at the first moment inside one of the windows when the "
+            "predicted downtime is within the budget (checked every minute; catch-up syncs run more often as a window "
+            "nears). A window that passes without fitting is recorded and told, with why, and the next one is awaited. "
+            "Now " + DOWNTIME + ". Leave both fields empty to go back to a manual switch.",
+            keeps="The replica keeps running and serving users until then; Switch now stays possible.",
+            reason_label="Why these windows (reason or ticket, optional)",
+            confirm="Set the windows",
+            style="secondary",
+            fields="failback/partials/action_windows.html",
+            perform=lambda actor, pk, d: windows.set_session_rules(
+                actor, pk, windows=d["windows"], budget_s=d["downtime_budget_s"], reason=d["reason"]
+            ),
+            notice=lambda s: "Windows set: the switch waits for a window where the downtime fits."
+            if s.switch_windows or s.downtime_budget_s is not None
+            else "Windows cleared: the switch is manual.",
         ),
         SessionAction(
             "cancel",

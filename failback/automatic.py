@@ -156,8 +156,8 @@ def switch_when_fits(session_id, now=None):
 
 
 def plan_switch_when_fits(plan_id, now=None):
-    """The same for a plan, once every member is Ready to switch: it fits when every member's predicted
-    downtime does (each member is down only during its own switch); the worst member speaks for the plan."""
+    """The same for a plan, once every member is Ready to switch: its predicted downtime is its members' one
+    after the other (windows.plan_predicted); its audit rows go on the first member, so they are told too."""
     now = now or timezone.now()
     plan = FailbackPlan.objects.filter(pk=plan_id).first()
     if plan is None or plan.switch_started_at is not None or not windows.gated(plan):
@@ -167,16 +167,13 @@ def plan_switch_when_fits(plan_id, now=None):
     ]
     if not live or any(s.status != SessionStatus.READY_TO_SWITCH for s in live):
         return None  # phase 1 still runs somewhere: nothing to decide yet
-    unknown = [s for s in live if s.predicted_window_s is None]
-    worst = unknown[0] if unknown else max(live, key=lambda s: s.predicted_window_s)
-    data = worst.prediction or {}
     ready_at = max(s.phase1_ended_at or now for s in live)
-    fit = Fit(worst.predicted_window_s, data.get("now"), data.get("convergence"), ready_at)
+    fit = Fit(windows.plan_predicted(plan, live), None, windows.plan_converging(live), ready_at)
 
     def start(window, detail, facts):
-        return plans.switch_if_due(plan.pk, trigger="window", reason=f"{detail} (worst member: failback #{worst.pk})")
+        return plans.switch_if_due(plan.pk, trigger="window", reason=detail)
 
-    return _decide(plan, worst, now, fit, start)
+    return _decide(plan, live[0], now, fit, start)
 
 
 @dataclass(frozen=True)

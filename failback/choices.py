@@ -171,6 +171,7 @@ class Guard:
 GUARDS = {
     "switch": Guard("Switch now", TRANSITIONS["switch"].sources, plan_members=False),
     "schedule_switch": Guard("Schedule switch", SCHEDULABLE, plan_members=False),
+    "set_switch_windows": Guard("Maintenance windows", SCHEDULABLE, plan_members=False),
     "cancel": Guard("Cancel", CANCELLABLE, plan_members=False),
     "commit": Guard("Commit", TRANSITIONS["commit"].sources),
     "undo": Guard("Undo", TRANSITIONS["undo"].sources),

@@ -214,6 +214,33 @@ class SwitchForm(ReasonForm):
     )
 
 
+class WindowsForm(ReasonForm):
+    """Maintenance windows one a line (windows.parse_line) and a downtime budget; both empty: a manual switch."""
+
+    windows = forms.CharField(
+        required=False,
+        max_length=2000,
+        label="Maintenance windows, one a line",
+        help_text="once 2026-12-05 02:00-04:00 Europe/Paris · weekly sat,sun 02:00-04:00 Europe/Paris · daily 01:00-05:00 UTC",
+        widget=forms.Textarea(attrs={"rows": 3}),
+    )
+    downtime_budget_s = forms.IntegerField(
+        required=False, label="Downtime budget (seconds)", help_text="The longest predicted downtime to switch with"
+    )
+
+    def clean_windows(self):
+        from .windows import WindowError, parse_line
+
+        parsed = []
+        for n, line in enumerate((self.cleaned_data.get("windows") or "").splitlines(), 1):
+            if line.strip():
+                try:
+                    parsed.append(parse_line(line.strip()))
+                except WindowError as bad:
+                    raise forms.ValidationError(f"Line {n}: {bad}")
+        return parsed
+
+
 class CancelForm(ReasonForm):
     keep_production_vm = forms.BooleanField(
         required=False, label="Keep the production VM for a retry (the next failback sends only what differs)"

@@ -3,7 +3,7 @@
 from django.db.models import Count
 from django.utils import timezone
 
-from . import actions, workflow
+from . import actions, windows, workflow
 from .choices import REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
 from .forms import ReasonForm, ScheduleSwitchForm
 from .models import FailbackSession, Replica
@@ -59,16 +59,14 @@ def session_context(session, user, **extra):
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
         "reason_form": ReasonForm(),
         "now": timezone.now(),
+        "fits": windows.session_summary(session),  # maintenance windows and budget, if any (windows.py)
         **extra,
     }
 
 
 def plan_prediction(plan, members):
     """Members switch one after the other: the plan's window is the sum of theirs plus the power-on delays."""
-    windows = [s.predicted_window_s for s in members if s.status == SessionStatus.READY_TO_SWITCH]
-    if not windows or any(w is None for w in windows):
-        return None
-    return sum(windows) + plan.power_on_delay_s * (len(windows) - 1)
+    return windows.plan_predicted(plan, members)
 
 
 def plan_context(plan, user, **extra):

@@ -363,14 +363,26 @@ def session_summary(session, now=None):
     )
 
 
+def plan_predicted(plan, members):
+    """Members switch one after the other: the plan's downtime is the sum of the Ready members' predictions
+    plus the power-on delays (the plan page's figure too; None while one has no prediction)."""
+    figures = [s.predicted_window_s for s in members if s.status == "ready_to_switch"]
+    if not figures or any(f is None for f in figures):
+        return None
+    return sum(figures) + plan.power_on_delay_s * (len(figures) - 1)
+
+
+def plan_converging(members):
+    """The first live member whose writes outpace its copy, said for the plan."""
+    for s in members:
+        found = (s.prediction or {}).get("convergence") if s.status == "ready_to_switch" else None
+        if found:
+            return {**found, "text": f"{s.replica.name}: {found['text']}"}
+    return None
+
+
 def plan_summary(plan, members, now=None):
-    """A plan's: every member's predicted downtime must fit, so the worst member's figure is the plan's."""
-    live = [s for s in members if s.status not in ("failed", "cancelled")]
-    figures = [s.predicted_window_s for s in live]
-    predicted = max(figures) if figures and None not in figures else None
-    worst = next((s for s in live if s.predicted_window_s == predicted), None) if predicted is not None else None
-    data = (worst.prediction or {}) if worst else {}
-    return summary(plan, now, predicted=predicted, forecast=data.get("now"), converging=data.get("convergence"))
+    return summary(plan, now, predicted=plan_predicted(plan, members), converging=plan_converging(members))
 
 
 # -- setting them (a user action) -------------------------------------------------------------------

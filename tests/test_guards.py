@@ -29,6 +29,8 @@ def _service_call(name, actor, pk):
         "override_checks": False,
         "keep_production_vm": False,
         "switch_at": timezone.now() + timedelta(hours=1),
+        "windows": [],
+        "downtime_budget_s": 120,
     }
     return actions.perform(name, actor, pk, data)
 

@@ -351,6 +351,17 @@ ACTIONS = [
         "schedule_switch",
     ),
     Action(
+        "maintenance windows",
+        session_action(
+            "windows",
+            SessionStatus.READY_TO_SWITCH,
+            lambda: {"windows": "daily 02:00-04:00 UTC", "downtime_budget_s": "120"},
+            effect=lambda s: s.downtime_budget_s == 120 and s.switch_mode == SwitchMode.AUTO,
+        ),
+        OPERATORS,
+        "set_switch_windows",
+    ),
+    Action(
         "commit",
         session_action("commit", SessionStatus.FAILBACK, effect=lambda s: s.status == SessionStatus.COMMITTING),
         OPERATORS,

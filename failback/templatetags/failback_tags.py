@@ -225,3 +225,11 @@ def _state_labels():
     from ..choices import ReplicaState, SessionStatus
 
     return {**dict(ReplicaState.choices), **dict(SessionStatus.choices)}
+
+
+@register.filter
+def window_line(window):
+    """A stored maintenance window as the line typed in the page (windows.as_line)."""
+    from ..windows import as_line
+
+    return as_line(window)
