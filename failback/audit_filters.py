@@ -61,6 +61,22 @@ def filtered_events(params):
     return form, events
 
 
+def unfiltered(form):
+    """The form filters nothing out: no parameter, none filled in, or refused (the page says why)."""
+    return not form.is_bound or not form.is_valid() or not any(form.cleaned_data.values())
+
+
+def trail_count(using="default"):
+    """How many rows the whole trail holds. PostgreSQL: the tally migration 0022 keeps beside the trail (exact
+    in this transaction's snapshot, a few rows to add up instead of every entry of an index); SQLite counts."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return AuditEvent.objects.using(using).count()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COALESCE(SUM(n), 0) FROM failback_audit_tally")
+        return int(cursor.fetchone()[0])
+
+
 def contains(events, text):
     """The plain comparison: on PostgreSQL, the expressions migration 0017's trigram indexes are built on."""
     return events.annotate(data_text=Cast("data", TextField())).filter(

@@ -240,6 +240,7 @@ class FailbackSession(models.Model):
                 fields=["-created_at", "-id"], name="session_newest_first"
             ),  # the sessions list, deep pages too
             models.Index(fields=["status"], name="session_status"),  # the dashboard's sections
+            models.Index(fields=["ended_at"], name="session_ended"),  # /metrics: what ended lately, recent failures
         ]
         constraints = [
             # A second failback on the same replica is impossible, whatever races the application loses.

@@ -77,11 +77,15 @@ def filtered_sessions(params):
     return sessions, filter_errors(form)
 
 
-def page_by_ids(queryset, number, per_page):
+def page_by_ids(queryset, number, per_page, count=None):
     """Paginate over primary keys, then fetch the page's rows: a deep OFFSET then skips bare index
     entries instead of building (and joining) every skipped row, and a page in the second half is read
-    from the other end (the last page skips nothing)."""
-    page = Paginator(queryset.values_list("pk", flat=True), per_page).get_page(number)
+    from the other end (the last page skips nothing). ``count``: the queryset's row count when the caller
+    knows it without counting (the whole audit trail's tally)."""
+    paginator = Paginator(queryset.values_list("pk", flat=True), per_page)
+    if count is not None:
+        paginator.count = count  # the paginator's cached property, set before anything asks it
+    page = paginator.get_page(number)
     bottom = (page.number - 1) * per_page
     count = page.paginator.count
     if queryset.ordered and bottom > count // 2:  # a page past the middle is nearer from the other end

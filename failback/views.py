@@ -14,7 +14,15 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from . import checks, evidence, rehearsal, starting, workflow
 from .actions import ACTIONS
-from .audit_filters import EXPORT_FIELDS, csv_safe, export_row, filter_errors, filtered_events
+from .audit_filters import (
+    EXPORT_FIELDS,
+    csv_safe,
+    export_row,
+    filter_errors,
+    filtered_events,
+    trail_count,
+    unfiltered,
+)
 from .choices import ReplicaState
 from .forms import StartFailbackForm
 from .hypervisors.registry import hypervisor_for
@@ -248,7 +256,7 @@ def session_action_dialog(request, pk, spec):
 @require_GET
 def audit_list(request):
     form, events = filtered_events(request.GET)
-    page = page_by_ids(events, request.GET.get("page"), 100)
+    page = page_by_ids(events, request.GET.get("page"), 100, count=trail_count() if unfiltered(form) else None)
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "failback/audit_list.html", {"page": page, "form": form, "query": query.urlencode()})

@@ -7,6 +7,7 @@ import hypothesis
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
 from django.db import connections
 from django.test import Client
 from django.utils import timezone
@@ -163,26 +164,37 @@ async def test_it_counts_the_websockets_open_on_this_process(lab, operator, toke
     await sync_to_async(connections.close_all)()  # the thread the consumers and this test read the database in
 
 
+# When a session ended: not recorded, just now, within the settled margin, or long settled.
+ENDED = [None, timedelta(0), timedelta(minutes=5), timedelta(hours=3), timedelta(days=2)]
 MS = st.integers(min_value=1, max_value=4_000_000).map(lambda ms: ms / 1000)  # seconds, whole milliseconds
 
 
 @hypothesis.settings(
     max_examples=25, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture]
 )
-@hypothesis.given(switches=st.lists(st.tuples(MS, st.one_of(st.none(), MS), st.booleans(), st.booleans()), max_size=6))
+@hypothesis.given(
+    switches=st.lists(
+        st.tuples(MS, st.one_of(st.none(), MS), st.booleans(), st.booleans(), st.sampled_from(ENDED)), max_size=6
+    )
+)
 def test_the_switch_histograms_count_every_window_in_its_buckets(lab, operator, token, switches):
     """Windows and predictions of any size, opened when the replica began stopping (or, for a session from
-    before that was recorded, when it was off) and closed at power-on (or at the end of phase 2)."""
+    before that was recorded, when it was off) and closed at power-on (or at the end of phase 2); counted
+    alike whether the session is part of the settled history (ended long ago: read once an hour and kept in
+    the cache) or of what a scrape reads every time (ended lately, or no end recorded)."""
+    from failback import metrics
     from failback.metrics import ERROR_BUCKETS, WINDOW_BUCKETS
 
-    windows = [w for w, _, _, _ in switches]
-    misses = [abs(w - p) for w, p, _, _ in switches if p is not None]
+    windows = [w for w, *_ in switches]
+    misses = [abs(w - p) for w, p, *_ in switches if p is not None]
     hypothesis.assume(all(abs(v - b) > 1e-6 for v in windows + misses for b in WINDOW_BUCKETS + ERROR_BUCKETS))
     FailbackSession.objects.all().delete()
-    replica, t0 = replica_named("app-crm"), timezone.now() - timedelta(days=1)
-    for i, (window, predicted, stop_recorded, powered_on) in enumerate(switches):
+    replica, now = replica_named("app-crm"), timezone.now()
+    t0 = now - timedelta(days=1)
+    for i, (window, predicted, stop_recorded, powered_on, ended) in enumerate(switches):
         end = t0 + timedelta(seconds=window)
         FailbackSession.objects.create(
+            ended_at=None if ended is None else now - ended,
             replica=replica,
             status=SessionStatus.COMMITTED,
             vm_name=f"prod-{i}",
@@ -196,7 +208,9 @@ def test_the_switch_histograms_count_every_window_in_its_buckets(lab, operator, 
             production_on_at=end if powered_on else None,
             predicted_window_s=predicted,
         )
+    cache.delete(metrics.settled_key(metrics.settled_before(timezone.now())))  # this example's history, not the last's
     found = samples()
+    assert value(found, "dr_portal_sessions", status="committed") == len(switches)
     assert value(found, "dr_portal_switch_window_seconds_count") == len(windows)
     assert value(found, "dr_portal_switch_window_seconds_sum") == pytest.approx(sum(windows), abs=1e-3)
     for bound in WINDOW_BUCKETS:
