@@ -274,6 +274,19 @@ PLAN_ACTIONS = {
         done,
         d: f"Plan {plan.name} will switch at {timezone.localtime(d['switch_at']):%Y-%m-%d %H:%M %Z}.",
     ),
+    "windows": PlanAction(
+        AuditAction.SET_SWITCH_WINDOWS,
+        WindowsForm,
+        lambda actor, pk, d: windows.set_plan_rules(
+            actor, pk, windows=d["windows"], budget_s=d["downtime_budget_s"], reason=d["reason"]
+        ),
+        lambda plan, done, d: f"Plan {plan.name}: "
+        + (
+            "the switch waits for a window where the downtime fits."
+            if d["windows"] or d["downtime_budget_s"] is not None
+            else "windows cleared, the switch is manual."
+        ),
+    ),
     "commit": PlanAction(
         AuditAction.COMMIT_PLAN,
         ReasonForm,

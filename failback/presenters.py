@@ -78,6 +78,7 @@ def plan_context(plan, user, **extra):
         "can_operate": can_operate(user),
         "in_failback": any(s.status == SessionStatus.FAILBACK for s in members),
         "predicted": plan_prediction(plan, members),
+        "fits": windows.plan_summary(plan, members),  # maintenance windows and budget, if any
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}),
         "reason_form": ReasonForm(),
         **extra,

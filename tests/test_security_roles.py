@@ -400,6 +400,17 @@ ACTIONS = [
         "schedule_plan_switch",
     ),
     Action(
+        "plan maintenance windows",
+        plan_action(
+            "windows",
+            SessionStatus.READY_TO_SWITCH,
+            lambda: {"windows": "weekly sat,sun 02:00-04:00 Europe/Paris", "downtime_budget_s": "300"},
+            effect=lambda p: p.downtime_budget_s == 300 and p.switch_mode == SwitchMode.AUTO,
+        ),
+        OPERATORS,
+        "set_switch_windows",
+    ),
+    Action(
         "plan commit",
         plan_action(
             "commit",

@@ -189,3 +189,51 @@ def test_it_sets_windows_through_the_api_and_refuses_bad_ones(lab, operator, cli
     assert response.status_code == 409 and "Unknown time zone 'Nowhere/City'" in response.json()["detail"]
     response = client.post(url, {**body, "downtime_budget_s": -1}, content_type="application/json", **auth)
     assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == "downtime_budget_s"
+
+
+def test_a_plan_waits_for_a_window_where_its_downtime_fits(lab, operator, told):
+    from failback import plans
+
+    from .helpers import network_map
+
+    members = [replica_named("web-01"), replica_named("app-crm")]
+    for r in members:
+        lab.set_vm_options(r.vm_id, tools_installed=True, shutdown_seconds=6, shutdown_hangs=False, workload=False)
+    plan = plans.start_plan(
+        operator,
+        name="wave-nights",
+        members=[
+            {
+                "replica_id": r.pk,
+                "vm_name": f"{r.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(r),
+            }
+            for r in members
+        ],
+    )
+    day1 = timezone.now().date() + timedelta(days=3)
+    windows.set_plan_rules(
+        operator, plan.pk, windows=[one_off(day1, "02:00", "03:00"), one_off(day1, "04:00", "05:00")], budget_s=8
+    )
+    sessions = list(plan.sessions.order_by("plan_order", "pk"))
+    assert all(FailbackSession.objects.get(pk=s.pk).status == SessionStatus.READY_TO_SWITCH for s in sessions)
+    for s in sessions:
+        jobs.run_readiness(s.pk, catch_up=False)
+    assert automatic.plan_switch_when_fits(plan.pk, now=at(day1, "02:30")) is None  # 2 x 6 s one after the other
+    automatic.plan_switch_when_fits(plan.pk, now=at(day1, "03:30"))
+    missed = AuditEvent.objects.get(action="window_missed")
+    assert missed.session_id == sessions[0].pk and missed.data["plan"] == "wave-nights"
+    assert "against a budget of 8 s" in missed.detail and "Next window" in missed.detail
+
+    for r in members:
+        lab.set_vm_options(r.vm_id, shutdown_seconds=0.5)
+    for s in sessions:
+        jobs.run_readiness(s.pk, catch_up=False)
+    automatic.plan_switch_when_fits(plan.pk, now=at(day1, "04:05"))
+    assert {FailbackSession.objects.get(pk=s.pk).status for s in sessions} == {SessionStatus.FAILBACK}
+    switched = AuditEvent.objects.get(action="switch_plan", outcome=Outcome.OK)
+    assert "(window)" in switched.detail and "within the budget of 8 s" in switched.detail
+    for s in sessions:  # each member's measured window beside the plan's budget
+        assert AuditEvent.objects.get(session_id=s.pk, action="switch_window").data["budget_s"] == 8
