@@ -47,7 +47,7 @@ test-embedded: $(STAMP) nbd-client
 
 # The second profile runs only what touches the database, the channel layer or the broker: the engine's,
 # the lab adapter's and the vSphere adapter's own tests use none of them and ran in the first profile.
-NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py
+NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py tests/test_windows_rules.py
 
 test-production: $(STAMP) services nbd-client
 	sh tests/apt.sh nginx openssl
