@@ -200,9 +200,7 @@ class _Delta:
         p = self.p
         writes, zeros = h.writes, h.zeros
         p.zero_skipped += h.zero_grains
-        view = memoryview(buf)
-        for x, y in writes:
-            p.write(view[x:y], job.offset + x)
+        p.write_runs(buf, job.offset, writes)
         for x, y in zeros:
             p.zero(job.offset + x, y - x)
         took = True

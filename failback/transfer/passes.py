@@ -69,7 +69,7 @@ class Hashed:
     spare: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: zero pages to give back
     writes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to write
     zeros: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to punch
-    zero_grains: int = 0  # delta: bytes of the grains punched whole
+    zero_grains: int = 0  # delta: bytes of the grains punched whole; full copy over NBD: zero pages skipped
     target_read: int = 0
 
 
@@ -124,7 +124,9 @@ class Pass:
 
     def write(self, data: memoryview, offset: int) -> None:
         self.before_write()
-        chunk = min(IO_CHUNK, self.pacer.chunk_size(len(data)))
+        # an NBD write is a round trip: one request per run (up to the block), not per 256 KiB
+        io_chunk = self.bs if isinstance(self.dst_fd, NbdDisk) else IO_CHUNK
+        chunk = min(io_chunk, self.pacer.chunk_size(len(data)))
         done = 0
         while done < len(data):
             n = pwrite(self.dst_fd, data[done : done + chunk], offset + done)
@@ -174,6 +176,16 @@ class Pass:
         n = min(PROBE, job.length - start)
         got = preadv(self.src_fd, memoryview(self._probe)[:n], job.offset + start)
         return not is_zero(self._probe, 0, got)
+
+    def write_runs(self, buf: bytearray, base: int, runs: list[tuple[int, int]]) -> None:
+        """Write buf[x:y] at base+x for each run: over NBD all at once (when no bandwidth limit paces
+        them), else one after the other."""
+        if runs and isinstance(self.dst_fd, NbdDisk) and not self.pacer.active:
+            self.before_write()
+            self._wrote(self.dst_fd.pwrite_many(memoryview(buf), base, runs))
+            return
+        for x, y in runs:
+            self.write(memoryview(buf)[x:y], base + x)
 
     def write_new(self, buf: bytearray, base: int, a: int, b: int) -> None:
         """Write buf[a:b] at base+a into a range the target does not hold yet."""

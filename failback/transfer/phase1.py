@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from .blockio import Disk, check_block_size, data_blocks, fadvise, flush, opened, resize, size_of, zero_page_runs
 from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, grain_for, save_state
+from .nbd import NbdDisk
 from .passes import COPY_WORKERS, Controls, Hashed, Job, Pass, Work
 from .progress import Reporter
 from .results import CopyResult
@@ -125,6 +126,8 @@ class _FullCopy:
         ):
             p.bytes_read += job.work
             return lambda: p.hash_copied(job, buf)
+        if isinstance(p.src_fd, NbdDisk):  # reads over NBD: on the pool, each thread its own connection
+            return lambda: self.read_and_plan(job, buf)
         spans = p.fill(p.src_fd, job, buf)
         p.bytes_read += job.work
         written = False
@@ -139,9 +142,31 @@ class _FullCopy:
             return Hashed(bytes(LEAF * block_count(job.length, p.grain)))
         return lambda: p.hash_spans(job, buf, spans)
 
+    def read_and_plan(self, job: Job, buf: bytearray) -> Hashed:
+        """On the pool (a source over NBD): read the block's data ranges, find its non-zero page runs
+        for :meth:`finish` to write, and hash them; a round trip per request, so several in flight."""
+        p = self.p
+        spans = p.fill(p.src_fd, job, buf)
+        writes: list[tuple[int, int]] = []
+        skipped = 0
+        for a, b in job.segments:
+            for x, y, zero in zero_page_runs(buf, a, b):
+                if zero:
+                    skipped += y - x
+                else:
+                    writes.append((x, y))
+        h = p.hash_spans(job, buf, spans) if writes else Hashed(bytes(LEAF * block_count(job.length, p.grain)))
+        h.writes, h.zero_grains, h.target_read = writes, skipped, job.work
+        return h
+
     def finish(self, job: Job, buf: bytearray, h: Hashed) -> None:
-        """Punch out copied grains found all zero, then record the block's leaves on both sides."""
+        """Write what the pool read (NBD source), punch out copied grains found all zero, then record
+        the block's leaves on both sides."""
         p, g_size = self.p, self.p.grain
+        if h.target_read:  # read on the pool: the calling thread writes, in block order
+            p.bytes_read += h.target_read
+            p.zero_skipped += h.zero_grains
+            p.write_runs(buf, job.offset, h.writes)
         if h.copied and ZERO_LEAF in h.leaves:
             for k in range(len(h.leaves) // LEAF):
                 if h.leaves[k * LEAF : (k + 1) * LEAF] != ZERO_LEAF:
