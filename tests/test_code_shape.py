@@ -40,3 +40,21 @@ def test_nothing_probes_a_platform_for_what_it_can_do():
         if re.search(r"(hasattr|getattr)\(hv\b", line)
     ]
     assert probes == []
+
+
+def test_the_service_layer_and_its_callers_probe_nothing_with_hasattr():
+    """Issue 12's list (workflow, jobs, views, api, checks, prediction): what an object can do is in its type."""
+    callers = [
+        p
+        for p in _sources()
+        if p.parent.name == "jobs"
+        or p.stem in ("workflow", "checks", "prediction")
+        or p.stem.startswith(("views", "api"))
+    ]
+    probes = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in callers
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "hasattr(" in line
+    ]
+    assert callers and probes == []

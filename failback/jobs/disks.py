@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection
 
 from ..transfer import TransferCancelled
+from .progress import ProgressSink
 from .runs import LeaseLost, Run, _beat
 
 TICK_S = 0.05  # how often the calling thread hands progress on and looks for finished disks
@@ -34,12 +35,13 @@ class DiskWork:
     """One disk's share of a step.
 
     ``work(progress, cancel)`` runs in a worker thread and must not touch the database or the platform;
-    ``sink(progress)`` (optional) and ``done(result)`` run in the calling thread."""
+    ``sink(progress)`` (optional; it also keeps the session's chart) and ``done(result)`` run in the
+    calling thread."""
 
     key: str
     work: Callable[[Callable, threading.Event], Any]
     done: Callable[[Any], None]
-    sink: Callable[[Any], None] | None = None
+    sink: ProgressSink | None = None
 
 
 class _Latest:
@@ -60,18 +62,18 @@ class _Latest:
 
 
 class _SharedChart:
-    """Sinks of several disks write one session's throughput chart: each reads what the others added."""
+    """The sinks (``progress.ProgressSink``) of several disks write one session's throughput chart: each
+    reads what the others added."""
 
     def __init__(self):
         self.samples = None
         self.last_sample = 0.0
 
     def call(self, sink, p):
-        if self.samples is not None and hasattr(sink, "samples"):
+        if self.samples is not None:
             sink.samples, sink.last_sample = self.samples, self.last_sample
         sink(p)
-        if hasattr(sink, "samples"):
-            self.samples, self.last_sample = sink.samples, sink.last_sample
+        self.samples, self.last_sample = sink.samples, sink.last_sample
 
 
 def _rank(exc):
