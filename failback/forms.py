@@ -8,6 +8,7 @@ from django.utils import timezone
 from .choices import CommitPolicy, SessionStatus, SwitchMode
 from .connections import normalise_thumbprint
 from .starting import dr_hosts, failback_hosts
+from .transports import CONSEQUENCES as TRANSPORT_CONSEQUENCES
 from .workflow import REASON_MAX, StartOptions
 
 DATETIME_HELP = "{tz} time"
@@ -281,7 +282,10 @@ class ConnectionForm(forms.ModelForm):
             "sync_minutes",
         ]
         labels = {"replica_suffix": "Replica name suffix", "replica_attribute": "Replica custom attribute"}
-        help_texts = {"replica_attribute": "Optional: a VM custom attribute whose value names the source workload."}
+        help_texts = {
+            "replica_attribute": "Optional: a VM custom attribute whose value names the source workload.",
+            "transport": " ".join(f"{name.upper()}: {text}" for name, text in TRANSPORT_CONSEQUENCES.items()),
+        }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -28,6 +28,7 @@ class VCenterConnection(models.Model):
     class Transport(models.TextChoices):
         DIRECT = "direct", "Direct (datastores mounted on the worker host)"
         NETWORK = "network", "Network (datastore HTTP file interface)"
+        NBD = "nbd", "NBD (nbdkit per disk: VDDK, or a mounted datastore)"
 
     name = models.CharField(max_length=100, unique=True)
     host = models.CharField(max_length=253)

@@ -339,12 +339,23 @@ def review(replica, options):
             ),
             ("After the switch", policy),
             ("Bandwidth limit", bandwidth_limit(o.bandwidth_mbps)),
+            ("Disk transport", _transport_fact(replica)),
             ("Reason", o.reason or "—"),
         ],
         "disks": [(d.key, d.capacity_bytes, d.datastore, o.target_datastore) for d in replica.disks.all()],
         "total_bytes": sum(d.capacity_bytes for d in replica.disks.all()),
         "networks": [(source, target or "Disconnected") for source, target in o.network_map.items()],
     }
+
+
+def _transport_fact(replica):
+    """The transport the disks will move by, and what it sends in phase 1 and in the switch."""
+    from django.conf import settings
+
+    from .transports import consequence
+
+    transport = replica.connection.transport if replica.connection_id else settings.LAB_TRANSPORT
+    return f"{transport}: {consequence(transport)}"
 
 
 def name_scope(replica, folder=""):

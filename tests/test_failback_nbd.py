@@ -3,12 +3,15 @@ side, on loopback with TLS (certificates made here), and the engine reaches the 
 exports through libnbd. Byte-identical disks, holes kept, a worker killed with SIGKILL mid-copy that
 the next worker resumes, and the switch sending the same bytes as direct mode for the same change."""
 
+import html
 import os
 import random
 import time
 
 import pytest
 from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
 from django_q.conf import Conf
 
 from failback import watchdog, workflow
@@ -16,10 +19,12 @@ from failback.choices import SessionStatus, SwitchMode
 from failback.hypervisors.base import POWERED_ON
 from failback.models import AuditEvent, FailbackSession, SessionDisk
 from failback.transfer.sparse import data_extents
+from failback.transports import consequence
 
 from .conftest import kill_cluster, start_cluster, wait_for
 from .helpers import replica_named, start
 from .nbd_support import make_certificates, require_nbd
+from .test_views import start_form
 
 pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pytest.mark.nbd]
 
@@ -177,3 +182,15 @@ def test_a_worker_killed_mid_copy_over_nbd_is_resumed_by_the_next(lab, operator,
     assert session.status == SessionStatus.FAILBACK, session.error
     wait_for(lambda: lab.power_state(session.production_vm_id) == POWERED_ON, timeout=30, what="production on")
     assert_identical_and_sparse(lab, session)  # the write made meanwhile arrived too
+
+
+def test_the_start_wizard_says_what_the_transport_sends(lab, operator, settings):
+    replica = replica_named("app-crm")
+    client = Client()
+    client.force_login(operator)
+    url = reverse("failback:start", args=[replica.pk])
+    for transport in ("direct", "nbd"):
+        settings.LAB_TRANSPORT = transport
+        review = client.post(url, start_form(replica, step="review")).content.decode()
+        assert "<dt>Disk transport</dt>" in review
+        assert html.escape(f"{transport}: {consequence(transport)}", quote=True) in review

@@ -5,6 +5,7 @@ command line built from the connection, and the error Debian's nbdkit (which has
 """
 
 import hashlib
+import html
 import os
 import random
 import ssl
@@ -12,6 +13,8 @@ import threading
 import time
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 from django_q.conf import Conf
 
 from failback import watchdog, workflow
@@ -20,6 +23,7 @@ from failback.hypervisors.base import POWERED_ON, HypervisorError
 from failback.jobs.nbd import NbdkitError, Servers, command
 from failback.models import AuditEvent, FailbackSession, SessionDisk, VCenterConnection
 from failback.transfer.sparse import data_extents
+from failback.transports import consequence
 
 from .conftest import kill_cluster, start_cluster, wait_for
 from .nbd_support import make_certificates, require_nbd
@@ -238,3 +242,30 @@ def test_a_snapshot_needs_the_vddk_plugin(vcsim, replica):
     spec = hv.nbd_export(replica.vm_id, "scsi0:0", writable=False)
     assert spec.plugin == "file" and spec.args == (f"file={hv._flat_file(replica.vm_id, 'scsi0:0')}",)
     hv.close()
+
+
+def test_an_administrator_chooses_nbd_on_the_connection_page_with_its_consequences(vcsim, admin_user):
+    page = Client()
+    page.force_login(admin_user)
+    form_page = page.get(reverse("failback:connection_new")).content.decode()
+    assert '<option value="nbd">NBD (nbdkit per disk: VDDK, or a mounted datastore)</option>' in form_page
+    for transport in ("direct", "network", "nbd"):  # what each sends in phase 1 and in the switch
+        assert html.escape(consequence(transport), quote=True) in form_page
+    form = {
+        "name": "vc-nbd",
+        "host": vcsim.host,
+        "port": vcsim.port,
+        "username": vcsim.user,
+        "password": vcsim.password,
+        "tls_mode": "thumbprint",
+        "thumbprint": vcsim.thumbprint,
+        "transport": "nbd",
+        "replica_suffix": "_replica",
+        "sync_minutes": 15,
+    }
+    response = page.post(reverse("failback:connection_new"), form)
+    assert response.status_code == 302
+    conn = VCenterConnection.objects.get(name="vc-nbd")
+    assert conn.transport == "nbd"
+    assert "NBD (nbdkit per disk" in page.get(reverse("failback:connection", args=[conn.pk])).content.decode()
+    assert AuditEvent.objects.filter(action="create_connection", outcome="ok").exists()
