@@ -153,7 +153,7 @@ def test_it_implements_the_whole_protocol(case):
     hv = case.hv
     assert isinstance(hv, Hypervisor) and isinstance(hv, DiskAccess)
     assert hv.name in Platform.values and hv.name in FACTORIES
-    assert hv.transport in ("direct", "network")
+    assert hv.transport in ("direct", "network", "nbd")
     assert isinstance(hv.where, str) and hv.where
     assert isinstance(hv.about(), str) and hv.about()
     assert isinstance(hv.placement(), Placement)
@@ -250,6 +250,32 @@ def test_download_range_returns_the_bytes_written(case):
         hv.download_range(case.source, case.disk_key, DISK - 10, 11)
     with pytest.raises(NotFound):
         hv.download_range(case.source, "scsi0:7", 0, 1)
+
+
+@pytest.mark.nbd
+def test_nbd_export_says_how_nbdkit_serves_the_disk(case):
+    """The nbd transport's part: the export nbdkit serves holds the disk's bytes, read-only unless
+    asked to be writable (the engine then writes through it)."""
+    from failback.jobs.nbd import Servers
+    from failback.transfer.blockio import opened
+
+    from .nbd_support import require_nbd
+
+    require_nbd()
+    hv = case.hv
+    data = os.urandom(64 * 1024)
+    case.write(case.source, case.disk_key, 5 * MiB, data)
+    read = hv.nbd_export(case.source, case.disk_key, writable=False)
+    assert read.readonly and not hv.nbd_export(case.source, case.disk_key, writable=True).readonly
+    servers = Servers()
+    try:
+        uri = servers.serve(read, "contract")
+        with opened(uri, os.O_RDONLY) as disk:
+            assert disk.size == DISK and disk.pread(len(data), 5 * MiB) == data
+            with pytest.raises(OSError, match="does not support write"):
+                disk.pwrite(memoryview(data), 0)
+    finally:
+        servers.close()
 
 
 def test_copy_disk_network_makes_the_target_disk_equal_to_the_source(case):

@@ -21,7 +21,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
 MAX_REQUEST = 32 << 20  # NBD servers refuse larger requests (libnbd caps at 64 MiB)
@@ -53,7 +53,7 @@ def libnbd() -> Any:
 def redacted(uri: str) -> str:
     """The URI without its query (which may name key files): for messages and identity."""
     parts = urlsplit(uri)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 class NbdDisk:
