@@ -122,6 +122,7 @@ def in_an_hour():
     return (timezone.now() + timedelta(hours=1)).isoformat()
 
 
+NIGHTS = {"kind": "weekly", "days": ["sat", "sun"], "start": "02:00", "end": "04:00", "tz": "Europe/Paris"}
 # (name, method, path, body, status for an Operator, the audit action a call writes)
 ENDPOINTS = [
     ("list replicas", "get", "/replicas", None, 200, None),
@@ -135,6 +136,14 @@ ENDPOINTS = [
     ("start failback", "post", "/replicas/{free}/failback", "start_body", 201, "start_failback"),
     ("switch now", "post", "/sessions/{ready}/switch", {"reason": "CHG-1"}, 200, "switch"),
     ("schedule switch", "post", "/sessions/{queued}/schedule", {"switch_at": in_an_hour}, 200, "schedule_switch"),
+    (
+        "set windows",
+        "post",
+        "/sessions/{queued}/windows",
+        {"windows": [NIGHTS], "downtime_budget_s": 120},
+        200,
+        "set_switch_windows",
+    ),
     ("cancel", "post", "/sessions/{queued}/cancel", {"reason": "wrong host"}, 200, "cancel"),
     ("stop commit policy", "post", "/sessions/{policy}/stop-commit-policy", {}, 200, "stop_commit_policy"),
     ("commit", "post", "/sessions/{failback}/commit", {"reason": "app team OK"}, 200, "commit"),
@@ -142,6 +151,14 @@ ENDPOINTS = [
     ("start plan", "post", "/plans", "plan_body", 201, "start_plan"),
     ("plan switch", "post", "/plans/{plan}/switch", {}, 409, "switch_plan"),  # its member is still queued
     ("plan schedule", "post", "/plans/{plan}/schedule", {"switch_at": in_an_hour}, 200, "schedule_plan_switch"),
+    (
+        "plan windows",
+        "post",
+        "/plans/{plan}/windows",
+        {"windows": [NIGHTS], "downtime_budget_s": 300},
+        200,
+        "set_switch_windows",
+    ),
     ("plan commit", "post", "/plans/{plan}/commit", {}, 409, "commit_plan"),  # no member in Failback
     ("plan undo", "post", "/plans/{plan}/undo", {}, 409, "undo_plan"),
 ]
@@ -298,7 +315,7 @@ def test_it_filters_and_pages_like_the_pages(world, viewer, operator):
     ready = api.get(f"/sessions/{world['ready']}").json()
     assert (
         ready["status"] == "ready_to_switch"
-        and ready["allowed_actions"] == ["switch", "schedule", "cancel"]
+        and ready["allowed_actions"] == ["switch", "schedule", "windows", "cancel"]
         and ready["started_by"] == "olivia"
     )
 
