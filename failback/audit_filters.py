@@ -7,11 +7,29 @@ from django.db import connections
 from django.db.models import Q, TextField
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
+from django.forms.utils import flatatt
 from django.utils import timezone
+from django.utils.html import escape
+from django.utils.safestring import mark_safe
 
 from .choices import AuditAction, Outcome
 from .forms import FilterDateField, IdField
 from .models import AuditEvent
+
+
+class OptionsInOnePass(forms.Select):
+    """A select whose options are written here in one pass: through Django's template per option, the action
+    filter's seventy options were the audit page's largest part of its rendering (~9 ms a view)."""
+
+    def render(self, name, value, attrs=None, renderer=None):
+        widget = self.get_context(name, value, attrs)["widget"]
+        options = "".join(
+            f'<option value="{escape(option["value"])}"{" selected" if option["selected"] else ""}>'
+            f"{escape(option['label'])}</option>"
+            for _, group, _ in widget["optgroups"]
+            for option in group
+        )
+        return mark_safe(f'<select name="{escape(widget["name"])}"{flatatt(widget["attrs"])}>{options}</select>')
 
 
 class AuditFilterForm(forms.Form):
@@ -19,8 +37,12 @@ class AuditFilterForm(forms.Form):
     user = forms.CharField(label="User", required=False, max_length=150)
     replica = forms.CharField(label="Replica", required=False, max_length=200)
     session = IdField(label="Session #")
-    action = forms.ChoiceField(label="Action", required=False, choices=[("", "Any")] + list(AuditAction.choices))
-    outcome = forms.ChoiceField(label="Result", required=False, choices=[("", "Any")] + list(Outcome.choices))
+    action = forms.ChoiceField(
+        label="Action", required=False, choices=[("", "Any")] + list(AuditAction.choices), widget=OptionsInOnePass
+    )
+    outcome = forms.ChoiceField(
+        label="Result", required=False, choices=[("", "Any")] + list(Outcome.choices), widget=OptionsInOnePass
+    )
     since = FilterDateField(label="From (date)")
     until = FilterDateField(label="To (date, inclusive)")
 
