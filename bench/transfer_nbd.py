@@ -162,9 +162,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     worst = min((s.results["vs_direct"] for s in done), default=float("nan"))
-    holes = bool(done) and all(s.results["holes_kept"] == 1.0 for s in done)
+    holes = "n/a" if not done else "yes" if all(s.results["holes_kept"] == 1.0 for s in done) else "no"
     print(
-        f"nbd_phase1_vs_direct={worst:.2f} nbd_window_growth={growth:.2f} nbd_holes_kept={'yes' if holes else 'no'} "
+        f"nbd_phase1_vs_direct={worst:.2f} nbd_window_growth={growth:.2f} nbd_holes_kept={holes} "
         f"nbd_window_vs_direct={vs_direct_window:.2f} ({'Unix sockets' if args.unix else 'TLS on loopback'}"
         + (", quick shapes)" if args.quick else ")")
     )

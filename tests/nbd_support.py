@@ -137,6 +137,9 @@ class NbdServer:
             self.proc.wait()
 
     def stop(self) -> None:
+        from failback.transfer.nbd import release
+
+        release(self.uri)  # the engine's idle connections: nbdkit waits for its clients before it exits
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

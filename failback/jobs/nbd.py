@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from django.conf import settings
 
 from ..hypervisors.base import HypervisorError, NbdExport
+from ..transfer.nbd import release
 
 READY_S = 30.0  # nbdkit's vddk plugin logs in to vCenter before it listens
 
@@ -69,6 +70,7 @@ class Servers:
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="failback-nbd-")  # short: a Unix socket path has 108 bytes
         self.procs: list[subprocess.Popen] = []
+        self.uris: list[str] = []
         self.tls_dir = settings.FAILBACK_NBD_TLS_DIR or None
         self.nbdkit = shutil.which(settings.FAILBACK_NBDKIT) or settings.FAILBACK_NBDKIT
 
@@ -102,14 +104,19 @@ class Servers:
             self.procs.append(proc)
             if _listening(proc, port, sock):
                 if self.tls_dir:
-                    return f"nbds://127.0.0.1:{port}/{name}?tls-certificates={self.tls_dir}"
-                return f"nbd+unix:///{name}?socket={sock}"
+                    uri = f"nbds://127.0.0.1:{port}/{name}?tls-certificates={self.tls_dir}"
+                else:
+                    uri = f"nbd+unix:///{name}?socket={sock}"
+                self.uris.append(uri)
+                return uri
             said = _tail(log_path)
             if "Address already in use" not in said:
                 break
         raise NbdkitError(f"nbdkit's {spec.plugin} plugin did not serve {name}: {said or 'no message'}")
 
     def close(self) -> None:
+        for uri in self.uris:
+            release(uri)  # the engine's idle connections to these servers
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
