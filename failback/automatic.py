@@ -202,16 +202,10 @@ def _decide(owner, session, now, fit, start):
         "convergence": fit.converging,
     }
     if fits:
-        windows.remember(owner, checked_at=now.isoformat(), met=key)
-        where = f"in the maintenance window {current.label}" if current else "now"
-        fit_text = (
-            f"predicted {windows.seconds(fit.predicted)} within the budget of {budget} s"
-            if budget is not None
-            else "no downtime budget"
-        )
-        return start(current, f"Switch started {where}: {fit_text}", facts)
+        return _start_fitting(owner, now, current, key, facts, start)
     state = owner.window_state or {}
     if state.get("waiting") != key:
+        inside = f" in the maintenance window {current.label}" if current else ""
         until = f"until the window closes at {current.label.split('–')[1]}" if current else "whenever it does"
         with transaction.atomic():
             audit(
@@ -220,13 +214,42 @@ def _decide(owner, session, now, fit, start):
                 session=session,
                 from_state=session.status,
                 to_state=session.status,
-                detail=f"The switch waits {'in the maintenance window ' + current.label if current else ''}: {why}. "
-                f"It starts as soon as the downtime fits, {until}; catch-up syncs run every minute meanwhile.",
+                detail=f"The switch waits{inside}: {why}. It starts as soon as the downtime fits, {until}.",
                 data={**facts, "why": why, **_plan_of(owner)},
             )
-    reasons = {**state.get("why", {}), key: why}
-    windows.remember(owner, checked_at=now.isoformat(), waiting=key, why=dict(list(reasons.items())[-8:]))
+    _remember_why(owner, now, key, why, waiting=key)
     return None
+
+
+# A switch the pre-switch checks held back inside a window is tried again after this long (each try is audited).
+RETRY_BLOCKED = timedelta(minutes=10)
+
+
+def _start_fitting(owner, now, current, key, facts, start):
+    """Start the switch; if the checks (or an approval) hold it back, say so for the window and retry later."""
+    blocked = (owner.window_state or {}).get("blocked") or {}
+    if blocked.get("key") == key and now - parse_datetime(blocked["at"]) < RETRY_BLOCKED:
+        windows.remember(owner, checked_at=now.isoformat())
+        return None
+    where = f"in the maintenance window {current.label}" if current else "now"
+    budget = facts["budget_s"]
+    fit_text = (
+        f"predicted {windows.seconds(facts['predicted_s'])} within the budget of {budget} s"
+        if budget is not None
+        else "no downtime budget"
+    )
+    started = start(current, f"Switch started {where}: {fit_text}", facts)
+    if started:
+        windows.remember(owner, checked_at=now.isoformat(), met=key)
+        return started
+    why = "the downtime fitted, but the pre-switch checks or an approval held the switch back (see the audit trail)"
+    _remember_why(owner, now, key, why, blocked={"key": key, "at": now.isoformat()})
+    return None
+
+
+def _remember_why(owner, now, key, why, **more):
+    reasons = {**(owner.window_state or {}).get("why", {}), key: why}
+    windows.remember(owner, checked_at=now.isoformat(), why=dict(list(reasons.items())[-8:]), **more)
 
 
 def _plan_of(owner):
@@ -280,4 +303,7 @@ def _tell_missed(owner, session, now, fit, why_now):
 def _switch_session(session, detail, facts):
     if approvals.hold(session, "switch", detail, trigger="window"):
         return None
-    return begin_switch(session.pk, actor=None, detail=detail, data={"trigger": "window", **facts})
+    try:
+        return begin_switch(session.pk, actor=None, detail=detail, data={"trigger": "window", **facts})
+    except Refused:
+        return None  # someone switched or cancelled at the same moment: their action won, the refusal is audited

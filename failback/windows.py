@@ -33,6 +33,7 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_WINDOWS = 20
 MAX_BUDGET_S = 7 * 24 * 3600
 MIN_PENDING_BYTES = 1 << 20  # less change than this says nothing about a write rate
+MIN_RATE_BYTES = 8 << 20  # a copy of less than this says nothing about a copy rate
 ACTION = "set_switch_windows"
 
 
@@ -256,7 +257,9 @@ def _rate(bps):
 
 def copy_rate(session):
     """The rate the copy moves changes at: phase 1's measured rate, or the session's bandwidth limit if lower."""
-    measured = ((session.prediction or {}).get("base") or {}).get("write_bps")
+    base = (session.prediction or {}).get("base") or {}
+    # a phase 1 that copied little measured its overhead, not a rate (as prediction.learn's 8 MiB)
+    measured = base.get("write_bps") if (base.get("allocated_bytes") or 0) >= MIN_RATE_BYTES else None
     limit = session.bandwidth_mbps * 1_000_000 if session.bandwidth_mbps else None
     if limit and (not measured or limit < measured):
         return float(limit), "the session's bandwidth limit"
@@ -331,8 +334,8 @@ def summary(owner, now=None, *, predicted=None, forecast=None, converging=None):
     """What the page and the API show: the windows, the budget, the window open or next, and why it waits."""
     now = now or timezone.now()
     windows, budget = owner.switch_windows or [], owner.downtime_budget_s
-    if not windows and budget is None:
-        return None
+    if not gated(owner):
+        return None  # none set, or the switch was made manual or scheduled since
     current = open_window(windows, now) if windows else None
     coming = next_window(windows, now) if windows else None
     state = owner.window_state or {}

@@ -29,6 +29,7 @@ PAGES = [
     "session-phase1",
     "session-ready",
     "session-dialog",
+    "session-windows",
     "session-failback",
     "sessions",
     "plan",
@@ -207,6 +208,23 @@ def run(out, var):
     wait_status(first, SessionStatus.READY_TO_SWITCH)
     print(f"plan {plan.name} under way")
 
+    # Ready to switch, waiting for a night window where the downtime fits: the guest takes its time to stop, and
+    # it writes faster than the WAN limit lets the copy go (the convergence warning).
+    from failback import windows
+
+    crm = replica_named("app-crm-01")
+    lab.set_vm_options(crm.vm_id, tools_installed=True, shutdown_seconds=150, shutdown_hangs=False)
+    fitting = start(olivia, crm, shutdown_timeout_s=300, reason="CHG-4715 CRM back, nights only").pk
+    wait_status(fitting, SessionStatus.READY_TO_SWITCH)
+    nights = ["weekly sat,sun 02:00-04:00 Europe/Berlin", "daily 23:00-24:00 Europe/Berlin"]
+    windows.set_session_rules(
+        olivia, fitting, windows=[windows.parse_line(n) for n in nights], budget_s=60, reason="CHG-4715"
+    )
+    FailbackSession.objects.filter(pk=fitting).update(bandwidth_mbps=2, catchup_at=timezone.now())  # the WAN limit
+    users_keep_working(crm, mib=24)
+    jobs.run_readiness(fitting, catch_up=False)
+    print(f"#{fitting} waits for a window where its downtime fits")
+
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = (
         "true"  # Playwright's loop runs in this thread; the servers never see this
     )
@@ -233,6 +251,8 @@ def run(out, var):
             print(
                 f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {target.stat().st_size // 1024} KiB"
             )
+
+        shot("session-windows", f"/sessions/{fitting}/")  # the windows, the budget, why it waits, the warning
 
         def first_disk_percent():
             return FailbackSession.objects.get(pk=running).disks.order_by("key").first().percent
