@@ -241,13 +241,20 @@ def _add(a, b):
 
 
 def _session_figures(now=None):
-    """The history's figures: the settled part from the cache (read and kept there on its step's first scrape),
-    the rest read now; with the cumulative bucket counts Prometheus wants."""
+    """The history's figures: the settled part from the cache, the rest read now; with the cumulative bucket
+    counts Prometheus wants. A step's first scrape adds the sessions that settled since the previous step to
+    that step's figures (an hour's sessions, read through the ended_at index); only a cache that holds
+    neither (a first scrape, a cache emptied) reads the whole settled history."""
     before = settled_before(now or timezone.now())
     key = settled_key(before)
     settled = cache.get(key)
     if settled is None:
-        settled = _history_figures(_settled(before))
+        previous = before - timedelta(seconds=SETTLED_STEP_S)
+        settled = cache.get(settled_key(previous))
+        if settled is None:
+            settled = _history_figures(_settled(before))
+        else:
+            settled = _add(settled, _history_figures(_settled(before) & Q(ended_at__gte=previous)))
         cache.set(key, settled, timeout=2 * SETTLED_STEP_S)
     figures = _add(settled, _history_figures(_unsettled(before)))
     for key, bounds in (("window", WINDOW_BUCKETS), ("error", ERROR_BUCKETS)):

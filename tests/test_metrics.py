@@ -221,3 +221,40 @@ def test_the_switch_histograms_count_every_window_in_its_buckets(lab, operator, 
     for bound in ERROR_BUCKETS:
         expected = sum(1 for m in misses if m <= bound)
         assert value(found, "dr_portal_switch_prediction_error_seconds_bucket", le=f"{bound:.1f}") == expected
+
+
+def test_the_settled_history_grows_by_the_sessions_that_settled_since_the_last_step(lab, operator):
+    """A step's first scrape adds to the previous step's cached figures the sessions that settled in between;
+    the figures are those a full read gives, at every step."""
+    from failback import metrics
+
+    now = timezone.now()
+    before = metrics.settled_before(now)
+    previous = before - timedelta(seconds=metrics.SETTLED_STEP_S)
+    replica = replica_named("app-crm")
+
+    def ended(at, window_s):
+        FailbackSession.objects.create(
+            replica=replica,
+            status=SessionStatus.COMMITTED,
+            vm_name="prod",
+            target_host="esx-prod-01",
+            target_datastore="prod-ds-01",
+            shutdown_timeout_s=60,
+            started_by=operator,
+            replica_off_at=at - timedelta(seconds=window_s),
+            phase2_ended_at=at,
+            ended_at=at,
+        )
+
+    ended(previous - timedelta(days=1), 3)  # settled at both steps
+    ended(previous + timedelta(minutes=5), 40)  # settles between the two steps
+    ended(now, 700)  # not settled
+    hour_ago = metrics._session_figures(now - timedelta(seconds=metrics.SETTLED_STEP_S))
+    assert cache.get(metrics.settled_key(previous))["window_n"] == 1
+    assert cache.get(metrics.settled_key(before)) is None
+    for figures in (hour_ago, metrics._session_figures(now)):
+        assert figures["sessions"] == {"committed": 3}
+        assert figures["window_n"] == 3 and figures["window_sum"] == pytest.approx(743)
+        assert [figures[f"window_le_{i}"] for i in (1, 5, 6, 10)] == [0, 1, 2, 3]  # 2 s, 30 s, 60 s, 1800 s
+    assert cache.get(metrics.settled_key(before))["window_n"] == 2  # the previous step's one, and the one since
