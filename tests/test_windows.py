@@ -234,3 +234,27 @@ def test_a_plan_waits_for_a_window_where_its_downtime_fits(lab, operator, told):
     assert "(window)" in switched.detail and "within the budget of 8 s" in switched.detail
     for s in sessions:  # each member's measured window beside the plan's budget
         assert AuditEvent.objects.get(session_id=s.pk, action="switch_window").data["budget_s"] == 8
+
+
+def test_a_fitting_switch_held_back_by_the_checks_is_retried_then_told_missed(lab, operator, told):
+    replica = replica_named("web-01")
+    lab.set_vm_options(replica.vm_id, workload=False)
+    session = start(operator, replica)
+    day = timezone.now().date() + timedelta(days=2)
+    windows.set_session_rules(operator, session.pk, windows=[one_off(day, "02:00", "03:00")], budget_s=600)
+    jobs.run_readiness(session.pk, catch_up=False)
+    lab.set_host_state("esx-prod-01", "maintenance")  # the target host: a pre-switch check fails
+
+    def attempts():
+        return AuditEvent.objects.filter(session=session, action="switch", outcome=Outcome.REFUSED).count()
+
+    automatic.switch_when_fits(session.pk, now=at(day, "02:05"))
+    assert attempts() == 1 and FailbackSession.objects.get(pk=session.pk).status == SessionStatus.READY_TO_SWITCH
+    automatic.switch_when_fits(session.pk, now=at(day, "02:06"))  # not every minute
+    assert attempts() == 1
+    automatic.switch_when_fits(session.pk, now=at(day, "02:16"))  # again after 10 min
+    assert attempts() == 2
+    automatic.switch_when_fits(session.pk, now=at(day, "03:01"))
+    missed = AuditEvent.objects.get(session=session, action="window_missed")
+    assert "pre-switch checks or an approval held the switch back" in missed.detail
+    assert "No window is left" in missed.detail and missed.data["next"] is None
