@@ -6,6 +6,8 @@ the next worker resumes, and the switch sending the same bytes as direct mode fo
 import html
 import os
 import random
+import signal
+import threading
 import time
 
 import pytest
@@ -32,12 +34,17 @@ MiB = 1 << 20
 STALL = 2
 
 
-@pytest.fixture
-def nbd_mode(settings, tmp_path_factory):
-    """The lab's disks reached over NBD, TLS on loopback."""
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
     require_nbd()
+    return make_certificates(str(tmp_path_factory.mktemp("nbd-tls")))
+
+
+@pytest.fixture
+def nbd_mode(settings, certs):
+    """The lab's disks reached over NBD, TLS on loopback."""
     settings.LAB_TRANSPORT = "nbd"
-    settings.FAILBACK_NBD_TLS_DIR = make_certificates(str(tmp_path_factory.mktemp("nbd-tls")))
+    settings.FAILBACK_NBD_TLS_DIR = certs
     return settings
 
 
@@ -104,14 +111,14 @@ def test_it_fails_back_the_lab_over_nbd_with_identical_disks_and_holes_kept(lab,
     assert sent.data["bytes_written"] == 8192
 
 
-def test_the_switch_sends_the_same_bytes_over_nbd_as_direct_for_the_same_change(lab, operator, settings, tmp_path):
+def test_the_switch_sends_the_same_bytes_over_nbd_as_direct_for_the_same_change(lab, operator, settings, certs):
     """Same replica shape, same change after phase 1: the final delta writes exactly as many bytes in
     both modes (the window's time is the bench's: bench/transfer_nbd.py)."""
     require_nbd()
     written = {}
     for mode in ("direct", "nbd"):
         settings.LAB_TRANSPORT = mode
-        settings.FAILBACK_NBD_TLS_DIR = make_certificates(str(tmp_path / "tls")) if mode == "nbd" else ""
+        settings.FAILBACK_NBD_TLS_DIR = certs if mode == "nbd" else ""
         replica = make_replica(lab, f"same-{mode}", seed=7)
         session = reload(start(operator, replica, switch_mode=SwitchMode.MANUAL))
         disk = session.disks.get()
@@ -194,3 +201,51 @@ def test_the_start_wizard_says_what_the_transport_sends(lab, operator, settings)
         review = client.post(url, start_form(replica, step="review")).content.decode()
         assert "<dt>Disk transport</dt>" in review
         assert html.escape(f"{transport}: {consequence(transport)}", quote=True) in review
+
+
+def _nbdkit_children(writable):
+    """This process's nbdkit servers (the inline worker's), the production side's or the replica's."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and args and args[0].endswith(b"nbdkit") and (b"--readonly" not in args) == writable:
+            found.append(int(pid))
+    return found
+
+
+def test_an_nbd_server_that_goes_away_mid_copy_is_started_again_and_the_copy_resumes(lab, operator, nbd_mode):
+    replica = make_replica(lab, "nbd-gone", size=64 * MiB, chunks=((0, 40 * MiB),))
+    killed = []
+
+    def pull_the_plug():  # the production disk's nbdkit dies once the copy is well under way
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            if SessionDisk.objects.filter(bytes_done__gt=12 * MiB).exists():
+                for pid in _nbdkit_children(writable=True):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    plug = threading.Thread(target=pull_the_plug)
+    plug.start()
+    try:
+        session = reload(start(operator, replica, bandwidth_mbps=8))  # inline: the worker is this process
+    finally:
+        plug.join()
+    assert killed, "the server was not killed mid-copy: nothing was tested"
+    assert session.status == SessionStatus.READY_TO_SWITCH, session.error
+    again = AuditEvent.objects.get(session=session, action="copy_disk", outcome="info")
+    assert "An NBD server went away mid-copy" in again.detail and "failed" in again.detail
+    assert "attempt 2 of 3" in again.detail
+    copy = AuditEvent.objects.get(session=session, action="copy_disk", outcome="ok")
+    assert copy.data["resumed_from"] > 0  # from the checkpoint, not from the start
+    workflow.switch_now(operator, session.pk)
+    session = reload(session)
+    assert session.status == SessionStatus.FAILBACK, session.error
+    assert_identical_and_sparse(lab, session)
