@@ -24,10 +24,13 @@ from collections.abc import Iterator
 
 from django.conf import settings
 
+from ..choices import Outcome
 from ..hypervisors.base import HypervisorError, NbdExport
-from ..transfer.nbd import release
+from ..transfer.nbd import NbdError, release
+from .runs import _note
 
 READY_S = 30.0  # nbdkit's vddk plugin logs in to vCenter before it listens
+ATTEMPTS = 3  # a step whose NBD server goes away mid-copy starts its servers this many times in all
 
 
 class NbdkitError(HypervisorError):
@@ -185,3 +188,27 @@ def disk_ends(hv, session, disks) -> Iterator[dict[str, tuple[str, str]]]:
         yield ends
     finally:
         servers.close()
+
+
+def with_restarts(run, session, step):
+    """``step()`` (which opens its servers with :func:`disk_ends` and skips the disks already done), run
+    again when an NBD server went away mid-copy (NbdError): the servers start afresh and the engine
+    resumes from its checkpoints. Each restart is audited; after ATTEMPTS in all the error stands.
+    A server that cannot start at all (NbdkitError) is not retried."""
+    attempt = 1
+    while True:
+        try:
+            return step(attempt)
+        except NbdError as exc:
+            if attempt >= ATTEMPTS:
+                raise
+            attempt += 1
+            _note(
+                session,
+                "copy_disk",
+                f"An NBD server went away mid-copy ({exc}): the servers are started again and the copy resumes "
+                f"from its checkpoint (attempt {attempt} of {ATTEMPTS})",
+                outcome=Outcome.INFO,
+                data={"error": str(exc), "attempt": attempt},
+                run=run,
+            )

@@ -15,12 +15,11 @@ from ..hypervisors.registry import hypervisor_for
 from ..models import FailbackSession
 from ..transfer import TransferCancelled, delta_copy, full_copy
 from ..transfer.blockio import opened
-from ..transfer.nbd import NbdError
 from ..transfer.progress import paused
 from ..transfer.sparse import allocated_bytes
 from .finish import _discard_production_vm
 from .hooking import run_hooks
-from .nbd import disk_ends
+from .nbd import disk_ends, with_restarts
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .readiness import _refresh_readiness
@@ -92,36 +91,21 @@ def _phase1(run, session, hv):
     return True
 
 
-NBD_ATTEMPTS = 3  # an NBD server that goes away mid-copy is started again this many times in all
-
-
 def _copy_disks(run, session, hv, disks, cancel):
-    """Every disk's copy (a prediction.Copy each, in disk order). In nbd mode, a server that goes away
-    mid-copy (NbdError) is started again and the copy resumes from its checkpoint, up to NBD_ATTEMPTS
-    times in all; a server that cannot start at all (NbdkitError) fails phase 1 at once."""
-    copies, attempt = {}, 1
-    while True:
-        try:
-            with disk_ends(hv, session, [] if _network(hv) else disks) as ends:
-                if attempt == 1:
-                    _announce_phase1(run, session, hv, disks, ends)
-                for disk in disks:
-                    if disk.key not in copies:
-                        copies[disk.key] = _copy_disk(run, session, hv, disk, cancel, ends)
-            return [copies[d.key] for d in disks]
-        except NbdError as exc:
-            if attempt >= NBD_ATTEMPTS:
-                raise
-            attempt += 1
-            _note(
-                session,
-                "copy_disk",
-                f"An NBD server went away mid-copy ({exc}): the servers are started again and the copy resumes "
-                f"from its checkpoint (attempt {attempt} of {NBD_ATTEMPTS})",
-                outcome=Outcome.INFO,
-                data={"error": str(exc), "attempt": attempt},
-                run=run,
-            )
+    """Every disk's copy (a prediction.Copy each, in disk order); in nbd mode a server that goes away
+    mid-copy is started again and the copy resumes (jobs/nbd.py, with_restarts)."""
+    copies = {}
+
+    def step(attempt):
+        with disk_ends(hv, session, [] if _network(hv) else disks) as ends:
+            if attempt == 1:
+                _announce_phase1(run, session, hv, disks, ends)
+            for disk in disks:
+                if disk.key not in copies:
+                    copies[disk.key] = _copy_disk(run, session, hv, disk, cancel, ends)
+        return [copies[d.key] for d in disks]
+
+    return with_restarts(run, session, step)
 
 
 def _create_production_vm(run, session, hv):

@@ -18,7 +18,7 @@ from ..models import AuditEvent, FailbackSession, SessionDisk
 from ..transfer import delta_copy, verify_changes
 from .disks import DiskWork, run_disks
 from .hooking import run_hooks
-from .nbd import disk_ends
+from .nbd import disk_ends, with_restarts
 from .network import _network, _network_copy
 from .progress import ProgressSink
 from .runs import LeaseLost, Run, _beat, _note, _reason, _save, _size, _state_dir, _take, session_lock, superseded
@@ -173,8 +173,13 @@ def _send_changes(run, session, hv, disks, timing):
     """Each disk's final delta while the replica is off, then the proof that both disks are identical;
     up to FAILBACK_DISK_THREADS disks at once (jobs/disks.py). The platform is asked here, before the
     threads start; they run the engine only."""
-    with disk_ends(hv, session, disks) as ends:
-        _send_each(run, session, hv, disks, timing, ends)
+
+    def step(attempt):  # in nbd mode, again with new servers if one went away (disks done are skipped)
+        left = [d for d in disks if attempt == 1 or not d.verified]
+        with disk_ends(hv, session, left) as ends:
+            _send_each(run, session, hv, left, timing, ends)
+
+    with_restarts(run, session, step)
 
 
 def _send_each(run, session, hv, disks, timing, ends):
