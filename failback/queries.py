@@ -42,8 +42,13 @@ def attach_power_states(replicas):
 def filtered_replicas(params):
     """(queryset, filters, errors) for the replica list's search, filters and sort; shared by the page and the API.
     A filter that cannot be used (a NUL, too long) is left out, and errors says why."""
-    replicas = Replica.objects.select_related("connection").prefetch_related(
-        Prefetch("sessions", queryset=FailbackSession.objects.filter(status__in=ACTIVE)), "disks"
+    # A replica's active session is asked for its number and status only (the list's link, the API's id)
+    active = FailbackSession.objects.filter(status__in=ACTIVE).only("id", "replica_id", "status")
+    # The vCenter's synced inventory (every VM it holds) is not read for each row of the list.
+    replicas = (
+        Replica.objects.select_related("connection")
+        .defer("connection__inventory")
+        .prefetch_related(Prefetch("sessions", queryset=active), "disks")
     )
     form = ReplicaFilterForm(params)
     form.is_valid()

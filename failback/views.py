@@ -40,7 +40,7 @@ def replica_list(request):
         r.lab_power = rehearsal.power_offer(r, r.power) if may_power else None
     query = request.GET.copy()
     query.pop("page", None)
-    facets = Replica.objects.order_by()
+    facets = list(Replica.objects.order_by().values_list("site", "host").distinct())  # both filters' choices at once
     return render(
         request,
         "failback/replica_list.html",
@@ -52,8 +52,8 @@ def replica_list(request):
             "filters": filters,
             "filter_errors": errors,
             "states": ReplicaState.choices,
-            "sites": facets.values_list("site", flat=True).distinct(),
-            "hosts": facets.values_list("host", flat=True).distinct(),
+            "sites": sorted({site for site, _ in facets}),
+            "hosts": sorted({host for _, host in facets}),
         },
     )
 
