@@ -55,6 +55,7 @@ class Case:
     network_map: dict[str, str | None]
     write: Callable[[str, str, int, bytes], None]  # put bytes on a disk the way a guest would
     tracks_changes: bool  # whether change_tracking() gives ids on this platform
+    with_tools: Callable[[str], None] = lambda vm_id: None  # give a VM a guest whose tools run (the lab's have)
 
     def new_name(self) -> str:
         return f"contract-{next(_names)}-{os.getpid()}"
@@ -116,8 +117,20 @@ def _vsphere_case(sim, transport: str) -> Case:
             f.seek(offset)
             f.write(data)
 
+    def with_tools(vm_id: str) -> None:  # vcsim plays a guest on request (tests/vcsim/guest.go)
+        spec = vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key="vcsim.guest.tools", value="running")])
+        reconfigure(direct, vm_id, spec)
+
     return Case(
-        hv, source, "scsi0:0", "DC0_C0_H1", "LocalDS_0", {"DC0_DVPG0": "VM Network"}, write=write, tracks_changes=True
+        hv,
+        source,
+        "scsi0:0",
+        "DC0_C0_H1",
+        "LocalDS_0",
+        {"DC0_DVPG0": "VM Network"},
+        write=write,
+        tracks_changes=True,
+        with_tools=with_tools,
     )
 
 
@@ -223,6 +236,18 @@ def test_power_operations_and_the_power_states_agree(case):
     hv.power_off(vm)
     assert hv.power_state(vm) == POWERED_OFF == hv.power_states()[vm]
     assert hv.tools_running(vm) is False
+
+
+def test_guest_ready_follows_the_power_and_the_guest_tools(case):
+    hv = case.hv
+    vm = case.create()
+    case.with_tools(vm)
+    assert hv.guest_ready(vm) is False  # powered off
+    hv.power_on(vm)
+    assert hv.guest_ready(vm) is True
+    hv.power_off(vm)
+    assert hv.guest_ready(vm) is False
+    hv.delete_vm(vm)
 
 
 def test_a_deleted_vm_is_gone(case):

@@ -262,6 +262,12 @@ class Hypervisor(DiskAccess, Protocol):
 
     def tools_running(self, vm_id: str) -> bool: ...
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """Whether the guest is up for a plan's next boot group: powered on and its guest says so
+        (vSphere: VMware Tools running with a green heartbeat; the lab: tools installed and its
+        ``boot_seconds`` since power-on passed). False, not an error, while it is not."""
+        ...
+
     def shutdown_guest(self, vm_id: str) -> None:
         """Ask the guest OS to shut down; returns at once. Poll power_state to see it end."""
         ...

@@ -18,6 +18,8 @@ Behaviour follows vSphere where the portal can see it:
 - ``shutdown_guest`` needs running tools and a powered-on guest. The guest then takes the VM's
   ``shutdown_seconds`` to power off; this is derived on read from the stored request time, so no
   process has to stay alive. With ``shutdown_hangs`` the guest never finishes.
+- ``guest_ready`` (a plan's gate between boot groups) needs tools and power, and ``boot_seconds``
+  (a knob, 0 by default) since the last power-on: a VM without tools is never ready.
 - Change tracking works like CBT at 64 KiB granularity. A change id is ``"<epoch>/<records>"``: the
   epoch names one life of the disk's change log (a new one after seeding or toggling ``cbt``), the
   record count is the log's length. ``changed_areas(..., "*")`` returns the allocated areas of the
@@ -72,6 +74,7 @@ OPTIONS = {
     "tools_installed": bool,
     "shutdown_seconds": float,
     "shutdown_hangs": bool,
+    "boot_seconds": float,
     "workload": bool,
     "cbt": bool,
 }
@@ -485,6 +488,7 @@ class LabHypervisor(LabDisks):
                     "workload",
                 )
             },
+            "boot_seconds": src.get("boot_seconds", 0.0),
             "shutdown_hangs": False,
             "cbt": True,
             "power": POWERED_OFF,
@@ -531,6 +535,7 @@ class LabHypervisor(LabDisks):
             if vm["power"] == POWERED_ON:
                 raise _state_error(vm, POWERED_ON)
             vm["power"], vm["shutdown_requested_at"] = POWERED_ON, None
+            vm["powered_on_at"] = time.time()
             self._save_vm(vm)
 
     def power_off(self, vm_id: str) -> None:
@@ -553,6 +558,13 @@ class LabHypervisor(LabDisks):
     def tools_running(self, vm_id: str) -> bool:
         vm = self._vm(vm_id)
         return vm["tools_installed"] and vm["power"] == POWERED_ON
+
+    def guest_ready(self, vm_id: str) -> bool:
+        """Tools installed, powered on, and the guest's ``boot_seconds`` passed since its power-on."""
+        vm = _settle(self._vm(vm_id))
+        if not (vm["tools_installed"] and vm["power"] == POWERED_ON):
+            return False
+        return time.time() - vm.get("powered_on_at", 0.0) >= vm.get("boot_seconds", 0.0)
 
     def shutdown_guest(self, vm_id: str) -> None:
         """Ask the guest to shut down; it powers off ``shutdown_seconds`` later (never if it hangs).

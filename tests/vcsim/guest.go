@@ -8,10 +8,10 @@
 //	                           or "never" (a guest that hangs on shutdown); 0 when unset
 //
 // Such a VM reports guest.toolsRunningStatus guestToolsRunning (powered on, tools running) or
-// guestToolsNotRunning, and guest.toolsStatus toolsOk or toolsNotRunning. ShutdownGuest answers at once,
-// as vSphere does: with ToolsUnavailable when the tools are not running, InvalidPowerState when the VM
-// is not powered on (vcsim's own answer), otherwise success, the VM powering off after the delay
-// (never, for "never"). A VM without these keys keeps vcsim's own behaviour.
+// guestToolsNotRunning, guest.toolsStatus toolsOk or toolsNotRunning, and guestHeartbeatStatus green or
+// gray. ShutdownGuest answers at once, as vSphere does: with ToolsUnavailable when the tools are not
+// running, InvalidPowerState when the VM is not powered on (vcsim's own answer), otherwise success, the
+// VM powering off after the delay (never, for "never"). A VM without these keys keeps vcsim's own behaviour.
 package main
 
 import (
@@ -71,9 +71,11 @@ func refreshGuest(vm *simulator.VirtualMachine) {
 		if on && g.running {
 			vm.Guest.ToolsRunningStatus = string(types.VirtualMachineToolsRunningStatusGuestToolsRunning)
 			vm.Guest.ToolsStatus = types.VirtualMachineToolsStatusToolsOk
+			vm.GuestHeartbeatStatus = types.ManagedEntityStatusGreen
 		} else {
 			vm.Guest.ToolsRunningStatus = string(types.VirtualMachineToolsRunningStatusGuestToolsNotRunning)
 			vm.Guest.ToolsStatus = types.VirtualMachineToolsStatusToolsNotRunning
+			vm.GuestHeartbeatStatus = types.ManagedEntityStatusGray
 		}
 	})
 }

@@ -60,6 +60,19 @@ class Lifecycle:
         o = self._vm_props(vm_id, ["guest.toolsRunningStatus"], f"Read the guest tools state of {vm_id}")
         return o.get("guest.toolsRunningStatus") == "guestToolsRunning"
 
+    def guest_ready(self, vm_id: str) -> bool:
+        """Powered on, VMware Tools running and the guest heartbeat green."""
+        o = self._vm_props(
+            vm_id,
+            ["runtime.powerState", "guest.toolsRunningStatus", "guestHeartbeatStatus"],
+            f"Read the guest heartbeat of {vm_id}",
+        )
+        return (
+            o.get("runtime.powerState") == "poweredOn"
+            and o.get("guest.toolsRunningStatus") == "guestToolsRunning"
+            and o.get("guestHeartbeatStatus") == "green"
+        )
+
     def shutdown_guest(self, vm_id: str) -> None:
         """ShutdownGuest: ask the guest OS to shut down; returns at once (poll power_state).
         vSphere refuses it without running tools (ToolsUnavailable) or when not powered on."""
