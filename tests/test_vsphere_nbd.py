@@ -147,7 +147,7 @@ def test_a_worker_killed_mid_copy_over_nbd_on_vcsim_is_resumed(
     env = {"FAILBACK_NBD_TLS_DIR": nbd_tls}
     workers = [start_cluster(settings, log, **env)]
     try:
-        session = start(operator, replica, bandwidth_mbps=4)  # 4 MB/s: about 12 s of copying
+        session = start(operator, replica, bandwidth_mbps=8)  # 8 MB/s: about 5 s of copying
         wait_for(
             lambda: SessionDisk.objects.filter(session=session, bytes_done__gt=16 * MiB).exists(),
             timeout=60,
