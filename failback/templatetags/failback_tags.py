@@ -267,75 +267,81 @@ def replica_rows(context, replicas):
     """The replica list's rows, written here in one pass (fifty rows with their disks, power button and
     failback link through the template engine were most of the page's time). What each row offers is
     decided elsewhere (``can_start_failback``, ``rehearsal.power_offer``); this only writes it."""
-    from django.middleware.csrf import get_token
-    from django.urls import reverse
-    from django.utils.html import escape
     from django.utils.safestring import mark_safe
 
-    request, can_operate = context["request"], context.get("can_operate")
-    csrf = f'<input type="hidden" name="csrfmiddlewaretoken" value="{escape(get_token(request))}">'
-    here = escape(request.get_full_path())
+    rows = _ReplicaRows(context["request"], context.get("can_operate"))
+    html = "\n    ".join(rows.row(r) for r in replicas)
+    return mark_safe(
+        html
+        or '<tr><td colspan="8">No replicas match. Run <code>manage.py seed_lab</code> for the demo lab, or add a '
+        "vCenter connection.</td></tr>"
+    )
 
-    prefixes = {}
 
-    def url(name, pk, *rest):
+class _ReplicaRows:
+    def __init__(self, request, can_operate):
+        from django.middleware.csrf import get_token
+        from django.utils.html import escape
+
+        self.escape, self.can_operate, self.prefixes = escape, can_operate, {}
+        self.csrf = f'<input type="hidden" name="csrfmiddlewaretoken" value="{escape(get_token(request))}">'
+        self.here = escape(request.get_full_path())
+
+    def url(self, name, pk, *rest):
         """The page's URL for this row: reversed once per name with 0 in place of the key (a reverse per
         row and button was a tenth of the page's time), then the key put in."""
+        from django.urls import reverse
+
         key = (name, *rest)
-        if key not in prefixes:
-            prefixes[key] = escape(reverse(f"failback:{name}", args=[0, *rest])).split("/0/", 1)
-        head, tail = prefixes[key]
+        if key not in self.prefixes:
+            self.prefixes[key] = self.escape(reverse(f"failback:{name}", args=[0, *rest])).split("/0/", 1)
+        head, tail = self.prefixes[key]
         return f"{head}/{pk}/{tail}"
 
-    rows = []
-    for r in replicas:
-        name = escape(r.name)
-        startable = r.can_start_failback
+    def row(self, r):
+        escape, name = self.escape, self.escape(r.name)
         select = (
             f'<input type="checkbox" name="replica" value="{r.pk}" form="plan-select" aria-label="Select {name}">'
-            if can_operate and startable
+            if self.can_operate and r.can_start_failback
             else ""
         )
         disks = list(r.disks.all())
         sizes = " + ".join(binary_size(d.capacity_bytes) for d in disks)
-        power = escape(r.power)
-        if r.lab_power:
-            to = escape(r.lab_power)
-            confirm = (
-                f' data-confirm="Power off lab VM {name} at once? Its guest stops without a shutdown."'
-                if r.lab_power == "off"
-                else ""
-            )
-            power += (
-                f'\n        <form method="post" action="{url("lab_power", r.pk, r.lab_power)}" class="inline"{confirm}>'
-                f'{csrf}<input type="hidden" name="next" value="{here}">'
-                f'<button type="submit" aria-label="Power {to} {name}">Power {to}</button></form>'
-            )
-        session = r.active_session
-        if session:
-            failback = (
-                f'<a href="{url("session", session.pk)}">#{session.pk} {escape(session.get_status_display())}</a>'
-            )
-        elif startable and can_operate:
-            failback = f'<a class="button primary" href="{url("start", r.pk)}">Start failback</a>'
-        elif r.state == "ready" and can_operate:
-            failback = (
-                f'<form method="post" action="{url("declare_failover", r.pk)}" data-confirm="Declare that {name} '
-                f'now runs the workload of {escape(r.source_name)} (Failover)?">{csrf}'
-                '<button type="submit">Declare failover</button></form>'
-            )
-        else:
-            failback = "—"
-        rows.append(
+        return (
             f'<tr id="replica-{r.pk}">\n      <td>{select}</td>\n'
             f"      <td>{name}</td><td>{escape(r.source_name)}</td><td>{escape(r.site)} / {escape(r.host)}</td>\n"
             f"      <td>{len(disks)} · {sizes}</td>\n"
             f'      <td><span class="badge {escape(r.colour)}">{escape(r.get_state_display())}</span></td>\n'
-            f"      <td>{power}</td>\n      <td>\n        {failback}\n      </td>\n    </tr>"
+            f"      <td>{self.power(r, name)}</td>\n      <td>\n        {self.failback(r, name)}\n      </td>\n    </tr>"
         )
-    if not rows:
-        return mark_safe(
-            '<tr><td colspan="8">No replicas match. Run <code>manage.py seed_lab</code> for the demo lab, or add a '
-            "vCenter connection.</td></tr>"
+
+    def power(self, r, name):
+        power = self.escape(r.power)
+        if not r.lab_power:
+            return power
+        to = self.escape(r.lab_power)
+        confirm = (
+            f' data-confirm="Power off lab VM {name} at once? Its guest stops without a shutdown."'
+            if r.lab_power == "off"
+            else ""
         )
-    return mark_safe("\n    ".join(rows))
+        return (
+            f'{power}\n        <form method="post" action="{self.url("lab_power", r.pk, r.lab_power)}" '
+            f'class="inline"{confirm}>{self.csrf}<input type="hidden" name="next" value="{self.here}">'
+            f'<button type="submit" aria-label="Power {to} {name}">Power {to}</button></form>'
+        )
+
+    def failback(self, r, name):
+        session = r.active_session
+        if session:
+            status = self.escape(session.get_status_display())
+            return f'<a href="{self.url("session", session.pk)}">#{session.pk} {status}</a>'
+        if r.can_start_failback and self.can_operate:
+            return f'<a class="button primary" href="{self.url("start", r.pk)}">Start failback</a>'
+        if r.state == "ready" and self.can_operate:
+            return (
+                f'<form method="post" action="{self.url("declare_failover", r.pk)}" data-confirm="Declare that '
+                f'{name} now runs the workload of {self.escape(r.source_name)} (Failover)?">{self.csrf}'
+                '<button type="submit">Declare failover</button></form>'
+            )
+        return "—"
