@@ -19,7 +19,7 @@ DISK_FIELDS = (
 )  # fmt: skip
 PLAN_FIELDS = (
     "id", "name", "created_at", "reason", "concurrency", "switch_mode", "switch_at", "power_on_after",
-    "power_on_delay_s", "switch_started_at",
+    "power_on_delay_s", "switch_started_at", "guest_gate", "guest_gate_address", "guest_gate_timeout_s", "hooks",
 )  # fmt: skip
 
 

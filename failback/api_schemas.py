@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from ninja import Schema
 from pydantic import AwareDatetime, Field, StrictBool, StrictInt, StringConstraints
 
-from .choices import AuditAction, CommitPolicy, Outcome, ReplicaState, SessionStatus, SwitchMode
+from .choices import AuditAction, CommitPolicy, GuestGate, Outcome, ReplicaState, SessionStatus, SwitchMode
 from .forms import DATE_MAX, DATE_MIN, DB_INT_MAX
 from .models import VCenterConnection
 from .workflow import REASON_MAX
@@ -228,6 +228,10 @@ class PlanOut(Schema):
     switch_at: datetime | None
     power_on_after: bool
     power_on_delay_s: int
+    guest_gate: GuestGate
+    guest_gate_address: str
+    guest_gate_timeout_s: int
+    hooks: dict[str, list[str]] = Field(description="Hooks every member runs, by point ({}: each replica's defaults)")
     switch_started_at: datetime | None
     switch_windows: WindowsOut | None = Field(description="Maintenance windows and downtime budget, if any")
     percent: int = Field(description="Bytes copied of all members' disks, in percent")
@@ -316,6 +320,19 @@ class StartPlanIn(Schema):
     switch_at: AwareDatetime | None = None
     power_on_after: StrictBool = True
     power_on_delay_s: Int(0, 3600) = 0
+    guest_gate: GuestGate = Field(
+        GuestGate.NONE,
+        description="What each member waits for after its power-on before the next member's: 'guest' (VMware "
+        "Tools heartbeat; the lab's guest state), 'tcp' (guest_gate_address accepts a connection) or '' (none). "
+        "Not met within guest_gate_timeout_s: the members not yet switched fail their switch, replicas running",
+    )
+    guest_gate_address: Text(200) = Field("", description="host:port for the tcp gate; {vm} is the member's VM name")
+    guest_gate_timeout_s: Int(1, 3600) = 300
+    hooks: dict[HookPoint, list[Text(100, 1)]] | None = Field(
+        None,
+        description="Hooks from the allow-list (FAILBACK_HOOKS_FILE) every member runs at each point. "
+        "None: each replica's defaults from the file.",
+    )
     reason: Reason = ""
 
 

@@ -84,6 +84,14 @@ class SwitchMode(models.TextChoices):
     MANUAL = "manual", "Manually (Switch now)"
 
 
+class GuestGate(models.TextChoices):
+    """What a plan waits for after a member's power-on, before the next member's (guest_gate.py)."""
+
+    NONE = "", "No gate (only the delay between power-ons)"
+    GUEST = "guest", "The guest is ready (VMware Tools heartbeat; the lab's guest state)"
+    TCP = "tcp", "A TCP port accepts connections"
+
+
 class CommitPolicy(models.TextChoices):
     NONE = "none", "None (an operator commits or undoes)"
     AUTO_COMMIT = "auto_commit", "Commit automatically after N minutes in Failback"
@@ -236,6 +244,7 @@ class AuditAction(models.TextChoices):
     POWER_ON_PRODUCTION = "power_on_production", "Power on production"
     RECOVER_REPLICA = "recover_replica", "Bring the replica back"
     RUN_HOOK = "run_hook", "Run a hook"
+    GUEST_GATE = "guest_gate", "Wait for a guest to be ready"
     # switch when it fits: maintenance windows and a downtime budget (windows.py)
     SET_SWITCH_WINDOWS = "set_switch_windows", "Set maintenance windows and a downtime budget"
     WINDOW_WAITING = "window_waiting", "Waiting in a window for the downtime to fit"

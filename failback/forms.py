@@ -5,7 +5,8 @@ from datetime import date
 from django import forms
 from django.utils import timezone
 
-from .choices import CommitPolicy, SessionStatus, SwitchMode
+from . import hooks
+from .choices import CommitPolicy, GuestGate, SessionStatus, SwitchMode
 from .connections import normalise_thumbprint
 from .starting import dr_hosts, failback_hosts
 from .transports import CONSEQUENCES as TRANSPORT_CONSEQUENCES
@@ -343,6 +344,30 @@ class PairReplicaForm(forms.Form):
     source_name = forms.CharField(label="Source workload name", max_length=200)
 
 
+def hook_fields(form, label):
+    """One checkbox list per hook point, of the allow-list's hooks (none when there is no allow-list)."""
+    names = sorted(hooks.allowed())
+    if not names:
+        return []
+    for point, where in hooks.POINTS.items():
+        form.fields[f"hooks_{point}"] = forms.MultipleChoiceField(
+            label=f"{label}: {where}",
+            choices=[(n, n) for n in names],
+            required=False,
+            widget=forms.CheckboxSelectMultiple,
+            help_text="None ticked at any point: each replica's defaults from the allow-list."
+            if point == "before_phase1"
+            else "",
+        )
+    return [f"hooks_{point}" for point in hooks.POINTS]
+
+
+def chosen_hooks(form):
+    """{point: [names]} ticked, or None when none is (each replica's defaults)."""
+    chosen = {p: form.cleaned_data.get(f"hooks_{p}") or [] for p in hooks.POINTS if f"hooks_{p}" in form.fields}
+    return {p: n for p, n in chosen.items() if n} or None
+
+
 class PlanForm(forms.Form):
     name = forms.CharField(label="Plan name", max_length=100)
     concurrency = forms.IntegerField(label="Phase 1 copies at once", min_value=1, max_value=20, initial=2)
@@ -357,10 +382,28 @@ class PlanForm(forms.Form):
         label="Power on the production VMs after the switch", required=False, initial=True
     )
     power_on_delay_s = forms.IntegerField(label="Seconds between power-ons", min_value=0, max_value=3600, initial=0)
+    guest_gate = forms.ChoiceField(
+        label="Before the next member powers on, wait until",
+        choices=GuestGate.choices,
+        initial=GuestGate.NONE,
+        required=False,
+        widget=forms.RadioSelect,
+        help_text="Not met in time: the members not yet switched fail their switch and their replicas keep running.",
+    )
+    guest_gate_address = forms.CharField(
+        label="TCP address (host:port)",
+        max_length=200,
+        required=False,
+        help_text="For the TCP gate; {vm} stands for each member's production VM name, e.g. {vm}.corp.example:443.",
+    )
+    guest_gate_timeout_s = forms.IntegerField(
+        label="Gate timeout (seconds)", min_value=1, max_value=3600, initial=300, required=False
+    )
     reason = ReasonField()
 
     def __init__(self, *args, replicas, inventory, **kwargs):
         super().__init__(*args, **kwargs)
+        self.hook_fields = hook_fields(self, "Hooks for every member")
         self.rows = []
         dr = dr_hosts(replicas[0]) if replicas else set()  # production only, as in the start wizard
         hosts = [(h, h) for h in inventory.hosts if h not in dr]
@@ -408,10 +451,23 @@ class PlanForm(forms.Form):
             self.add_error("switch_at", "A scheduled switch needs a date and time.")
         return data
 
-    BASE = ("name", "concurrency", "switch_mode", "switch_at", "power_on_after", "power_on_delay_s", "reason")
+    BASE = (
+        "name",
+        "concurrency",
+        "switch_mode",
+        "switch_at",
+        "power_on_after",
+        "power_on_delay_s",
+        "guest_gate",
+        "guest_gate_address",
+        "guest_gate_timeout_s",
+    )
 
     def plan_fields(self):
-        return [self[name] for name in self.BASE]
+        return [self[name] for name in (*self.BASE, *self.hook_fields, "reason")]
+
+    def hooks(self):
+        return chosen_hooks(self)
 
     def members(self):
         """The members in boot order, as plans.start_plan wants them."""

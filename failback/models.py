@@ -12,6 +12,7 @@ from .choices import (
     Approvable,
     AuditAction,
     CommitPolicy,
+    GuestGate,
     Outcome,
     ReplicaState,
     SessionStatus,
@@ -146,6 +147,11 @@ class FailbackPlan(models.Model):
     switch_windows = models.JSONField(default=list, blank=True)
     downtime_budget_s = models.PositiveIntegerField(null=True, blank=True)
     window_state = models.JSONField(default=dict, blank=True)
+    # Guest-ready gate (guest_gate.py): after a member's power-on, before the next member's.
+    guest_gate = models.CharField(max_length=10, choices=GuestGate.choices, default=GuestGate.NONE, blank=True)
+    guest_gate_address = models.CharField(max_length=200, blank=True)  # "host:port", {vm}: the member's VM name
+    guest_gate_timeout_s = models.PositiveIntegerField(default=300)
+    hooks = models.JSONField(default=dict, blank=True)  # {point: [hook names]}, given to every member
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -15,9 +15,10 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from . import broadcast, windows, workflow
+from . import broadcast, guest_gate, windows, workflow
 from .audit import Refused, audit, clean_reason, refuse, require_operator
-from .choices import Outcome, SessionStatus, SwitchMode
+from .choices import GuestGate, Outcome, SessionStatus, SwitchMode
+from .hooks import choose as choose_hooks
 from .models import FailbackPlan, FailbackSession, Replica
 from .schedules import drop_plan_schedule, enqueue, set_plan_schedule, validate_switch_time, wait_for_moment
 
@@ -63,13 +64,19 @@ def start_plan(
     switch_at=None,
     power_on_after=True,
     power_on_delay_s=0,
+    guest_gate=GuestGate.NONE,
+    guest_gate_address="",
+    guest_gate_timeout_s=300,
+    hooks=None,
     reason="",
 ):
-    """members: [{"replica_id", "vm_name", "target_host", "target_datastore", "network_map"}] in boot order."""
+    """members: [{"replica_id", "vm_name", "target_host", "target_datastore", "network_map"}] in boot order;
+    guest_gate: what each waits for before the next powers on (guest_gate.py); hooks: {point: [names]} for all."""
     require_operator(actor, ACTION_START)
     reason = clean_reason(reason, action=ACTION_START, actor=actor)
     name = (name or "").strip()
     _check_plan(actor, name, members, concurrency, power_on_delay_s, switch_mode)
+    gate_and_hooks = _gate_and_hooks(actor, guest_gate, guest_gate_address, guest_gate_timeout_s, power_on_after, hooks)
     if switch_mode == SwitchMode.SCHEDULED:
         validate_switch_time(switch_at, action=ACTION_START, actor=actor)
     else:
@@ -80,6 +87,7 @@ def start_plan(
         "switch_at": switch_at,
         "power_on_after": power_on_after,
         "power_on_delay_s": power_on_delay_s,
+        **gate_and_hooks,
     }
     with transaction.atomic():
         plan = FailbackPlan.objects.create(name=name, created_by=actor, reason=reason, **settings)
@@ -88,6 +96,8 @@ def start_plan(
             actor=actor,
             detail=f"Plan {name}: {len(members)} replica(s), phase 1 {concurrency} at a time, "
             f"switch {SwitchMode(switch_mode).label.lower()}, power-on delay {power_on_delay_s} s"
+            + (f", gate before the next member: {guest_gate_text(plan)}" if guest_gate else "")
+            + (f", hooks for every member: {_hooks_text(hooks)}" if hooks else "")
             + (f"; reason: {reason}" if reason else ""),
             data={
                 "plan": name,
@@ -124,6 +134,51 @@ def _check_plan(actor, name, members, concurrency, power_on_delay_s, switch_mode
         _refuse(f"Unknown switch mode {switch_mode!r}.", ACTION_START, actor)
 
 
+def _gate_and_hooks(actor, gate, address, timeout_s, power_on_after, hooks):
+    """The plan's guest-ready gate and hooks for every member, checked (else refused with the reason)."""
+    address = (address or "").strip()
+    _check_gate(actor, gate, address, timeout_s, power_on_after)
+    if hooks:
+        try:
+            hooks = choose_hooks("", hooks)
+        except ValueError as exc:
+            _refuse(f"Plan hooks: {exc}.", ACTION_START, actor)
+    return {
+        "guest_gate": gate,
+        "guest_gate_address": address if gate == GuestGate.TCP else "",
+        "guest_gate_timeout_s": timeout_s,
+        "hooks": hooks or {},
+    }
+
+
+def _check_gate(actor, gate, address, timeout_s, power_on_after):
+    if gate not in GuestGate.values:
+        _refuse(f"Unknown guest-ready gate {gate!r}.", ACTION_START, actor)
+    if not gate:
+        return
+    if not power_on_after:
+        _refuse("A guest-ready gate needs the production VMs powered on after the switch.", ACTION_START, actor)
+    if not 1 <= int(timeout_s) <= guest_gate.MAX_TIMEOUT_S:
+        _refuse(
+            f"The guest-ready gate's timeout must be between 1 and {guest_gate.MAX_TIMEOUT_S} s.", ACTION_START, actor
+        )
+    if gate == GuestGate.TCP:
+        try:
+            guest_gate.parse_address(address)
+        except ValueError as exc:
+            _refuse(f"The guest-ready gate's TCP address: {exc}.", ACTION_START, actor)
+
+
+def guest_gate_text(plan):
+    if not plan.guest_gate:
+        return "none"
+    return f"{guest_gate.describe(plan)}, at most {plan.guest_gate_timeout_s} s, else the rest of the plan stops"
+
+
+def _hooks_text(hooks):
+    return "; ".join(f"{point}: {', '.join(names)}" for point, names in hooks.items() if names) or "none"
+
+
 def _start_members(actor, plan, members, reason):
     """Every member's failback, or none: a refused member withdraws those already accepted."""
     started = []
@@ -137,6 +192,7 @@ def _start_members(actor, plan, members, reason):
                 switch_mode=plan.switch_mode,
                 switch_at=plan.switch_at,
                 power_on_after=plan.power_on_after,
+                hooks=plan.hooks or None,
                 reason=reason,
             )
             started.append(workflow.start_failback(actor, m["replica_id"], options, plan=plan, plan_order=order))

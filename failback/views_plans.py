@@ -53,6 +53,10 @@ def plan_new(request):
                 switch_at=data["switch_at"],
                 power_on_after=data["power_on_after"],
                 power_on_delay_s=data["power_on_delay_s"],
+                guest_gate=data["guest_gate"] or "",
+                guest_gate_address=data["guest_gate_address"],
+                guest_gate_timeout_s=data["guest_gate_timeout_s"] or 300,
+                hooks=form.hooks(),
                 reason=data["reason"],
             )
         except Refused as refused:

@@ -5,15 +5,16 @@ import threading
 from django.db import connection
 from django.utils import timezone
 
-from .. import logging_context
-from ..choices import SessionStatus
+from .. import guest_gate, logging_context
+from ..choices import GuestGate, SessionStatus
 from ..models import FailbackSession
 from .switch import run_switch
 
 
 @logging_context.step("plan_switch", key="plan_id")
 def run_plan_switch(plan_id):
-    """Phase 2 of a plan's members, in boot order, with the plan's delay between power-ons."""
+    """Phase 2 of a plan's members, in boot order: the plan's guest-ready gate on each member before the
+    next (a gate not met stops the rest: guest_gate.py), then the delay between power-ons."""
     from .. import plans
     from ..models import FailbackPlan
 
@@ -33,6 +34,8 @@ def run_plan_switch(plan_id):
     beater.start()
     try:
         for i, session_id in enumerate(members):
+            if i and plan.guest_gate != GuestGate.NONE and not guest_gate.wait(plan, members[i - 1], pending):
+                return
             if i and plan.power_on_delay_s:
                 plans.wait_between_power_ons(plan, pending)
             pending.remove(session_id)
