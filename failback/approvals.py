@@ -30,8 +30,10 @@ class ApprovalRequested(Refused):
 
     def __init__(self, request):
         who = actor_name(request.requested_by)
+        plan = request.params.get("plan_name")
+        on = f"plan {plan}" if plan else f"failback #{request.session_id}"
         super().__init__(
-            f"{request.get_action_display()} on failback #{request.session_id} needs a second person's approval: "
+            f"{request.get_action_display()} on {on} needs a second person's approval: "
             f"request #{request.pk} by {who} waits until {timezone.localtime(request.expires_at):%H:%M %Z}."
         )
         self.request = request
@@ -57,12 +59,24 @@ def _services():
     def schedule(actor, session_id, switch_at, reason=""):
         return workflow.schedule_switch(actor, session_id, datetime.fromisoformat(switch_at), reason=reason)
 
+    def plan_switch(actor, session_id, plan_id, plan_name, reason=""):
+        from . import plans
+
+        return plans.switch_now(actor, plan_id, reason=reason)
+
+    def plan_schedule(actor, session_id, plan_id, plan_name, switch_at, reason=""):
+        from . import plans
+
+        return plans.schedule_switch(actor, plan_id, datetime.fromisoformat(switch_at), reason=reason)
+
     return {
         "switch": workflow.switch_now,
         "schedule_switch": schedule,
         "commit": workflow.commit,
         "undo": workflow.undo,
         "cancel": workflow.cancel,
+        "plan:switch": plan_switch,
+        "plan:schedule_switch": plan_schedule,
     }
 
 
@@ -87,6 +101,25 @@ def gate(actor, action, session_id, **params):
         return  # nothing to approve: the service function refuses, or acts
     stored = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in params.items()}
     raise ApprovalRequested(_ask(actor, session, action, stored))
+
+
+def gate_plan(actor, action, plan, member, **params):
+    """A plan's own Switch now or Schedule switch (plans.py): like ``gate``, for a rule on every failback or
+    on the plan. The request is held by the plan's first live ``member`` and names the plan; approved, it
+    runs the plan's action as the requester's."""
+    request = running()
+    if request is not None and request.action == action and request.params.get("plan_id") == plan.pk:
+        return
+    if not required(member, action):
+        return
+    stored = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in params.items()}
+    raise ApprovalRequested(_ask(actor, member, action, {"plan_id": plan.pk, "plan_name": plan.name, **stored}))
+
+
+def running_for_plan(plan):
+    """The approved request of ``plan``'s own action being run now, if any."""
+    request = running()
+    return request if request is not None and request.params.get("plan_id") == plan.pk else None
 
 
 def hold(session, action, detail, **params):
@@ -194,7 +227,8 @@ def approve(actor, request_id, *, reason=""):
             if request.requested_by_id is None:  # the portal's own moment, held for approval
                 _run_portal_action(request)
             else:
-                _services()[request.action](request.requested_by, request.session_id, **request.params)
+                service = ("plan:" if "plan_id" in request.params else "") + request.action
+                _services()[service](request.requested_by, request.session_id, **request.params)
         request.result = "done"
     except Refused as refused:  # the session moved on meanwhile: the service's refusal is in the trail
         request.status, request.result = Status.FAILED, refused.message

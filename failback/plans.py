@@ -15,9 +15,9 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from . import broadcast, guest_gate, windows, workflow
-from .audit import Refused, audit, clean_reason, refuse, require_operator
-from .choices import GuestGate, Outcome, SessionStatus, SwitchMode
+from . import approvals, broadcast, guest_gate, windows, workflow
+from .audit import Refused, actor_name, audit, clean_reason, refuse, require_operator
+from .choices import Approvable, GuestGate, Outcome, SessionStatus, SwitchMode
 from .hooks import choose as choose_hooks
 from .models import FailbackPlan, FailbackSession, Replica
 from .schedules import drop_plan_schedule, enqueue, set_plan_schedule, validate_switch_time, wait_for_moment
@@ -26,7 +26,14 @@ ACTION_START = "start_plan"
 OUT_OF_PLAY = (SessionStatus.FAILED, SessionStatus.CANCELLED)
 
 
+def _approved(plan):
+    """Four eyes: the approver's name for the plan's audit row, when an approved request runs it."""
+    approved = approvals.running_for_plan(plan)
+    return {} if approved is None else {"approved_by": actor_name(approved.decided_by), "approval_request": approved.pk}
+
+
 def _audit(action, actor, plan, detail, outcome=Outcome.OK, **data):
+    data = {**data, **_approved(plan)}
     with transaction.atomic():
         audit(
             action=action,
@@ -237,6 +244,8 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
     if not live or len(ready) != len(live):
         _not_ready(plan, trigger, actor, f"{len(ready)} of {len(live)}")
         return False
+    if manual:
+        approvals.gate_plan(actor, Approvable.SWITCH, plan, live[0], reason=reason)
     now = timezone.now()
     if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_started_at=now) != 1:
         if manual:
@@ -327,6 +336,9 @@ def schedule_switch(actor, plan_id, switch_at, *, reason=""):
     reason = clean_reason(reason, action=action, actor=actor)
     validate_switch_time(switch_at, action=action, actor=actor)
     plan = FailbackPlan.objects.get(pk=plan_id)
+    live = plan.sessions.exclude(status__in=OUT_OF_PLAY).order_by("plan_order", "pk").first()
+    if plan.switch_started_at is None and live is not None:
+        approvals.gate_plan(actor, Approvable.SCHEDULE_SWITCH, plan, live, switch_at=switch_at, reason=reason)
     with transaction.atomic():
         if (
             FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(
@@ -343,7 +355,7 @@ def schedule_switch(actor, plan_id, switch_at, *, reason=""):
                 actor=actor,
                 detail=f"Plan {plan.name}: switch scheduled for {switch_at:%Y-%m-%d %H:%M:%S %Z}"
                 + (f": {reason}" if reason else ""),
-                data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat()},
+                data={"plan": plan.name, "plan_id": plan.pk, "switch_at": switch_at.isoformat(), **_approved(plan)},
             )
             return plan
     _refuse(f"Schedule switch refused: plan {plan.name} has already switched.", action, actor, plan)
