@@ -5,7 +5,9 @@ memory: the web and worker processes of every node write the same rows, so every
 scrape with the same numbers, a restart loses nothing, and a process that died takes none of its
 counts with it. Counts that only grow are counters (bytes copied, steps resumed); counts of what is
 true now are gauges (sessions per status, queue depth). The switch windows and the prediction's error
-are histograms over every switch on record.
+are histograms over every switch on record. The settled part of that record (sessions ended more than
+SETTLED_AFTER before the hour) is read once an hour and kept in Django's cache, shared by the nodes with
+Redis; a scrape reads the rest.
 
 One figure is this process's own: ``dr_portal_websocket_clients``, the websockets open on this web
 process (``CountWebsockets`` wraps the websocket application in ``dr_portal/asgi.py``). Scrape every
