@@ -174,11 +174,13 @@ class StartFailbackForm(forms.Form):
                 required=False,
                 choices=[("", "The datacenter's VM folder")] + sorted(placement.folders.items(), key=lambda kv: kv[1]),
             )
+        self.hook_fields = hook_fields(self, "Hooks")
         # Where the VM goes and how it is wired first, then when and how it switches; the reason last.
         self.order_fields(
             ["vm_name", "target_host", "resource_pool", "folder", "target_datastore"]
             + [name for _, name in self.nic_fields]
             + ["switch_mode", "switch_at", "power_on_after", "bandwidth_mbps", "commit_policy", "commit_after_min"]
+            + self.hook_fields
             + ["override_checks", "reason"]
         )
 
@@ -192,6 +194,7 @@ class StartFailbackForm(forms.Form):
         data["network_map"] = {source: (data.get(field) or None) for source, field in self.nic_fields if source}
         data.setdefault("resource_pool", "")
         data.setdefault("folder", "")
+        data["hooks"] = chosen_hooks(self)  # None: the allow-list's defaults for the replica
         return data
 
     def options(self):
@@ -346,7 +349,10 @@ class PairReplicaForm(forms.Form):
 
 def hook_fields(form, label):
     """One checkbox list per hook point, of the allow-list's hooks (none when there is no allow-list)."""
-    names = sorted(hooks.allowed())
+    try:
+        names = sorted(hooks.allowed())
+    except hooks.HookConfigError:  # the start refuses with the reason; the form offers none
+        names = []
     if not names:
         return []
     for point, where in hooks.POINTS.items():

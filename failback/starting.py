@@ -340,12 +340,23 @@ def review(replica, options):
             ("After the switch", policy),
             ("Bandwidth limit", bandwidth_limit(o.bandwidth_mbps)),
             ("Disk transport", _transport_fact(replica)),
+            ("Hooks", _hooks_fact(replica, o.hooks)),
             ("Reason", o.reason or "—"),
         ],
         "disks": [(d.key, d.capacity_bytes, d.datastore, o.target_datastore) for d in replica.disks.all()],
         "total_bytes": sum(d.capacity_bytes for d in replica.disks.all()),
         "networks": [(source, target or "Disconnected") for source, target in o.network_map.items()],
     }
+
+
+def _hooks_fact(replica, requested):
+    """The hooks the failback will run at each point (chosen, or the allow-list's defaults for the replica)."""
+    try:
+        chosen = hooks.choose(replica.name, requested)
+    except (ValueError, hooks.HookConfigError) as exc:
+        return f"refused at the start: {exc}"
+    where = "; ".join(f"{hooks.POINTS[p]}: {', '.join(n)}" for p, n in chosen.items() if n)
+    return (where or "none") + ("" if requested is not None else " (the allow-list's defaults for this replica)")
 
 
 def _transport_fact(replica):

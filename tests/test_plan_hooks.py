@@ -9,7 +9,7 @@ from django.urls import reverse
 
 from failback import plans
 from failback.choices import AuditAction, Outcome, SessionStatus
-from failback.models import AuditEvent, FailbackPlan
+from failback.models import AuditEvent, FailbackPlan, FailbackSession
 
 from .helpers import replica_named
 from .test_api import Api, token_for
@@ -88,3 +88,23 @@ def test_the_api_starts_a_plan_with_hooks_and_a_gate_and_refuses_an_unknown_hook
     assert out["hooks"] == {"before_phase1": ["record"]}
     (member,) = sessions_of(FailbackPlan.objects.get(pk=out["id"]))
     assert hook_points(member) == [("before_phase1", "record")]
+
+
+def test_the_start_wizard_offers_the_allow_lists_hooks_reviews_them_and_starts_with_them(lab, operator, allow_list):  # noqa: F811
+    from .test_views import logged_in, start_form
+
+    replica = replica_named("app-erp")  # its default from the file: erp-default before the switch
+    client = logged_in(operator)
+    url = reverse("failback:start", args=[replica.pk])
+    page = client.get(url).content.decode()
+    assert "Hooks: before the switch (the replica still runs)" in page and 'value="record"' in page
+    defaults = client.post(url, start_form(replica, step="review")).content.decode()
+    assert "before the switch (the replica still runs): erp-default (the allow-list&#x27;s defaults" in defaults
+    chosen = {"hooks_after_switch": ["record", "chatty"]}
+    review = client.post(url, start_form(replica, step="review", **chosen)).content.decode()
+    assert "after the switch (production powered on): record, chatty" in review and "erp-default" not in review
+    assert 'type="hidden" name="hooks_after_switch" value="chatty"' in review  # kept for the start
+    response = client.post(url, start_form(replica, step="start", **chosen))
+    assert response.status_code == 302
+    session = FailbackSession.objects.get()
+    assert session.hooks == {"after_switch": ["record", "chatty"]}
