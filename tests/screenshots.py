@@ -38,6 +38,18 @@ PAGES = [
 ]
 
 
+HOOKS = """
+[hooks.drain-erp]
+command = ["/bin/sh", "-c", "echo lb-01: pool erp set to drain; echo lb-01: 0 active connections left on $DRPORTAL_REPLICA"]
+timeout_s = 30
+
+[hooks.smoke-erp]
+command = ["/bin/sh", "-c", "echo GET https://erp.corp.example/health on $DRPORTAL_PRODUCTION_VM: 200 OK"]
+timeout_s = 30
+on_error = "continue"
+"""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
@@ -47,9 +59,12 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     var = tempfile.mkdtemp(prefix="dr-shots-")
+    hooks_file = Path(var) / "hooks.toml"  # the allow-list the ERP failback's hooks come from
+    hooks_file.write_text(HOOKS)
     os.environ.update(
         {
             "DR_PORTAL_VAR": var,
+            "FAILBACK_HOOKS_FILE": str(hooks_file),
             "DJANGO_SETTINGS_MODULE": "dr_portal.settings",
             "LOG_LEVEL": "WARNING",
             "FAILBACK_SHUTDOWN_TIMEOUT": "30",
@@ -113,7 +128,7 @@ def run(out, var):
     call_command("migrate", "--database", "channels", "--noinput", verbosity=0)
     call_command("seed_lab", "--count", "12", "--scale", "1", "--no-user", stdout=quiet)
     olivia, victor = make_user("olivia", "Operator"), make_user("victor", "Viewer")
-    make_user("ada", "Administrator")
+    ada = make_user("ada", "Administrator")
     lab = LabHypervisor(settings.LAB_ROOT)
 
     env = dict(os.environ, DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost")
@@ -134,7 +149,12 @@ def run(out, var):
 
     # Committed: the whole way, with users writing while it was Ready to switch.
     erp = replica_named("app-erp-01")
-    committed = start(olivia, erp, reason="CHG-4711 return ERP to production").pk
+    committed = start(
+        olivia,
+        erp,
+        reason="CHG-4711 return ERP to production",
+        hooks={"before_switch": ["drain-erp"], "after_switch": ["smoke-erp"]},
+    ).pk
     wait_status(committed, SessionStatus.READY_TO_SWITCH)
     users_keep_working(erp)
     workflow.switch_now(olivia, committed, reason="CHG-4711 maintenance window")
@@ -281,6 +301,20 @@ def run(out, var):
         shot("sessions", "/sessions/")
         shot("plan", f"/plans/{plan.pk}/")
         shot("audit", "/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
+        # Four eyes: Omar asked to undo web-01's failback; Olivia, another Operator, may approve or reject it.
+        from failback import approvals
+
+        approvals.set_rule(ada, "undo")
+        try:
+            workflow.undo(make_user("omar", "Operator"), waiting, reason="CHG-4712 users report slow logins")
+        except approvals.ApprovalRequested:
+            pass
+        shot("approvals", "/approvals/")
+        page.goto(f"/sessions/{committed}/report/")  # a hook's run and its output among the session's steps
+        page.get_by_text("lb-01: pool erp set to drain").first.scroll_into_view_if_needed()
+        shot("report-hooks", settle=True, full_page=False)
+        page.get_by_role("heading", name="Signed evidence").scroll_into_view_if_needed()
+        shot("report-evidence", settle=True, full_page=False)  # the evidence file, its digest and public key
         page.emulate_media(media="print")  # the report as it prints (no navigation bar, compact tables)
         shot("report", f"/sessions/{committed}/report/")
         browser.close()
