@@ -159,25 +159,42 @@ def as_line(window):
 # -- when they occur ------------------------------------------------------------------------------------
 
 
+def _instant(wall, zone):
+    """The UTC instant of the wall-clock time ``wall`` (naive) in ``zone``. A time the clock repeats (autumn)
+    is its first pass; a time the clock skips (spring) is the moment it jumps, so a window never opens
+    before its wall-clock start nor ends before it opens."""
+    first = wall.replace(tzinfo=zone).astimezone(UTC)  # fold=0: for a skipped time, the offset before the jump
+    if first.astimezone(zone).replace(tzinfo=None) == wall:
+        return first
+    lo = int(wall.replace(tzinfo=zone, fold=1).astimezone(UTC).timestamp())  # before the jump
+    hi = int(first.timestamp())  # after it
+    while hi - lo > 1:  # the first second whose wall-clock time is at or past ``wall``: the jump
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, zone).replace(tzinfo=None) >= wall:
+            hi = mid
+        else:
+            lo = mid
+    return datetime.fromtimestamp(hi, UTC)
+
+
 def _spans(window, after, before):
-    """The occurrences of one window that overlap [after, before)."""
+    """The occurrences of one window that overlap [after, before). On a day when the clock skips part of a
+    window it is shorter, and skipped whole it does not occur."""
     zone = ZoneInfo(window["tz"])
     if window["kind"] == "once":
-        start = datetime.fromisoformat(window["start"]).replace(tzinfo=zone)
-        end = datetime.fromisoformat(window["end"]).replace(tzinfo=zone)
-        candidates = [(start, end)]
+        candidates = [(datetime.fromisoformat(window["start"]), datetime.fromisoformat(window["end"]))]
     else:
         first, last = after.astimezone(zone).date() - timedelta(days=1), before.astimezone(zone).date()
         start_t, end_t = time.fromisoformat(window["start"]), time.fromisoformat(window["end"])
         midnight = end_t == time(0)  # the end of the day
         candidates = [
-            (datetime.combine(day, start_t, zone), datetime.combine(day + timedelta(days=midnight), end_t, zone))
+            (datetime.combine(day, start_t), datetime.combine(day + timedelta(days=midnight), end_t))
             for day in (first + timedelta(days=n) for n in range((last - first).days + 1))
             if DAYS[day.weekday()] in window["days"]
         ]
     for start, end in candidates:
-        start, end = start.astimezone(UTC), end.astimezone(UTC)
-        if start < before and end > after:
+        start, end = _instant(start, zone), _instant(end, zone)
+        if start < end and start < before and end > after:
             yield Occurrence(start, end, window)
 
 

@@ -91,3 +91,28 @@ def test_the_open_and_next_windows_agree_with_the_occurrences(rules, now):
     later = [o for o in around if o.start > now]
     assert coming is not None and coming.start == min(o.start for o in later)  # a weekly window comes within 8 days
     assert all(o.end > o.start for o in around)
+
+
+def test_a_window_the_clock_skips_is_shorter_that_day_or_absent():
+    """New York skips 02:00-03:00 on 8 March 2026: a window from 02:30 opens when the clock jumps, at
+    03:00 EDT; a window wholly inside the skipped hour does not occur that day; the next Sunday is whole.
+    (Hypothesis found the window that ended before it opened.)"""
+    rule = lambda start, end: windows.clean_window(  # noqa: E731
+        {"kind": "weekly", "days": ["sun"], "start": start, "end": end, "tz": "America/New_York"}
+    )
+    around = lambda rule: windows.occurrences(  # noqa: E731
+        [rule], datetime(2026, 3, 7, tzinfo=UTC), datetime(2026, 3, 16, tzinfo=UTC)
+    )
+    spans = [(o.start, o.end) for o in around(rule("02:30", "03:30"))]
+    assert spans == [
+        (datetime(2026, 3, 8, 7, 0, tzinfo=UTC), datetime(2026, 3, 8, 7, 30, tzinfo=UTC)),
+        (datetime(2026, 3, 15, 6, 30, tzinfo=UTC), datetime(2026, 3, 15, 7, 30, tzinfo=UTC)),
+    ]
+    assert [o.start.day for o in around(rule("02:59", "03:00"))] == [15]
+    # Autumn: 01:30 comes twice on 1 November 2026; the window opens on the first pass.
+    autumn = windows.occurrences(
+        [rule("01:30", "02:30")], datetime(2026, 10, 31, tzinfo=UTC), datetime(2026, 11, 2, tzinfo=UTC)
+    )
+    assert [(o.start, o.end) for o in autumn] == [
+        (datetime(2026, 11, 1, 5, 30, tzinfo=UTC), datetime(2026, 11, 1, 7, 30, tzinfo=UTC))
+    ]
