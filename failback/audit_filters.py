@@ -53,11 +53,16 @@ class AuditFilterForm(forms.Form):
         return data
 
 
+def event_rows():
+    """The audit rows as the page and the exports show them (with their replica)."""
+    return AuditEvent.objects.select_related("replica")
+
+
 def filtered_events(params):
     """(form, queryset) for the given GET parameters; an invalid form filters nothing out but says why
     (the page shows the message; the exports and the API refuse)."""
     form = AuditFilterForm(params or None)
-    events = AuditEvent.objects.select_related("replica").order_by("-at", "-id")
+    events = event_rows().order_by("-at", "-id")
     if not form.is_valid():
         return form, events
     data = form.cleaned_data

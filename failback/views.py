@@ -16,6 +16,7 @@ from .actions import ACTIONS
 from .audit_filters import (
     EXPORT_FIELDS,
     csv_safe,
+    event_rows,
     export_row,
     filter_errors,
     filtered_events,
@@ -263,7 +264,13 @@ def session_action_dialog(request, pk, spec):
 @require_GET
 def audit_list(request):
     form, events = filtered_events(request.GET)
-    page = page_by_ids(events, request.GET.get("page"), 100, count=trail_count() if unfiltered(form) else None)
+    page = page_by_ids(
+        events,
+        request.GET.get("page"),
+        100,
+        count=trail_count() if unfiltered(form) else None,
+        rows_from=event_rows(),  # the ids came through the filters
+    )
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "failback/audit_list.html", {"page": page, "form": form, "query": query.urlencode()})
