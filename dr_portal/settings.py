@@ -95,6 +95,9 @@ FAILBACK_EVIDENCE_KEY = _evidence_key()
 # anything the portal writes; a failback only names hooks from it. Unset: no hooks.
 FAILBACK_HOOKS_FILE = env_str("FAILBACK_HOOKS_FILE", "")
 # Four eyes: how long a request for approval waits for a second person before it expires (approvals.py).
+# A filtered audit page counts its matches up to this many (each page then stays as fast as a short list);
+# past it the pages stop and say so: narrow the filter, or export the whole filtered set.
+FAILBACK_AUDIT_COUNT_LIMIT = env_int("FAILBACK_AUDIT_COUNT_LIMIT", 10000, min=100, max=10_000_000, unit="rows")
 FAILBACK_APPROVAL_MINUTES = env_int("FAILBACK_APPROVAL_MINUTES", 240, min=1, max=7 * 24 * 60, unit="minutes")
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")

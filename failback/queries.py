@@ -82,20 +82,26 @@ def filtered_sessions(params):
     return sessions, filter_errors(form)
 
 
-def page_by_ids(queryset, number, per_page, count=None, rows_from=None):
+def page_by_ids(queryset, number, per_page, count=None, rows_from=None, count_limit=None):
     """Paginate over primary keys, then fetch the page's rows: a deep OFFSET then skips bare index
     entries instead of building (and joining) every skipped row, and a page in the second half is read
     from the other end (the last page skips nothing). ``count``: the queryset's row count when the caller
     knows it without counting (the whole audit trail's tally). ``rows_from``: where to fetch the page's
     rows by primary key when the filters need not be applied again (SQLite would rather walk a filter's
-    index, 150,000 entries for a busy user, than look 100 keys up)."""
+    index, 150,000 entries for a busy user, than look 100 keys up). ``count_limit``: count no further than
+    this; more rows than that and the pages stop there, with ``page.more`` set (the page says so)."""
     paginator = Paginator(queryset.values_list("pk", flat=True), per_page)
+    more = False
+    if count is None and count_limit is not None:
+        count = queryset.values("pk")[: count_limit + 1].count()  # stops at the limit, not at the last match
+        more, count = count > count_limit, min(count, count_limit)
     if count is not None:
         paginator.count = count  # the paginator's cached property, set before anything asks it
     page = paginator.get_page(number)
+    page.more = more
     bottom = (page.number - 1) * per_page
     count = page.paginator.count
-    if queryset.ordered and bottom > count // 2:  # a page past the middle is nearer from the other end
+    if queryset.ordered and not more and bottom > count // 2:  # past the middle: nearer from the other end
         top = min(bottom + per_page, count)
         ids = list(queryset.reverse().values_list("pk", flat=True)[count - top : count - bottom])[::-1]
     else:

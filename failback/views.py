@@ -4,6 +4,7 @@ import csv
 import json
 from contextlib import closing
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import Http404, HttpResponseBadRequest, HttpResponseNotAllowed, StreamingHttpResponse
@@ -270,6 +271,7 @@ def audit_list(request):
         100,
         count=trail_count() if unfiltered(form) else None,
         rows_from=event_rows(),  # the ids came through the filters
+        count_limit=settings.FAILBACK_AUDIT_COUNT_LIMIT,
     )
     query = request.GET.copy()
     query.pop("page", None)

@@ -169,3 +169,27 @@ def test_the_unfiltered_audit_page_shows_the_exact_count_and_reads_its_last_page
     assert ">row 248<" in last and ">row 199<" in last and ">row 198<" not in last
     refused = client.get("/audit/?session=x").content.decode()  # a refused filter filters nothing out
     assert "250 events" in refused and "Session #" in refused
+
+
+def test_a_filtered_audit_page_counts_up_to_its_limit_and_says_when_more_match(lab, operator, settings):
+    """Past FAILBACK_AUDIT_COUNT_LIMIT matches the page counts no further (each page as fast as a short list):
+    it says more match, shows the newest, and the export still holds every match. Under it, the exact count."""
+    client = Client()
+    client.force_login(operator)
+    grow(operator, 30)  # 300 rows by olivia
+    newest = AuditEvent.objects.filter(actor_name="olivia").order_by("-at", "-id").values_list("pk", flat=True)
+    total = newest.count()  # the 300 and the operator's own login
+    assert total > 300
+    settings.FAILBACK_AUDIT_COUNT_LIMIT = 200
+    page = client.get("/audit/?user=olivia")
+    assert "More than 200 events match: the pages show the newest 200" in page.text
+    assert [e.pk for e in page.context["page"].object_list] == list(newest[:100])
+    second = client.get("/audit/?user=olivia&page=2").context["page"]
+    assert second.number == 2 and not second.has_next() and [e.pk for e in second.object_list] == list(newest[100:200])
+    exported = client.get("/audit/export.csv?user=olivia")
+    assert b"".join(exported.streaming_content).count(b"\n") == total + 1  # every match, and the header
+    settings.FAILBACK_AUDIT_COUNT_LIMIT = 1000
+    page = client.get("/audit/?user=olivia")
+    assert f"{total} events ·" in " ".join(page.text.split()) and "More than" not in page.text
+    everything = client.get("/audit/")  # the unfiltered trail: always the exact count
+    assert f"{AuditEvent.objects.count()} events" in everything.text
