@@ -32,7 +32,7 @@ test: lint test-embedded test-production
 # vcsim, a browser), so two at a time nearly halve the time on two cores. Each worker has its own
 # databases and, on the production profile, its own Redis database (REDIS_URL's number + the worker's:
 # 7 and 8 here). `make test PYTEST_PARALLEL=` runs them one at a time.
-PYTEST_PARALLEL ?= -n 2
+PYTEST_PARALLEL ?= -n 2 --durations=25
 
 # Lint and format first: a style slip fails in seconds, not after twenty minutes of tests.
 lint: $(STAMP)
@@ -47,11 +47,15 @@ test-embedded: $(STAMP) nbd-client
 
 # The second profile runs only what touches the database, the channel layer or the broker: the engine's,
 # the lab adapter's and the vSphere adapter's own tests use none of them and ran in the first profile.
-NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py tests/test_windows_rules.py
+NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py tests/test_windows_rules.py tests/test_platform_contract.py tests/test_code_shape.py tests/test_docs_truth.py
+# The nbd failbacks keep their session rows in the database like every failback, but what they test is the
+# transport (nbdkit servers, libnbd, resume into the same exports), which no profile changes; the workflow's
+# own use of PostgreSQL and Redis is run by the direct-mode failbacks. They run once, in the first profile.
+ONCE_TESTS := tests/test_failback_nbd.py tests/test_vsphere_nbd.py
 
 test-production: $(STAMP) services nbd-client
 	sh tests/apt.sh nginx openssl
-	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$(REDIS_TEST_URL) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(NO_DB_TESTS))
+	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$(REDIS_TEST_URL) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(NO_DB_TESTS) $(ONCE_TESTS))
 
 services:
 	sh tests/services.sh
