@@ -27,7 +27,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,28 +39,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    var = tempfile.mkdtemp(prefix="dr-bench-", dir=ROOT / "var" if (ROOT / "var").exists() else None)
-    os.environ.update({"DR_PORTAL_VAR": var, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING"})
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("REDIS_URL", None)
-    import django
+    from lab_setup import lab_portal
 
-    django.setup()
-    from django.conf import settings
-    from django.contrib.auth.models import Group, User
-    from django.core.management import call_command
-    from django_q.conf import Conf
-
-    from failback.hypervisors.lab import LabHypervisor
+    var, lab, user = lab_portal("--count", "4", "--scale", "0.25")
     from failback.models import Replica
 
-    Conf.SYNC = True
-    call_command("migrate", verbosity=0)
-    call_command("migrate", database="channels", verbosity=0)
-    call_command("seed_lab", "--count", "4", "--scale", "0.25", "--no-user", stdout=open(os.devnull, "w"))
-    lab = LabHypervisor(settings.LAB_ROOT)
-    user = User.objects.create_user("bench")
-    user.groups.add(Group.objects.get(name="Operator"))
     largest = max(Replica.objects.all(), key=lambda r: sum(d.capacity_bytes for d in r.disks.all()))
     lab.set_vm_options(
         largest.vm_id, tools_installed=True, shutdown_seconds=1.5, shutdown_hangs=False, cbt=True, workload=False

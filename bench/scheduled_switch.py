@@ -20,7 +20,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -35,30 +34,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
 
-    var = tempfile.mkdtemp(prefix="dr-bench-", dir=ROOT / "var" if (ROOT / "var").exists() else None)
-    os.environ.update({"DR_PORTAL_VAR": var, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING"})
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("REDIS_URL", None)
-    import django
+    from lab_setup import lab_portal
 
-    django.setup()
-    from django.conf import settings
-    from django.contrib.auth.models import Group, User
+    var, lab, user = lab_portal("--count", "1", "--scale", "0.05")
     from django.core.management import call_command
     from django.utils import timezone
-    from django_q.conf import Conf
 
     from failback import workflow
-    from failback.hypervisors.lab import LabHypervisor
     from failback.models import AuditEvent, FailbackSession, Replica
 
-    Conf.SYNC = True
-    call_command("migrate", verbosity=0)
-    call_command("migrate", database="channels", verbosity=0)
-    call_command("seed_lab", "--count", "1", "--scale", "0.05", "--no-user", stdout=open(os.devnull, "w"))
-    lab = LabHypervisor(settings.LAB_ROOT)
-    user = User.objects.create_user("bench")
-    user.groups.add(Group.objects.get(name="Operator"))
     vm_id = lab.create_vm(
         "sched-01_replica",
         host="esx-dr-01",
