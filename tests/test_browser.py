@@ -447,7 +447,7 @@ def test_it_prints_a_report_with_checksums_and_the_switch_window(page, portal):
     report = page.locator("article.report")
     expect(report).to_contain_text("Committed")
     digests = page.locator("td.digest").all_inner_texts()
-    assert digests and all(d.startswith("blake3-tree") for d in digests), digests
+    assert digests and all(d.startswith("xxh3-tree") for d in digests), digests
     for disk in session.disks.all():
         assert disk.source_digest == disk.target_digest and disk.source_digest in digests
     window = page.locator("dt", has_text="Switch window").locator("xpath=following-sibling::dd[1]").inner_text()

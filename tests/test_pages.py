@@ -101,7 +101,7 @@ def test_it_neutralises_formulas_in_the_csv_export(lab, operator):
 def test_it_prints_a_report_with_checksums_and_deciders(history, viewer):
     committed, _ = history
     page = logged_in(viewer).get(reverse("failback:report", args=[committed.pk])).content.decode()
-    assert "blake3-tree" in page and "identical" in page and "Switch window" in page
+    assert "xxh3-tree" in page and "identical" in page and "Switch window" in page
     assert "Commit: olivia" in page and "app owner OK" in page and "CHG-100" in page
     assert "@media print" not in page  # the print rules live in the stylesheet
 

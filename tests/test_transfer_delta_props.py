@@ -116,6 +116,8 @@ def make(path: str, size: int, runs: tuple[tuple[int, int, str], ...], rng: rand
                 for p in range(-(-o // PAGE) * PAGE + PAGE, o + n, 3 * PAGE):
                     data[p - o : p - o + PAGE] = bytes(len(data[p - o : p - o + PAGE]))
             f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def apply(path: str, changes: tuple[Change, ...], rng: random.Random) -> None:
@@ -132,6 +134,9 @@ def apply(path: str, changes: tuple[Change, ...], rng: random.Random) -> None:
             else:
                 data = os.pread(fd, c.length, c.offset)
             os.pwrite(fd, data, c.offset)
+        # A powered-off guest's writes are on disk: unflushed, ext4 allocates them later, and an
+        # extent-tree block that allocation adds changes st_blocks after the delta sealed the source.
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -13,8 +13,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import blake3
-
 from .blockio import (
     PAGE,
     Disk,
@@ -28,7 +26,18 @@ from .blockio import (
     size_of,
     zero_page_runs,
 )
-from .blockmap import LEAF, ZERO_LEAF, DiskState, Leaves, block_count, block_length, fingerprint, leaves_of, save_state
+from .blockmap import (
+    LEAF,
+    ZERO_LEAF,
+    DiskState,
+    Leaves,
+    block_count,
+    block_length,
+    fingerprint,
+    leaf_of,
+    leaves_of,
+    save_state,
+)
 from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
 from .results import CopyResult, TransferStateError, VerificationError
 from .sparse import data_extents, is_zero
@@ -294,7 +303,7 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         if not job.read or is_zero(buf, a, b):
             leaf = ZERO_LEAF
         else:
-            leaf = blake3.blake3(view[a:b]).digest(LEAF)
+            leaf = leaf_of(view[a:b])
         out.new[g] = leaf
         old_t = job.old_target[g * LEAF : (g + 1) * LEAF]
         if leaf == old_t:

@@ -2,8 +2,8 @@
 
 A pass walks the disk block by block (4 MiB by default) in the calling thread, which does the writing,
 updates the leaf files (see :mod:`.blockmap`) in block order, reports progress and honours cancel and
-the bandwidth limit. Reading and hashing (BLAKE3 per 64 KiB grain; it releases the GIL, as does all
-I/O) run beside it on a small thread pool. A fixed number of block buffers circulate, so memory is
+the bandwidth limit. Reading and hashing (XXH3-128 per 64 KiB grain, 40 GB/s; all I/O releases the
+GIL) run beside it on a small thread pool. A fixed number of block buffers circulate, so memory is
 about ``(depth + workers) x block_size`` whatever the disk size.
 
 Phase 1 copies each block's data ranges with copy_file_range (in the kernel, no copy through user
