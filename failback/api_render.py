@@ -2,8 +2,8 @@
 
 from django.db.models import Prefetch
 
-from . import actions, windows
-from .models import FailbackPlan, FailbackSession
+from . import actions, approvals, windows
+from .models import ApprovalRequest, FailbackPlan, FailbackSession
 from .queries import attach_power_states
 
 SESSION_FIELDS = (
@@ -65,8 +65,22 @@ def session(s):
         "switch_window_s": window.total_seconds() if window is not None else None,
         "switch_windows": windows.session_summary(s),
         "convergence": (s.prediction or {}).get("convergence") if s.status == "ready_to_switch" else None,
+        "waiting_for_approval": waiting(approvals.waiting(s)),
         "disks": [{**{f: getattr(d, f) for f in DISK_FIELDS}, "percent": d.percent} for d in s.disks.all()],
     }
+
+
+def waiting(requests):
+    return [
+        {
+            "id": r.pk,
+            "action": r.action,
+            "requested_by": r.requested_by.get_username() if r.requested_by_id else None,
+            "expires_at": r.expires_at,
+            "text": approvals.describe(r),
+        }
+        for r in requests
+    ]
 
 
 def sessions(rows):
@@ -83,6 +97,7 @@ def plans(rows):
                 "created_by": plan.created_by.get_username(),
                 "percent": FailbackPlan.summary(members)["percent"],
                 "switch_windows": windows.plan_summary(plan, members),
+                "waiting_for_approval": waiting(approvals.waiting_for_plan(members, plan)),
                 "members": [
                     {
                         "session_id": s.pk,
@@ -99,12 +114,21 @@ def plans(rows):
     return out
 
 
+def _pending():
+    rows = ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING).select_related("requested_by")
+    return Prefetch("approvals", queryset=rows, to_attr="pending_approvals")
+
+
 def session_rows():
-    return FailbackSession.objects.select_related("replica", "started_by").prefetch_related("disks")
+    return FailbackSession.objects.select_related("replica", "started_by").prefetch_related("disks", _pending())
 
 
 def plan_rows():
-    members = FailbackSession.objects.select_related("replica").prefetch_related("disks").order_by("plan_order", "pk")
+    members = (
+        FailbackSession.objects.select_related("replica")
+        .prefetch_related("disks", _pending())
+        .order_by("plan_order", "pk")
+    )
     return FailbackPlan.objects.select_related("created_by").prefetch_related(Prefetch("sessions", queryset=members))
 
 

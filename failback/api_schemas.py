@@ -160,6 +160,14 @@ class ConvergenceOut(Schema):
     text: str
 
 
+class WaitingOut(Schema):
+    id: int = Field(description="The approval request's id (POST /approvals/{id}/approve)")
+    action: str = Field(description="switch, schedule_switch, commit, undo or cancel")
+    requested_by: str | None = Field(description="Who asked; null when the portal's own moment waits")
+    expires_at: datetime
+    text: str = Field(description="What waits, in the words the page shows")
+
+
 class SessionOut(Schema):
     id: int
     replica_id: int
@@ -199,6 +207,9 @@ class SessionOut(Schema):
     predicted_window_s: float | None
     switch_windows: WindowsOut | None = Field(description="Maintenance windows and downtime budget, if any")
     convergence: ConvergenceOut | None = Field(description="Set while the VM's writes outpace the copy")
+    waiting_for_approval: list[WaitingOut] = Field(
+        description="Requests about this failback (or its plan's switch) waiting for a second person now"
+    )
     stop_method: str
     error: str
     disks: list[SessionDiskOut]
@@ -235,6 +246,9 @@ class PlanOut(Schema):
     switch_started_at: datetime | None
     switch_windows: WindowsOut | None = Field(description="Maintenance windows and downtime budget, if any")
     percent: int = Field(description="Bytes copied of all members' disks, in percent")
+    waiting_for_approval: list[WaitingOut] = Field(
+        description="The plan's own switch or schedule, waiting for a second person now"
+    )
     members: list[PlanMemberOut]
 
 

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from . import broadcast
 from .audit import APPROVED, Refused, actor_name, audit, clean_reason, refuse, require_operator
 from .choices import Approvable, AuditAction, Outcome
 from .models import ApprovalRequest, ApprovalRule, FailbackSession
@@ -138,6 +139,50 @@ def hold(session, action, detail, **params):
     return True
 
 
+def hold_plan(plan, member, action, detail, **params):
+    """A plan's own moment (its automatic, scheduled or window switch): True when it must wait because the
+    action needs approval, for every failback or for the plan. Like ``hold``: the portal's request, made
+    once per plan and action, held by the plan's first live ``member`` and naming the plan; approved, the
+    plan's switch runs (``_run_portal_action``)."""
+    if running() is not None or not required(member, action):
+        return False
+    asked = ApprovalRequest.objects.filter(
+        session__plan_id=plan.pk, action=action, requested_by=None, params__plan_id=plan.pk
+    )
+    if not asked.exists():
+        try:
+            _ask(None, member, action, {"plan_id": plan.pk, "plan_name": plan.name, "detail": detail, **params},
+                 by_portal=True)  # fmt: skip
+        except Refused:  # made at the same moment by another run of this step
+            pass
+    return True
+
+
+def waiting(session, now=None):
+    """The requests about this session that wait for a second person now (the page and the API show them)."""
+    now = now or timezone.now()
+    rows = getattr(session, "pending_approvals", None)  # prefetched by the lists (api_render)
+    if rows is None:
+        rows = session.approvals.filter(status=Status.PENDING).select_related("requested_by")
+    return [r for r in rows if r.status == Status.PENDING and r.expires_at > now]
+
+
+def waiting_for_plan(members, plan, now=None):
+    """The plan's own requests (its switch or schedule) that wait now; they are held by a member."""
+    return [r for s in members for r in waiting(s, now) if r.params.get("plan_id") == plan.pk]
+
+
+def describe(request):
+    """One line for the page and the API: what waits, asked by whom, until when."""
+    who = "the portal" if request.requested_by_id is None else actor_name(request.requested_by)
+    plan = request.params.get("plan_name")
+    what = request.params.get("detail") or f"{request.get_action_display()}" + (f" on plan {plan}" if plan else "")
+    return (
+        f"{what}: waiting for approval (request #{request.pk}, asked by {who}, "
+        f"until {timezone.localtime(request.expires_at):%H:%M %Z})"
+    )
+
+
 def _ask(actor, session, action, params, by_portal=False):
     reason = params.get("reason", "")
     expires = timezone.now() + timedelta(minutes=settings.FAILBACK_APPROVAL_MINUTES)
@@ -161,6 +206,7 @@ def _ask(actor, session, action, params, by_portal=False):
                 ),
                 data={"request": request.pk, "action": action, "params": params, "expires_at": expires.isoformat()},
             )
+            broadcast.session_changed(session.pk)  # its page (and its plan's) says what waits
             return request
     except IntegrityError:
         waiting = ApprovalRequest.objects.filter(session=session, action=action, status=Status.PENDING).first()
@@ -225,11 +271,14 @@ def approve(actor, request_id, *, reason=""):
     try:
         with _run_as_approved(request):
             if request.requested_by_id is None:  # the portal's own moment, held for approval
-                _run_portal_action(request)
+                done = _run_portal_action(request)
             else:
                 service = ("plan:" if "plan_id" in request.params else "") + request.action
-                _services()[service](request.requested_by, request.session_id, **request.params)
+                done = _services()[service](request.requested_by, request.session_id, **request.params)
         request.result = "done"
+        if not done:  # refused without raising: the checks held an automatic switch back (its row says why)
+            request.status = Status.FAILED
+            request.result = "Approved, but not done: see the failback's audit trail (the pre-switch checks, say)."
     except Refused as refused:  # the session moved on meanwhile: the service's refusal is in the trail
         request.status, request.result = Status.FAILED, refused.message
     request.save(update_fields=["status", "result"])
@@ -242,12 +291,15 @@ def _run_portal_action(request):
 
     why = f"{request.params.get('detail', request.get_action_display())}, approved by {actor_name(request.decided_by)}"
     data = {k: v for k, v in request.params.items() if k != "detail"}
+    if "plan_id" in request.params:  # a plan's automatic, scheduled or window switch
+        from . import plans
+
+        return plans.switch_if_due(request.params["plan_id"], trigger=data.get("trigger", "auto"), reason=why)
     if request.action == Approvable.SWITCH:
-        workflow.begin_switch(request.session_id, actor=None, detail=why, data=data)
-    else:
-        workflow.transition(
-            request.session_id, request.action, detail=why, data=data, then=workflow.finalise(request.action)
-        )
+        return workflow.begin_switch(request.session_id, actor=None, detail=why, data=data)
+    return workflow.transition(
+        request.session_id, request.action, detail=why, data=data, then=workflow.finalise(request.action)
+    )
 
 
 def reject(actor, request_id, *, reason=""):

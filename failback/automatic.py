@@ -152,7 +152,7 @@ def switch_when_fits(session_id, now=None):
         return None
     data = session.prediction or {}
     fit = Fit(session.predicted_window_s, data.get("now"), data.get("convergence"), session.phase1_ended_at)
-    return _decide(session, session, now, fit, lambda window, detail, facts: _switch_session(session, detail, facts))
+    return _decide(session, session, now, fit, lambda window, moment, facts: _switch_session(session, moment, facts))
 
 
 def plan_switch_when_fits(plan_id, now=None):
@@ -170,8 +170,8 @@ def plan_switch_when_fits(plan_id, now=None):
     ready_at = max(s.phase1_ended_at or now for s in live)
     fit = Fit(windows.plan_predicted(plan, live), None, windows.plan_converging(live), ready_at)
 
-    def start(window, detail, facts):
-        return plans.switch_if_due(plan.pk, trigger="window", reason=detail)
+    def start(window, moment, facts):
+        return plans.switch_if_due(plan.pk, trigger="window", reason=moment)
 
     return _decide(plan, live[0], now, fit, start)
 
@@ -238,7 +238,7 @@ def _start_fitting(owner, now, current, key, facts, start):
         if budget is not None
         else "no downtime budget"
     )
-    started = start(current, f"Switch started {where}: {fit_text}", facts)
+    started = start(current, f"{where}: {fit_text}", facts)
     if started:
         windows.remember(owner, checked_at=now.isoformat(), met=key)
         return started
@@ -300,10 +300,12 @@ def _tell_missed(owner, session, now, fit, why_now):
         )
 
 
-def _switch_session(session, detail, facts):
-    if approvals.hold(session, "switch", detail, trigger="window"):
+def _switch_session(session, moment, facts):
+    if approvals.hold(session, "switch", f"Switch {moment}", trigger="window", **facts):
         return None
     try:
-        return begin_switch(session.pk, actor=None, detail=detail, data={"trigger": "window", **facts})
+        return begin_switch(
+            session.pk, actor=None, detail=f"Switch started {moment}", data={"trigger": "window", **facts}
+        )
     except Refused:
         return None  # someone switched or cancelled at the same moment: their action won, the refusal is audited

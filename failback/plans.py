@@ -246,6 +246,8 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
         return False
     if manual:
         approvals.gate_plan(actor, Approvable.SWITCH, plan, live[0], reason=reason)
+    elif approvals.hold_plan(plan, live[0], Approvable.SWITCH, _moment(plan, trigger, reason), trigger=trigger):
+        return False  # a second person approves the portal's moment first (its request says so, and is told)
     now = timezone.now()
     if FailbackPlan.objects.filter(pk=plan.pk, switch_started_at__isnull=True).update(switch_started_at=now) != 1:
         if manual:
@@ -267,7 +269,18 @@ def switch_if_due(plan_id, *, trigger="auto", actor=None, reason=""):
     return True
 
 
+def _moment(plan, trigger, reason):
+    """The portal's own moment, in words: what a request for approval of it says."""
+    if trigger == "scheduled" and plan.switch_at:
+        return f"Scheduled switch of plan {plan.name} due {plan.switch_at:%Y-%m-%d %H:%M:%S %Z}"
+    if trigger == "window":
+        return f"Switch of plan {plan.name} {reason or 'in a maintenance window'}"
+    return f"Automatic switch of plan {plan.name}: every member is Ready to switch"
+
+
 def _moment_came(plan):
+    if approvals.running_for_plan(plan) is not None:
+        return True  # the portal's moment came earlier and waited for approval; it is approved now
     if plan.switch_mode == SwitchMode.MANUAL or windows.gated(plan):
         return False  # manual, or waiting for a window where the downtime fits (automatic.plan_switch_when_fits)
     return plan.switch_mode != SwitchMode.SCHEDULED or bool(plan.switch_at and plan.switch_at <= timezone.now())
@@ -302,7 +315,7 @@ def _switch_members(plan, live, trigger, actor, now):
                 detail=f"Plan {plan.name} switch ({trigger})",
                 switch_started_at=now,
                 heartbeat_at=now,
-                data={"plan": plan.name, "trigger": trigger},
+                data={"plan": plan.name, "trigger": trigger, **_approved(plan)},
             )
         except Refused:
             pass  # audited; the others go on

@@ -3,7 +3,7 @@
 from django.db.models import Count
 from django.utils import timezone
 
-from . import actions, windows, workflow
+from . import actions, approvals, windows, workflow
 from .choices import REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
 from .forms import ReasonForm, ScheduleSwitchForm
 from .models import FailbackSession, Replica
@@ -60,6 +60,7 @@ def session_context(session, user, **extra):
         "reason_form": ReasonForm(),
         "now": timezone.now(),
         "fits": windows.session_summary(session),  # maintenance windows and budget, if any (windows.py)
+        "waiting": [approvals.describe(r) for r in approvals.waiting(session)],  # four eyes: what waits
         **extra,
     }
 
@@ -79,6 +80,7 @@ def plan_context(plan, user, **extra):
         "in_failback": any(s.status == SessionStatus.FAILBACK for s in members),
         "predicted": plan_prediction(plan, members),
         "fits": windows.plan_summary(plan, members),  # maintenance windows and budget, if any
+        "waiting": [approvals.describe(r) for r in approvals.waiting_for_plan(members, plan)],
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}),
         "reason_form": ReasonForm(),
         **extra,

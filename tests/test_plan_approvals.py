@@ -5,11 +5,14 @@ and the plan's action then runs as the requester's with both names in the plan's
 from datetime import timedelta
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 
 from failback import approvals, plans
 from failback.choices import Outcome, SessionStatus, SwitchMode
 from failback.models import ApprovalRequest, AuditEvent, FailbackPlan
+from failback.notifications import config
+from failback.notifications.models import Notification, NotificationEndpoint
 from failback.workflow import Refused
 
 from .conftest import make_user
@@ -64,3 +67,64 @@ def test_a_plans_schedule_switch_needs_approval_under_a_global_rule_and_the_api_
     row = AuditEvent.objects.get(action="schedule_plan_switch", outcome=Outcome.OK)
     assert row.actor_name == operator.username and row.data["approved_by"] == second.username
     plans.drop_plan_schedule(plan.pk)
+
+
+def test_a_plans_automatic_switch_waits_for_approval_says_so_and_runs_once_approved(lab, operator, second, admin_user):
+    config.save_endpoint(
+        admin_user,
+        NotificationEndpoint(
+            name="approvers", kind="email", addresses="leads@example.org", events=["approval_requested"]
+        ),
+    )
+    approvals.set_rule(admin_user, "switch")  # every failback, plans included
+    plan = plans.start_plan(
+        operator, name="auto four eyes", members=members(lab, NAMES[:2]), switch_mode=SwitchMode.AUTO
+    )
+    first = sessions_of(plan)[0]
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.READY_TO_SWITCH}  # held, not switched
+    (request,) = ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING)
+    assert request.requested_by is None and request.session_id == first.pk and request.params["plan_id"] == plan.pk
+    asked = AuditEvent.objects.get(action="request_approval")
+    assert asked.detail.startswith(f"Automatic switch of plan {plan.name}: every member is Ready to switch: waiting")
+    assert Notification.objects.filter(session=first, event="approval_requested").count() == 1
+    plans.switch_if_due(plan.pk)  # the moment comes again (another member's phase 1 ending): not asked twice
+    assert ApprovalRequest.objects.count() == 1
+
+    # The page and the API say what waits, and where to approve it.
+    client = Client()
+    client.force_login(operator)
+    page = client.get(f"/plans/{plan.pk}/").content.decode()
+    assert "waiting for approval (request #" in page and "asked by the portal" in page
+    shown = Api(token_for(operator)).get(f"/plans/{plan.pk}").json()["waiting_for_approval"]
+    assert [(w["id"], w["requested_by"]) for w in shown] == [(request.pk, None)]
+    member = Api(token_for(operator)).get(f"/sessions/{first.pk}").json()["waiting_for_approval"]
+    assert member[0]["text"].startswith(f"Automatic switch of plan {plan.name}")
+
+    assert approvals.approve(second, request.pk, reason="change board ok").status == ApprovalRequest.Status.DONE
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.FAILBACK}
+    row = AuditEvent.objects.get(action="switch_plan", outcome=Outcome.OK)
+    assert row.actor is None and row.data["approved_by"] == second.username and row.data["trigger"] == "auto"
+    for s in sessions_of(plan):  # each member's switch names the approver too
+        switched = AuditEvent.objects.get(session=s, action="switch", outcome=Outcome.OK)
+        assert switched.data["approved_by"] == second.username
+    assert "waiting for approval" not in client.get(f"/plans/{plan.pk}/").content.decode()
+
+
+def test_a_plans_scheduled_switch_waits_for_approval_under_the_plans_rule(lab, operator, second, admin_user):
+    plan = ready_plan(lab, operator, "scheduled wait")
+    approvals.set_rule(admin_user, "switch", plan=plan)
+    when = (timezone.now() + timedelta(hours=1)).replace(microsecond=0)
+    plans.schedule_switch(operator, plan.pk, when)  # Schedule switch itself needs no approval here
+    FailbackPlan.objects.filter(pk=plan.pk).update(switch_at=timezone.now() - timedelta(seconds=1))
+    plans.scheduled_switch_due(plan.pk)  # its moment came: it waits
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.READY_TO_SWITCH}
+    (request,) = ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING)
+    assert (
+        request.params["trigger"] == "scheduled"
+        and "Scheduled switch of plan scheduled wait due" in (request.params["detail"])
+    )
+    approvals.approve(operator, request.pk)  # the portal asked: any Operator may approve, the plan's starter too
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.FAILBACK}
+    row = AuditEvent.objects.get(action="switch_plan", outcome=Outcome.OK)
+    assert row.data["trigger"] == "scheduled" and row.data["approved_by"] == operator.username
+    assert "approved by olivia" in row.detail

@@ -4,6 +4,7 @@ On the real lab with inline workers. Time is moved by handing the readiness tick
 the moment it decides at, as the scheduler would call it then: no sleeping, no clock patched.
 """
 
+import re
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
@@ -66,14 +67,15 @@ def test_it_misses_a_window_the_budget_does_not_fit_then_switches_in_the_next(la
     assert automatic.switch_when_fits(session.pk, now=at(day1, "01:00")) is None  # before the window: nothing
     assert automatic.switch_when_fits(session.pk, now=at(day1, "02:30")) is None  # inside: it does not fit
     waiting = AuditEvent.objects.get(session=session, action="window_waiting")
-    assert "predicted 240 s against a budget of 120 s" in waiting.detail
+    # 240 s of guest shutdown, plus the final delta and power-on (a second or two on a busy machine)
+    assert re.search(r"predicted 24\d s against a budget of 120 s", waiting.detail), waiting.detail
     automatic.switch_when_fits(session.pk, now=at(day1, "02:31"))  # a second look inside says nothing new
     assert AuditEvent.objects.filter(session=session, action="window_waiting").count() == 1
 
     automatic.switch_when_fits(session.pk, now=at(day1, "05:00"))  # the window has passed
     missed = AuditEvent.objects.get(session=session, action="window_missed")
     assert missed.outcome == Outcome.INFO
-    assert "passed without the switch: predicted 240 s against a budget of 120 s" in missed.detail
+    assert re.search(r"passed without the switch: predicted 24\d s against a budget of 120 s", missed.detail)
     assert "guest shutdown 240 s" in missed.detail and f"Next window: {day2:%a %Y-%m-%d} 02:00" in missed.detail
     assert missed.data["budget_s"] == 120 and missed.data["next"]["start"] == at(day2, "02:00").isoformat()
     assert Notification.objects.filter(session=session, event="window_missed").count() == 1
