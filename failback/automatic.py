@@ -146,13 +146,28 @@ def switch_when_fits(session_id, now=None):
     without fitting is told (why, and the next one)."""
     now = now or timezone.now()
     session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
-    if session is None or session.plan_id or session.status != SessionStatus.READY_TO_SWITCH:
+    if session is None or session.plan_id or not windows.gated(session):
         return None
-    if not windows.gated(session):
+    if session.status in STILL_COPYING:  # no switch before phase 1 ends: a window that passes is told so
+        _tell_missed(session, session, now, Fit(None, None, None, None), None, copying=[session])
+        windows.remember(session, checked_at=now.isoformat())
+        return None
+    if session.status != SessionStatus.READY_TO_SWITCH:
         return None
     data = session.prediction or {}
     fit = Fit(session.predicted_window_s, data.get("now"), data.get("convergence"), session.phase1_ended_at)
     return _decide(session, session, now, fit, lambda window, moment, facts: _switch_session(session, moment, facts))
+
+
+STILL_COPYING = (SessionStatus.QUEUED, SessionStatus.PHASE1)
+
+
+def copying_with_windows():
+    """Failbacks still in phase 1 whose switch waits for a window: the readiness tick looks at them too, to
+    tell a window that passes before they can switch."""
+    return FailbackSession.objects.filter(status__in=STILL_COPYING, plan=None, switch_mode=SwitchMode.AUTO).values_list(
+        "pk", flat=True
+    )
 
 
 def plan_switch_when_fits(plan_id, now=None):
@@ -165,8 +180,12 @@ def plan_switch_when_fits(plan_id, now=None):
     live = [
         s for s in plan.sessions.select_related("replica").order_by("plan_order", "pk") if s.status not in OUT_OF_PLAY
     ]
-    if not live or any(s.status != SessionStatus.READY_TO_SWITCH for s in live):
-        return None  # phase 1 still runs somewhere: nothing to decide yet
+    if not live:
+        return None
+    if any(s.status != SessionStatus.READY_TO_SWITCH for s in live):  # phase 1 still runs somewhere
+        _tell_missed(plan, live[0], now, Fit(None, None, None, None), None, copying=live)
+        windows.remember(plan, checked_at=now.isoformat())
+        return None
     ready_at = max(s.phase1_ended_at or now for s in live)
     fit = Fit(windows.plan_predicted(plan, live), None, windows.plan_converging(live), ready_at)
 
@@ -181,7 +200,7 @@ class Fit:
     predicted: float | None  # seconds, the readiness job's latest figure
     forecast: dict | None  # its parts (prediction.predict)
     converging: dict | None  # writes outpacing the copy (windows.convergence)
-    ready_at: object  # since when the switch could have started: a window before that was not missed
+    ready_at: object  # since when the switch could have started (None: not yet): a window before passed in phase 1
 
 
 def _decide(owner, session, now, fit, start):
@@ -256,20 +275,27 @@ def _plan_of(owner):
     return {"plan": owner.name, "plan_id": owner.pk} if isinstance(owner, FailbackPlan) else {}
 
 
-def _tell_missed(owner, session, now, fit, why_now):
-    """Every window that closed since the last look, while the switch could have started, without it: why
-    (the reason seen inside it, else the current one), and which window comes next. Told once each."""
+def _tell_missed(owner, session, now, fit, why_now, copying=None):
+    """Every window that closed since the last look without the switch: why (the reason seen inside it, else
+    the current one; or that phase 1 had not ended, with how much it had copied: ``copying`` are the members
+    still in phase 1), and which window comes next. Told once each."""
     rules, budget = owner.switch_windows or [], owner.downtime_budget_s
     state = owner.window_state or {}
-    seen = [parse_datetime(v) for v in (state.get("checked_at"), state.get("since")) if v] + [fit.ready_at]
-    after = max(t for t in seen if t is not None) if any(seen) else now
+    seen = [parse_datetime(v) for v in (state.get("checked_at"), state.get("since")) if v]
+    after = max(seen) if seen else (fit.ready_at or now)
     missed = [o for o in windows.occurrences(rules, after, now) if after < o.end <= now and o.key != state.get("met")]
     for occurrence in missed:
-        why = (
-            state.get("why", {}).get(occurrence.key)
-            or why_now
-            or "the portal did not look inside it (no readiness tick)"
-        )
+        in_phase1 = fit.ready_at is None or occurrence.end <= fit.ready_at
+        if in_phase1:
+            why = _phase1_why(copying, fit.ready_at)
+            passed = f"passed during phase 1 ({why})"
+        else:
+            why = (
+                state.get("why", {}).get(occurrence.key)
+                or why_now
+                or "the portal did not look inside it (no readiness tick)"
+            )
+            passed = f"passed without the switch: {why}"
         coming = windows.next_window(rules, now)
         then = (
             f"Next window: {coming.label}."
@@ -283,10 +309,11 @@ def _tell_missed(owner, session, now, fit, why_now):
                 session=session,
                 from_state=session.status,
                 to_state=session.status,
-                detail=f"Maintenance window {occurrence.label} passed without the switch: {why}. {then}",
+                detail=f"Maintenance window {occurrence.label} {passed}. {then}",
                 data={
                     "window": occurrence.as_dict(),
                     "why": why,
+                    "during_phase1": in_phase1,
                     "predicted_s": fit.predicted,
                     "budget_s": budget,
                     "convergence": fit.converging,
@@ -298,6 +325,19 @@ def _tell_missed(owner, session, now, fit, why_now):
             owner,
             last_missed={"window": occurrence.as_dict(), "why": why, "next": coming.as_dict() if coming else None},
         )
+
+
+def _phase1_why(copying, ready_at):
+    """Why a window passed without a switch while phase 1 ran: how far the copy had come."""
+    if ready_at is not None:  # phase 1 ended since the last look, after the window closed
+        return f"the switch could not start before phase 1 ended at {timezone.localtime(ready_at):%H:%M %Z}"
+    percent = FailbackPlan.summary(copying)["percent"]
+    text = f"{percent} % copied; the switch cannot start before phase 1 ends"
+    members = [s for s in copying if s.plan_id]
+    if members:
+        ready = sum(s.status == SessionStatus.READY_TO_SWITCH for s in members)
+        text = f"{percent} % copied, {ready} of {len(members)} members Ready to switch; the plan switches when all are"
+    return text
 
 
 def _switch_session(session, moment, facts):

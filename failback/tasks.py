@@ -43,6 +43,8 @@ def readiness():
     for session_id in FailbackSession.objects.filter(status=SessionStatus.READY_TO_SWITCH).values_list("pk", flat=True):
         jobs.run_readiness(session_id)
         automatic.switch_when_fits(session_id)  # a session waiting for a window where its downtime fits
+    for session_id in automatic.copying_with_windows():
+        automatic.switch_when_fits(session_id)  # a window that passes during phase 1 is told
     for plan_id in FailbackPlan.objects.filter(switch_started_at=None, switch_mode=SwitchMode.AUTO).values_list(
         "pk", flat=True
     ):

@@ -260,3 +260,69 @@ def test_a_fitting_switch_held_back_by_the_checks_is_retried_then_told_missed(la
     missed = AuditEvent.objects.get(session=session, action="window_missed")
     assert "pre-switch checks or an approval held the switch back" in missed.detail
     assert "No window is left" in missed.detail and missed.data["next"] is None
+
+
+def test_a_window_that_passes_during_phase1_is_told_with_how_far_the_copy_came(lab, operator, told, monkeypatch):
+    import threading
+
+    from django_q.conf import Conf
+
+    from failback import workflow
+
+    from .conftest import wait_for
+    from .test_cancel_policy_checks import big_replica
+
+    replica, _ = big_replica(lab)
+    monkeypatch.setattr(Conf, "SYNC", False)  # queued, not run: this test plays the worker itself
+    session = start(operator, replica, bandwidth_mbps=1)  # 1 MB/s: phase 1 still runs when the window ends
+    day = timezone.now().date() + timedelta(days=2)
+    rules = [one_off(day, "02:00", "04:00"), one_off(day + timedelta(days=1), "02:00", "04:00")]
+    windows.set_session_rules(operator, session.pk, windows=rules, budget_s=600)
+    worker = threading.Thread(target=jobs.run_phase1, args=(session.pk,))
+    worker.start()
+    try:
+        wait_for(lambda: session.disks.filter(bytes_done__gt=0).exists(), what="phase 1 copying")
+        monkeypatch.setattr(Conf, "SYNC", True)  # what is told is routed inline; the cancel step runs inline too
+        assert session.pk in automatic.copying_with_windows()  # the readiness tick looks at it too
+        automatic.switch_when_fits(session.pk, now=at(day, "03:00"))  # inside, but phase 1 runs: nothing to say
+        assert not AuditEvent.objects.filter(session=session, action="window_missed").exists()
+        automatic.switch_when_fits(session.pk, now=at(day, "04:30"))
+        missed = AuditEvent.objects.get(session=session, action="window_missed")
+        assert re.search(
+            r"02:00–04:00 UTC passed during phase 1 \(\d+ % copied; the switch cannot start", missed.detail
+        )
+        assert f"Next window: {day + timedelta(days=1):%a %Y-%m-%d} 02:00" in missed.detail
+        assert (
+            missed.data["during_phase1"]
+            and missed.data["next"]["start"] == at(day + timedelta(days=1), "02:00").isoformat()
+        )
+        assert Notification.objects.filter(session=session, event="window_missed").count() == 1
+        assert any("Maintenance window missed" in m.subject for m in told)
+        automatic.switch_when_fits(session.pk, now=at(day, "04:31"))
+        assert AuditEvent.objects.filter(session=session, action="window_missed").count() == 1  # told once
+        shown = FailbackSession.objects.get(pk=session.pk).window_state["last_missed"]  # the page's "Last missed"
+        assert "% copied" in shown["why"] and shown["next"] is not None
+    finally:
+        monkeypatch.setattr(Conf, "SYNC", True)  # the cancel step waits for the copy to let go
+        workflow.cancel(operator, session.pk, reason="end of test")
+        worker.join(30)
+
+
+def test_a_plans_window_that_passes_before_its_members_are_ready_is_told(lab, operator, told, monkeypatch):
+    from django_q.conf import Conf
+
+    from failback import plans
+
+    from .test_plans import NAMES, members
+
+    monkeypatch.setattr(Conf, "SYNC", False)  # phase 1 queued, not run: every member is still copying
+    plan = plans.start_plan(operator, name="wave-copying", members=members(lab, NAMES[:2]))
+    day = timezone.now().date() + timedelta(days=2)
+    windows.set_plan_rules(operator, plan.pk, windows=[one_off(day, "02:00", "04:00")], budget_s=60)
+    automatic.plan_switch_when_fits(plan.pk, now=at(day, "04:30"))
+    missed = AuditEvent.objects.get(action="window_missed")
+    assert missed.session_id == plan.sessions.order_by("plan_order").first().pk and missed.data["plan"] == plan.name
+    assert "passed during phase 1 (0 % copied, 0 of 2 members Ready to switch; the plan switches when all are)" in (
+        missed.detail
+    )
+    assert "No window is left" in missed.detail
