@@ -286,20 +286,17 @@ def copy_rate(session):
 
 
 def convergence(session, forecast, now):
-    """Writes outpacing the copy: the bytes changed on the replica (change tracking) since the production
-    disks were last brought up to date (phase 1's start, or the last catch-up), per second, against the copy
-    rate. None when they do not, or when nothing says (no tracking, too little change, no rate)."""
-    since = session.catchup_at or session.phase1_started_at
+    """Writes outpacing the copy: the bytes changed on the replica per second, against the copy rate. None when
+    they do not, or when nothing says (too little change, no rate). A change-tracked disk's rate is its
+    changed bytes since the production disks were last brought up to date (phase 1's start, or the last
+    catch-up), over the time since; a digest disk's is what its last catch-up pass found changed, over the time
+    since the pass before it began (``disk_rates``)."""
     copy_bps, basis = copy_rate(session)
-    if since is None or not copy_bps:
+    if not copy_bps:
         return None
-    elapsed = max((now - since).total_seconds(), 1.0)
-    disks = sorted(
-        (d for d in forecast.get("disks", []) if d.get("method") == "tracked" and d.get("pending_bytes")),
-        key=lambda d: -d["pending_bytes"],
-    )
-    written = sum(d["pending_bytes"] for d in disks)
-    write_bps = written / elapsed
+    disks = sorted(disk_rates(session, forecast, now), key=lambda d: -d["write_bps"])
+    written = sum(d["changed_bytes"] for d in disks)
+    write_bps = sum(d["write_bps"] for d in disks)
     if written < MIN_PENDING_BYTES or write_bps < copy_bps:
         return None
     names = [d["disk"] for d in disks]
@@ -307,12 +304,41 @@ def convergence(session, forecast, now):
         "write_bps": round(write_bps),
         "copy_bps": round(copy_bps),
         "copy_basis": basis,
-        "since": since.isoformat(),
+        "since": min(d["since"] for d in disks),
         "changed_bytes": written,
-        "disks": [{"disk": d["disk"], "write_bps": round(d["pending_bytes"] / elapsed)} for d in disks],
+        "disks": [{**d, "write_bps": round(d["write_bps"])} for d in disks],
         "text": f"the write rate on disk{'s' if len(names) > 1 else ''} {', '.join(names)} ({_rate(write_bps)}) is "
         f"outpacing the copy rate ({_rate(copy_bps)}, {basis}): the delta will not shrink",
     }
+
+
+def disk_rates(session, forecast, now):
+    """Each disk's measured write rate: its changed bytes, over how long, and how that was measured."""
+    since = session.catchup_at or session.phase1_started_at
+    last = (session.prediction or {}).get("catchup") or {}
+    out = []
+    for d in forecast.get("disks", []):
+        key = d["disk"]
+        if d.get("method") == "tracked" and d.get("pending_bytes") and since is not None:
+            seconds, changed, start = max((now - since).total_seconds(), 1.0), d["pending_bytes"], since
+            how = "change tracking"
+        elif d.get("method") == "digest" and last.get("methods", {}).get(key) == "digest" and last["written"].get(key):
+            start = datetime.fromisoformat(last["since"])
+            seconds = max((datetime.fromisoformat(last["started_at"]) - start).total_seconds(), 1.0)
+            changed = last["written"][key]
+            pass_s = (
+                datetime.fromisoformat(last["ended_at"]) - datetime.fromisoformat(last["started_at"])
+            ).total_seconds()
+            how = (
+                f"the last digest catch-up: {changed / 2**20:.1f} MiB changed in {seconds:.0f} s, a {pass_s:.0f} s pass"
+            )
+        else:
+            continue
+        out.append(
+            {"disk": key, "method": d["method"], "changed_bytes": changed, "seconds": round(seconds, 1),
+             "since": start.isoformat(), "write_bps": changed / seconds, "measured_by": how}
+        )  # fmt: skip
+    return out
 
 
 def warn_convergence(session, found):

@@ -148,6 +148,33 @@ def test_it_warns_when_a_vm_is_written_faster_than_the_copy(bigger_lab, operator
     assert api_render.fresh_session(session.pk)["convergence"]["text"] == found["text"]
 
 
+def test_it_warns_when_a_vm_without_change_tracking_is_written_faster_than_the_copy(bigger_lab, operator, told):
+    lab = bigger_lab
+    replica = max(FailbackSession.replica.field.related_model.objects.all(), key=lambda r: r.disks.count())
+    lab.set_vm_options(replica.vm_id, workload=False, cbt=False)  # no change tracking: digest deltas
+    session = start(operator, replica)
+    FailbackSession.objects.filter(pk=session.pk).update(bandwidth_mbps=1)  # the link is limited to 1 MB/s now
+    jobs.run_readiness(session.pk, catch_up=True)  # a first catch-up pass: nothing changed, nothing said
+    session = FailbackSession.objects.get(pk=session.pk)
+    assert set(session.prediction["catchup"]["methods"].values()) == {"digest"}
+    assert session.prediction["convergence"] is None
+
+    disk = replica.disks.order_by("key").last()  # the guest writes 32 MiB, then the next pass finds them
+    for offset in range(0, 32 * MiB, MiB):
+        lab.guest_write(replica.vm_id, disk.key, offset, bytes([offset // MiB + 1]) * MiB)
+    jobs.run_readiness(session.pk, catch_up=True)
+    session = FailbackSession.objects.get(pk=session.pk)
+    found = session.prediction["convergence"]
+    (measured,) = found["disks"]
+    assert measured["disk"] == disk.key and measured["method"] == "digest" and measured["changed_bytes"] >= 32 * MiB
+    assert measured["measured_by"].startswith("the last digest catch-up: 32.0 MiB changed in")
+    assert found["write_bps"] > found["copy_bps"] == 1_000_000  # the session's 1 MB/s limit
+    assert f"the write rate on disk {disk.key}" in found["text"]
+    warning = AuditEvent.objects.get(session=session, action="convergence_warning")
+    assert found["text"] in warning.detail
+    assert Notification.objects.filter(session=session, event="convergence").count() == 1
+
+
 def test_it_refuses_bad_windows_and_budgets_with_a_clear_reason(lab, operator):
     session = start(operator, replica_named("web-01"))
     tomorrow = timezone.now().date() + timedelta(days=1)

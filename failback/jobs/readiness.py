@@ -26,15 +26,30 @@ def _catch_up(run, session, hv):
     up to FAILBACK_DISK_THREADS disks at once (jobs/disks.py), the platform asked here beforehand."""
     if _network(hv):
         return None  # network transport resends whole disks: a catch-up would not shrink the window
-    report = []
+    report, methods = [], {}
     disks = list(session.disks.all())
+    started = timezone.now()
     with disk_ends(hv, session, disks) as ends:
-        written = _catch_up_disks(run, session, hv, disks, ends, report)
+        written = _catch_up_disks(run, session, hv, disks, ends, report, methods)
     if written is None:
         return None
     report.sort()  # disks finish in any order; the row reads in disk order
+    ended = timezone.now()
+    previous = (session.prediction or {}).get("catchup") or {}
+    # What the pass measured: the bytes found changed per disk since the previous pass began (or phase 1),
+    # which gives a digest disk's write rate (windows.convergence); change tracking needs none of it.
+    measured = {
+        "since": previous.get("started_at") or (session.phase1_started_at or started).isoformat(),
+        "started_at": started.isoformat(),
+        "ended_at": ended.isoformat(),
+        "written": written,
+        "methods": methods,
+    }
     _save(
-        session, run, catchup_at=timezone.now(), prediction={**(session.prediction or {}), "catchup_written": written}
+        session,
+        run,
+        catchup_at=ended,
+        prediction={**(session.prediction or {}), "catchup_written": written, "catchup": measured},
     )
     _note(
         session,
@@ -47,8 +62,9 @@ def _catch_up(run, session, hv):
     return written
 
 
-def _catch_up_disks(run, session, hv, disks, ends, report):
-    """Each disk's catch-up delta on the pool: bytes written per disk, or None when cancelled."""
+def _catch_up_disks(run, session, hv, disks, ends, report, methods):
+    """Each disk's catch-up delta on the pool: bytes written per disk (``methods``: tracked or digest), or
+    None when cancelled."""
     cancel = threading.Event()
     written, items = {}, []
     for disk in disks:
@@ -64,6 +80,7 @@ def _catch_up_disks(run, session, hv, disks, ends, report):
         def done(result, disk=disk, new_id=new_id, extents=extents):
             _save(disk, run, change_id=new_id or "")
             written[disk.key] = result.bytes_written
+            methods[disk.key] = "digest" if extents is None else "tracked"
             report.append(f"{disk.key}: {_size(result.bytes_written)} ({'digest' if extents is None else 'tracked'})")
 
         items.append(
