@@ -63,6 +63,39 @@ def describe(plan, session=None):
     return "guest ready (VMware Tools heartbeat / lab guest state)"
 
 
+def waiting_on(plan, members, now=None):
+    """While the plan's switch waits at the gate: whose guest, for which next member, since when (what the
+    plan's page shows). Read from the members' rows: the last member up on production with no gate row yet,
+    and the next one switching with its replica not stopped yet. None otherwise."""
+    if not plan.guest_gate or plan.switch_started_at is None:
+        return None
+    switching = [s for s in members if s.switch_started_at is not None]
+    for before, after in zip(switching, switching[1:], strict=False):
+        if (
+            after.status == SessionStatus.SWITCHING
+            and after.replica_stop_started_at is None
+            and before.status == SessionStatus.FAILBACK
+            and before.phase2_ended_at is not None
+        ):
+            if before.events.filter(action=AuditAction.GUEST_GATE).exists():
+                return None  # met: the power-on delay, if any, then the next member's switch
+            since = before.phase2_ended_at
+            waited = ((now or timezone.now()) - since).total_seconds()
+            return {
+                "member": before,
+                "next": after,
+                "since": since,
+                "waited_s": max(0.0, waited),
+                "timeout_s": plan.guest_gate_timeout_s,
+                "gate": describe(plan, before),
+                "text": f"Waiting for {before.vm_name}'s guest before {after.vm_name} switches: "
+                f"{describe(plan, before)}, since {timezone.localtime(since):%H:%M:%S}, at most "
+                f"{plan.guest_gate_timeout_s} s; "
+                "if it is not ready by then, the rest of the plan stops and their replicas keep running",
+            }
+    return None
+
+
 def _ready(plan, session, hv):
     if plan.guest_gate == GuestGate.TCP:
         return tcp_open(*parse_address(plan.guest_gate_address.replace("{vm}", session.vm_name)))

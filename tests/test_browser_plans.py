@@ -5,7 +5,7 @@ from django.conf import settings
 
 from failback.choices import ReplicaState, SessionStatus
 from failback.hypervisors.lab import LabHypervisor
-from failback.models import FailbackPlan, FailbackSession, Replica
+from failback.models import AuditEvent, FailbackPlan, FailbackSession, Replica
 
 from .browser_support import browser, login, page, portal  # noqa: F401
 
@@ -65,3 +65,48 @@ def test_it_fails_back_a_plan_of_three_replicas_in_boot_order_and_commits_it(pag
     for before, after in zip(sessions, sessions[1:], strict=False):
         assert before.phase1_ended_at <= after.phase1_started_at  # one at a time, in order
         assert (after.production_on_at - before.production_on_at).total_seconds() >= 1  # powered on in order, 1 s apart
+
+
+@pytest.mark.beyond
+def test_the_plan_page_shows_the_switch_waiting_for_a_members_guest(page, portal):  # noqa: F811 (fixtures)
+    from failback import plans
+    from failback.choices import GuestGate
+
+    from .helpers import network_map
+
+    lab = LabHypervisor(settings.LAB_ROOT)
+    first, second = Replica.objects.get(name="app-crm-01_replica"), Replica.objects.get(name="web-01_replica")
+    lab.set_vm_options(first.vm_id, tools_installed=True, boot_seconds=8, shutdown_seconds=0.2, shutdown_hangs=False)
+    lab.set_vm_options(second.vm_id, shutdown_seconds=0.2, shutdown_hangs=False)
+    plan = plans.start_plan(
+        portal.users["olivia"],
+        name="gated wave",
+        members=[
+            {
+                "replica_id": r.pk,
+                "vm_name": f"{r.source_name}-prod",
+                "target_host": "esx-prod-01",
+                "target_datastore": "prod-ds-01",
+                "network_map": network_map(r),
+            }
+            for r in (first, second)
+        ],
+        guest_gate=GuestGate.GUEST,
+        guest_gate_timeout_s=120,
+    )
+    login(page, "olivia")
+    page.goto(f"/plans/{plan.pk}/")
+    members = page.locator("#plan-members")
+    expect(members).to_contain_text("2 Ready to switch", timeout=LONG)
+    page.get_by_role("button", name="Switch now").click()
+    # The first member is up on production; its guest boots for 8 s, and the second waits for it.
+    gate = page.locator("#guest-gate")
+    expect(gate).to_contain_text(
+        f"Waiting for {first.source_name}-prod's guest before {second.source_name}-prod switches: guest ready",
+        timeout=LONG,
+    )
+    expect(gate).to_contain_text("at most 120 s")
+    expect(members).to_contain_text("2 Failback", timeout=LONG)
+    expect(gate).to_have_count(0)
+    (row,) = AuditEvent.objects.filter(action="guest_gate", session__plan=plan)
+    assert row.outcome == "ok" and row.data["waited_s"] >= 8  # the lab guest's boot time
