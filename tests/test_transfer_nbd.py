@@ -19,7 +19,7 @@ import pytest
 
 from failback.transfer import delta_copy, disk_digest, full_copy, verify_changes, verify_target
 from failback.transfer.blockio import opened
-from failback.transfer.nbd import NbdError
+from failback.transfer.nbd import READ_REQUEST, NbdError
 from failback.transfer.sparse import data_extents
 
 from .nbd_support import NbdServer, make_certificates, require_nbd, served
@@ -150,6 +150,29 @@ def test_a_unix_socket_export_and_a_local_file_mix(disk, tmp_path) -> None:
         result = full_copy(str(src), d.uri, state_dir=str(state))  # a local file into an export
     assert dst.read_bytes() == src.read_bytes() and result.bytes_written == 3 * MiB
     assert inside(extents(dst), extents(src))
+
+
+def test_reads_land_in_the_callers_buffer_across_requests_and_stop_at_the_end(tmp_path) -> None:
+    """preadv reads into the caller's memory with several requests in flight: the bytes are the
+    file's, the buffer past the export's end is untouched, and a server gone is a clear NbdError."""
+    require_nbd()
+    path = tmp_path / "disk.img"
+    size = 3 * READ_REQUEST + 12 * KiB  # several requests and a short last one
+    path.write_bytes(rand(size, 9))
+    server = NbdServer(str(path), readonly=True, workdir=str(tmp_path)).start()
+    try:
+        with opened(server.uri, os.O_RDONLY) as d:
+            buf = bytearray(b"\xee" * (size + 64 * KiB))
+            view = memoryview(buf)
+            assert d.preadv(view[4 * KiB :], 0) == size
+            assert buf[4 * KiB : 4 * KiB + size] == path.read_bytes()
+            assert buf[: 4 * KiB] == b"\xee" * (4 * KiB) and buf[4 * KiB + size :] == b"\xee" * (60 * KiB)
+            assert d.preadv(view[: 8 * KiB], size - 4 * KiB) == 4 * KiB
+            server.kill()
+            with pytest.raises(NbdError, match=r"nbd\+unix://.*: NBD read at offset 0 failed"):
+                d.preadv(view, 0)
+    finally:
+        server.stop()
 
 
 def test_a_killed_copy_resumes_from_its_checkpoint_and_is_identical(disk, certs, tmp_path) -> None:

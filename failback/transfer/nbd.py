@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
 MAX_REQUEST = 32 << 20  # NBD servers refuse larger requests (libnbd caps at 64 MiB)
+READ_REQUEST = 1 << 20  # a read is cut into requests of this size, all in flight (nbdkit serves them on its threads)
 STATUS_SPAN = 1 << 30  # block status asked for at most this much at a time
 MISSING = (
     "the NBD transport needs libnbd's Python binding, which is not importable from this Python: "
@@ -153,6 +154,7 @@ class NbdDisk:
         h = nbd.NBD()
         h.add_meta_context("base:allocation")
         h.set_uri_allow_local_file(True)  # the URI comes from the portal's settings: its key files are ours
+        h.set_pread_initialize(False)  # reads land in the engine's buffers, which a failed read never leaves
         try:
             h.connect_uri(self.uri)
         except nbd.Error as exc:
@@ -182,16 +184,18 @@ class NbdDisk:
     # ---- the file operations the engine uses
 
     def preadv(self, view: memoryview, offset: int) -> int:
-        """Fill view with the bytes at offset (a short read only at the end of the export)."""
+        """Fill view with the bytes at offset (a short read only at the end of the export). The
+        server's data lands in view itself (no bytes object per request, no copy), in requests of
+        READ_REQUEST all in flight at once."""
         n = min(len(view), max(0, self.size - offset))
-        h, done = self._handle(), 0
-        while done < n:
-            k = min(MAX_REQUEST, n - done)
-            try:
-                view[done : done + k] = h.pread(k, offset + done)
-            except self._nbd.Error as exc:
-                raise self._fail("read", offset + done, exc) from exc
-            done += k
+        h, cookies = self._handle(), []
+        try:
+            for a in range(0, n, READ_REQUEST):
+                b = min(n, a + READ_REQUEST)
+                cookies.append((h.aio_pread(view[a:b], offset + a), offset + a))
+        except self._nbd.Error as exc:
+            self._settle(h, "read", offset, cookies, exc)
+        self._settle(h, "read", offset, cookies)
         return n
 
     def pread(self, n: int, offset: int) -> bytes:
@@ -213,23 +217,37 @@ class NbdDisk:
     def pwrite_many(self, view: memoryview, base: int, runs: list[tuple[int, int]]) -> int:
         """Write view[x:y] at base+x for each run, all requests in flight at once (one round trip for
         the lot, not one per run); returns the bytes written. The view must not change meanwhile."""
-        h, cookies, total = self._handle(), [], 0
+        h, cookies, total, first = self._handle(), [], 0, base + (runs[0][0] if runs else 0)
         try:
             for x, y in runs:
                 for a in range(x, y, MAX_REQUEST):
                     b = min(y, a + MAX_REQUEST)
                     cookies.append((h.aio_pwrite(view[a:b], base + a), base + a))
                     total += b - a
+        except self._nbd.Error as exc:
+            self._settle(h, "write", first, cookies, exc)
+        self._settle(h, "write", first, cookies)
+        return total
+
+    def _settle(
+        self, h: Any, what: str, first: int, cookies: list[tuple[int, int]], failed: Exception | None = None
+    ) -> None:
+        """Wait until no request is in flight on h (the caller's buffer is then its own again), then
+        raise: the connection's error (``failed``: issuing a request failed; or the wait did), named
+        by the call's first offset, else the first failed request's, named by its own. The requests
+        are (cookie, offset)."""
+        try:
             while h.aio_in_flight() > 0:
                 h.poll(-1)
-            for cookie, offset in cookies:
-                try:
-                    h.aio_command_completed(cookie)
-                except self._nbd.Error as exc:
-                    raise self._fail("write", offset, exc) from exc
-        except self._nbd.Error as exc:
-            raise self._fail("write", base + (runs[0][0] if runs else 0), exc) from exc
-        return total
+        except self._nbd.Error as exc:  # the connection died: nothing more will land in the buffer
+            failed = failed or exc
+        if failed is not None:
+            raise self._fail(what, first, failed) from failed
+        for cookie, at in cookies:
+            try:
+                h.aio_command_completed(cookie)
+            except self._nbd.Error as exc:
+                raise self._fail(what, at, exc) from exc
 
     def zero(self, offset: int, length: int) -> bool:
         """Make [offset, offset+length) read as zeros, letting the server deallocate it. False when the
