@@ -24,7 +24,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security import HttpBearer
 
-from . import actions, approvals, plans, tokens, windows, workflow
+from . import actions, approvals, hooks, plans, tokens, windows, workflow
 from . import api_render as render
 from .api_approvals import ApprovalOut
 from .api_approvals import out as approval_out
@@ -35,6 +35,7 @@ from .api_schemas import (
     AuditPage,
     CancelIn,
     Error,
+    HooksOut,
     PlanOut,
     PlanPage,
     ReasonIn,
@@ -300,7 +301,7 @@ def list_sessions(
     sessions, _ = filtered_sessions(
         {"status": status or "", "replica": str(replica or ""), "plan": str(plan or "")}
     )  # typed and bounded above
-    return _page(sessions.prefetch_related("disks"), limit, offset, render.sessions)
+    return _page(sessions.prefetch_related("disks", render.pending_approvals()), limit, offset, render.sessions)
 
 
 @api.get(
@@ -323,6 +324,32 @@ def get_evidence(request, session_id: PathId):
     return evidence_response(
         _one(FailbackSession.objects.select_related("replica", "started_by", "plan"), session_id, "failback")
     )
+
+
+@api.get(
+    "/hooks",
+    response={200: HooksOut, 401: Error, 409: Error},
+    tags=["hooks"],
+    summary="The hooks a failback may name (the allow-list), and the points they run at",
+)
+def list_hooks(request):
+    try:
+        allowed = hooks.allowed()
+    except hooks.HookConfigError as exc:
+        raise HttpError(409, f"The hooks allow-list cannot be used: {exc}.") from None
+    return {
+        "points": hooks.POINTS,
+        "hooks": [
+            {
+                "name": h.name,
+                "timeout_s": h.timeout_s,
+                "on_error": h.on_error,
+                "default_points": list(h.default_points),
+                "replicas": list(h.replicas),
+            }
+            for h in allowed.values()
+        ],
+    }
 
 
 @api.get("/plans", response={200: PlanPage, **READ}, tags=["plans"], summary="List failback plans, newest first")

@@ -8,10 +8,12 @@ from datetime import datetime
 from typing import Annotated
 
 from ninja import Field, Path, Router, Schema
+from ninja.errors import HttpError
 
 from . import approvals
 from .api_schemas import DB_INT_MAX, Error, Reason, ValidationProblem
-from .models import ApprovalRequest
+from .choices import Approvable
+from .models import ApprovalRequest, ApprovalRule, FailbackPlan
 
 RequestId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An approval request's id")]
 DECIDE = {401: Error, 403: Error, 400: Error, 409: Error, 413: Error, 422: ValidationProblem}
@@ -55,7 +57,57 @@ def out(request, detail=""):
     }
 
 
+class RuleOut(Schema):
+    action: Approvable = Field(description="The action that needs a second person's approval")
+    plan_id: int | None = Field(description="null: on every failback; else only on this plan's members and switch")
+    plan_name: str | None
+    created_by: str
+    created_at: datetime
+
+
+class RuleIn(Schema):
+    action: Approvable
+    required: bool = Field(default=True, description="false stops requiring it")
+    plan_id: int | None = Field(default=None, ge=1, le=DB_INT_MAX, description="null: every failback")
+
+
+def rules_out():
+    rows = ApprovalRule.objects.select_related("plan", "created_by").order_by("action", "plan_id")
+    return [
+        {
+            "action": r.action,
+            "plan_id": r.plan_id,
+            "plan_name": r.plan.name if r.plan_id else None,
+            "created_by": r.created_by.get_username(),
+            "created_at": r.created_at,
+        }
+        for r in rows
+    ]
+
+
 router = Router(tags=["approvals"])
+
+
+@router.get(
+    "/rules", response={200: list[RuleOut], 401: Error}, summary="Which actions need a second person's approval"
+)
+def list_rules(request):
+    return rules_out()
+
+
+@router.post(
+    "/rules",
+    response={200: list[RuleOut], 404: Error, **DECIDE},
+    summary="Require (or stop requiring) approval for an action, on every failback or one plan (Administrators)",
+)
+def set_rule(request, body: RuleIn):
+    plan = None
+    if body.plan_id is not None:
+        plan = FailbackPlan.objects.filter(pk=body.plan_id).first()
+        if plan is None:
+            raise HttpError(404, f"There is no plan #{body.plan_id}.")
+    approvals.set_rule(request.auth, body.action, required=body.required, plan=plan)
+    return rules_out()
 
 
 @router.get(

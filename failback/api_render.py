@@ -114,19 +114,21 @@ def plans(rows):
     return out
 
 
-def _pending():
+def pending_approvals():
     rows = ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING).select_related("requested_by")
     return Prefetch("approvals", queryset=rows, to_attr="pending_approvals")
 
 
 def session_rows():
-    return FailbackSession.objects.select_related("replica", "started_by").prefetch_related("disks", _pending())
+    return FailbackSession.objects.select_related("replica", "started_by").prefetch_related(
+        "disks", pending_approvals()
+    )
 
 
 def plan_rows():
     members = (
         FailbackSession.objects.select_related("replica")
-        .prefetch_related("disks", _pending())
+        .prefetch_related("disks", pending_approvals())
         .order_by("plan_order", "pk")
     )
     return FailbackPlan.objects.select_related("created_by").prefetch_related(Prefetch("sessions", queryset=members))

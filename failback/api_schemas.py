@@ -507,3 +507,16 @@ class ConnectionTestOut(Schema):
 class PairIn(Schema):
     vm_id: Text(100, 1) = Field(description="The VM's managed object id in vCenter (vm-42)")
     source_name: Text(200, 1) = Field(description="The workload it is the replica of")
+
+
+class HookOut(Schema):
+    name: str = Field(description="What a failback's or plan's hooks field names, at a point")
+    timeout_s: int
+    on_error: Literal["fail", "continue"] = Field(description="fail: the step fails (before phase 1 or the switch)")
+    default_points: list[str] = Field(description="Where it runs by default, for the replicas below")
+    replicas: list[str] = Field(description="Glob patterns of the replicas that get it by default")
+
+
+class HooksOut(Schema):
+    points: dict[str, str] = Field(description="The points a hook can run at, and when each is")
+    hooks: list[HookOut] = Field(description="The Administrator's allow-list (FAILBACK_HOOKS_FILE); commands not shown")

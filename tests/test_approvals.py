@@ -236,3 +236,24 @@ def test_a_request_tells_the_people_who_can_approve_it(lab, operator, admin_user
     assert mail["event"] == "approval_requested"
     assert f"Approval needed: commit of failback #{session.pk}" in mail["subject"]
     assert f"request #{asked.value.request.pk}" in mail["subject"] and "CHG-3" in mail["body"]
+
+
+def test_an_administrator_sets_the_rules_through_the_api_and_an_operator_may_not(lab, operator, admin_user):
+    admin, other = token_for(admin_user), token_for(operator)
+
+    def post(token, body):
+        return Client().post(f"{API}/approvals/rules", body, content_type="application/json", **bearer(token))
+
+    denied = post(other, {"action": "commit"})
+    assert denied.status_code == 403 and "Administrator role" in denied.json()["detail"]
+    assert post(admin, {"action": "nap"}).status_code == 422
+    assert post(admin, {"action": "commit", "plan_id": 999}).status_code == 404
+    done = post(admin, {"action": "commit"})
+    assert done.status_code == 200 and [(r["action"], r["plan_id"]) for r in done.json()] == [("commit", None)]
+    listed = Client().get(f"{API}/approvals/rules", **bearer(other)).json()  # anyone may read them
+    assert listed[0]["created_by"] == admin_user.username
+    session = failback_waiting_for_commit(operator)
+    with pytest.raises(approvals.ApprovalRequested):
+        workflow.commit(operator, session.pk)
+    assert post(admin, {"action": "commit", "required": False}).json() == []
+    assert AuditEvent.objects.filter(action=AuditAction.APPROVAL_RULE, outcome=Outcome.OK).count() == 2

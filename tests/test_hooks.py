@@ -157,3 +157,25 @@ def test_a_broken_allow_list_refuses_the_start_with_the_reason(lab, operator, se
     settings.FAILBACK_HOOKS_FILE = str(path)
     with pytest.raises(Refused, match="'command' must be a non-empty list of strings"):
         start(operator, replica_named("app-crm"))
+
+
+def test_the_api_lists_the_allow_list_without_its_commands(operator, allow_list, settings, tmp_path):
+    from django.test import Client
+
+    from .test_api import API, bearer, token_for
+
+    auth = bearer(token_for(operator))
+    body = Client().get(f"{API}/hooks", **auth).json()
+    assert list(body["points"]) == list(POINTS)
+    hooks = {h["name"]: h for h in body["hooks"]}
+    assert set(hooks) == {"record", "erp-default", "refuse", "hang", "chatty"}
+    assert hooks["erp-default"]["default_points"] == ["before_switch"] and hooks["erp-default"]["replicas"] == [
+        "app-erp*"
+    ]
+    assert hooks["hang"] == {**hooks["hang"], "timeout_s": 1, "on_error": "continue"}
+    assert "command" not in hooks["record"] and "env" not in hooks["record"]  # the commands stay the worker's
+    broken = Path(tmp_path / "broken.toml")
+    broken.write_text('[hooks.bad]\ncommand = "rm -rf /"\n')
+    settings.FAILBACK_HOOKS_FILE = str(broken)
+    answer = Client().get(f"{API}/hooks", **auth)
+    assert answer.status_code == 409 and "'command' must be a non-empty list" in answer.json()["detail"]
