@@ -29,10 +29,12 @@ def cancel(session_id, resume=False):
 
 
 def watchdog():
+    from .approvals import expire_due
     from .checks import record_scheduler_clock
 
     record_scheduler_clock()
     recover_stalled()
+    expire_due()  # a request past its time is marked expired, and audited, within a minute
 
 
 def readiness():

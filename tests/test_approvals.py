@@ -14,7 +14,7 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from failback import approvals, automatic, plans, workflow
+from failback import approvals, automatic, plans, tasks, workflow
 from failback.choices import AuditAction, Outcome, SessionStatus, SwitchMode
 from failback.models import ApprovalRequest, AuditEvent, FailbackSession
 from failback.workflow import Refused
@@ -124,6 +124,8 @@ def test_an_expired_request_does_nothing_and_says_so(lab, operator, second, admi
     with pytest.raises(approvals.ApprovalRequested) as asked:
         workflow.commit(operator, session.pk)
     ApprovalRequest.objects.filter(pk=asked.value.request.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    tasks.watchdog()  # every minute: marked expired and audited without anyone looking
+    assert ApprovalRequest.objects.get(pk=asked.value.request.pk).status == Status.EXPIRED
     with pytest.raises(Refused, match=r"already decided \(expired\)"):
         approvals.approve(second, asked.value.request.pk)
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
