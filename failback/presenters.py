@@ -3,7 +3,7 @@
 from django.db.models import Count
 from django.utils import timezone
 
-from . import actions, approvals, guest_gate, windows, workflow
+from . import actions, approvals, guest_gate, plans, windows, workflow
 from .choices import REPLICA_COLOURS, RUNNING, SCHEDULABLE, ReplicaState, SessionStatus, SwitchMode
 from .forms import ReasonForm, ScheduleSwitchForm
 from .models import FailbackSession, Replica
@@ -82,6 +82,7 @@ def plan_context(plan, user, **extra):
         "fits": windows.plan_summary(plan, members),  # maintenance windows and budget, if any
         "waiting": [approvals.describe(r) for r in approvals.waiting_for_plan(members, plan)],
         "gate": guest_gate.waiting_on(plan, members),  # the switch waits for a member's guest
+        "gate_text": plans.guest_gate_text(plan),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": plan.switch_at}),
         "reason_form": ReasonForm(),
         **extra,

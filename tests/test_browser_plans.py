@@ -98,6 +98,7 @@ def test_the_plan_page_shows_the_switch_waiting_for_a_members_guest(page, portal
     page.goto(f"/plans/{plan.pk}/")
     members = page.locator("#plan-members")
     expect(members).to_contain_text("2 Ready to switch", timeout=LONG)
+    expect(page.locator("dl.facts")).to_contain_text("at most 120 s, else the rest of the plan stops")
     page.get_by_role("button", name="Switch now").click()
     # The first member is up on production; its guest boots for 8 s, and the second waits for it.
     gate = page.locator("#guest-gate")
