@@ -144,24 +144,44 @@ def grain_runs(grains: Sequence[int]) -> Iterator[tuple[int, int]]:
 
 def zero_page_runs(buf: bytearray, a: int, b: int) -> list[tuple[int, int, bool]]:
     """buf[a:b] cut into runs, each flagged True when it is whole, aligned, all-zero pages (offsets
-    in buf are aligned like the file: blocks start on a page)."""
+    in buf are aligned like the file: blocks start on a page).
+
+    Only pages whose first byte is zero can be zero pages: each run of such pages (found with ``find``
+    and ``lstrip`` over the pages' first bytes) is checked whole, and halved only when it is not all
+    zeros, so data costs a call or two per run and so does a hole, whatever their length."""
     p0 = -(-a // PAGE) * PAGE
-    if b - p0 < PAGE or 0 not in buf[p0 : b - PAGE + 1 : PAGE]:  # no whole page starts with a zero byte
+    if b - p0 < PAGE:
         return [(a, b, False)]
+    firsts = bytes(buf[p0 : b - PAGE + 1 : PAGE])  # the first byte of every whole page
+    k = firsts.find(0)
+    if k < 0:
+        return [(a, b, False)]
+    zeros: list[tuple[int, int]] = []
+    while k >= 0:
+        end = len(firsts) - len(firsts[k:].lstrip(b"\0"))  # the pages from k to end start with zero
+        _zero_pages(buf, p0 + k * PAGE, p0 + end * PAGE, zeros)
+        k = firsts.find(0, end)
     runs: list[tuple[int, int, bool]] = []
-
-    def add(x: int, y: int, zero: bool) -> None:
-        if y <= x:
-            return
-        if runs and runs[-1][2] == zero and runs[-1][1] == x:
-            runs[-1] = (runs[-1][0], y, zero)
-        else:
-            runs.append((x, y, zero))
-
-    add(a, min(p0, b), False)
-    x = p0
-    while x + PAGE <= b:
-        add(x, x + PAGE, is_zero(buf, x, x + PAGE))
-        x += PAGE
-    add(max(x, p0), b, False)
+    at = a  # buf[a:at] is in runs
+    for x, y in zeros:
+        if runs and runs[-1][2] and runs[-1][1] == x:  # continues the last zero run
+            runs[-1] = (runs[-1][0], y, True)
+            at = y
+            continue
+        if x > at:
+            runs.append((at, x, False))
+        runs.append((x, y, True))
+        at = y
+    if b > at:
+        runs.append((at, b, False))
     return runs
+
+
+def _zero_pages(buf: bytearray, x: int, y: int, out: list[tuple[int, int]]) -> None:
+    """Append to out the all-zero page runs of buf[x:y] (whole pages), in order."""
+    if is_zero(buf, x, y):
+        out.append((x, y))
+    elif y - x > PAGE:
+        mid = x + (y - x) // PAGE // 2 * PAGE
+        _zero_pages(buf, x, mid, out)
+        _zero_pages(buf, mid, y, out)

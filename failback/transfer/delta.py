@@ -8,6 +8,7 @@ leaves. A target changed behind the engine's back is re-read first and repaired.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ from .blockio import (
     flush,
     grain_runs,
     has_hole,
+    next_data,
     opened,
     pread,
     size_of,
@@ -62,6 +64,12 @@ def run(
             raise TransferStateError(f"{dst} is not the file the full copy wrote")
         untouched = state.target_seal is not None and state.target_seal == fingerprint(dfd)
         p = Pass(block_size=state.block_size, controls=controls, src_fd=sfd, dst_fd=dfd)
+        # A delta reads the target where grains differ and reads back what it wrote, scattered: no
+        # read-ahead (a read of a punched range zero-filled the pages around it too). The tracked
+        # method reads the source where the extents say, scattered as well.
+        fadvise(dfd, os.POSIX_FADV_RANDOM)
+        if changed_extents is not None:
+            fadvise(sfd, os.POSIX_FADV_RANDOM)
         with Leaves(state_dir, block_count(size, state.grain), fresh=False) as leaves:
             delta = _Delta(p, leaves, state, state_dir, dst, durable)
             if not untouched:
@@ -171,7 +179,13 @@ class _Delta:
             raise
         self._close(keep_pending=False)
 
-    def first(self, job: Job, buf: bytearray) -> Work:
+    def first(self, job: Job, buf: bytearray) -> Hashed | Work:
+        """A block read whole or mostly goes to the pool (large reads, GIL released); one where few
+        grains changed is examined here: its work is many small steps, and handing each block to a
+        pool thread and back cost more in GIL hand-overs than it saved (random shape, tracked:
+        1.5 s with the pool against 0.9 s inline, with other work on both CPUs)."""
+        if 2 * len(job.grains) < self.per:
+            return examine(self.p, job, buf)
         return lambda: examine(self.p, job, buf)
 
     def finish(self, job: Job, buf: bytearray, h: Hashed) -> None:
@@ -216,9 +230,10 @@ class _Delta:
         for x, y in writes:
             p.target_read += y - x
             took = buf.startswith(pread(p.dst_fd, y - x, job.offset + x), x) and took
-        for x, y in zeros:
-            p.target_read += y - x
-            took = is_zero(pread(p.dst_fd, y - x, job.offset + x)) and took
+        for x, y in zeros:  # a hole reads as zeros: only a range the filesystem did not punch is read
+            if not _is_hole(p.dst_fd, job.offset + x, job.offset + y):
+                p.target_read += y - x
+                took = is_zero(pread(p.dst_fd, y - x, job.offset + x)) and took
         if took:
             return set()
         return {g for g, plan in h.plans.items() if not self._took(job, buf, g, plan)}
@@ -454,6 +469,14 @@ def _reread_target(p: Pass, leaves: Leaves, dfd: Disk, size: int, bs: int) -> li
 
     p.run(jobs, first, finish, HASH_WORKERS)
     return repair
+
+
+def _is_hole(disk: Disk, start: int, end: int) -> bool:
+    """Whether [start, end) of the disk is all hole (False when it cannot say)."""
+    try:
+        return next_data(disk, start) >= end
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data after start
 
 
 def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
