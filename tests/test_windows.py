@@ -292,6 +292,7 @@ def test_a_fitting_switch_held_back_by_the_checks_is_retried_then_told_missed(la
 def test_a_window_that_passes_during_phase1_is_told_with_how_far_the_copy_came(lab, operator, told, monkeypatch):
     import threading
 
+    from django.db import connection
     from django_q.conf import Conf
 
     from failback import workflow
@@ -305,7 +306,14 @@ def test_a_window_that_passes_during_phase1_is_told_with_how_far_the_copy_came(l
     day = timezone.now().date() + timedelta(days=2)
     rules = [one_off(day, "02:00", "04:00"), one_off(day + timedelta(days=1), "02:00", "04:00")]
     windows.set_session_rules(operator, session.pk, windows=rules, budget_s=600)
-    worker = threading.Thread(target=jobs.run_phase1, args=(session.pk,))
+
+    def work():  # the worker's thread closes its own connection (PostgreSQL drops the test database after)
+        try:
+            jobs.run_phase1(session.pk)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=work)
     worker.start()
     try:
         wait_for(lambda: session.disks.filter(bytes_done__gt=0).exists(), what="phase 1 copying")
