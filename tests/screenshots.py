@@ -33,6 +33,7 @@ PAGES = [
     "session-failback",
     "sessions",
     "plan",
+    "plan-gate",
     "audit",
     "report",
 ]
@@ -245,6 +246,39 @@ def run(out, var):
     jobs.run_readiness(fitting, catch_up=False)
     print(f"#{fitting} waits for a window where its downtime fits")
 
+    def start_gated_plan():
+        """A plan whose switch will wait at its guest-ready gate: the database's guest takes ten minutes to boot,
+        and the web server after it does not switch until it is ready. Started once the phase 1 shot is taken
+        (its copies would otherwise slow that one down)."""
+        ora, web2 = replica_named("db-ora-01"), replica_named("web-02")
+        lab.set_vm_options(ora.vm_id, tools_installed=True, boot_seconds=600, shutdown_seconds=2, shutdown_hangs=False)
+        lab.set_vm_options(web2.vm_id, shutdown_seconds=1, shutdown_hangs=False)
+        return plans.start_plan(
+            olivia,
+            name="Wave 3: orders",
+            guest_gate="guest",
+            guest_gate_timeout_s=900,
+            reason="CHG-4721",
+            members=[
+                {
+                    "replica_id": r.pk,
+                    "vm_name": r.source_name,
+                    "target_host": "esx-prod-01",
+                    "target_datastore": "prod-ds-01",
+                    "network_map": network_map(r),
+                }
+                for r in (ora, web2)
+            ],
+        )
+
+    def switch_to_the_gate(gated):
+        members = list(FailbackSession.objects.filter(plan=gated).order_by("plan_order").values_list("pk", flat=True))
+        for pk in members:
+            wait_status(pk, SessionStatus.READY_TO_SWITCH)
+        plans.switch_now(olivia, gated.pk, reason="CHG-4721 orders back to production")
+        wait_status(members[0], SessionStatus.FAILBACK)  # up on production; the next waits for its guest
+        print(f"plan {gated.name} waits at its guest-ready gate")
+
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = (
         "true"  # Playwright's loop runs in this thread; the servers never see this
     )
@@ -283,6 +317,7 @@ def run(out, var):
         page.goto(f"/sessions/{running}/")
         wait_in_page(page, "window.__ws.messages >= 2")  # live figures (rate, time left) have arrived
         shot("session-phase1", settle=False)
+        gated = start_gated_plan()
         page.goto("/")
         wait_in_page(page, "window.__ws.messages >= 1")
         shot("dashboard", settle=False)
@@ -300,6 +335,8 @@ def run(out, var):
         )  # the consequence stated with this session's names and figures
         shot("sessions", "/sessions/")
         shot("plan", f"/plans/{plan.pk}/")
+        switch_to_the_gate(gated)
+        shot("plan-gate", f"/plans/{gated.pk}/")  # the switch waits at the guest-ready gate, and says for whom
         shot("audit", "/audit/?replica=web-01")  # one session's rows, its refused commit included: the filters in use
         # Four eyes: Omar asked to undo web-01's failback; Olivia, another Operator, may approve or reject it.
         from failback import approvals
