@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 
 from failback.transfer import delta_copy, disk_digest, full_copy, verify_changes, verify_target
 from failback.transfer.blockio import opened
-from failback.transfer.nbd import READ_REQUEST, NbdError
+from failback.transfer.nbd import READ_REQUEST, SEND_BUFFER, NbdError
 from failback.transfer.sparse import data_extents
 
 from .nbd_support import NbdServer, make_certificates, require_nbd, served
@@ -154,7 +155,8 @@ def test_a_unix_socket_export_and_a_local_file_mix(disk, tmp_path) -> None:
 
 def test_reads_land_in_the_callers_buffer_across_requests_and_stop_at_the_end(tmp_path) -> None:
     """preadv reads into the caller's memory with several requests in flight: the bytes are the
-    file's, the buffer past the export's end is untouched, and a server gone is a clear NbdError."""
+    file's, the buffer past the export's end is untouched, and a server gone is a clear NbdError.
+    The connection's Unix socket has the wider send buffer (up to the kernel's cap)."""
     require_nbd()
     path = tmp_path / "disk.img"
     size = 3 * READ_REQUEST + 12 * KiB  # several requests and a short last one
@@ -168,6 +170,9 @@ def test_reads_land_in_the_callers_buffer_across_requests_and_stop_at_the_end(tm
             assert buf[4 * KiB : 4 * KiB + size] == path.read_bytes()
             assert buf[: 4 * KiB] == b"\xee" * (4 * KiB) and buf[4 * KiB + size :] == b"\xee" * (60 * KiB)
             assert d.preadv(view[: 8 * KiB], size - 4 * KiB) == 4 * KiB
+            with socket.socket(fileno=os.dup(d._handle().aio_get_fd())) as sock:  # a wider send buffer
+                wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= min(SEND_BUFFER, wmem_max)
             server.kill()
             with pytest.raises(NbdError, match=r"nbd\+unix://.*: NBD read at offset 0 failed"):
                 d.preadv(view, 0)
