@@ -70,6 +70,14 @@ def _services():
 
         return plans.schedule_switch(actor, plan_id, datetime.fromisoformat(switch_at), reason=reason)
 
+    def plan_finalise(action):
+        def run(actor, session_id, plan_id, plan_name, reason=""):
+            from . import plans
+
+            return getattr(plans, action)(actor, plan_id, reason=reason)
+
+        return run
+
     return {
         "switch": workflow.switch_now,
         "schedule_switch": schedule,
@@ -78,6 +86,8 @@ def _services():
         "cancel": workflow.cancel,
         "plan:switch": plan_switch,
         "plan:schedule_switch": plan_schedule,
+        "plan:commit": plan_finalise("commit"),
+        "plan:undo": plan_finalise("undo"),
     }
 
 
@@ -94,19 +104,28 @@ def required(session, action):
 def gate(actor, action, session_id, **params):
     """Called by the service function before it acts: returns when it may act now; raises
     ``ApprovalRequested`` after recording a request when a second person must approve it first."""
-    request = running()
-    if request is not None and request.session_id == session_id and request.action == action:
-        return  # this is the approved request being run
     session = FailbackSession.objects.select_related("plan").filter(pk=session_id).first()
+    if covers(running(), session, action):
+        return  # this is the approved request being run (its own, or its plan's)
     if session is None or not session.may(action) or not required(session, action):
         return  # nothing to approve: the service function refuses, or acts
     stored = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in params.items()}
     raise ApprovalRequested(_ask(actor, session, action, stored))
 
 
+def covers(request, session, action):
+    """Whether the approved ``request`` being run is ``action`` on ``session``: its own request, or its plan's
+    (a plan's Commit, say, runs each member's commit under the one request)."""
+    if request is None or session is None or request.action != action:
+        return False
+    return request.session_id == session.pk or (
+        session.plan_id is not None and request.params.get("plan_id") == session.plan_id
+    )
+
+
 def gate_plan(actor, action, plan, member, **params):
-    """A plan's own Switch now or Schedule switch (plans.py): like ``gate``, for a rule on every failback or
-    on the plan. The request is held by the plan's first live ``member`` and names the plan; approved, it
+    """A plan's own Switch now, Schedule switch, Commit or Undo (plans.py): like ``gate``, for a rule on every
+    failback or on the plan. The request is held by the plan's first live ``member`` and names the plan; approved, it
     runs the plan's action as the requester's."""
     request = running()
     if request is not None and request.action == action and request.params.get("plan_id") == plan.pk:

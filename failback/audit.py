@@ -58,7 +58,14 @@ def audit(
     if via is not None:
         data = {**(data or {}), "via": "api", "api_token": {"id": via.pk, "name": via.name, "prefix": via.prefix}}
     approved = APPROVED.get()
-    if approved is not None and getattr(session, "pk", session) == approved.session_id:
+    if (
+        approved is not None
+        and session is not None
+        and (
+            session.pk == approved.session_id  # its own request, or its plan's (held by the plan's first member)
+            or (session.plan_id is not None and approved.params.get("plan_id") == session.plan_id)
+        )
+    ):
         data = {**(data or {}), "approved_by": actor_name(approved.decided_by), "approval_request": approved.pk}
     detail, data = without_nul(detail), without_nul(data or {})  # PostgreSQL stores no NUL in text or JSON
     row = AuditEvent.objects.create(

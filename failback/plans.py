@@ -378,7 +378,10 @@ def _finalise(actor, plan_id, action, reason):
     require_operator(actor, f"{action}_plan")
     plan = FailbackPlan.objects.get(pk=plan_id)
     done, refused = [], []
-    for s in plan.sessions.filter(status=SessionStatus.FAILBACK).order_by("plan_order"):
+    members = list(plan.sessions.filter(status=SessionStatus.FAILBACK).order_by("plan_order", "pk"))
+    if members:  # one request for the whole plan when the action needs approval; its members' run under it
+        approvals.gate_plan(actor, action, plan, members[0], reason=reason)
+    for s in members:
         try:
             getattr(workflow, action)(actor, s.pk, reason=reason)
             done.append(s.pk)

@@ -128,3 +128,23 @@ def test_a_plans_scheduled_switch_waits_for_approval_under_the_plans_rule(lab, o
     row = AuditEvent.objects.get(action="switch_plan", outcome=Outcome.OK)
     assert row.data["trigger"] == "scheduled" and row.data["approved_by"] == operator.username
     assert "approved by olivia" in row.detail
+
+
+def test_a_plans_commit_asks_once_for_the_plan_and_commits_every_member_once_approved(
+    lab, operator, second, admin_user
+):
+    plan = ready_plan(lab, operator, "commit four eyes")
+    plans.switch_now(operator, plan.pk)
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.FAILBACK}
+    approvals.set_rule(admin_user, "commit", plan=plan)
+    with pytest.raises(approvals.ApprovalRequested, match="Commit on plan commit four eyes needs a second person"):
+        plans.commit(operator, plan.pk, reason="CHG-77 all checked")
+    (request,) = ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING)  # one for the plan
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.FAILBACK}
+    approvals.approve(second, request.pk)
+    assert {s.status for s in sessions_of(plan)} == {SessionStatus.COMMITTED}
+    for s in sessions_of(plan):  # each member's commit is the requester's, and names the approver
+        row = AuditEvent.objects.get(session=s, action="commit", outcome=Outcome.OK)
+        assert row.actor == operator and row.data["approved_by"] == second.username
+    plan_row = AuditEvent.objects.get(action="commit_plan", outcome=Outcome.OK)
+    assert plan_row.data["approved_by"] == second.username and plan_row.data["refused"] == []
