@@ -9,7 +9,10 @@ TLS on loopback (certificates made here with openssl), or over Unix sockets with
 reaches them through libnbd. Shapes and changes are bench/transfer.py's (--quick divides sizes by 16):
 - phase 1 of sparse, dense and random: full_copy direct vs over NBD (durable=False both, after
   os.sync(), source in the page cache); nbd_phase1_vs_direct = direct median / nbd median (1.0: as
-  fast; above 0.7 is the issue's bar), worst shape;
+  fast; above 0.7 is the issue's bar), worst shape. Each side's CPU seconds are printed too (direct:
+  this process; nbd: this process and both nbdkit), and, when libnbd's own copier nbdcopy is
+  installed (Debian's libnbd-bin), the same copy by nbdcopy between the same two exports in the same
+  rounds: the C reference for what NBD costs here (it does not hash; nbdcopy_vs_direct, worst shape);
 - the NBD copy must equal the source (disk digest) and keep its holes (no data where the source has a
   hole, no more allocated): nbd_holes_kept;
 - sweep: 1 and 16 GiB at 10 % allocated, the same 64 x 64 KiB change on each, the switch's data window
@@ -23,6 +26,7 @@ import argparse
 import contextlib
 import os
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -57,6 +61,7 @@ class Ends:
 
     def __init__(self, work: str, certs: str | None) -> None:
         self.work, self.certs = work, certs
+        self.pids: list[int] = []  # this process, then the source's and the target's nbdkit
 
     @contextlib.contextmanager
     def __call__(self, src: str, dst: str):
@@ -64,7 +69,28 @@ class Ends:
             served(src, readonly=True, certs=self.certs, workdir=self.work) as s,
             served(dst, readonly=False, certs=self.certs, workdir=self.work) as d,
         ):
+            self.pids = [os.getpid(), s.proc.pid, d.proc.pid]
             yield s.uri, d.uri
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes (all their threads) and this process's ended
+    children (nbdcopy) have used so far."""
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK") + ended.ru_utime + ended.ru_stime
+
+
+def timed_cpu(fn, pids: list[int], times: list[float], cpus: list[float]) -> None:
+    os.sync()
+    c, t = cpu_seconds(pids), time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+    cpus.append(cpu_seconds(pids) - c)
 
 
 def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: Ends) -> None:
@@ -74,28 +100,41 @@ def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: 
     empty(nbd_dst, shape.size)
     direct: list[float] = []
     nbd: list[float] = []
+    ref: list[float] = []  # nbdcopy
+    cpu: dict[str, list[float]] = {"direct": [], "nbd": [], "ref": []}
+    nbdcopy = shutil.which("nbdcopy")
     with ends(src, nbd_dst) as (s_uri, d_uri):
 
-        def over_nbd() -> None:
+        def over_nbd(times: list[float] = nbd, cpus: list[float] = cpu["nbd"]) -> None:
             base.remove(state)
             empty(nbd_dst, shape.size)
-            nbd.append(base.timed(lambda: full_copy(s_uri, d_uri, state_dir=state, durable=False)))
+            timed_cpu(lambda: full_copy(s_uri, d_uri, state_dir=state, durable=False), ends.pids, times, cpus)
 
         def on_files() -> None:
             base.remove(dst, state)
-            direct.append(base.timed(lambda: full_copy(src, dst, state_dir=state, durable=False)))
+            timed_cpu(lambda: full_copy(src, dst, state_dir=state, durable=False), ends.pids[:1], direct, cpu["direct"])
 
+        def by_nbdcopy() -> None:
+            empty(nbd_dst, shape.size)
+            timed_cpu(lambda: base.run([nbdcopy, s_uri, d_uri]), ends.pids[1:], ref, cpu["ref"])
+
+        steps = [over_nbd, on_files] + ([by_nbdcopy] if nbdcopy else [])
         for r in range(rounds + 1):  # round 0 warms up and is dropped
-            for fn in (over_nbd, on_files) if r % 2 == 0 else (on_files, over_nbd):
+            for fn in steps if r % 2 == 0 else steps[::-1]:
                 fn()
             if r == 0:
-                direct.clear()
-                nbd.clear()
-        over_nbd()  # the copy whose result is checked
+                for xs in (direct, nbd, ref, *cpu.values()):
+                    xs.clear()
+        over_nbd([], [])  # the copy whose result is checked (not timed)
     same = disk_digest(src) == disk_digest(nbd_dst)
     holes = base.in_holes(nbd_dst, src) == 0 and base.allocated(nbd_dst) <= base.allocated(src)
-    print(base.describe("phase 1 direct (full_copy on files)", direct))
-    print(base.describe("phase 1 nbd (full_copy over NBD)", nbd))
+    print(
+        base.describe("phase 1 direct (full_copy on files)", direct) + f"  cpu {statistics.median(cpu['direct']):.2f} s"
+    )
+    print(base.describe("phase 1 nbd (full_copy over NBD)", nbd) + f"  cpu {statistics.median(cpu['nbd']):.2f} s")
+    if ref:
+        print(base.describe("same copy by nbdcopy (reference)", ref) + f"  cpu {statistics.median(cpu['ref']):.2f} s")
+        shape.results["nbdcopy_vs_direct"] = statistics.median(direct) / statistics.median(ref)
     print(
         f"  nbd copy identical={'yes' if same else 'no'} holes_kept={'yes' if holes else 'no'} "
         f"allocated {base.allocated(nbd_dst) / MiB:.1f} MiB (source {base.allocated(src) / MiB:.1f} MiB)"
@@ -145,6 +184,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="failback-bench-nbd-", dir=os.environ.get("BENCH_DIR") or tempfile.gettempdir())
     ends = Ends(work, None if args.unix else make_certificates(os.path.join(work, "tls")))
     rng = random.Random(20261203)
+    load = os.getloadavg()
     done: list[base.Shape] = []
     growth = vs_direct_window = float("nan")
     try:
@@ -162,11 +202,15 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     worst = min((s.results["vs_direct"] for s in done), default=float("nan"))
+    ref = min((s.results.get("nbdcopy_vs_direct", float("nan")) for s in done), default=float("nan"))
     holes = "n/a" if not done else "yes" if all(s.results["holes_kept"] == 1.0 for s in done) else "no"
     print(
+        f"load average (1 min) at the start {load[0]:.2f}, at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
+    print(
         f"nbd_phase1_vs_direct={worst:.2f} nbd_window_growth={growth:.2f} nbd_holes_kept={holes} "
-        f"nbd_window_vs_direct={vs_direct_window:.2f} ({'Unix sockets' if args.unix else 'TLS on loopback'}"
-        + (", quick shapes)" if args.quick else ")")
+        f"nbd_window_vs_direct={vs_direct_window:.2f} nbdcopy_vs_direct={ref:.2f} "
+        f"({'Unix sockets' if args.unix else 'TLS on loopback'}" + (", quick shapes)" if args.quick else ")")
     )
 
 
