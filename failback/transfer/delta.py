@@ -407,21 +407,28 @@ def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iter
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[tuple[int, int]]:
-    """The page runs of buf[a:b] that differ from the target's bytes there."""
+    """The page runs of buf[a:b] that differ from the target's bytes there (compared in halves, so
+    one changed page in a grain costs 9 comparisons instead of 17)."""
     t = p.scratch()
     p.read(p.dst_fd, t, 0, b - a, job.offset + a)
-    view = memoryview(buf)
-    if t.startswith(view[a:b]):
-        return []
     runs: list[tuple[int, int]] = []
-    for x in range(a, b, PAGE):
-        y = min(x + PAGE, b)
-        if not t.startswith(view[x:y], x - a):
-            if runs and runs[-1][1] == x:
-                runs[-1] = (runs[-1][0], y)
-            else:
-                runs.append((x, y))
+    _differing(t, a, memoryview(buf), a, b, runs)
     return runs
+
+
+def _differing(t: bytearray, base: int, view: memoryview, x: int, y: int, runs: list[tuple[int, int]]) -> None:
+    """Append to runs the page runs of view[x:y] that differ from t (t[0] is view[base]), in order."""
+    if t.startswith(view[x:y], x - base):
+        return
+    if y - x <= PAGE:
+        if runs and runs[-1][1] == x:
+            runs[-1] = (runs[-1][0], y)
+        else:
+            runs.append((x, y))
+        return
+    mid = x + (y - x + PAGE) // (2 * PAGE) * PAGE
+    _differing(t, base, view, x, mid, runs)
+    _differing(t, base, view, mid, y, runs)
 
 
 # --------------------------------------------------------------------------------------------------
