@@ -196,6 +196,13 @@ def test_the_portals_own_moments_wait_for_a_person_and_run_once_approved(lab, op
     assert request.requested_by is None and request.status == Status.PENDING
     (asked,) = rows(session, AuditAction.REQUEST_APPROVAL)
     assert asked.detail.startswith("Automatic switch after phase 1: waiting for a person's approval")
+    page = Client()
+    page.force_login(second)  # the session page and the API say what waits
+    assert f"Automatic switch after phase 1: waiting for approval (request #{request.pk}, asked by the portal" in (
+        page.get(f"/sessions/{session.pk}/").content.decode()
+    )
+    shown = Client().get(f"{API}/sessions/{session.pk}", **bearer(token_for(second))).json()["waiting_for_approval"]
+    assert [(w["id"], w["action"], w["requested_by"]) for w in shown] == [(request.pk, "switch", None)]
     approvals.approve(operator, request.pk)  # the portal asked: any Operator may approve
     assert FailbackSession.objects.get(pk=session.pk).status == SessionStatus.FAILBACK
     (switch,) = [r for r in rows(session, AuditAction.SWITCH) if r.outcome == Outcome.OK]
