@@ -1,8 +1,8 @@
 """Phase 2 and catch-up, the delta (public entry: :func:`.engine.delta_copy`).
 
-The pool reads the grains a delta must look at and plans, per grain, the pages to write (see
-:func:`examine`); the calling thread writes them, reads them back, and only then moves the target's
-leaves. A target changed behind the engine's back is re-read first and repaired.
+The grains a delta must look at are read and planned, per grain, into the pages to write (see
+:func:`examine`: on the pool for a block read whole or mostly, else in the calling thread); the calling
+thread writes them, reads them back, and only then moves the target's leaves. A target changed behind the engine's back is re-read first and repaired.
 """
 
 from __future__ import annotations
@@ -65,11 +65,9 @@ def run(
         untouched = state.target_seal is not None and state.target_seal == fingerprint(dfd)
         p = Pass(block_size=state.block_size, controls=controls, src_fd=sfd, dst_fd=dfd)
         # A delta reads the target where grains differ and reads back what it wrote, scattered: no
-        # read-ahead (a read of a punched range zero-filled the pages around it too). The tracked
-        # method reads the source where the extents say, scattered as well.
+        # read-ahead, which zero-filled page-cache pages around every read of a hole. The source keeps
+        # its read-ahead: uncached, the grains of a tracked delta are often near each other.
         fadvise(dfd, os.POSIX_FADV_RANDOM)
-        if changed_extents is not None:
-            fadvise(sfd, os.POSIX_FADV_RANDOM)
         with Leaves(state_dir, block_count(size, state.grain), fresh=False) as leaves:
             delta = _Delta(p, leaves, state, state_dir, dst, durable)
             if not untouched:
@@ -293,7 +291,7 @@ class _TrackedPlan:
 
 
 # --------------------------------------------------------------------------------------------------
-# On the pool
+# Examining a block (on the pool, or in the calling thread for a few grains)
 
 
 def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:

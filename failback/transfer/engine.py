@@ -14,9 +14,10 @@ replica is in use and a source block may change while it is copied. Grains found
 out again. Blocks whose first data page is zeros are read into a buffer instead and only their
 non-zero pages are written.
 
-A delta (catch-up or the final one) reads, on the pool, only the grains it must look at — those the
-change tracking names (rounded out to grains), or every grain holding data for the digest method —
-and computes their leaves. A grain whose new leaf equals the target's leaf is done. For the others it
+A delta (catch-up or the final one) reads only the grains it must look at — those the change
+tracking names (rounded out to grains), or every grain holding data for the digest method — and
+computes their leaves: on the pool for a block it reads whole or mostly, in the calling thread for a
+block where few grains changed (its many small steps cost more in GIL hand-overs than they gain). A grain whose new leaf equals the target's leaf is done. For the others it
 finds the 4 KiB pages to write: the source's non-zero pages when the target grain is known to be
 zeros, else the pages that differ from a read of the target grain (so a coarse change tracking, or an
 extent rewritten with the same bytes, costs reads, not writes). Zero pages are punched, never written,
