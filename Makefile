@@ -61,11 +61,12 @@ test-production: $(STAMP) services nbd-client
 services:
 	sh tests/services.sh
 
-# The nbd transport: Debian's nbdkit (the test servers), libnbd's Python binding (the engine's client) and
+# The nbd transport: Debian's nbdkit (the test servers), libnbd's Python binding (the engine's client), nbdcopy
+# (libnbd-bin: bench/transfer_nbd.py times libnbd's own copier beside the engine) and
 # openssl (the tests' certificates). The venv reaches the binding through two symlinks in its
 # site-packages (nbd.py and its C extension), not through the system's whole site-packages.
 nbd-client: $(STAMP)
-	sh tests/apt.sh nbdkit python3-libnbd openssl
+	sh tests/apt.sh nbdkit python3-libnbd libnbd-bin openssl
 	sh tests/nbd_venv.sh $(VENV)
 
 # A longer, randomised search of the workflow's state machine than the one `make test` runs.
