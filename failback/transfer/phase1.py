@@ -115,6 +115,7 @@ class _FullCopy:
         self.held_from = 0  # first grain of self.held
         self.held_to = 0  # end offset of the last block in self.held
         self.held_since = time.monotonic()
+        self.last_hold = float("-inf")
 
     def run(self, jobs: Iterator[Job], checkpoint_interval: float) -> None:
         try:
@@ -130,7 +131,10 @@ class _FullCopy:
     def hold_leaves(self, first_grain: int, leaves: bytes, end: int) -> None:
         """Keep a finished block's leaves (holes between blocks held as zero leaves, which they are);
         written, and the position moved past them, every 256 KiB of leaves or 0.1 s, so a checkpoint
-        never claims a block whose leaves are not in the files and loses at most 0.1 s more of copying."""
+        never claims a block whose leaves are not in the files and loses at most 0.1 s more of copying.
+        Blocks that come more than 0.1 s apart (a bandwidth limit, a slow export) are written at once."""
+        now = time.monotonic()
+        slow, self.last_hold = now - self.last_hold >= HELD_SECONDS, now
         gap = first_grain - self.held_from - len(self.held) // LEAF
         if not self.held or gap < 0 or gap > HELD_LEAVES // LEAF:
             self.put_leaves()
@@ -138,7 +142,7 @@ class _FullCopy:
         self.held += bytes(gap * LEAF)
         self.held += leaves
         self.held_to = end
-        if len(self.held) >= HELD_LEAVES or time.monotonic() - self.held_since >= HELD_SECONDS:
+        if slow or len(self.held) >= HELD_LEAVES or now - self.held_since >= HELD_SECONDS:
             self.put_leaves()
 
     def put_leaves(self) -> None:
