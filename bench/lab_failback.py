@@ -24,7 +24,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,32 +42,16 @@ def main():
     parser.add_argument("--no-sizes", action="store_true", help="only the seeded lab's largest replica")
     args = parser.parse_args()
 
-    var = tempfile.mkdtemp(prefix="dr-bench-", dir=ROOT / "var" if (ROOT / "var").exists() else None)
-    os.environ.update({"DR_PORTAL_VAR": var, "DJANGO_SETTINGS_MODULE": "dr_portal.settings", "LOG_LEVEL": "WARNING"})
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("REDIS_URL", None)
-    import django
+    from lab_setup import lab_portal
 
-    django.setup()
+    started = time.monotonic()
+    var, lab, user = lab_portal()
+    print(f"migrated and seeded lab in {time.monotonic() - started:.1f} s under {var}")
     from django.conf import settings
-    from django.contrib.auth.models import Group, User
-    from django.core.management import call_command
-    from django_q.conf import Conf
 
     from failback import jobs, workflow
-    from failback.hypervisors.lab import LabHypervisor
     from failback.hypervisors.lab_demo import run_workload
     from failback.models import FailbackSession, Replica
-
-    Conf.SYNC = True
-    call_command("migrate", verbosity=0)
-    call_command("migrate", database="channels", verbosity=0)
-    started = time.monotonic()
-    call_command("seed_lab", "--no-user", stdout=open(os.devnull, "w"))
-    print(f"seeded lab in {time.monotonic() - started:.1f} s under {var}")
-    lab = LabHypervisor(settings.LAB_ROOT)
-    user = User.objects.create_user("bench")
-    user.groups.add(Group.objects.get(name="Operator"))
 
     def allocated(replica):
         total = 0
