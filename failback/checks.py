@@ -1,7 +1,8 @@
 """Pre-failback checks: shown in the start form's summary, run again just before the switch.
 
 Each check says what it looked at and what it found. A failed blocking check stops the action
-(``workflow`` refuses it) unless an Administrator overrides it with a reason, which is audited.
+(``workflow`` refuses it) unless an Administrator overrides it with a reason, which is audited; a
+check whose override would lose data (``overridable=False``) cannot be overridden.
 A warning is shown but does not block. Nothing here changes anything.
 """
 
@@ -25,6 +26,7 @@ class Check:
     label: str
     status: str  # ok | warn | fail
     detail: str
+    overridable: bool = True
 
     @property
     def failed(self):
@@ -177,9 +179,60 @@ def before_switch(hv, session):
             Check("datastore", "Target datastore accessible", FAIL, f"{session.target_datastore} is not accessible.")
         )
     checks.append(_replica_power(hv, session.replica))
+    checks.append(replica_disks(hv, session))
     checks.append(_production_vm(hv, session))
     checks.append(scheduler_clock())
     return checks
+
+
+def disk_changes(hv, session):
+    """How the replica's disks differ from those the failback started with (and built the production VM
+    for), one phrase a disk; empty when they are the same."""
+    from .templatetags.failback_tags import binary_size
+
+    now = {d.key: d.capacity_bytes for d in hv.vm_config(session.replica.vm_id).disks}
+    was = {d.key: d.capacity_bytes for d in session.disks.all()}
+    changes = []
+    for key in sorted(was.keys() | now.keys()):
+        if key not in now:
+            changes.append(f"disk {key} ({binary_size(was[key])}) was removed")
+        elif key not in was:
+            changes.append(f"disk {key} ({binary_size(now[key])}) was added")
+        elif now[key] != was[key]:
+            verb = "grew" if now[key] > was[key] else "shrank"
+            changes.append(f"disk {key} {verb} from {binary_size(was[key])} to {binary_size(now[key])}")
+    if session.production_vm_id:  # built (or kept) from the replica as it was: it must hold every disk in full
+        try:
+            built = {d.key: d.capacity_bytes for d in hv.vm_config(session.production_vm_id).disks}
+        except NotFound:
+            built = None  # the production VM's own check says it is gone
+        for key in sorted(was) if built is not None else ():
+            if built.get(key) != was[key]:
+                has = binary_size(built[key]) if key in built else "no such disk"
+                changes.append(f"the production VM's disk {key} is {has}, not {binary_size(was[key])}")
+    return changes
+
+
+def replica_disks(hv, session):
+    """The production VM has the replica's disks as they were when the failback started, and only those
+    are copied: a disk grown, added or removed since would be lost by a switch, so no override is offered."""
+    label = "Replica disks unchanged since the start"
+    try:
+        changes = disk_changes(hv, session)
+    except NotFound:
+        return Check("replica_disks", label, FAIL, f"Replica {session.replica.name} no longer exists.", False)
+    if not changes:
+        return Check(
+            "replica_disks", label, OK, f"{session.disks.count()} disk(s) as when failback #{session.pk} started."
+        )
+    return Check(
+        "replica_disks",
+        label,
+        FAIL,
+        f"Since failback #{session.pk} started, {'; '.join(changes)}. The production VM was built with the "
+        "disks as they were, so a switch would lose data: cancel this failback and start a new one",
+        False,
+    )
 
 
 def _production_vm(hv, session):
@@ -216,6 +269,15 @@ def enforce(found, *, actor, override, reason, action, **where):
     if not failed:
         return
     label = TRANSITIONS["switch"].label if action == "switch" else action.replace("_", " ").capitalize()
+    binding = [c for c in failed if not c.overridable]
+    if override and binding:
+        refuse(
+            f"{label} refused: {summary(binding)}. This check cannot be overridden.",
+            action=action,
+            actor=actor,
+            data={"checks": [c.as_dict() for c in found]},
+            **where,
+        )
     if not override:
         refuse(
             f"{label} refused by the pre-failback checks: {summary(found)}.",

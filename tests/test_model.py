@@ -1,11 +1,12 @@
 """A model-based test of the whole workflow: random interleavings against a real lab and a real worker.
 
 Hypothesis drives the service layer (start with colliding names, switch now, schedule, cancel with and
-without keeping the VM, commit, undo, stop the countdown), the platform (guest writes to running VMs) and
-the worker (kill -9 and restart; SIGSTOP past the stall limit, a takeover, SIGCONT), over several replicas
-and sessions at once, without waiting between steps unless a rule says so. After every step it checks
-the invariants below against its own record; after a settle it also checks the ones that hold only
-once the work has finished (nothing stuck, never both VMs off, bytes equal).
+without keeping the VM, commit, undo, stop the countdown), the platform (guest writes to running VMs, a
+replica disk grown while it serves) and the worker (kill -9 and restart; SIGSTOP past the stall limit,
+a takeover, SIGCONT), over several replicas and sessions at once, without waiting between steps unless a
+rule says so. After every step it checks the invariants below against its own record; after a settle it
+also checks the ones that hold only once the work has finished (nothing stuck, never both VMs off, bytes
+equal).
 
 Counts: MODEL_EXAMPLES (default 5) examples of at most MODEL_STEPS (default 30) steps each. The two
 profiles of `make test` search with different seeds, so together they try 10 different interleavings in
@@ -121,6 +122,7 @@ class FailbackModel(RuleBasedStateMachine):
         self.expected_replica_disks = {r.pk: self.replica_digests(r) for r in self.replicas}
         self.production_written = set()  # sessions whose production VM the model wrote to after the switch
         self.checked_identical = set()
+        self.grown = False
         STATS["examples"] = STATS.get("examples", 0) + 1
 
     # -- helpers -------------------------------------------------------------------------------
@@ -233,6 +235,20 @@ class FailbackModel(RuleBasedStateMachine):
                 r.vm_id, "scsi0:0", rng.randrange(0, 2 * 2**20 - 8192), rng.randbytes(rng.choice([512, 4096, 8192]))
             )
         self.expected_replica_disks[r.pk] = self.replica_digests(r)
+
+    @precondition(lambda self: not self.grown)  # once an example: a grown disk blocks that replica's switches
+    @rule(replica=st.integers(0, 2), pages=st.integers(1, 64), seed=st.integers(0, 2**16))
+    def an_admin_grows_a_replica_disk(self, replica, pages, seed):
+        """Hot-extended in vCenter while it serves, and written to at once: a switch must not lose it."""
+        self.grown = True
+        r = self.replicas[replica]
+        if self.lab.power_state(r.vm_id) != POWERED_ON:
+            return
+        was = next(d.capacity_bytes for d in self.lab.vm_config(r.vm_id).disks if d.key == "scsi0:0")
+        self.lab.extend_disk(r.vm_id, "scsi0:0", was + pages * 4096)
+        self.lab.guest_write(r.vm_id, "scsi0:0", was, random.Random(seed).randbytes(pages * 4096))
+        self.expected_replica_disks[r.pk] = self.replica_digests(r)
+        STATS["disk grown"] = STATS.get("disk grown", 0) + 1
 
     @precondition(lambda self: self.sessions)
     @rule(which=st.integers(0, 20), seed=st.integers(0, 2**16))

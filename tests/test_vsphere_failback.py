@@ -137,6 +137,21 @@ def test_it_fails_back_on_vsphere_and_commits_with_identical_disks(vcsim, replic
     hv.close()
 
 
+def test_it_refuses_the_switch_when_the_replica_s_disk_grew_in_vcenter(vcsim, replica, operator, admin_user):
+    """vCenter reports the grown disk; the production VM was built with 64 MiB, so no override is offered."""
+    session = reload(start(operator, replica))
+    assert session.status == SessionStatus.READY_TO_SWITCH, session.error
+    hv = vcsim.hypervisor()
+    resize_disk(hv, replica.vm_id, "scsi0:0", 96 * MiB)  # hot-extended by an admin while the replica serves
+    with pytest.raises(workflow.Refused, match="disk scsi0:0 grew from 64.0 MiB to 96.0 MiB"):
+        workflow.switch_now(operator, session.pk)
+    with pytest.raises(workflow.Refused, match="cannot be overridden"):
+        workflow.switch_now(admin_user, session.pk, override_checks=True, reason="the window is closing")
+    assert reload(session).status == SessionStatus.READY_TO_SWITCH
+    assert hv.power_state(replica.vm_id) == POWERED_ON
+    hv.close()
+
+
 def test_it_shuts_the_replica_s_guest_down_for_the_switch(vcsim, replica, operator):
     hv = vcsim.hypervisor()
     guest(hv, replica.vm_id, "running", shutdown_delay=300)  # tools running, the OS takes 0.3 s

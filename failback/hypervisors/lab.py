@@ -24,6 +24,8 @@ Behaviour follows vSphere where the portal can see it:
   epoch names one life of the disk's change log (a new one after seeding or toggling ``cbt``), the
   record count is the log's length. ``changed_areas(..., "*")`` returns the allocated areas of the
   disk, as vSphere does for the change id ``*``.
+- Disks grow (``extend_disk``, the new space a hole) and are hot-added (``add_disk``) while the VM
+  runs, as in vCenter; they never shrink.
 - Guest writes (``guest_write``) write the data first and then append the change record, both
   under the lock, so a change id read afterwards always covers every completed write.
 

@@ -1,7 +1,7 @@
 """The lab's disks: data read and written by range, guest writes with their change log, and change
 tracking like vSphere's CBT at 64 KiB granularity (see ``lab``'s docstring for the files and the change
 id format). ``LabDisks`` is the disk part of ``LabHypervisor``; it relies on the VM storage methods
-there (``_vm``, ``_disk``, ``_disk_file``, ``_locked``).
+there (``_vm``, ``_disk``, ``_disk_file``, ``_locked``, ``_lab``, ``_vms``, ``_provisioned``).
 
 No Django here: the standard library only.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .base import POWERED_ON, ChangedAreas, HypervisorError, NbdExport
+from .base import POWERED_ON, ChangedAreas, HypervisorError, InsufficientSpace, NbdExport
 
 KiB, MiB = 1024, 1024**2
 BLOCK_SIZE = 64 * KiB  # change tracking granularity
@@ -55,6 +56,49 @@ class LabDisks:
     """Disk data and change tracking of the lab's VMs."""
 
     # -- disks ---------------------------------------------------------------------
+    def extend_disk(self, vm_id: str, disk_key: str, capacity_bytes: int) -> None:
+        """Grow a disk, as an administrator does in vCenter while the VM runs: the new space reads as
+        zeros and is not allocated; the change log goes on. Disks only grow (vSphere cannot shrink them)."""
+        with self._locked():
+            vm = self._vm(vm_id)
+            disk = self._disk(vm, disk_key)
+            if capacity_bytes < disk["capacity_bytes"]:
+                raise HypervisorError(
+                    f"Disk {disk_key} of {vm['name']} is {disk['capacity_bytes']} bytes: a disk cannot shrink."
+                )
+            self._check_room(disk["datastore"], capacity_bytes - disk["capacity_bytes"])
+            with open(self._disk_file(vm, disk), "r+b") as f:
+                f.truncate(capacity_bytes)
+            disk["capacity_bytes"] = int(capacity_bytes)
+            self._save_vm(vm)
+
+    def add_disk(self, vm_id: str, capacity_bytes: int) -> str:
+        """Give a VM one more empty sparse disk on its own datastore (hot add); return its key."""
+        if capacity_bytes <= 0:
+            raise HypervisorError("A disk's capacity must be positive.")
+        with self._locked():
+            vm = self._vm(vm_id)
+            taken = {d["key"] for d in vm["disks"]}
+            key = next(f"scsi0:{i}" for i in range(len(taken) + 1) if f"scsi0:{i}" not in taken)
+            self._check_room(vm["datastore"], capacity_bytes)
+            disk = {"key": key, "capacity_bytes": int(capacity_bytes), "datastore": vm["datastore"], "thin": True}
+            self._vm_dir(disk["datastore"], vm_id).mkdir(parents=True, exist_ok=True)
+            with open(self._disk_file(vm, disk), "wb") as f:
+                f.truncate(capacity_bytes)
+            disk["ctk_epoch"] = uuid.uuid4().hex[:12]
+            with open(self._disk_file(vm, disk, ".ctk"), "wb"):
+                pass
+            vm["disks"].append(disk)
+            self._save_vm(vm)
+            return key
+
+    def _check_room(self, datastore: str, more: int) -> None:
+        free = self._lab()["datastores"][datastore] - self._provisioned(self._vms()).get(datastore, 0)
+        if more > free:
+            raise InsufficientSpace(
+                f"Insufficient disk space on datastore '{datastore}': {more} bytes needed, {max(free, 0)} free."
+            )
+
     def disk_path(self, vm_id: str, disk_key: str) -> str:
         vm = self._vm(vm_id)
         return str(self._disk_file(vm, self._disk(vm, disk_key)))

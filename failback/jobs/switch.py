@@ -10,6 +10,7 @@ from functools import partial
 from django.conf import settings
 from django.utils import timezone
 
+from .. import checks as prechecks
 from .. import logging_context, prediction, windows, workflow
 from ..choices import Outcome, SessionStatus
 from ..hypervisors.base import POWERED_OFF, POWERED_ON, SUSPENDED, HypervisorError
@@ -47,6 +48,7 @@ def _switch(run, session, hv):
     timing = {"delta_s": 0.0, "delta_bytes": 0, "verify_s": 0.0, "verify_bytes": 0}
     try:
         _replica_down(run, session, hv)
+        _same_disks(hv, session)
         if _network(hv):  # one stream at a time: the datastore HTTP interface is the bottleneck
             for disk in session.disks.all():
                 _network_copy(run, hv, session, disk, phase=2)
@@ -72,6 +74,21 @@ def _switch(run, session, hv):
         _power_on_production(run, session, hv)
     _record_window(run, session, timing)
     run_hooks(run, session, "after_switch")
+
+
+class DisksChanged(Exception):
+    """The replica's disks are no longer those the production VM was built with."""
+
+
+def _same_disks(hv, session):
+    """Checked again once the replica is off: the pre-switch check ran while its disks could still change,
+    and a disk grown or added since would not be carried across."""
+    changes = prechecks.disk_changes(hv, session)
+    if changes:
+        raise DisksChanged(
+            f"since failback #{session.pk} started, {'; '.join(changes)}; the production VM was built with the "
+            "disks as they were, so nothing was sent: cancel this failback and start a new one"
+        )
 
 
 def _announce_phase2(run, session, hv):
