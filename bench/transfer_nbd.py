@@ -10,9 +10,11 @@ reaches them through libnbd. Shapes and changes are bench/transfer.py's (--quick
 - phase 1 of sparse, dense and random: full_copy direct vs over NBD (durable=False both, after
   os.sync(), source in the page cache); nbd_phase1_vs_direct = direct median / nbd median (1.0: as
   fast; above 0.7 is the issue's bar), worst shape. Each side's CPU seconds are printed too (direct:
-  this process; nbd: this process and both nbdkit), and, when libnbd's own copier nbdcopy is
+  this process; nbd: this process and both nbdkit, and each apart), with the cores they kept busy
+  (CPU seconds / wall seconds: 2.0 is both cores of this machine), and, when libnbd's own copier nbdcopy is
   installed (Debian's libnbd-bin), the same copy by nbdcopy between the same two exports in the same
-  rounds: the C reference for what NBD costs here (it does not hash; nbdcopy_vs_direct, worst shape);
+  rounds: the C reference for what NBD costs here (it does not hash; nbdcopy_vs_direct, worst shape;
+  --nbdcopy-flags to try its connections, requests and request size);
 - the NBD copy must equal the source (disk digest) and keep its holes (no data where the source has a
   hole, no more allocated): nbd_holes_kept;
 - sweep: 1 and 16 GiB at 10 % allocated, the same 64 x 64 KiB change on each, the switch's data window
@@ -73,27 +75,38 @@ class Ends:
             yield s.uri, d.uri
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU seconds the processes (all their threads) and this process's ended
-    children (nbdcopy) have used so far."""
+def cpu_split(pids: list[int]) -> list[float]:
+    """User and system CPU seconds each process (all its threads, ended ones too) has used so far,
+    then those of this process's ended children (nbdcopy)."""
     ended = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = 0
+    out = []
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK") + ended.ru_utime + ended.ru_stime
+        out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return [*out, ended.ru_utime + ended.ru_stime]
 
 
-def timed_cpu(fn, pids: list[int], times: list[float], cpus: list[float]) -> None:
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_split(pids))
+
+
+def timed_cpu(
+    fn, pids: list[int], times: list[float], cpus: list[float], parts: list[list[float]] | None = None
+) -> None:
+    """Time fn: wall seconds to times, CPU seconds of pids (and ended children) to cpus, and when
+    parts is given, each process's CPU seconds (pids' order, then the children) to it."""
     os.sync()
-    c, t = cpu_seconds(pids), time.perf_counter()
+    c, t = cpu_split(pids), time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-    cpus.append(cpu_seconds(pids) - c)
+    used = [b - a for a, b in zip(c, cpu_split(pids), strict=True)]
+    cpus.append(sum(used))
+    if parts is not None:
+        parts.append(used)
 
 
-def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: Ends) -> None:
+def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: Ends, nbdcopy_flags: list[str]) -> None:
     src, dst, nbd_dst, state = (os.path.join(work, n) for n in ("src.img", "dst.img", "nbd-dst.img", "state"))
     print(f"{shape.name}: {shape.size / GiB:.2f} GiB, {shape.allocated:.0%} allocated")
     base.build(src, shape.size, shape.allocated, rng)
@@ -102,13 +115,14 @@ def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: 
     nbd: list[float] = []
     ref: list[float] = []  # nbdcopy
     cpu: dict[str, list[float]] = {"direct": [], "nbd": [], "ref": []}
+    parts: list[list[float]] = []  # over NBD: the engine's, the source nbdkit's, the target nbdkit's CPU
     nbdcopy = shutil.which("nbdcopy")
     with ends(src, nbd_dst) as (s_uri, d_uri):
 
-        def over_nbd(times: list[float] = nbd, cpus: list[float] = cpu["nbd"]) -> None:
+        def over_nbd(times: list[float] = nbd, cpus: list[float] = cpu["nbd"], split: list | None = parts) -> None:
             base.remove(state)
             empty(nbd_dst, shape.size)
-            timed_cpu(lambda: full_copy(s_uri, d_uri, state_dir=state, durable=False), ends.pids, times, cpus)
+            timed_cpu(lambda: full_copy(s_uri, d_uri, state_dir=state, durable=False), ends.pids, times, cpus, split)
 
         def on_files() -> None:
             base.remove(dst, state)
@@ -116,24 +130,31 @@ def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: 
 
         def by_nbdcopy() -> None:
             empty(nbd_dst, shape.size)
-            timed_cpu(lambda: base.run([nbdcopy, s_uri, d_uri]), ends.pids[1:], ref, cpu["ref"])
+            timed_cpu(lambda: base.run([nbdcopy, *nbdcopy_flags, s_uri, d_uri]), ends.pids[1:], ref, cpu["ref"])
 
         steps = [over_nbd, on_files] + ([by_nbdcopy] if nbdcopy else [])
         for r in range(rounds + 1):  # round 0 warms up and is dropped
             for fn in steps if r % 2 == 0 else steps[::-1]:
                 fn()
             if r == 0:
-                for xs in (direct, nbd, ref, *cpu.values()):
+                for xs in (direct, nbd, ref, parts, *cpu.values()):
                     xs.clear()
-        over_nbd([], [])  # the copy whose result is checked (not timed)
+        over_nbd([], [], None)  # the copy whose result is checked (not timed)
     same = disk_digest(src) == disk_digest(nbd_dst)
     holes = base.in_holes(nbd_dst, src) == 0 and base.allocated(nbd_dst) <= base.allocated(src)
     print(
         base.describe("phase 1 direct (full_copy on files)", direct) + f"  cpu {statistics.median(cpu['direct']):.2f} s"
     )
     print(base.describe("phase 1 nbd (full_copy over NBD)", nbd) + f"  cpu {statistics.median(cpu['nbd']):.2f} s")
+    engine, source, target = (statistics.median(x[k] for x in parts) for k in range(3))
+    print(
+        f"    cpu over NBD: engine {engine:.2f} s, source nbdkit {source:.2f} s, target nbdkit {target:.2f} s; "
+        f"cores busy {statistics.median(c / t for c, t in zip(cpu['nbd'], nbd, strict=True)):.2f} "
+        f"(direct {statistics.median(c / t for c, t in zip(cpu['direct'], direct, strict=True)):.2f})"
+    )
     if ref:
-        print(base.describe("same copy by nbdcopy (reference)", ref) + f"  cpu {statistics.median(cpu['ref']):.2f} s")
+        flags = f" {' '.join(nbdcopy_flags)}" if nbdcopy_flags else ""
+        print(base.describe(f"same copy by nbdcopy{flags}", ref) + f"  cpu {statistics.median(cpu['ref']):.2f} s")
         shape.results["nbdcopy_vs_direct"] = statistics.median(direct) / statistics.median(ref)
     print(
         f"  nbd copy identical={'yes' if same else 'no'} holes_kept={'yes' if holes else 'no'} "
@@ -178,6 +199,11 @@ def main() -> None:
     parser.add_argument("--shapes", default="sparse,dense,random,sweep")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")))
     parser.add_argument("--unix", action="store_true", help="Unix sockets instead of TLS on loopback")
+    parser.add_argument(
+        "--nbdcopy-flags",
+        default="",
+        help="flags for the nbdcopy reference, e.g. '--connections=2 --requests=4 --request-size=262144'",
+    )
     args = parser.parse_args()
     require_nbd()
     wanted = set(args.shapes.split(","))
@@ -190,7 +216,7 @@ def main() -> None:
     try:
         for shape in base.shapes(args.quick):
             if shape.name in wanted:
-                phase1(work, shape, rng, args.rounds, ends)
+                phase1(work, shape, rng, args.rounds, ends, args.nbdcopy_flags.split())
                 done.append(shape)
         if "sweep" in wanted:
             d = 16 if args.quick else 1
