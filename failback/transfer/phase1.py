@@ -1,8 +1,9 @@
 """Phase 1, the full copy (public entry: :func:`.engine.full_copy`).
 
-Each block's data ranges are copied by copy_file_range; the pool reads them back from the target's
-page cache and hashes them, so the leaves are of exactly the bytes that went in. A block whose first data page is zeros is read into a buffer instead and only its
-non-zero pages are written. The pass resumes from the checkpoint a background thread saves every few
+Each block's data ranges are copied by copy_file_range, each source extent allocated whole in the
+target first; the pool reads them back from the target's page cache and hashes them, so the leaves are
+of exactly the bytes that went in. A block whose first data page is zeros (and that is not inside an
+extent allocated ahead) is read into a buffer instead and only its non-zero pages are written. The pass resumes from the checkpoint a background thread saves every few
 seconds. Why this shape, with figures: docs/decisions.md, "Transfer engine: phase 1 against cp".
 """
 
@@ -20,7 +21,7 @@ from .nbd import NbdDisk
 from .passes import COPY_WORKERS, Controls, Hashed, Job, Pass, Work
 from .progress import Reporter
 from .results import CopyResult
-from .sparse import allocated_bytes, data_extents, punch_hole, zero_range
+from .sparse import allocate, allocated_bytes, data_extents, punch_hole, zero_range
 from .state import Checkpointer, finish_state
 
 
@@ -116,6 +117,12 @@ class _FullCopy:
         self.held_to = 0  # end offset of the last block in self.held
         self.held_since = time.monotonic()
         self.last_hold = float("-inf")
+        # Allocation ahead of the copy (see copy), not under a bandwidth limit (the copy's speed does not
+        # matter there, and space is taken as it is written): the target is allocated up to
+        # allocated_to, and written by the copy up to copied_to within that allocation.
+        self.allocated_to = 0
+        self.copied_to = 0
+        self.allocating = p.copy_range_ok and not p.pacer.active and isinstance(p.dst_fd, int)
 
     def run(self, jobs: Iterator[Job], checkpoint_interval: float) -> None:
         try:
@@ -156,12 +163,13 @@ class _FullCopy:
 
     def first(self, job: Job, buf: bytearray) -> Hashed | Work:
         """Copy the block in the kernel (the pool hashes it back from the target's page cache), or,
-        when its first data page is zeros, read it into buf and write only its non-zero pages."""
+        when its first data page is zeros, read it into buf and write only its non-zero pages. A block
+        inside a range allocated ahead is copied whatever its first page (see copy)."""
         p = self.p
         if (
             p.copy_range_ok
-            and p.probe_has_data(job)
-            and all(p.copy_range(job.offset + a, b - a) for a, b in job.segments)
+            and (job.offset + job.segments[0][0] < self.allocated_to or p.probe_has_data(job))
+            and all(self.copy(job.offset + a, b - a) for a, b in job.segments)
         ):
             p.bytes_read += job.work
             return lambda: p.hash_copied(job, buf)
@@ -180,6 +188,36 @@ class _FullCopy:
         if not written:
             return Hashed(bytes(LEAF * block_count(job.length, p.grain)))
         return lambda: p.hash_spans(job, buf, spans)
+
+    def copy(self, offset: int, length: int) -> bool:
+        """copy_file_range one data range, the source extent it starts allocated first in the target,
+        whole: ext4 then skips its page-by-page reservation of delayed allocation, 10-15 % of phase 1
+        (docs/decisions.md, issue 13). Whole extents, in one call each, so the target is in no more
+        extents than the source (allocated block by block, the pieces landed apart, and the extra
+        extents cost an extent-tree block the source did not have). What was allocated and then not
+        copied (the source gave it back since) is punched before the copy moves past it."""
+        p = self.p
+        self.give_back(offset)
+        if self.allocating and offset >= self.allocated_to:
+            try:
+                end = min(os.lseek(p.src_fd, offset, os.SEEK_HOLE), self.state.size)
+            except OSError:
+                end = offset + length
+            if allocate(p.dst_fd, offset, end - offset):
+                self.allocated_to, self.copied_to = end, offset
+        if not p.copy_range(offset, length):
+            self.give_back(self.allocated_to)
+            self.allocating = False
+            return False
+        self.copied_to = max(self.copied_to, offset + length)
+        return True
+
+    def give_back(self, offset: int) -> None:
+        """Punch what was allocated ahead below offset and not copied."""
+        end = min(offset, self.allocated_to)
+        if self.copied_to < end:
+            zero_range(self.p.dst_fd, self.copied_to, end - self.copied_to)
+            self.copied_to = end
 
     def read_and_plan(self, job: Job, buf: bytearray) -> Hashed:
         """On the pool (a source over NBD): read the block's data ranges, find its non-zero page runs
@@ -228,6 +266,7 @@ class _FullCopy:
     def complete(self) -> None:
         """The copy is whole: flush, then record it complete with both digests and fresh seals."""
         state = self.state
+        self.give_back(state.size)
         if self.durable:
             flush(self.p.dst_fd)
             self.leaves.sync()

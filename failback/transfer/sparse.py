@@ -106,6 +106,23 @@ def punch_hole(fd: int | NbdDisk, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+_allocate_supported = True
+
+
+def allocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate [offset, offset+length) of a file ahead of writing it (``fallocate`` keeping the size;
+    it reads as zeros until written). Only a hint for speed: False when the filesystem cannot, or has
+    no room (the write that follows then fails as it would have); never emulated by writing zeros."""
+    global _allocate_supported
+    if length <= 0 or _libc is None or not _allocate_supported:
+        return False
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        _allocate_supported = False
+    return False
+
+
 def zero_range(fd: int | NbdDisk, offset: int, length: int, chunk: int = 1 << 20) -> int:
     """Make [offset, offset+length) read as zeros: punch a hole, else write zeros. Returns bytes written."""
     if punch_hole(fd, offset, length):
