@@ -16,7 +16,7 @@ from .choices import Outcome, ReplicaState
 from .credentials import CredentialError
 from .hypervisors.base import HypervisorError
 from .hypervisors.registry import for_connection
-from .models import Replica, ReplicaDisk, VCenterConnection
+from .models import Replica, VCenterConnection
 from .workflow import Refused, audit, refuse
 
 log = logging.getLogger(__name__)
@@ -270,9 +270,11 @@ def sync_inventory(connection_id, actor=None):
             inventory=snapshot, synced_at=timezone.now(), sync_error=""
         )
         suffix = connection.replica_suffix
-        known = set(Replica.objects.filter(connection=connection).values_list("vm_id", flat=True))
+        known = {r.vm_id: r for r in Replica.objects.filter(connection=connection).prefetch_related("disks")}
+        resized = 0
         for vm in inventory.vms:
-            if vm.vm_id in known:
+            if vm.vm_id in known:  # its disks as vCenter has them now (grown or added since the last sync)
+                resized += known[vm.vm_id].set_disks(vm.disks)
                 continue
             if vm.vm_id in by_attribute:  # the custom attribute names the source workload
                 source = by_attribute[vm.vm_id]
@@ -286,8 +288,9 @@ def sync_inventory(connection_id, actor=None):
             action="sync_inventory",
             actor=actor,
             detail=f"{connection.name}: {len(inventory.vms)} VMs, {len(inventory.hosts)} hosts, "
-            f"{len(inventory.datastores)} datastores; {found} new replica(s) found",
-            data={"connection": connection.name, "new_replicas": found},
+            f"{len(inventory.datastores)} datastores; {found} new replica(s) found"
+            + (f"; disks changed on {resized} replica(s)" if resized else ""),
+            data={"connection": connection.name, "new_replicas": found, "disks_changed": resized},
         )
     return found
 
@@ -325,10 +328,7 @@ def _add_replica(connection, vm, *, source_name):
         site=connection.name,
         state=ReplicaState.READY,
     )
-    ReplicaDisk.objects.bulk_create(
-        ReplicaDisk(replica=replica, key=d.key, capacity_bytes=d.capacity_bytes, datastore=d.datastore)
-        for d in vm.disks
-    )
+    replica.set_disks(vm.disks)
     return replica
 
 

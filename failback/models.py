@@ -1,5 +1,5 @@
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models import F
 from django.db.models.functions import Upper
 from django.utils import timezone
@@ -116,6 +116,19 @@ class Replica(models.Model):
     def active_session(self):
         # Prefetch-friendly: uses the cache when sessions were prefetched.
         return next((s for s in self.sessions.all() if s.status in ACTIVE), None)
+
+    def set_disks(self, disks):
+        """Record the disks as the platform reports them (``DiskSpec``s: grown, added or moved since they
+        were last recorded); returns whether anything changed."""
+        live = {(d.key, d.capacity_bytes, d.datastore) for d in disks}
+        if live == {(d.key, d.capacity_bytes, d.datastore) for d in self.disks.all()}:
+            return False
+        with transaction.atomic():
+            self.disks.all().delete()
+            ReplicaDisk.objects.bulk_create(
+                ReplicaDisk(replica=self, key=k, capacity_bytes=c, datastore=ds) for k, c, ds in sorted(live)
+            )
+        return True
 
 
 class ReplicaDisk(models.Model):

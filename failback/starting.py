@@ -19,7 +19,7 @@ from . import checks as prechecks
 from .audit import audit, clean_reason, refuse, require_operator
 from .choices import ACTIVE, CommitPolicy, ReplicaState, SessionStatus, SwitchMode
 from .hypervisors.base import HypervisorError
-from .models import FailbackSession, Replica, ReplicaDisk, SessionDisk
+from .models import FailbackSession, Replica, SessionDisk
 from .schedules import enqueue, set_switch_schedule, validate_switch_time
 
 COMMIT_AFTER_MAX_MIN = 7 * 24 * 60
@@ -139,17 +139,8 @@ def _refresh_disks(replica, inventory):
     """The replica's disks as the platform has them now (grown or added since the last inventory sync): the
     room check, the session's disks and the production VM built from the replica must all agree."""
     live = next((vm for vm in inventory.vms if vm.vm_id == replica.vm_id), None)
-    if live is None:
-        return
-    known = {(d.key, d.capacity_bytes, d.datastore) for d in replica.disks.all()}
-    if known == {(d.key, d.capacity_bytes, d.datastore) for d in live.disks}:
-        return
-    with transaction.atomic():
-        replica.disks.all().delete()
-        ReplicaDisk.objects.bulk_create(
-            ReplicaDisk(replica=replica, key=d.key, capacity_bytes=d.capacity_bytes, datastore=d.datastore)
-            for d in live.disks
-        )
+    if live is not None:
+        replica.set_disks(live.disks)
 
 
 def _platform_facts(options, *, action, actor, replica):

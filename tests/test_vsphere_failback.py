@@ -137,8 +137,11 @@ def test_it_fails_back_on_vsphere_and_commits_with_identical_disks(vcsim, replic
     hv.close()
 
 
-def test_it_refuses_the_switch_when_the_replica_s_disk_grew_in_vcenter(vcsim, replica, operator, admin_user):
-    """vCenter reports the grown disk; the production VM was built with 64 MiB, so no override is offered."""
+def test_it_refuses_the_switch_when_the_replica_s_disk_grew_in_vcenter(
+    vcsim, replica, operator, admin_user, connection
+):
+    """vCenter reports the grown disk; the production VM was built with 64 MiB, so no override is offered.
+    The next inventory sync records the new size."""
     session = reload(start(operator, replica))
     assert session.status == SessionStatus.READY_TO_SWITCH, session.error
     hv = vcsim.hypervisor()
@@ -150,6 +153,10 @@ def test_it_refuses_the_switch_when_the_replica_s_disk_grew_in_vcenter(vcsim, re
     assert reload(session).status == SessionStatus.READY_TO_SWITCH
     assert hv.power_state(replica.vm_id) == POWERED_ON
     hv.close()
+    connections.sync_inventory(connection.pk)
+    assert list(replica.disks.values_list("key", "capacity_bytes")) == [("scsi0:0", 96 * MiB)]
+    synced = AuditEvent.objects.filter(action="sync_inventory").latest("pk")
+    assert "disks changed on 1 replica(s)" in synced.detail and synced.data["disks_changed"] == 1
 
 
 def test_it_shuts_the_replica_s_guest_down_for_the_switch(vcsim, replica, operator):
