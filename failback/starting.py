@@ -65,6 +65,7 @@ class _Facts:
     placement: object
     found: list
     kept: object = None
+    not_reused: str = ""  # why a VM kept for a retry cannot serve this one
 
 
 def start_failback(actor, replica_id, options=None, *, plan=None, plan_order=0, **option_fields):
@@ -168,6 +169,12 @@ def _platform_facts(options, *, action, actor, replica):
         refuse(f"Start failback refused: {exc}", **where)
     facts = _Facts(inventory, placement, found)
     facts.kept = _kept_vm(replica, options.vm_name, options.target_host, options.target_datastore, inventory)
+    if facts.kept is not None and not _same_disks(facts.kept.production_vm_id, replica.vm_id, inventory):
+        facts.not_reused = (
+            f" (kept by failback #{facts.kept.pk}, but built with the replica's disks as they were then, which have"
+            " changed since: it cannot be reused; delete it first)"
+        )
+        facts.kept = None
     if facts.kept is not None:  # its disks are already allocated: the room check counts them as free
         facts.found = [
             c
@@ -204,7 +211,7 @@ def _check_target(options, facts, *, action, actor, replica):
     if holder is not None:  # a rule too: the database's constraint backs it up when the session is created
         refuse(_name_taken(options.vm_name, holder), **where)
     if facts.kept is None and any(vm.name == options.vm_name for vm in inventory.vms):
-        refuse(f"A VM named {options.vm_name!r} already exists; pick another name.", **where)
+        refuse(f"A VM named {options.vm_name!r} already exists{facts.not_reused}; pick another name.", **where)
     if not any(vm.vm_id == replica.vm_id for vm in inventory.vms):
         refuse(
             f"Start failback refused: the replica VM {replica.name} ({replica.vm_id}) is not in the platform's inventory.",
@@ -396,6 +403,13 @@ def _name_taken(vm_name, holder):
         f"Start failback refused: the name {vm_name!r} is reserved by failback #{holder.pk} of {holder.replica.name} "
         f"({holder.get_status_display()}); pick another name."
     )
+
+
+def _same_disks(vm_a, vm_b, inventory):
+    disks = {
+        vm.vm_id: {(d.key, d.capacity_bytes) for d in vm.disks} for vm in inventory.vms if vm.vm_id in (vm_a, vm_b)
+    }
+    return disks.get(vm_a) == disks.get(vm_b)
 
 
 def _kept_vm(replica, vm_name, target_host, target_datastore, inventory):

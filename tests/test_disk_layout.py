@@ -44,8 +44,10 @@ def test_a_disk_grown_during_phase_1_blocks_the_switch_and_no_override_lets_it_t
     assert refused.count() == 2 and {r.actor for r in refused} == {operator, admin_user}
     assert not AuditEvent.objects.filter(session=s, action="override_checks").exists()
 
-    workflow.cancel(operator, s.pk)  # what the refusal says to do; a new failback then carries the bigger disk
-    again = start(operator, replica, vm_name="app-crm-prod-2")
+    workflow.cancel(operator, s.pk, keep_production_vm=True)  # kept for a retry: but it has the old disk
+    with pytest.raises(workflow.Refused, match=f"kept by failback #{s.pk}, but built with .* cannot be reused"):
+        start(operator, replica)
+    again = start(operator, replica, vm_name="app-crm-prod-2")  # a new failback carries the bigger disk
     workflow.switch_now(operator, again.pk)
     again = reload(again)
     assert again.status == SessionStatus.FAILBACK

@@ -87,7 +87,7 @@ def _same_disks(hv, session):
     if changes:
         raise DisksChanged(
             f"since failback #{session.pk} started, {'; '.join(changes)}; the production VM was built with the "
-            "disks as they were, so nothing was sent: cancel this failback and start a new one"
+            "disks as they were, so nothing was sent: start a new failback (another VM name, or delete this one first)"
         )
 
 
