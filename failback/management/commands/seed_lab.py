@@ -10,7 +10,7 @@ from failback.audit import Refused
 from failback.choices import ReplicaState
 from failback.hypervisors.lab import LabHypervisor
 from failback.hypervisors.lab_demo import seed_demo
-from failback.models import Replica, ReplicaDisk
+from failback.models import Replica
 from failback.rehearsal import REPLICA_SUFFIX, reset_lab
 
 
@@ -62,10 +62,7 @@ class Command(BaseCommand):
                 site="DR",
                 state=ReplicaState.FAILOVER,
             )
-            ReplicaDisk.objects.bulk_create(
-                ReplicaDisk(replica=replica, key=d.key, capacity_bytes=d.capacity_bytes, datastore=d.datastore)
-                for d in vm.disks
-            )
+            replica.set_disks(vm.disks)
             added += 1
         return added
 
