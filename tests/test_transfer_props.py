@@ -16,10 +16,16 @@ from hypothesis import strategies as st
 
 from failback.transfer import VerificationError, delta_copy, disk_digest, full_copy, verify_changes, verify_target
 
+from .fs_support import data_sectors
+
 KiB = 1 << 10
 PAGE = 4 * KiB
 BLOCK = 256 * KiB  # four 64 KiB grains: small images still cross blocks and grains
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("PROPS_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @dataclass
@@ -93,7 +99,7 @@ def changed_pages(before: bytes, after: bytes) -> int:
 
 
 def allocated(path: str) -> int:
-    return os.stat(path).st_blocks * 512
+    return data_sectors(path) * 512  # without ext4's extent-tree blocks (tests/fs_support.py)
 
 
 def run_case(work: str, image: tuple[int, list[tuple[int, int, str]]], writes: list[Write], tracked: bool, seed: int):
