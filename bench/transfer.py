@@ -16,7 +16,8 @@ random also discard (punch, as a guest's TRIM/UNMAP does) one range of 16-256 Ki
 per 16 writes, which the target must give back too.
 Each shape prints phase 1 (full_copy, durable=False, as cp and rsync do not flush) against
 `cp --sparse=always`, alternated, and the tracked and digest deltas against
-`rsync --inplace --no-whole-file` of the changed image onto the old copy; per delta method, the bytes
+`rsync --inplace --no-whole-file` of the changed image onto the old copy (the tracked delta as the
+switch runs it, with the source quiet: see delta_copy's source_quiet); per delta method, the bytes
 written against the 4 KiB pages whose content changed to data (write_amplification: pages that became
 zeros are punched, not written), the target's allocation against the source's, and the target's data
 lying in a hole of the source (holes_kept=yes: none, and no more allocated than the source), and
@@ -281,8 +282,14 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int, phase1
         out: dict[str, object] = {}
 
         def go() -> None:
+            tracked = method == "tracked"  # as the switch's final delta: the replica is off (source_quiet)
             res = delta_copy(
-                src, dst, state_dir=state, changed_extents=extents if method == "tracked" else None, durable=False
+                src,
+                dst,
+                state_dir=state,
+                changed_extents=extents if tracked else None,
+                durable=False,
+                source_quiet=tracked,
             )
             proof = verify_changes(src, dst, state_dir=state)
             out["res"], out["proof"] = res, proof
@@ -344,7 +351,7 @@ def window(work: str, size: int, rng: random.Random, rounds: int) -> float:
         extents = change(src, Shape("w", size, 0, 64, (64 * KiB, 64 * KiB)), random.Random(7 + k), discards=False)
         os.sync()
         t = time.perf_counter()
-        delta_copy(src, dst, state_dir=state, changed_extents=extents)
+        delta_copy(src, dst, state_dir=state, changed_extents=extents, source_quiet=True)
         proof = verify_changes(src, dst, state_dir=state)
         xs.append(time.perf_counter() - t)
         assert proof.identical

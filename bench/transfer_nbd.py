@@ -180,7 +180,7 @@ def window(work: str, size: int, rng: random.Random, rounds: int, ends: Ends | N
             )
             os.sync()
             t = time.perf_counter()
-            delta_copy(s, d, state_dir=state, changed_extents=extents)
+            delta_copy(s, d, state_dir=state, changed_extents=extents, source_quiet=True)
             proof = verify_changes(s, d, state_dir=state)
             xs.append(time.perf_counter() - t)
             assert proof.identical

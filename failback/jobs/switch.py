@@ -240,6 +240,7 @@ def _final_delta(src, dst, state_dir, extents, progress, cancel):
         progress=progress,
         progress_interval=settings.FAILBACK_PROGRESS_INTERVAL,
         cancel=cancel,
+        source_quiet=True,  # the replica is off
     )
     # The proof reads what changed, not the whole disks: both digests come from the leaves the
     # passes kept, the files' seals show nothing wrote to them since, and sampled grains are re-read.

@@ -2,7 +2,10 @@
 
 The grains a delta must look at are read and planned, per grain, into the pages to write (see
 :func:`examine`: on the pool for a block read whole or mostly, else in the calling thread); the calling
-thread writes them, reads them back, and only then moves the target's leaves. A target changed behind the engine's back is re-read first and repaired.
+thread writes them, reads them back, and only then moves the target's leaves. A target changed behind
+the engine's back is re-read first and repaired. With the source quiet (the switch's final delta), a
+tracked delta compares a named grain both sides held alike at its named pages only: nothing else in it
+can differ.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def run(
     block_size: int | None,
     controls: Controls,
     durable: bool,
+    source_quiet: bool = False,
 ) -> CopyResult:
     started = time.monotonic()
     with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDWR) as dfd:
@@ -74,7 +78,7 @@ def run(
                 delta.repair_target()
             jobs: Iterable[Job]
             if changed_extents is not None:
-                method, jobs = "tracked", delta.tracked_jobs(changed_extents)
+                method, jobs = "tracked", delta.tracked_jobs(changed_extents, named_only=source_quiet)
             else:
                 method, jobs = "digest", delta.digest_jobs()
             delta.run(jobs)
@@ -129,15 +133,16 @@ class _Delta:
         self.state.pending = _merge_block_ranges([*self.state.pending, *([i, i + 1] for i in repair)])
         self._save()
 
-    def tracked_jobs(self, changed_extents: Sequence[tuple[int, int]]) -> Iterator[Job]:
-        """Method "tracked": the blocks the extents touch, and those pending, recorded before reading."""
+    def tracked_jobs(self, changed_extents: Sequence[tuple[int, int]], *, named_only: bool) -> Iterator[Job]:
+        """Method "tracked": the blocks the extents touch, and those pending, recorded before reading.
+        named_only (the source is quiet): a named grain in sync is compared at its named pages only."""
         state = self.state
         by_block = _extents_by_block(changed_extents, self.size, self.bs)
         leftover = {i for lo, hi in state.pending for i in range(lo, hi)}
         touched = [[i, i + 1] for i in by_block]
         state.pending = _merge_block_ranges([*touched, *state.pending])
         self._save()
-        plan = _TrackedPlan(by_block, leftover, self.size, self.bs, self.g_size)
+        plan = _TrackedPlan(by_block, leftover, self.size, self.bs, self.g_size, named_only)
         self.p.reporter.total = sum(
             plan.grain_bytes(*plan.grains(i)) for lo, hi in state.pending for i in range(lo, hi)
         )
@@ -156,6 +161,7 @@ class _Delta:
                     grains=grains,
                     old_source=self.leaves.source.get(i * self.per, count),
                     old_target=self.leaves.target.get(i * self.per, count),
+                    changed=plan.changed(i),
                 )
 
     def digest_jobs(self) -> Iterator[Job]:
@@ -269,6 +275,7 @@ class _TrackedPlan:
     size: int
     bs: int
     g_size: int
+    named_only: bool
 
     def grains(self, i: int) -> tuple[int, tuple[int, ...]]:
         """(block length, grains to read) of block i."""
@@ -283,6 +290,26 @@ class _TrackedPlan:
                 lo = grains[-1] + 1
             grains.extend(range(lo, hi))
         return n, tuple(grains)
+
+    def changed(self, i: int) -> dict[int, list[tuple[int, int]]] | None:
+        """The pages of block i change tracking names (rounded out to pages, cut at grains), by grain;
+        None when the whole block is to be compared."""
+        if not self.named_only or i in self.leftover or i not in self.by_block:
+            return None
+        n, g_size = block_length(i, self.size, self.bs), self.g_size
+        out: dict[int, list[tuple[int, int]]] = {}
+        for a, b in self.by_block[i]:
+            a, b = a - a % PAGE, min(n, -(-b // PAGE) * PAGE)
+            while a < b:
+                g = a // g_size
+                stop = min(b, (g + 1) * g_size)
+                runs = out.setdefault(g, [])
+                if runs and runs[-1][1] >= a:
+                    runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
+                else:
+                    runs.append((a, stop))
+                a = stop
+        return out
 
     def grain_bytes(self, n: int, grains: tuple[int, ...]) -> int:
         if not grains:
@@ -323,6 +350,10 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
             continue  # the target holds it already
         if leaf == ZERO_LEAF:
             out.plans[g] = None
+        elif (named := job.changed and job.changed.get(g)) and old_t == job.old_source[g * LEAF : (g + 1) * LEAF]:
+            out.plans[g] = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF)
+            if old_t != ZERO_LEAF:
+                out.target_read += sum(y - x for x, y in named)
         elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
             out.plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
         else:
@@ -402,6 +433,21 @@ def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iter
                 yield a, holes_of[j][0]
             a = max(a, holes_of[j][1])
             j += 1
+
+
+def _named_pages(
+    p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]], *, target_zero: bool
+) -> list[tuple[int, int]]:
+    """A grain both sides held alike at the last pass, the source quiet since: only the pages change
+    tracking names can differ. Of those, the ones that differ from the target (read there only), or
+    their non-zero ones where the target grain was zeros (nothing read)."""
+    if target_zero:
+        return [(u, v) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y) if not zero]
+    t, view, out = p.scratch(), memoryview(buf), []
+    for x, y in runs:
+        p.read(p.dst_fd, t, 0, y - x, job.offset + x)
+        _differing(t, x, view, x, y, out)
+    return out
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[tuple[int, int]]:

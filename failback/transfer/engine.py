@@ -112,6 +112,7 @@ def delta_copy(
     bandwidth_limit_bps: float | None = None,
     cancel: CancelFlag | None = None,
     durable: bool = True,
+    source_quiet: bool = False,
 ) -> CopyResult:
     """Phase 2 / catch-up: bring dst from what the leaves record to src's current content.
 
@@ -127,6 +128,10 @@ def delta_copy(
     CopyResult.target_untouched is then False. The leaves are updated block by block, so the call can
     be repeated, and a pass that died half-way is simply run again.
     block_size: None means the one recorded by full_copy.
+    source_quiet: nothing writes to src during this pass (the switch's final delta: the replica is off).
+    A tracked delta then compares only the named pages of a named grain both sides held alike, and
+    trusts its other pages equal as change tracking says (without it, a guest write landing after the
+    change id was taken could reach the source's leaf and not the target: the grain is compared whole).
     """
     controls = Controls(progress, progress_interval, cancel, bandwidth_limit_bps, Pacer)
     return delta.run(
@@ -137,6 +142,7 @@ def delta_copy(
         block_size=block_size,
         controls=controls,
         durable=durable,
+        source_quiet=source_quiet,
     )
 
 
@@ -200,7 +206,11 @@ def verify_changes(
       seal (size, allocation, mtime, ctime) still matches the one the final delta took;
     - each target leaf was computed from the target's bytes as read back (phase 1 read back every copied
       block; a delta reads back every page it writes, and a grain it did not fully read keeps a leaf the
-      target was shown to hold before), and the target has not changed since: its seal still matches;
+      target was shown to hold before), and the target has not changed since: its seal still matches.
+      A tracked delta takes a named grain that both sides held alike (equal leaves) to differ only in
+      the pages change tracking names: it writes those and reads them back, and gives the grain the
+      source's new leaf without comparing its other pages, on the same trust in change tracking as the
+      grains it did not name;
     - and ``samples`` random data grains of each side are re-read now and must match their leaves
       (a cheap check that the leaves and the seals are not lying; 2 x samples x 64 KiB of reads).
 

@@ -58,6 +58,7 @@ class Job:
     old_source: bytes = b""  # delta: the block's leaves
     old_target: bytes = b""
     read: bool = True  # False: nothing to read (a hole)
+    changed: dict[int, list[tuple[int, int]]] | None = None  # tracked delta: grain -> changed pages, relative
 
 
 @dataclass(slots=True)
