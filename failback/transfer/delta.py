@@ -333,11 +333,12 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         leaves = leaves_of(buf, 0, job.length, g_size)
         if leaves == job.old_target:  # in sync: no per-grain plan (most blocks of a digest delta)
             out.leaves = leaves
-            out.spare = _spare_pages(p, job, buf, out.plans)
+            out.spare = _spare_pages(p, job, buf, out.plans, set())
             if out.spare:
                 _io_runs(job, buf, out, g_size)
             return out
     view = memoryview(buf)
+    settled: set[int] = set()  # named grains whose named pages all hold data: no space to give back
     for g in job.grains:
         a, b = g * g_size, min((g + 1) * g_size, job.length)
         if not job.read or is_zero(buf, a, b):
@@ -351,7 +352,9 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         if leaf == ZERO_LEAF:
             out.plans[g] = None
         elif (named := job.changed and job.changed.get(g)) and old_t == job.old_source[g * LEAF : (g + 1) * LEAF]:
-            out.plans[g] = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF)
+            out.plans[g], zero_named = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF)
+            if not zero_named:
+                settled.add(g)
             if old_t != ZERO_LEAF:
                 out.target_read += sum(y - x for x, y in named)
         elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
@@ -359,7 +362,7 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         else:
             out.plans[g] = _differing_pages(p, job, buf, a, b)
             out.target_read += b - a
-    out.spare = _spare_pages(p, job, buf, out.plans)
+    out.spare = _spare_pages(p, job, buf, out.plans, settled)
     if out.plans or out.spare:
         _io_runs(job, buf, out, g_size)
     return out
@@ -384,15 +387,17 @@ def _io_runs(job: Job, buf: bytearray, h: Hashed, g_size: int) -> None:
 
 
 def _spare_pages(
-    p: Pass, job: Job, buf: bytearray, plans: dict[int, list[tuple[int, int]] | None]
+    p: Pass, job: Job, buf: bytearray, plans: dict[int, list[tuple[int, int]] | None], settled: set[int]
 ) -> list[tuple[int, int]]:
     """The page runs (relative to the block) of the examined grains that the target allocates where the
     source has a hole, and that read as zeros in the source: space the target holds and the source gave
     back (a guest's discard, or zeros phase 1 copied). Punched once their grain is right, they change
     no byte, and the target is never more allocated than the source. A block without a hole in the
-    source costs one lseek; grains punched whole are left out."""
+    source costs one lseek; grains punched whole are left out, and so are the ``settled`` ones: named
+    grains of a quiet tracked delta that were in sync, whose named pages all hold data (the target
+    allocated no more than the source there at the last pass, and only named pages changed since)."""
     g_size = p.grain
-    examined = {g for g in job.grains if plans.get(g, ()) is not None}
+    examined = {g for g in job.grains if plans.get(g, ()) is not None and g not in settled}
     if not examined:
         return []
     lo, hi = min(examined) * g_size, min((max(examined) + 1) * g_size, job.length)
@@ -437,17 +442,19 @@ def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iter
 
 def _named_pages(
     p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]], *, target_zero: bool
-) -> list[tuple[int, int]]:
+) -> tuple[list[tuple[int, int]], bool]:
     """A grain both sides held alike at the last pass, the source quiet since: only the pages change
-    tracking names can differ. Of those, the ones that differ from the target (read there only), or
-    their non-zero ones where the target grain was zeros (nothing read)."""
+    tracking names can differ. (The ones of those that differ from the target, read there only, or
+    their non-zero ones where the target grain was zeros, nothing read; whether a named page is zeros.)"""
+    pages = [(u, v, zero) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y)]
+    zero_named = any(zero for _, _, zero in pages)
     if target_zero:
-        return [(u, v) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y) if not zero]
+        return [(u, v) for u, v, zero in pages if not zero], zero_named
     t, view, out = p.scratch(), memoryview(buf), []
     for x, y in runs:
         p.read(p.dst_fd, t, 0, y - x, job.offset + x)
         _differing(t, x, view, x, y, out)
-    return out
+    return out, zero_named
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[tuple[int, int]]:
