@@ -22,7 +22,7 @@ written against the 4 KiB pages whose content changed to data (write_amplificati
 zeros are punched, not written), the target's allocation against the source's, and the target's data
 lying in a hole of the source (holes_kept=yes: none, and no more allocated than the source), and
 correctness.
-Every timed run starts after os.sync(), with the source in the page cache. Between delta runs the
+Every timed run starts after os.sync(), with the files it reads in the page cache (see warm()). Between delta runs the
 target is restored from a copy of phase 1's result, and its seal re-recorded as phase 1 left it.
 The last line holds the summary: worst case over the shapes for each figure.
 """
@@ -186,8 +186,26 @@ def remove(*paths: str) -> None:
             os.unlink(p)
 
 
-def timed(fn: Callable[[], object]) -> float:
+def warm(*paths: str) -> None:
+    """Read the files' data into the page cache. This machine's kernel pages out page cache left idle
+    for 6 s (DAMON reclaim, `pageout` at age 12 x 500 ms, up to 128 MiB/s): without this an image read
+    once per round was partly on disk for one run and not the next, and runs of both sides came out
+    0.34 or 0.9 s at random."""
+    buf = bytearray(8 << 20)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for a, b in data_extents(fd, 0, os.fstat(fd).st_size):
+                while a < b:
+                    a += os.preadv(fd, [memoryview(buf)[: min(len(buf), b - a)]], a) or b - a
+        finally:
+            os.close(fd)
+
+
+def timed(fn: Callable[[], object], *cached: str) -> float:
+    """Seconds fn takes, after os.sync() and with the cached files' data in the page cache."""
     os.sync()
+    warm(*cached)
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -223,11 +241,11 @@ def phase1(work: str, src: str, rounds: int) -> tuple[list[float], list[float]]:
 
     def ours_full() -> None:
         remove(dst, state)
-        ours.append(timed(lambda: full_copy(src, dst, state_dir=state, durable=False)))
+        ours.append(timed(lambda: full_copy(src, dst, state_dir=state, durable=False), src))
 
     def cp_full() -> None:
         remove(cpy)
-        cp.append(timed(lambda: run(["cp", "--sparse=always", src, cpy])))
+        cp.append(timed(lambda: run(["cp", "--sparse=always", src, cpy]), src))
 
     for r in range(rounds + 1):  # round 0 warms up (page cache, allocator) and is dropped
         for fn in (ours_full, cp_full) if r % 2 == 0 else (cp_full, ours_full):
@@ -294,7 +312,7 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int, phase1
             proof = verify_changes(src, dst, state_dir=state)
             out["res"], out["proof"] = res, proof
 
-        elapsed = timed(go)
+        elapsed = timed(go, src, dst)
         res, proof = out["res"], out["proof"]
         assert res.digest == new_digest and proof.identical, f"{method} delta result differs from source"
         written[method] = max(written.get(method, 0), res.bytes_written)
@@ -307,7 +325,7 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int, phase1
     def rsync_delta() -> None:
         rs = os.path.join(work, "rsync.img")
         run(["cp", "--sparse=always", old_src, rs])
-        times["rsync"].append(timed(lambda: run(["rsync", "--inplace", "--no-whole-file", src, rs])))
+        times["rsync"].append(timed(lambda: run(["rsync", "--inplace", "--no-whole-file", src, rs]), src, rs))
         remove(rs)
 
     steps = [lambda: ours_delta("tracked"), lambda: ours_delta("digest"), rsync_delta]
@@ -350,6 +368,7 @@ def window(work: str, size: int, rng: random.Random, rounds: int) -> float:
         # flushed first, so the window's own flushes wait for its writes only.
         extents = change(src, Shape("w", size, 0, 64, (64 * KiB, 64 * KiB)), random.Random(7 + k), discards=False)
         os.sync()
+        warm(src, dst)
         t = time.perf_counter()
         delta_copy(src, dst, state_dir=state, changed_extents=extents, source_quiet=True)
         proof = verify_changes(src, dst, state_dir=state)

@@ -92,11 +92,13 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def timed_cpu(
-    fn, pids: list[int], times: list[float], cpus: list[float], parts: list[list[float]] | None = None
+    fn, pids: list[int], times: list[float], cpus: list[float], parts: list[list[float]] | None = None, cached=()
 ) -> None:
     """Time fn: wall seconds to times, CPU seconds of pids (and ended children) to cpus, and when
-    parts is given, each process's CPU seconds (pids' order, then the children) to it."""
+    parts is given, each process's CPU seconds (pids' order, then the children) to it. The cached
+    files' data is read into the page cache first (bench/transfer.py's warm())."""
     os.sync()
+    base.warm(*cached)
     c, t = cpu_split(pids), time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
@@ -122,15 +124,25 @@ def phase1(work: str, shape: base.Shape, rng: random.Random, rounds: int, ends: 
         def over_nbd(times: list[float] = nbd, cpus: list[float] = cpu["nbd"], split: list | None = parts) -> None:
             base.remove(state)
             empty(nbd_dst, shape.size)
-            timed_cpu(lambda: full_copy(s_uri, d_uri, state_dir=state, durable=False), ends.pids, times, cpus, split)
+            timed_cpu(
+                lambda: full_copy(s_uri, d_uri, state_dir=state, durable=False), ends.pids, times, cpus, split, (src,)
+            )
 
         def on_files() -> None:
             base.remove(dst, state)
-            timed_cpu(lambda: full_copy(src, dst, state_dir=state, durable=False), ends.pids[:1], direct, cpu["direct"])
+            timed_cpu(
+                lambda: full_copy(src, dst, state_dir=state, durable=False),
+                ends.pids[:1],
+                direct,
+                cpu["direct"],
+                cached=(src,),
+            )
 
         def by_nbdcopy() -> None:
             empty(nbd_dst, shape.size)
-            timed_cpu(lambda: base.run([nbdcopy, *nbdcopy_flags, s_uri, d_uri]), ends.pids[1:], ref, cpu["ref"])
+            timed_cpu(
+                lambda: base.run([nbdcopy, *nbdcopy_flags, s_uri, d_uri]), ends.pids[1:], ref, cpu["ref"], cached=(src,)
+            )
 
         steps = [over_nbd, on_files] + ([by_nbdcopy] if nbdcopy else [])
         for r in range(rounds + 1):  # round 0 warms up and is dropped
@@ -179,6 +191,7 @@ def window(work: str, size: int, rng: random.Random, rounds: int, ends: Ends | N
                 src, base.Shape("w", size, 0, 64, (64 * KiB, 64 * KiB)), random.Random(7 + k), discards=False
             )
             os.sync()
+            base.warm(src, dst)
             t = time.perf_counter()
             delta_copy(s, d, state_dir=state, changed_extents=extents, source_quiet=True)
             proof = verify_changes(s, d, state_dir=state)
