@@ -15,6 +15,7 @@ import errno
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from .blockio import (
@@ -333,7 +334,7 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         leaves = leaves_of(buf, 0, job.length, g_size)
         if leaves == job.old_target:  # in sync: no per-grain plan (most blocks of a digest delta)
             out.leaves = leaves
-            out.spare = _spare_pages(p, job, buf, out.plans, set())
+            out.spare = _spare_pages(p, job, buf, out.plans)
             if out.spare:
                 _io_runs(job, buf, out, g_size)
             return out
@@ -360,7 +361,7 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
             out.plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
         else:
-            out.plans[g] = _differing_pages(p, job, buf, a, b)
+            out.plans[g] = _differing_pages(p, job, buf, [(a, b)])
             out.target_read += b - a
     out.spare = _spare_pages(p, job, buf, out.plans, settled)
     if out.plans or out.spare:
@@ -387,7 +388,11 @@ def _io_runs(job: Job, buf: bytearray, h: Hashed, g_size: int) -> None:
 
 
 def _spare_pages(
-    p: Pass, job: Job, buf: bytearray, plans: dict[int, list[tuple[int, int]] | None], settled: set[int]
+    p: Pass,
+    job: Job,
+    buf: bytearray,
+    plans: dict[int, list[tuple[int, int]] | None],
+    settled: AbstractSet[int] = frozenset(),
 ) -> list[tuple[int, int]]:
     """The page runs (relative to the block) of the examined grains that the target allocates where the
     source has a hole, and that read as zeros in the source: space the target holds and the source gave
@@ -450,21 +455,17 @@ def _named_pages(
     zero_named = any(zero for _, _, zero in pages)
     if target_zero:
         return [(u, v) for u, v, zero in pages if not zero], zero_named
+    return _differing_pages(p, job, buf, runs), zero_named
+
+
+def _differing_pages(p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The page runs within the runs of buf that differ from the target's bytes there, each run read
+    on the target and compared in halves (one changed page in a grain costs 9 comparisons, not 17)."""
     t, view, out = p.scratch(), memoryview(buf), []
     for x, y in runs:
         p.read(p.dst_fd, t, 0, y - x, job.offset + x)
         _differing(t, x, view, x, y, out)
-    return out, zero_named
-
-
-def _differing_pages(p: Pass, job: Job, buf: bytearray, a: int, b: int) -> list[tuple[int, int]]:
-    """The page runs of buf[a:b] that differ from the target's bytes there (compared in halves, so
-    one changed page in a grain costs 9 comparisons instead of 17)."""
-    t = p.scratch()
-    p.read(p.dst_fd, t, 0, b - a, job.offset + a)
-    runs: list[tuple[int, int]] = []
-    _differing(t, a, memoryview(buf), a, b, runs)
-    return runs
+    return out
 
 
 def _differing(t: bytearray, base: int, view: memoryview, x: int, y: int, runs: list[tuple[int, int]]) -> None:
