@@ -168,15 +168,17 @@ def throttled_switch(lab, operator, replica, *, cbt, changed_fraction, phase1_s)
     write_changes(lab, replica, int(capacity * changed_fraction) // MiB * MiB)
     forecast = jobs.run_readiness(session.pk, catch_up=False)
     assert "limit held it back" in forecast["data_basis"] and "unlimited" in forecast["data_basis"]
-    # The rule itself, free of the machine's speed: the rates the prediction stands on leave out the time
-    # the limit held phase 1 back, so they are far above the limit, and the data part is far below what
-    # the same bytes would take at the limit's rate (which is what the throttled phase 1 took).
+    # The rule itself, free of the machine's speed: the rates the prediction stands on are of the time
+    # spent working, which leaves out the time the limit held phase 1 back, so they are above the rate
+    # the throttled phase 1 ran at, and the data part is below what the same bytes take at the limit.
+    # (A bound of 3x the limit failed once on a busy machine: 54 MB/s working against a 21 MB/s limit.)
     base = FailbackSession.objects.get(pk=session.pk).prediction["base"]
-    assert base["limit_held_s"] > 0 and base["working_s"] < base["seconds"]
+    assert base["limit_held_s"] > 0 and base["working_s"] <= base["seconds"] - base["limit_held_s"] + 0.002
+    assert base["read_bps"] == pytest.approx(base["allocated_bytes"] / base["working_s"], rel=0.01), base
+    assert base["read_bps"] > base["allocated_bytes"] / base["seconds"], base
     limit_bps = limit_mbps * 1e6
-    assert base["read_bps"] > 3 * limit_bps and base["write_bps"] > 3 * limit_bps, (base, limit_bps)
     at_the_limit_s = (forecast["changed_bytes"] + forecast["read_bytes"]) / limit_bps
-    assert forecast["data_s"] < at_the_limit_s / 3 or forecast["data_s"] < 0.5, (forecast, at_the_limit_s)
+    assert forecast["data_s"] < at_the_limit_s or forecast["data_s"] < 0.5, (forecast, at_the_limit_s)
     workflow.switch_now(operator, session.pk)
     session = FailbackSession.objects.get(pk=session.pk)
     assert session.status == SessionStatus.FAILBACK, session.error
