@@ -619,6 +619,45 @@ def test_an_interrupted_tracked_delta_is_finished_by_the_next_one(disk: tuple[Pa
     assert result.digest == disk_digest(str(src), MiB)
 
 
+def test_a_delta_stopped_while_punches_wait_leaves_leaves_that_match_the_target(disk: tuple[Path, Path, Path]) -> None:
+    """Punches run beside the pass (delta._punch_aside): a pass stopped with some still waiting settles
+    them first, so the leaves it keeps say what the target holds, and the next pass finishes the job."""
+    src, dst, state = disk
+    size = 32 * MiB
+    make_image(src, size, {0: rand(size, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    discards = [(i * MiB + 64 * KiB, 128 * KiB) for i in range(32)]  # a punch in every block
+    fd = os.open(src, os.O_RDWR)
+    try:
+        for offset, length in discards:
+            assert punch_hole(fd, offset, length)
+    finally:
+        os.close(fd)
+
+    def stop(p: Progress) -> None:
+        if 2 * p.bytes_done >= p.bytes_total > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        delta_copy(
+            str(src),
+            str(dst),
+            state_dir=str(state),
+            changed_extents=discards,
+            progress=stop,
+            progress_interval=0,
+            durable=False,
+        )
+    assert target_untouched(str(dst), state_dir=str(state))  # sealed after the last punch
+    verify_target(str(dst), state_dir=str(state))  # raises if a leaf does not match the target
+    assert 0 < sum(b - a for a, b in extents(src)) < sum(b - a for a, b in extents(dst))  # stopped midway
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[], durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert extents(dst) == extents(src)
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
+
+
 def test_a_delta_needs_a_completed_full_copy(disk: tuple[Path, Path, Path]) -> None:
     src, dst, state = disk
     make_image(src, 4 * MiB, {0: rand(MiB, 1)})

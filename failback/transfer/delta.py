@@ -14,9 +14,11 @@ import contextlib
 import errno
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from .blockio import (
     PAGE,
@@ -46,8 +48,10 @@ from .blockmap import (
 )
 from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
 from .results import CopyResult, TransferStateError, VerificationError
-from .sparse import data_extents, is_zero
+from .sparse import data_extents, is_zero, zero_range
 from .state import finish_state, load_state
+
+PUNCH_BACKLOG = 64  # blocks whose punches may wait on the punch thread
 
 
 def run(
@@ -114,6 +118,8 @@ class _Delta:
         self.size, self.bs, self.g_size = state.size, state.block_size, state.grain
         self.per = self.bs // self.g_size
         self.applying = False  # between a block's first write and its leaves: the leaves may be stale
+        self._puncher: ThreadPoolExecutor | None = None
+        self._punching: deque[tuple[Job, Future[tuple[int, int, list[tuple[int, int]]]]]] = deque()
         p.before_write = self.unseal
 
     def _save(self) -> None:
@@ -176,7 +182,10 @@ class _Delta:
 
     def run(self, jobs: Iterable[Job]) -> None:
         try:
-            self.p.run(jobs, self.first, self.finish, HASH_WORKERS)
+            try:
+                self.p.run(jobs, self.first, self.finish, HASH_WORKERS)
+            finally:
+                self._settle_punches(0)  # all read back before the leaves are saved or the target sealed
         except BaseException:
             if not self.applying:  # stopped between grains: the leaves say what the target holds
                 with contextlib.suppress(Exception):
@@ -229,6 +238,9 @@ class _Delta:
         writes, zeros = h.writes, h.zeros
         p.zero_skipped += h.zero_grains
         p.write_runs(buf, job.offset, writes)
+        if zeros and isinstance(p.dst_fd, int) and not p.pacer.active:
+            self._punch_aside(job, zeros)
+            zeros = []
         for x, y in zeros:
             p.zero(job.offset + x, y - x)
         took = True
@@ -242,6 +254,44 @@ class _Delta:
         if took:
             return set()
         return {g for g, plan in h.plans.items() if not self._took(job, buf, g, plan)}
+
+    def _punch_aside(self, job: Job, zeros: list[tuple[int, int]]) -> None:
+        """Punch a block's zero runs on the punch thread, which reads them back; the calling thread goes
+        on. A punch waits for the device (0.2-0.4 ms each on this discard-mounted disk, 375 of them a
+        quarter of a tracked delta of 10,000 scattered writes); ext4 serialises it with our writes to
+        the file, not with our reads. At most PUNCH_BACKLOG blocks wait, so a cancel waits little."""
+        if self._puncher is None:
+            self._puncher = ThreadPoolExecutor(1, thread_name_prefix="transfer-punch")
+        self.p.before_write()
+        self._punching.append((job, self._puncher.submit(_punch_runs, self.p.dst_fd, job.offset, zeros)))
+        self._settle_punches(PUNCH_BACKLOG)
+
+    def _settle_punches(self, keep: int) -> None:
+        """Wait for the oldest blocks' punches until at most ``keep`` wait. A run that did not read back
+        as zeros gets its grains' real leaves on the target side, and the pass stops (as a write that
+        did not read back does); a punch that failed leaves the leaves unsettled (``applying``)."""
+        while len(self._punching) > keep:
+            job, fut = self._punching.popleft()
+            try:
+                written, read, failed = fut.result()
+            except BaseException:
+                self.applying = True  # this block's leaves moved, its punches may not have happened
+                raise
+            finally:
+                if not self._punching and self._puncher is not None:
+                    self._puncher.shutdown(wait=False)
+                    self._puncher = None
+            self.p.target_read += read
+            if written:
+                self.p._wrote(written)
+            if failed:
+                g_size = self.g_size
+                grains = sorted({g for x, y in failed for g in range(x // g_size, (y - 1) // g_size + 1)})
+                for g in grains:
+                    a, b = g * g_size, min((g + 1) * g_size, job.length)
+                    self.leaves.target.put(job.index * self.per + g, self._target_leaf(job, a, b))
+                offset = job.offset + grains[0] * g_size
+                raise VerificationError(f"{self.dst}: the punch at offset {offset} did not read back as zeros", offset)
 
     def _took(self, job: Job, buf: bytearray, g: int, plan: list[tuple[int, int]] | None) -> bool:
         """Whether one grain reads back as planned (after a block's read-back found a difference)."""
@@ -277,12 +327,19 @@ class _TrackedPlan:
     bs: int
     g_size: int
     named_only: bool
+    _named_grains: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def grains(self, i: int) -> tuple[int, tuple[int, ...]]:
         """(block length, grains to read) of block i."""
         n = block_length(i, self.size, self.bs)
         if i in self.leftover or i not in self.by_block:
             return n, tuple(range(block_count(n, self.g_size)))
+        if (known := self._named_grains.get(i)) is None:
+            known = self._named_grains[i] = self._grains_named(i)
+        return n, known
+
+    def _grains_named(self, i: int) -> tuple[int, ...]:
+        """The grains of block i the extents touch (asked twice per block: kept for the blocks they name)."""
         g_size = self.g_size
         grains: list[int] = []
         for a, b in self.by_block[i]:  # sorted and merged: only a grain shared with the last run repeats
@@ -290,7 +347,7 @@ class _TrackedPlan:
             if grains and lo <= grains[-1]:
                 lo = grains[-1] + 1
             grains.extend(range(lo, hi))
-        return n, tuple(grains)
+        return tuple(grains)
 
     def changed(self, i: int) -> dict[int, list[tuple[int, int]]] | None:
         """The pages of block i change tracking names (rounded out to pages, cut at grains), by grain;
@@ -528,6 +585,22 @@ def _reread_target(p: Pass, leaves: Leaves, dfd: Disk, size: int, bs: int) -> li
 
     p.run(jobs, first, finish, HASH_WORKERS)
     return repair
+
+
+def _punch_runs(fd: int, base: int, runs: list[tuple[int, int]]) -> tuple[int, int, list[tuple[int, int]]]:
+    """On the punch thread: make each run (relative to base) read as zeros, then read them back.
+    (bytes written where the filesystem could not punch, bytes read back, the runs that did not read
+    as zeros)."""
+    written = read = 0
+    for x, y in runs:
+        written += zero_range(fd, base + x, y - x)
+    failed = []
+    for x, y in runs:  # a hole reads as zeros: only a range the filesystem did not punch is read
+        if not _is_hole(fd, base + x, base + y):
+            read += y - x
+            if not is_zero(pread(fd, y - x, base + x)):
+                failed.append((x, y))
+    return written, read, failed
 
 
 def _is_hole(disk: Disk, start: int, end: int) -> bool:

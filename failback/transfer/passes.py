@@ -75,7 +75,7 @@ class Hashed:
 
 
 Work = Callable[[], Hashed]
-_Window = deque[tuple[Job, bytearray, Future[Hashed], Work | None]]
+_Window = deque[tuple[Job, bytearray, "Future[Hashed] | _Done", Work | None]]
 
 
 class Pass:
@@ -328,10 +328,27 @@ class Pass:
         return Hashed(leaves_of(buf, 0, job.length, self.grain))
 
 
-def _done(result: Hashed) -> Future[Hashed]:
-    fut: Future[Hashed] = Future()
-    fut.set_result(result)
-    return fut
+class _Done:
+    """A result already there, in the window beside the pool's futures (a Future with its lock and
+    condition cost more than the small block of a tracked delta it carries)."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: Hashed) -> None:
+        self._result = result
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Hashed:
+        return self._result
+
+    def cancel(self) -> bool:
+        return False
+
+
+def _done(result: Hashed) -> _Done:
+    return _Done(result)
 
 
 def _grain_spans(segments: Sequence[tuple[int, int]], grain: int, n: int) -> Iterator[tuple[int, int]]:
