@@ -244,9 +244,11 @@ class _Delta:
         for x, y in zeros:
             p.zero(job.offset + x, y - x)
         took = True
+        dfd, base = p.dst_fd, job.offset
+        read = os.pread if type(dfd) is int else pread
         for x, y in writes:
             p.target_read += y - x
-            took = buf.startswith(pread(p.dst_fd, y - x, job.offset + x), x) and took
+            took = buf.startswith(read(dfd, y - x, base + x), x) and took
         for x, y in zeros:  # a hole reads as zeros: only a range the filesystem did not punch is read
             if not _is_hole(p.dst_fd, job.offset + x, job.offset + y):
                 p.target_read += y - x
@@ -357,10 +359,12 @@ class _TrackedPlan:
         n, g_size = block_length(i, self.size, self.bs), self.g_size
         out: dict[int, list[tuple[int, int]]] = {}
         for a, b in self.by_block[i]:
-            a, b = a - a % PAGE, min(n, -(-b // PAGE) * PAGE)
+            a, b = a - a % PAGE, -(-b // PAGE) * PAGE
+            b = b if b < n else n
             while a < b:
                 g = a // g_size
-                stop = min(b, (g + 1) * g_size)
+                stop = (g + 1) * g_size
+                stop = stop if stop < b else b
                 runs = out.setdefault(g, [])
                 if runs and runs[-1][1] >= a:
                     runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
@@ -397,28 +401,29 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
             return out
     view = memoryview(buf)
     settled: set[int] = set()  # named grains whose named pages all hold data: no space to give back
-    for g in job.grains:
-        a, b = g * g_size, min((g + 1) * g_size, job.length)
-        if not job.read or is_zero(buf, a, b):
-            leaf = ZERO_LEAF
-        else:
-            leaf = leaf_of(view[a:b])
-        out.new[g] = leaf
-        old_t = job.old_target[g * LEAF : (g + 1) * LEAF]
+    read, length, old_target, old_source, changed = job.read, job.length, job.old_target, job.old_source, job.changed
+    new, plans = out.new, out.plans
+    for g in job.grains:  # per grain of a tracked delta: kept lean, it runs 10,000 times for 10,000 writes
+        a = g * g_size
+        b = a + g_size if a + g_size < length else length
+        leaf = leaf_of(view[a:b]) if read and not is_zero(buf, a, b) else ZERO_LEAF
+        new[g] = leaf
+        k = g * LEAF
+        old_t = old_target[k : k + LEAF]
         if leaf == old_t:
             continue  # the target holds it already
         if leaf == ZERO_LEAF:
-            out.plans[g] = None
-        elif (named := job.changed and job.changed.get(g)) and old_t == job.old_source[g * LEAF : (g + 1) * LEAF]:
-            out.plans[g], zero_named = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF)
+            plans[g] = None
+        elif changed and (named := changed.get(g)) and old_t == old_source[k : k + LEAF]:
+            plans[g], zero_named = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF)
             if not zero_named:
                 settled.add(g)
             if old_t != ZERO_LEAF:
                 out.target_read += sum(y - x for x, y in named)
         elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
-            out.plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
+            plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
         else:
-            out.plans[g] = _differing_pages(p, job, buf, [(a, b)])
+            plans[g] = _differing_pages(p, job, buf, [(a, b)])
             out.target_read += b - a
     out.spare = _spare_pages(p, job, buf, out.plans, settled)
     if out.plans or out.spare:

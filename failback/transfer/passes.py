@@ -270,6 +270,8 @@ class Pass:
 
     def read(self, fd: Disk, buf: bytearray, start: int, end: int, base: int) -> None:
         """Fill buf[start:end] with fd's bytes at base+start."""
+        if type(fd) is int and os.preadv(fd, [memoryview(buf)[start:end]], base + start) == end - start:
+            return  # a file: one call, unless it ends first (then read on below, and fail)
         view = memoryview(buf)
         got = start
         while got < end:
