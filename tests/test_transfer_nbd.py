@@ -23,6 +23,7 @@ from failback.transfer.blockio import opened
 from failback.transfer.nbd import READ_REQUEST, SEND_BUFFER, NbdError
 from failback.transfer.sparse import data_extents
 
+from .fs_support import data_sectors
 from .nbd_support import NbdServer, make_certificates, require_nbd, served
 
 pytestmark = pytest.mark.nbd
@@ -139,6 +140,95 @@ def test_a_delta_over_nbd_writes_only_the_changed_pages_and_punches_discards(dis
     assert dst.read_bytes() == src.read_bytes()
     assert inside(extents(dst), extents(src))
     assert proof.identical and proof.source_digest == disk_digest(str(src))
+
+
+def _scatter(src: Path, blocks: int) -> list[tuple[int, int]]:
+    """Change one page in each of ``blocks`` 1 MiB blocks of src and discard 64 KiB in every fourth
+    (a guest's writes and TRIMs): the changed extents, as change tracking reports them."""
+    changed = []
+    with open(src, "r+b") as f:
+        for i in range(blocks):
+            f.seek(i * MiB + 12 * KiB)
+            f.write(rand(4 * KiB, 100 + i))
+            changed.append((i * MiB + 12 * KiB, 4 * KiB))
+    fd = os.open(src, os.O_RDWR)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        for i in range(0, blocks, 4):
+            assert libc.fallocate(fd, 3, ctypes.c_int64(i * MiB + 256 * KiB), ctypes.c_int64(64 * KiB)) == 0
+            changed.append((i * MiB + 256 * KiB, 64 * KiB))
+    finally:
+        os.close(fd)
+    return changed
+
+
+def test_a_quiet_tracked_delta_over_nbd_asks_ahead_and_confirms_in_batches(disk, tmp_path) -> None:
+    """The switch's final delta over NBD: the window's blocks are read ahead (replica and production
+    disk together) and their writes confirmed and read back in batches (delta._Reads, _write_aside):
+    more blocks than one batch, every byte as on the replica, the discards given back."""
+    require_nbd()
+    src, dst, state = disk
+    blocks = 80  # more than WRITE_BATCH: two batches
+    size = blocks * MiB
+    make_image(src, size, {0: rand(size, 1)})
+    make_image(dst, size, {})
+    with (
+        served(str(src), readonly=True, certs=None, workdir=str(tmp_path)) as s,
+        served(str(dst), readonly=False, certs=None, workdir=str(tmp_path)) as d,
+    ):
+        full_copy(s.uri, d.uri, state_dir=str(state), block_size=MiB)
+        changed = _scatter(src, blocks)
+        result = delta_copy(s.uri, d.uri, state_dir=str(state), changed_extents=changed, source_quiet=True)
+        proof = verify_changes(s.uri, d.uri, state_dir=str(state))
+
+    assert result.method == "tracked"
+    assert result.bytes_written == blocks * 4 * KiB  # the changed pages; the discards are zeroed, not written
+    assert result.target_bytes_read <= 2 * sum(n for _, n in changed)  # named pages, then the read-back
+    assert dst.read_bytes() == src.read_bytes()
+    assert inside(extents(dst), extents(src)) and data_sectors(str(dst)) <= data_sectors(
+        str(src)
+    )  # data, not ext4 tree blocks
+    assert proof.identical and proof.target_sealed and proof.source_digest == disk_digest(str(src), MiB)
+    assert verify_target(str(dst), state_dir=str(state)) == result.digest
+
+
+def test_a_server_gone_while_writes_wait_for_confirmation_stops_the_delta_and_the_next_finishes(disk, tmp_path) -> None:
+    """Writes over NBD are confirmed after the block's leaves moved: when the production disk's server
+    goes away first, the pass says so, keeps the target unsealed, and the next pass re-reads it and
+    finishes the change."""
+    require_nbd()
+    src, dst, state = disk
+    blocks = 80
+    size = blocks * MiB
+    make_image(src, size, {0: rand(size, 1)})
+    make_image(dst, size, {})
+    with served(str(src), readonly=True, certs=None, workdir=str(tmp_path)) as s:
+        target = NbdServer(str(dst), False, None, str(tmp_path)).start()
+        try:
+            full_copy(s.uri, target.uri, state_dir=str(state), block_size=MiB)
+            changed = _scatter(src, blocks)
+
+            def pull_the_plug(p) -> None:
+                if p.bytes_done >= p.bytes_total // 2:
+                    target.kill()
+
+            with pytest.raises(NbdError) as caught:
+                delta_copy(
+                    s.uri, target.uri, state_dir=str(state), changed_extents=changed, source_quiet=True,
+                    progress=pull_the_plug, progress_interval=0,
+                )  # fmt: skip
+            assert "failed" in str(caught.value) or "cannot connect" in str(caught.value)
+            assert json.loads((state / "state.json").read_text())["target_seal"] is None
+
+            target.start()
+            result = delta_copy(s.uri, target.uri, state_dir=str(state), changed_extents=[], source_quiet=True)
+        finally:
+            target.stop()
+    assert not result.target_untouched  # re-read: its writes were never confirmed
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
 
 
 def test_a_unix_socket_export_and_a_local_file_mix(disk, tmp_path) -> None:

@@ -46,12 +46,15 @@ from .blockmap import (
     leaves_of,
     save_state,
 )
-from .passes import HASH_WORKERS, Controls, Hashed, Job, Pass, Work, block_leaves, verify_jobs
+from .nbd import Flight, NbdDisk, NbdError
+from .passes import HASH_WORKERS, Controls, Hashed, Job, Later, Pass, Work, block_leaves, verify_jobs
 from .results import CopyResult, TransferStateError, VerificationError
 from .sparse import data_extents, is_zero, zero_range
 from .state import finish_state, load_state
 
 PUNCH_BACKLOG = 64  # blocks whose punches may wait on the punch thread
+WRITE_BATCH = 64  # over NBD: blocks whose writes are confirmed and read back together
+WRITE_BATCH_BYTES = 16 << 20  # ... or bytes written and zeroed
 
 
 def run(
@@ -117,6 +120,10 @@ class _Delta:
         self.durable = durable
         self.size, self.bs, self.g_size = state.size, state.block_size, state.grain
         self.per = self.bs // self.g_size
+        self.remote_dst = isinstance(p.dst_fd, NbdDisk)
+        self.remote = isinstance(p.src_fd, NbdDisk) or self.remote_dst
+        self._sent: list[tuple[Job, list[tuple[int, bytes]], list[tuple[int, int]], Flight]] = []
+        self._sent_bytes = 0
         self.applying = False  # between a block's first write and its leaves: the leaves may be stale
         self._puncher: ThreadPoolExecutor | None = None
         self._punching: deque[tuple[Job, Future[tuple[int, int, list[tuple[int, int]]]]]] = deque()
@@ -184,8 +191,11 @@ class _Delta:
         try:
             try:
                 self.p.run(jobs, self.first, self.finish, HASH_WORKERS)
-            finally:
-                self._settle_punches(0)  # all read back before the leaves are saved or the target sealed
+            finally:  # all read back before the leaves are saved or the target sealed
+                try:
+                    self._settle_punches(0)
+                finally:
+                    self._confirm_writes()
         except BaseException:
             if not self.applying:  # stopped between grains: the leaves say what the target holds
                 with contextlib.suppress(Exception):
@@ -193,12 +203,15 @@ class _Delta:
             raise
         self._close(keep_pending=False)
 
-    def first(self, job: Job, buf: bytearray) -> Hashed | Work:
+    def first(self, job: Job, buf: bytearray) -> Hashed | Work | Later:
         """A block read whole or mostly goes to the pool (large reads, GIL released); one where few
         grains changed is examined here: its work is many small steps, and handing each block to a
         pool thread and back cost more in GIL hand-overs than it saved (random shape, tracked:
         1.5 s with the pool against 0.9 s inline, with other work on both CPUs)."""
         if 2 * len(job.grains) < self.per:
+            if self.remote:  # over NBD: the reads start now, the block is examined when its turn comes
+                reads = _Reads(self.p, job, buf)
+                return Later(lambda: examine(self.p, job, buf, reads), lambda: reads.wait(quiet=True))
             return examine(self.p, job, buf)
         return lambda: examine(self.p, job, buf)
 
@@ -237,6 +250,9 @@ class _Delta:
         p = self.p
         writes, zeros = h.writes, h.zeros
         p.zero_skipped += h.zero_grains
+        if self.remote_dst and not p.pacer.active and (not zeros or p.dst_fd.can_zero):
+            self._write_aside(job, buf, writes, zeros)
+            return set()
         p.write_runs(buf, job.offset, writes)
         if zeros and isinstance(p.dst_fd, int) and not p.pacer.active:
             self._punch_aside(job, zeros)
@@ -267,6 +283,61 @@ class _Delta:
         self.p.before_write()
         self._punching.append((job, self._puncher.submit(_punch_runs, self.p.dst_fd, job.offset, zeros)))
         self._settle_punches(PUNCH_BACKLOG)
+
+    def _write_aside(
+        self, job: Job, buf: bytearray, writes: list[tuple[int, int]], zeros: list[tuple[int, int]]
+    ) -> None:
+        """Over NBD: send the block's writes and zeroings and go on; they are confirmed and read back
+        with those of the blocks after it, up to WRITE_BATCH blocks or bytes, all in flight at once (two
+        round trips for the batch, not two per block). Each run is sent from a copy, which the read-back
+        compares with: the block's buffer goes back to the pass meanwhile."""
+        self.p.before_write()
+        base = job.offset
+        data = [(base + x, bytes(buf[x:y])) for x, y in writes]
+        blank = [(base + x, y - x) for x, y in zeros]
+        flight = self.p.dst_fd.start_writes(data, blank)
+        self._sent.append((job, data, blank, flight))
+        sent = sum(len(d) for _, d in data)
+        self._sent_bytes += sent + sum(n for _, n in blank)
+        self.p._wrote(sent)
+        if len(self._sent) >= WRITE_BATCH or self._sent_bytes >= WRITE_BATCH_BYTES:
+            self._confirm_writes()
+
+    def _confirm_writes(self) -> None:
+        """Wait for the writes sent, then read them all back at once: written runs must read as
+        written, zeroed ones as zeros. A run that does not gives its grains the target's real leaves
+        and stops the pass, as in direct mode; a request that failed leaves the leaves unsettled."""
+        sent, self._sent, self._sent_bytes = self._sent, [], 0
+        if not sent:
+            return
+        dfd = self.p.dst_fd
+        try:
+            for *_, flight in sent:
+                flight.wait()
+            ranges = [r for _, data, blank, _ in sent for r in [*((off, len(d)) for off, d in data), *blank]]
+            got = iter(dfd.pread_many(ranges))  # in the order compared below: per block, data then zeros
+        except BaseException:
+            self.applying = True  # these blocks' leaves moved, their writes may not have landed
+            raise
+        bad: list[tuple[Job, int, int]] = []  # (job, offset, length) of each run that did not read back
+        for job, data, blank, _ in sent:
+            for off, d in data:
+                self.p.target_read += len(d)
+                if next(got) != d:
+                    bad.append((job, off, len(d)))
+            for off, n in blank:
+                self.p.target_read += n
+                if not is_zero(next(got)):
+                    bad.append((job, off, n))
+        if bad:
+            g_size = self.g_size
+            for job, off, n in bad:
+                x = off - job.offset
+                for g in range(x // g_size, (x + n - 1) // g_size + 1):
+                    a, b = g * g_size, min((g + 1) * g_size, job.length)
+                    self.leaves.target.put(job.index * self.per + g, self._target_leaf(job, a, b))
+            offset = min(off for _, off, _ in bad)
+            raise VerificationError(f"{self.dst}: the write at offset {offset} did not read back as written", offset)
 
     def _settle_punches(self, keep: int) -> None:
         """Wait for the oldest blocks' punches until at most ``keep`` wait. A run that did not read back
@@ -304,7 +375,7 @@ class _Delta:
         return all(pread(dfd, y - x, job.offset + x) == buf[x:y] for x, y in plan)
 
     def _target_leaf(self, job: Job, a: int, b: int) -> bytes:
-        t = self.p.scratch()
+        t = self.p.scratch(b - a)
         self.p.read(self.p.dst_fd, t, 0, b - a, job.offset + a)
         return leaves_of(t, 0, b - a, self.g_size)
 
@@ -383,14 +454,13 @@ class _TrackedPlan:
 # Examining a block (on the pool, or in the calling thread for a few grains)
 
 
-def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
-    """Read the job's grains from the source, compute their leaves, and plan what to write for each
-    grain the target does not hold yet (comparing with the target where needed)."""
+def examine(p: Pass, job: Job, buf: bytearray, reads: _Reads | None = None) -> Hashed:
+    """Read the job's grains from the source (or wait for the reads started), compute their leaves,
+    and plan what to write for each grain the target does not hold yet (comparing with the target
+    where needed)."""
     g_size = p.grain
-    if job.read:
-        for g0, g1 in grain_runs(job.grains):
-            p.read(p.src_fd, buf, g0 * g_size, min(g1 * g_size, job.length), job.offset)
     out = Hashed()
+    fetched = _read_source(p, job, buf, out, reads)
     if job.read and len(job.grains) == len(job.old_target) // LEAF:  # the whole block (digest method)
         leaves = leaves_of(buf, 0, job.length, g_size)
         if leaves == job.old_target:  # in sync: no per-grain plan (most blocks of a digest delta)
@@ -415,10 +485,10 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
         if leaf == ZERO_LEAF:
             plans[g] = None
         elif changed and (named := changed.get(g)) and old_t == old_source[k : k + LEAF]:
-            plans[g], zero_named = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF)
+            plans[g], zero_named = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched)
             if not zero_named:
                 settled.add(g)
-            if old_t != ZERO_LEAF:
+            if old_t != ZERO_LEAF and fetched is None:
                 out.target_read += sum(y - x for x, y in named)
         elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
             plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
@@ -429,6 +499,75 @@ def examine(p: Pass, job: Job, buf: bytearray) -> Hashed:
     if out.plans or out.spare:
         _io_runs(job, buf, out, g_size)
     return out
+
+
+class _Reads:
+    """A block's reads over NBD, asked for and not yet waited for: the source's grains, and the
+    production disk's named pages a quiet tracked delta will compare (those of grains both sides held
+    alike, not zeros), in one round trip together. Started by ``first`` for the blocks of the window,
+    so the reads of the blocks behind the one being written are in flight meanwhile: a round trip is
+    0.1 ms here, and the switch window over NBD was mostly round trips, one after the other."""
+
+    def __init__(self, p: Pass, job: Job, buf: bytearray) -> None:
+        g_size, base = p.grain, job.offset
+        runs = [(g0 * g_size, min(g1 * g_size, job.length)) for g0, g1 in grain_runs(job.grains)] if job.read else []
+        ahead: list[tuple[int, int, int]] = []  # (x, y, place in self.target)
+        if isinstance(p.dst_fd, NbdDisk) and job.changed:
+            q = 0
+            for g, named in job.changed.items():
+                old_t = job.old_target[g * LEAF : (g + 1) * LEAF]
+                if old_t != ZERO_LEAF and old_t == job.old_source[g * LEAF : (g + 1) * LEAF]:
+                    for x, y in named:
+                        ahead.append((x, y, q))
+                        q += y - x
+        self.target = bytearray(ahead[-1][2] + ahead[-1][1] - ahead[-1][0]) if ahead else bytearray()
+        self.at = {x: q for x, _, q in ahead}  # named run start -> its place in self.target
+        self.target_read = len(self.target)
+        self.flights: list[Flight] = []
+        try:
+            if ahead:
+                self.flights.append(p.dst_fd.start_reads(memoryview(self.target), base, ahead))
+            if isinstance(p.src_fd, NbdDisk) and runs:
+                self.flights.append(p.src_fd.start_reads(memoryview(buf), base, [(x, y, x) for x, y in runs]))
+            else:
+                for x, y in runs:
+                    p.read(p.src_fd, buf, x, y, base)
+        except BaseException:
+            self.wait(quiet=True)
+            raise
+
+    def wait(self, *, quiet: bool = False) -> None:
+        """Until every read has landed (each, even after an error: the buffers are in use until then);
+        then the first error, unless quiet."""
+        failed = None
+        for flight in self.flights:
+            try:
+                flight.wait()
+            except NbdError as exc:
+                failed = failed or exc
+        self.flights = []
+        if failed is not None and not quiet:
+            raise failed
+
+    def fetched(self) -> tuple[bytearray, dict[int, int]] | None:
+        return (self.target, self.at) if self.at else None
+
+
+def _read_source(
+    p: Pass, job: Job, buf: bytearray, out: Hashed, reads: _Reads | None
+) -> tuple[bytearray, dict[int, int]] | None:
+    """The job's grains from the source into buf (by the reads ``first`` started, over NBD); the
+    production disk's named pages read with them, if any (see _Reads), counted in out.target_read."""
+    if reads is None:
+        if not job.read:
+            return None
+        g_size = p.grain
+        for g0, g1 in grain_runs(job.grains):
+            p.read(p.src_fd, buf, g0 * g_size, min(g1 * g_size, job.length), job.offset)
+        return None
+    reads.wait()
+    out.target_read += reads.target_read
+    return reads.fetched()
 
 
 def _io_runs(job: Job, buf: bytearray, h: Hashed, g_size: int) -> None:
@@ -508,7 +647,13 @@ def _minus(have: list[tuple[int, int]], holes_of: list[tuple[int, int]]) -> Iter
 
 
 def _named_pages(
-    p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]], *, target_zero: bool
+    p: Pass,
+    job: Job,
+    buf: bytearray,
+    runs: list[tuple[int, int]],
+    *,
+    target_zero: bool,
+    fetched: tuple[bytearray, dict[int, int]] | None = None,
 ) -> tuple[list[tuple[int, int]], bool]:
     """A grain both sides held alike at the last pass, the source quiet since: only the pages change
     tracking names can differ. (The ones of those that differ from the target, read there only, or
@@ -517,13 +662,19 @@ def _named_pages(
     zero_named = any(zero for _, _, zero in pages)
     if target_zero:
         return [(u, v) for u, v, zero in pages if not zero], zero_named
+    if fetched is not None:  # read already, with the source's grains (see _read_source)
+        t, at = fetched
+        view, out = memoryview(buf), []
+        for x, y in runs:
+            _differing(t, x - at[x], view, x, y, out)
+        return out, zero_named
     return _differing_pages(p, job, buf, runs), zero_named
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The page runs within the runs of buf that differ from the target's bytes there, each run read
     on the target and compared in halves (one changed page in a grain costs 9 comparisons, not 17)."""
-    t, view, out = p.scratch(), memoryview(buf), []
+    t, view, out = p.scratch(max((y - x for x, y in runs), default=0)), memoryview(buf), []
     for x, y in runs:
         p.read(p.dst_fd, t, 0, y - x, job.offset + x)
         _differing(t, x, view, x, y, out)

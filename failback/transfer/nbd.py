@@ -141,6 +141,26 @@ def release(uri: str) -> None:
     _POOL.release(uri)
 
 
+class Flight:
+    """Requests in flight on one connection (:meth:`NbdDisk.start_reads`, :meth:`NbdDisk.start_writes`);
+    ``wait`` once."""
+
+    def __init__(
+        self,
+        disk: NbdDisk,
+        h: Any,
+        first: int,
+        cookies: list[tuple[int, int]],
+        failed: Exception | None = None,
+        what: str = "read",
+    ) -> None:
+        self.disk, self.h, self.first, self.cookies, self.failed, self.what = disk, h, first, cookies, failed, what
+
+    def wait(self) -> None:
+        """Until every request is done; then NbdError if one failed (or asking for them did)."""
+        self.disk._settle(self.h, self.what, self.first, self.cookies, self.failed)
+
+
 class NbdDisk:
     """One NBD export, opened read-only or for writing. Thread-safe: a connection per thread."""
 
@@ -222,6 +242,50 @@ class NbdDisk:
         buf = bytearray(min(n, max(0, self.size - offset)))
         self.preadv(memoryview(buf), offset)
         return bytes(buf)
+
+    def pread_many(self, ranges: list[tuple[int, int]]) -> list[bytearray]:
+        """The bytes of each (offset, length) (short only at the end of the export), all requests in
+        flight at once: one round trip for the lot, not one per range."""
+        bufs = [bytearray(min(n, max(0, self.size - off))) for off, n in ranges]
+        flights = [
+            self.start_reads(memoryview(b), off, [(0, len(b), 0)]) for (off, _), b in zip(ranges, bufs, strict=True)
+        ]
+        for flight in flights:  # one connection: the first wait lands them all, then each says how it went
+            flight.wait()
+        return bufs
+
+    def start_reads(self, view: memoryview, base: int, runs: list[tuple[int, int, int]]) -> Flight:
+        """Ask for [base+x, base+y) into view[q : q+y-x] for each (x, y, q), and return at once: the
+        caller asks another export meanwhile, then waits for this Flight (a read of the replica and of
+        the production disk then cost one round trip together, not two). The view must stay as it is
+        until then."""
+        h, cookies = self._handle(), []
+        first = base + runs[0][0] if runs else base
+        try:
+            for x, y, q in runs:
+                for a in range(x, y, READ_REQUEST):
+                    b = min(y, a + READ_REQUEST)
+                    cookies.append((h.aio_pread(view[q + a - x : q + b - x], base + a), base + a))
+        except self._nbd.Error as exc:
+            return Flight(self, h, first, cookies, exc)
+        return Flight(self, h, first, cookies)
+
+    def start_writes(self, writes: list[tuple[int, bytes]], zeros: list[tuple[int, int]]) -> Flight:
+        """Ask for each (offset, data) to be written and each (offset, length) zeroed (the server may
+        deallocate it), and return at once; the data must not change until the Flight is waited for."""
+        h, cookies = self._handle(), []
+        first = writes[0][0] if writes else zeros[0][0] if zeros else 0
+        try:
+            for off, data in writes:
+                view = memoryview(data)
+                for a in range(0, len(view), MAX_REQUEST):
+                    cookies.append((h.aio_pwrite(view[a : a + MAX_REQUEST], off + a), off + a))
+            for off, n in zeros:
+                for a in range(0, n, 1 << 30):
+                    cookies.append((h.aio_zero(min(1 << 30, n - a), off + a), off + a))
+        except self._nbd.Error as exc:
+            return Flight(self, h, first, cookies, exc, "write")
+        return Flight(self, h, first, cookies, what="write")
 
     def pwrite(self, data: memoryview | bytes, offset: int) -> int:
         h, view, done = self._handle(), memoryview(data), 0

@@ -23,6 +23,7 @@ from .blockmap import (
     fingerprint,
     leaves_of,
 )
+from .nbd import NbdDisk
 from .passes import HASH_WORKERS, CancelFlag, Controls, Hashed, Job, Pass, Work, verify_jobs
 from .results import DiskProof, TransferCancelled, TransferStateError, VerificationError
 from .sparse import allocated_bytes
@@ -152,23 +153,37 @@ def _check_samples(
     sides: tuple[_Side, ...], state: DiskState, samples: int, cancel: CancelFlag | None
 ) -> tuple[int, int]:
     """Re-read ``samples`` random data grains of each sealed side against their leaves: (bytes read,
-    grains checked). Raises VerificationError at the first that does not match."""
+    grains checked). Raises VerificationError at the first that does not match.
+
+    A file's grains are drawn among its data (a random offset, then SEEK_DATA) and read one by one. An
+    NBD export's are drawn among the grains its leaves say hold data (a random grain, then the next
+    non-zero leaf: block status is a round trip, 0.4 ms here, and was most of the switch's
+    verification over NBD) and read all at once."""
     size, g_size = state.size, state.grain
     rng = random.SystemRandom()
     bytes_read = checked = 0
     for side in sides:
         if not side.sealed or size == 0:
             continue
-        for _ in range(samples):
-            if cancel is not None and cancel.is_set():
-                raise TransferCancelled("transfer cancelled")
-            g = _sample_grain(side.fd, size, g_size, rng)
-            a = g * g_size
-            n = min(g_size, size - a)
-            data = bytearray(pread(side.fd, n, a))
-            bytes_read += n
+        if cancel is not None and cancel.is_set():
+            raise TransferCancelled("transfer cancelled")
+        if isinstance(side.fd, NbdDisk):
+            grains = [_leaf_sample(side.leaves, rng) for _ in range(samples)]
+            ranges = [(g * g_size, min(g_size, size - g * g_size)) for g in grains]
+            datas = side.fd.pread_many(ranges)
+        else:
+            grains, datas = [], []
+            for _ in range(samples):
+                if cancel is not None and cancel.is_set():
+                    raise TransferCancelled("transfer cancelled")
+                g = _sample_grain(side.fd, size, g_size, rng)
+                grains.append(g)
+                datas.append(bytearray(pread(side.fd, min(g_size, size - g * g_size), g * g_size)))
+        for g, data in zip(grains, datas, strict=True):
+            bytes_read += len(data)
             checked += 1
             if leaves_of(data, 0, len(data), g_size) != side.leaves.get(g, 1):
+                a = g * g_size
                 raise VerificationError(f"{side.name}: grain at offset {a} does not match its leaf (sampled)", a)
     return bytes_read, checked
 
@@ -182,3 +197,17 @@ def _sample_grain(fd: Disk, size: int, g_size: int, rng: random.SystemRandom) ->
         with contextlib.suppress(OSError):
             offset = next_data(fd, 0)
     return min(offset, size - 1) // g_size
+
+
+def _leaf_sample(leaves: LeafFile, rng: random.SystemRandom, chunk: int = 4096) -> int:
+    """A random grain, drawn among those whose leaf says data when there are any (a random grain, then
+    the next non-zero leaf, going round once)."""
+    n = leaves.n_grains
+    start = rng.randrange(n)
+    for first in (*range(start, n, chunk), *range(0, start, chunk)):
+        count = min(chunk, n - first)
+        got = leaves.get(first, count)
+        for k in range(0, count * LEAF, LEAF):
+            if got[k : k + LEAF] != ZERO_LEAF:
+                return first + k // LEAF
+    return start
