@@ -166,7 +166,7 @@ def _scatter(src: Path, blocks: int) -> list[tuple[int, int]]:
 
 def test_a_quiet_tracked_delta_over_nbd_asks_ahead_and_confirms_in_batches(disk, tmp_path) -> None:
     """The switch's final delta over NBD: the window's blocks are read ahead (replica and production
-    disk together) and their writes confirmed and read back in batches (delta._Reads, _write_aside):
+    disk together) and their writes confirmed and read back in batches (examine.Reads, delta._write_aside):
     more blocks than one batch, every byte as on the replica, the discards given back."""
     require_nbd()
     src, dst, state = disk

@@ -24,7 +24,10 @@ extent rewritten with the same bytes, costs reads, not writes). Zero pages are p
 and a zero page the target still allocates where the source has a hole (a guest's discard) is punched
 too, so the target keeps the source's holes and is never more allocated than it. What was written is
 read back at once and compared with what was read from the source; only then does the target's leaf
-move. Writes therefore follow the changed pages, reads follow the changed grains (tracked) or the
+move (on a local file a block's punches run on a thread of their own, as they wait for the device,
+and are all read back before the leaves are saved or the target sealed; over NBD, the switch's final
+delta asks for the reads of the blocks in its window ahead and confirms and reads back its writes in
+batches, so round trips overlap). Writes therefore follow the changed pages, reads follow the changed grains (tracked) or the
 source's data (digest), and the switch needs no re-read of either disk: :func:`verify_changes` computes
 both disk digests from the leaves.
 
@@ -33,7 +36,7 @@ exception raised by a callback stops the pass and propagates (the checkpoint is 
 any object with ``is_set()``; it is asked in the calling thread at least once per block.
 
 This module is the public face: each call below takes its caller's options and runs the pass in
-:mod:`.phase1` (full copy), :mod:`.delta` (catch-up and final delta) or :mod:`.verify` (digests and
+:mod:`.phase1` (full copy), :mod:`.delta` and :mod:`.examine` (catch-up and final delta) or :mod:`.verify` (digests and
 checks). A pass's machinery is :mod:`.passes`, file helpers :mod:`.blockio`, the state directory
 :mod:`.blockmap` and :mod:`.state`, the results and errors :mod:`.results`.
 """
@@ -212,7 +215,9 @@ def verify_changes(
       source's new leaf without comparing its other pages, on the same trust in change tracking as the
       grains it did not name;
     - and ``samples`` random data grains of each side are re-read now and must match their leaves
-      (a cheap check that the leaves and the seals are not lying; 2 x samples x 64 KiB of reads).
+      (a cheap check that the leaves and the seals are not lying; 2 x samples x 64 KiB of reads). A
+      file's are drawn among its allocated data (SEEK_DATA); an NBD export's among the grains its
+      leaves say hold data (block status is a round trip each), and read in one round trip.
 
     What would break the proof, and what happens then:
     - a write to the production disk between passes (someone powered it on, or wrote to the file):
