@@ -48,7 +48,7 @@ test-embedded: $(STAMP) nbd-client
 
 # The second profile runs only what touches the database, the channel layer or the broker: the engine's,
 # the lab adapter's and the vSphere adapter's own tests use none of them and ran in the first profile.
-NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py tests/test_windows_rules.py tests/test_platform_contract.py tests/test_code_shape.py tests/test_docs_truth.py
+NO_DB_TESTS := tests/test_transfer_nbd.py tests/test_transfer_nbd_props.py tests/test_transfer_engine.py tests/test_transfer_threads.py tests/test_transfer_props.py tests/test_transfer_delta_props.py tests/test_lab_hypervisor.py tests/test_vsphere_vcsim.py tests/test_windows_rules.py tests/test_platform_contract.py tests/test_code_shape.py tests/test_docs_truth.py
 # The nbd failbacks keep their session rows in the database like every failback, but what they test is the
 # transport (nbdkit servers, libnbd, resume into the same exports), which no profile changes; the workflow's
 # own use of PostgreSQL and Redis is run by the direct-mode failbacks. They run once, in the first profile.

@@ -207,7 +207,7 @@ def _leaf_sample(leaves: LeafFile, rng: random.SystemRandom, chunk: int = 4096) 
     for first in (*range(start, n, chunk), *range(0, start, chunk)):
         count = min(chunk, n - first)
         got = leaves.get(first, count)
-        for k in range(0, count * LEAF, LEAF):
-            if got[k : k + LEAF] != ZERO_LEAF:
-                return first + k // LEAF
+        zeros = len(got) - len(got.lstrip(b"\0"))  # the first non-zero byte is in the first non-zero leaf
+        if zeros < len(got):
+            return first + zeros // LEAF
     return start
