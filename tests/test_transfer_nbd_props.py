@@ -20,14 +20,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from failback.transfer import TransferCancelled, delta_copy, disk_digest, full_copy, verify_changes, verify_target
+from failback.transfer import disk_digest, full_copy, verify_changes, verify_target
 from failback.transfer.nbd import release
 
 from .nbd_support import require_nbd, served
 from .test_transfer_delta_props import (
     PROPS,
-    CancelAt,
-    Round,
     allocated_in_holes,
     apply,
     blocks,
@@ -38,6 +36,7 @@ from .test_transfer_delta_props import (
     pages_named,
     read,
     rounds,
+    send,  # a delta_copy of paths or NBD URIs alike
 )
 
 pytestmark = pytest.mark.nbd
@@ -67,18 +66,6 @@ def resize_in_place(path: str, size: int) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-
-
-def send(s_uri: str, d_uri: str, state: str, r: Round):
-    extents = [(c.offset, c.length) for c in r.changes] if r.tracked else None
-    if r.cancel_after is not None:
-        try:
-            delta_copy(
-                s_uri, d_uri, state_dir=state, changed_extents=extents, durable=False, cancel=CancelAt(r.cancel_after)
-            )
-        except TransferCancelled:
-            pass
-    return delta_copy(s_uri, d_uri, state_dir=state, changed_extents=extents, durable=False, source_quiet=r.quiet)
 
 
 @PROPS
