@@ -324,13 +324,9 @@ class _Delta:
                 self.p.target_read += n
                 if not is_zero(next(got)):
                     bad.append((job, off, n))
+        for job, off, n in bad:
+            self._real_leaves(job, [(off - job.offset, off - job.offset + n)])
         if bad:
-            g_size = self.g_size
-            for job, off, n in bad:
-                x = off - job.offset
-                for g in range(x // g_size, (x + n - 1) // g_size + 1):
-                    a, b = g * g_size, min((g + 1) * g_size, job.length)
-                    self.leaves.target.put(job.index * self.per + g, self._target_leaf(job, a, b))
             offset = min(off for _, off, _ in bad)
             raise VerificationError(f"{self.dst}: the write at offset {offset} did not read back as written", offset)
 
@@ -365,13 +361,18 @@ class _Delta:
         if written:
             self.p._wrote(written)
         if failed:
-            g_size = self.g_size
-            grains = sorted({g for x, y in failed for g in range(x // g_size, (y - 1) // g_size + 1)})
-            for g in grains:
-                a, b = g * g_size, min((g + 1) * g_size, job.length)
-                self.leaves.target.put(job.index * self.per + g, self._target_leaf(job, a, b))
-            offset = job.offset + grains[0] * g_size
+            offset = self._real_leaves(job, failed)
             raise VerificationError(f"{self.dst}: the punch at offset {offset} did not read back as zeros", offset)
+
+    def _real_leaves(self, job: Job, runs: list[tuple[int, int]]) -> int:
+        """Give the grains of the runs (relative to the block) that did not read back as sent the leaves
+        of what the target holds; the offset of the first."""
+        g_size = self.g_size
+        grains = sorted({g for x, y in runs for g in range(x // g_size, (y - 1) // g_size + 1)})
+        for g in grains:
+            a, b = g * g_size, min((g + 1) * g_size, job.length)
+            self.leaves.target.put(job.index * self.per + g, self._target_leaf(job, a, b))
+        return job.offset + grains[0] * g_size
 
     def _took(self, job: Job, buf: bytearray, g: int, plan: list[tuple[int, int]] | None) -> bool:
         """Whether one grain reads back as planned (after a block's read-back found a difference)."""

@@ -221,7 +221,7 @@ class Pass:
                     buf = free.pop() if free else bytearray(self.bs)
                     out = first(job, buf)
                     if isinstance(out, Hashed):
-                        window.append((job, buf, _done(out), None))
+                        window.append((job, buf, _Done(out), None))
                     elif isinstance(out, Later):
                         window.append((job, buf, out, None))
                     else:
@@ -249,7 +249,7 @@ class Pass:
         for i in range(len(window) - 1, -1, -1):
             job, buf, fut, work = window[i]
             if work is not None and fut.cancel():
-                window[i] = (job, buf, _done(work()), None)
+                window[i] = (job, buf, _Done(work()), None)
                 return True
         return False
 
@@ -400,10 +400,6 @@ class _Done:
 
     def cancel(self) -> bool:
         return False
-
-
-def _done(result: Hashed) -> _Done:
-    return _Done(result)
 
 
 def _grain_spans(segments: Sequence[tuple[int, int]], grain: int, n: int) -> Iterator[tuple[int, int]]:
