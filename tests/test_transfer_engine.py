@@ -19,6 +19,7 @@ import pytest
 from failback.transfer import (
     CopyResult,
     Progress,
+    StateBusyError,
     TransferCancelled,
     TransferStateError,
     VerificationError,
@@ -27,6 +28,7 @@ from failback.transfer import (
     engine,
     full_copy,
     target_untouched,
+    verify_changes,
     verify_target,
 )
 from failback.transfer.progress import Pacer
@@ -362,6 +364,11 @@ def test_a_killed_copy_resumes_and_is_identical(disk: tuple[Path, Path, Path]) -
                 position = json.loads(state_file.read_text())["position"]
             except (OSError, ValueError, KeyError):
                 pass
+        # a second pass on the same disk, from another process, is refused while the copy runs
+        with pytest.raises(StateBusyError, match="one pass at a time"):
+            full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)
+        with pytest.raises(StateBusyError):
+            verify_target(str(dst), state_dir=str(state))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -369,7 +376,7 @@ def test_a_killed_copy_resumes_and_is_identical(disk: tuple[Path, Path, Path]) -
     checkpoint = json.loads(state_file.read_text())
     assert not checkpoint["complete"] and 0 < checkpoint["position"] < size
 
-    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)
+    result = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)  # the kill freed the lock
 
     assert result.resumed_from == checkpoint["position"]
     assert result.bytes_total < 30 * MiB  # only what lies past the checkpoint
@@ -656,6 +663,47 @@ def test_a_delta_stopped_while_punches_wait_leaves_leaves_that_match_the_target(
     assert dst.read_bytes() == src.read_bytes()
     assert extents(dst) == extents(src)
     assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
+
+
+def test_a_second_pass_on_a_disk_is_refused_while_one_runs_and_the_first_is_unharmed(
+    disk: tuple[Path, Path, Path],
+) -> None:
+    """Two sessions (or a re-delivered task) running passes on one state directory at once would
+    interleave their leaves: the engine refuses the second at once, whatever it is, and the one running
+    finishes as if alone. Verifications only read, so they share the directory with each other."""
+    src, dst, state = disk
+    size = 16 * MiB
+    make_image(src, size, {0: rand(size, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(src, {k * MiB + 4096: rand(8192, k) for k in range(16)})
+    changed = [(k * MiB + 4096, 8192) for k in range(16)]
+    refused: list[str] = []
+
+    def meanwhile(p: Progress) -> None:
+        if refused or not 0 < p.bytes_done < p.bytes_total:
+            return
+        before = dst.read_bytes()
+        for name, other in (
+            ("delta", lambda: delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None)),
+            ("full copy", lambda: full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB)),
+            ("verify_changes", lambda: verify_changes(str(src), str(dst), state_dir=str(state))),
+            ("verify_target", lambda: verify_target(str(dst), state_dir=str(state))),
+        ):
+            with pytest.raises(StateBusyError, match=f"another pass is using {state}"):
+                other()
+            refused.append(name)
+        assert dst.read_bytes() == before  # a refused pass touched nothing
+
+    result = delta_copy(
+        str(src), str(dst), state_dir=str(state), changed_extents=changed, progress=meanwhile, progress_interval=0
+    )
+
+    assert refused == ["delta", "full copy", "verify_changes", "verify_target"]
+    assert dst.read_bytes() == src.read_bytes()
+    with engine.locked(str(state), exclusive=False):  # a verification shares the directory with another
+        proof = verify_changes(str(src), str(dst), state_dir=str(state))
+    assert proof.identical and proof.target_digest == result.digest == disk_digest(str(src), MiB)
+    assert delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[]).bytes_written == 0
 
 
 def test_a_delta_needs_a_completed_full_copy(disk: tuple[Path, Path, Path]) -> None:

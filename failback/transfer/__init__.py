@@ -7,6 +7,7 @@ the leaves, the seals, the checkpoint and the disk digest (a hash tree).
 from .engine import (
     CopyResult,
     DiskProof,
+    StateBusyError,
     TransferCancelled,
     TransferStateError,
     VerificationError,
@@ -23,6 +24,7 @@ __all__ = [
     "CopyResult",
     "DiskProof",
     "Progress",
+    "StateBusyError",
     "TransferCancelled",
     "TransferStateError",
     "VerificationError",

@@ -31,6 +31,9 @@ batches, so round trips overlap). Writes therefore follow the changed pages, rea
 source's data (digest), and the switch needs no re-read of either disk: :func:`verify_changes` computes
 both disk digests from the leaves.
 
+One pass at a time per state directory: a full copy or a delta holds it alone, verifications share
+it, and a second pass is refused at once with :class:`StateBusyError` (see :func:`.state.locked`).
+
 Callbacks run in the calling thread, so a caller may use its own database connection there, and an
 exception raised by a callback stops the pass and propagates (the checkpoint is kept). ``cancel`` is
 any object with ``is_set()``; it is asked in the calling thread at least once per block.
@@ -43,17 +46,20 @@ checks). A pass's machinery is :mod:`.passes`, file helpers :mod:`.blockio`, the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from . import delta, phase1, verify
 from .passes import CancelFlag, Controls, ProgressCallback
 from .progress import Pacer, Progress
-from .results import CopyResult, DiskProof, TransferCancelled, TransferStateError, VerificationError
+from .results import CopyResult, DiskProof, StateBusyError, TransferCancelled, TransferStateError, VerificationError
+from .state import locked
 
 __all__ = [
     "CopyResult",
     "DiskProof",
     "Progress",
+    "StateBusyError",
     "TransferCancelled",
     "TransferStateError",
     "VerificationError",
@@ -92,15 +98,17 @@ def full_copy(
     """
     # Each pass makes its pacer from this module's Pacer, so a test can put the limiter on its own clock.
     controls = Controls(progress, progress_interval, cancel, bandwidth_limit_bps, Pacer)
-    return phase1.run(
-        src,
-        dst,
-        state_dir=state_dir,
-        block_size=block_size,
-        controls=controls,
-        durable=durable,
-        checkpoint_interval=checkpoint_interval,
-    )
+    os.makedirs(state_dir, exist_ok=True)
+    with locked(state_dir, exclusive=True):
+        return phase1.run(
+            src,
+            dst,
+            state_dir=state_dir,
+            block_size=block_size,
+            controls=controls,
+            durable=durable,
+            checkpoint_interval=checkpoint_interval,
+        )
 
 
 def delta_copy(
@@ -137,16 +145,17 @@ def delta_copy(
     change id was taken could reach the source's leaf and not the target: the grain is compared whole).
     """
     controls = Controls(progress, progress_interval, cancel, bandwidth_limit_bps, Pacer)
-    return delta.run(
-        src,
-        dst,
-        state_dir=state_dir,
-        changed_extents=changed_extents,
-        block_size=block_size,
-        controls=controls,
-        durable=durable,
-        source_quiet=source_quiet,
-    )
+    with locked(state_dir, exclusive=True):
+        return delta.run(
+            src,
+            dst,
+            state_dir=state_dir,
+            changed_extents=changed_extents,
+            block_size=block_size,
+            controls=controls,
+            durable=durable,
+            source_quiet=source_quiet,
+        )
 
 
 def disk_digest(
@@ -176,7 +185,8 @@ def verify_target(
     Raises VerificationError naming the first grain (offset) whose content differs from the leaves.
     """
     controls = Controls(progress, progress_interval, cancel, None, Pacer)
-    return verify.check_target(dst, state_dir=state_dir, controls=controls)
+    with locked(state_dir, exclusive=False):
+        return verify.check_target(dst, state_dir=state_dir, controls=controls)
 
 
 def target_untouched(dst: str, *, state_dir: str) -> bool:
@@ -239,4 +249,5 @@ def verify_changes(
     not match its leaf.
     """
     controls = Controls(progress, progress_interval, cancel, None, Pacer)
-    return verify.prove(src, dst, state_dir=state_dir, samples=samples, controls=controls)
+    with locked(state_dir, exclusive=False):
+        return verify.prove(src, dst, state_dir=state_dir, samples=samples, controls=controls)

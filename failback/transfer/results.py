@@ -21,6 +21,10 @@ class TransferStateError(RuntimeError):
     """The state directory does not fit the request (no completed full copy, other disk, ...)."""
 
 
+class StateBusyError(TransferStateError):
+    """Another pass holds the state directory (see :func:`.state.locked`); nothing was read or written."""
+
+
 @dataclass(frozen=True)
 class CopyResult:
     method: str  # "full" | "tracked" | "digest"

@@ -4,13 +4,41 @@ finished pass leaves."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .blockmap import DiskState, Leaves, block_count, fingerprint, seal
 from .nbd import NbdDisk
-from .results import TransferStateError
+from .results import StateBusyError, TransferStateError
+
+LOCK_FILE = "lock"
+
+
+@contextlib.contextmanager
+def locked(state_dir: str, *, exclusive: bool) -> Iterator[None]:
+    """One pass at a time on a disk's state directory: a pass that writes (full copy, delta) holds it
+    alone, passes that only read it (the verifications) may share it. The lock is an ``flock`` on
+    ``lock`` in the directory, so the kernel drops it with the process: a killed worker leaves none
+    behind. A second pass is refused at once, never queued behind the first: the caller (the portal's
+    session lease) decides whether to wait. A directory that does not exist is not locked: the pass
+    then finds no recorded copy and says so."""
+    try:
+        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateBusyError(f"another pass is using {state_dir}: one pass at a time per disk") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_state(state_dir: str, size: int, block_size: int | None) -> DiskState:
