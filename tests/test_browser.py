@@ -325,9 +325,10 @@ def test_it_switches_with_the_keyboard(page, portal):
     page.keyboard.press("Enter")  # the dialog opens on its reason field
     dialog = page.get_by_role("dialog")
     expect(dialog.get_by_role("heading")).to_have_text(f"Switch {CRM} over to {session_of(pk).vm_name} now?")
+    expect(dialog.locator("[name=reason]")).to_be_focused()  # the dialog moved focus there (a loaded machine: later)
     page.keyboard.type("CHG-9")
     page.keyboard.press("Tab")  # to the dialog's confirmation
-    assert page.evaluate("document.activeElement.textContent.trim()") == "Shut down the replica and switch"
+    expect(dialog.get_by_role("button", name="Shut down the replica and switch")).to_be_focused()
     page.keyboard.press("Enter")
     expect(status(page)).to_have_text("Failback", timeout=LONG)
     session = session_of(pk)
