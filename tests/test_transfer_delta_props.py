@@ -1,7 +1,9 @@
 """Deltas write only what changed and keep holes, on generated images (up to 16 MiB, the engine's
 4 MiB blocks or small ones) and generated rounds of change: writes of new data, of zeros, of the same
 bytes, and discards (holes punched in the source, as a guest's TRIM does), each round sent by the
-tracked or the digest method, some rounds cancelled half-way and sent again.
+tracked or the digest method, some rounds cancelled half-way and sent again. At the moment a round is
+cancelled, a second pass on the same disk (a delta, a full copy or a verification) is tried, and must
+be refused without touching anything: one pass at a time per state directory.
 
 After every round the target is byte-identical to the source, allocates nothing where the source has
 a hole and no more blocks than the source. After a round not cancelled, the delta wrote no more than
@@ -21,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from failback.transfer import (
+    StateBusyError,
     TransferCancelled,
     VerificationError,
     delta_copy,
@@ -103,13 +106,22 @@ def rounds(draw: st.DrawFn, image: tuple[int, int, tuple[tuple[int, int, str], .
 
 
 class CancelAt:
-    """Says "cancel" from its n-th check on (the engine asks at least once per block)."""
+    """Says "cancel" from its n-th check on (the engine asks at least once per block). At that moment,
+    inside the pass, it first tries ``rival`` (a second pass on the same disk), which must be refused.
+    (That the refused pass wrote nothing shows in the round's checks: the target ends as the source,
+    and the bytes written stay within the changed pages. Its bytes cannot be compared here: the pass's
+    punches of earlier blocks may still be landing.)"""
 
-    def __init__(self, n: int) -> None:
-        self.left = n
+    def __init__(self, n: int, rival=None) -> None:
+        self.left, self.rival = n, rival
+        self.refused = 0
 
     def is_set(self) -> bool:
         self.left -= 1
+        if self.left == -1 and self.rival is not None:
+            with pytest.raises(StateBusyError, match="one pass at a time"):
+                self.rival()
+            self.refused += 1
         return self.left < 0
 
 
@@ -195,12 +207,17 @@ def send(src: str, dst: str, state: str, r: Round):
     """One round's delta, cancelled first when the round says so; the result of the pass that ended."""
     extents = [(c.offset, c.length) for c in r.changes] if r.tracked else None
     if r.cancel_after is not None:
+        rivals = (
+            lambda: delta_copy(src, dst, state_dir=state, changed_extents=extents, durable=False),
+            lambda: full_copy(src, dst, state_dir=state, durable=False),
+            lambda: verify_changes(src, dst, state_dir=state),
+            lambda: verify_target(dst, state_dir=state),
+        )
+        cancel = CancelAt(r.cancel_after, rivals[r.cancel_after % 4])
         try:
-            delta_copy(
-                src, dst, state_dir=state, changed_extents=extents, durable=False, cancel=CancelAt(r.cancel_after)
-            )
+            delta_copy(src, dst, state_dir=state, changed_extents=extents, durable=False, cancel=cancel)
         except TransferCancelled:
-            pass
+            assert cancel.refused == 1  # cancelled at the n-th check: the rival was tried then
     # A tracked pass with the source quiet (as the switch's final delta) compares named pages only.
     return delta_copy(src, dst, state_dir=state, changed_extents=extents, durable=False, source_quiet=r.quiet)
 
