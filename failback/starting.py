@@ -210,8 +210,9 @@ def _check_target(options, facts, *, action, actor, replica):
     holder = _name_holder(name_scope(replica, options.folder), options.vm_name)
     if holder is not None:  # a rule too: the database's constraint backs it up when the session is created
         refuse(_name_taken(options.vm_name, holder), **where)
-    if facts.kept is None and any(vm.name == options.vm_name for vm in inventory.vms):
-        refuse(f"A VM named {options.vm_name!r} already exists{facts.not_reused}; pick another name.", **where)
+    if facts.kept is None and (same := [vm.vm_id for vm in inventory.vms if vm.name == options.vm_name]):
+        whose = facts.not_reused or _left_by(name_scope(replica, options.folder), options.vm_name, same)
+        refuse(f"A VM named {options.vm_name!r} already exists{whose}; pick another name.", **where)
     if not any(vm.vm_id == replica.vm_id for vm in inventory.vms):
         refuse(
             f"Start failback refused: the replica VM {replica.name} ({replica.vm_id}) is not in the platform's inventory.",
@@ -396,6 +397,19 @@ def _name_holder(scope, vm_name):
         .select_related("replica")
         .first()
     )
+
+
+def _left_by(scope, vm_name, vm_ids):
+    """Which ended failback built the VM that holds the name, if one did (a failed switch leaves its
+    production VM powered off; a committed one serves): the refusal says so, so that the admin knows
+    whose VM it is before deciding what to do with it."""
+    last = (
+        FailbackSession.objects.filter(name_scope=scope, vm_name=vm_name, production_vm_id__in=vm_ids)
+        .exclude(status__in=ACTIVE)
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    return f" (the production VM of failback #{last.pk}, which is {last.get_status_display()})" if last else ""
 
 
 def _name_taken(vm_name, holder):

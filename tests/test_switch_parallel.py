@@ -142,6 +142,14 @@ def test_it_fails_the_whole_switch_when_one_disk_cannot_be_written_and_brings_th
         fill(datastore, leave=MiB)  # room for the small changes, not for disk 2's
         workflow.switch_now(operator, session.pk)
         session = session_of(session)
+        # the production VM stays, powered off; a new start with its name says whose it is
+        assert lab.power_state(session.production_vm_id) == POWERED_OFF
+        with pytest.raises(workflow.Refused) as refused:
+            start(operator, replica)
+        assert str(refused.value) == (
+            f"A VM named '{session.vm_name}' already exists (the production VM of failback #{session.pk}, "
+            "which is Failed); pick another name."
+        )
     assert_replica_serving(lab, session)
     assert {i: sha256(lab.disk_path(replica.vm_id, f"scsi0:{i}")) for i in range(DISKS)} == before
     assert "No space left on datastore prod-ds-01" in session.error

@@ -109,8 +109,8 @@ def test_it_refuses_bad_input_with_a_clear_message(lab, operator, overrides, mes
 
 def test_it_refuses_a_duplicate_production_vm_name(lab, operator):
     existing = lab.inventory().vms[0].name
-    with pytest.raises(workflow.Refused, match="already exists"):
-        start(operator, replica_named(""), vm_name=existing)
+    with pytest.raises(workflow.Refused, match=rf"A VM named '{existing}' already exists; pick another name"):
+        start(operator, replica_named(""), vm_name=existing)  # not a failback's VM: nothing more to say
 
 
 def test_it_refuses_commit_before_the_switch(lab, operator):
