@@ -98,7 +98,7 @@ def full_copy(
     """
     # Each pass makes its pacer from this module's Pacer, so a test can put the limiter on its own clock.
     controls = Controls(progress, progress_interval, cancel, bandwidth_limit_bps, Pacer)
-    os.makedirs(state_dir, exist_ok=True)
+    os.makedirs(state_dir, exist_ok=True)  # the lock file lives in it; phase1.run fills it
     with locked(state_dir, exclusive=True):
         return phase1.run(
             src,

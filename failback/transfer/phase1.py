@@ -37,7 +37,6 @@ def run(
 ) -> CopyResult:
     started = time.monotonic()
     check_block_size(block_size)
-    os.makedirs(state_dir, exist_ok=True)
     bs = block_size
     with opened(src, os.O_RDONLY) as sfd, opened(dst, os.O_RDWR | os.O_CREAT) as dfd:
         size = size_of(sfd)
