@@ -125,7 +125,7 @@ def test_the_trails_count_is_exact_through_inserts_rollbacks_and_a_flush(operato
     assert trail_count() == AuditEvent.objects.count() == 0
     add(1)
     add(250)  # one statement, many rows
-    for _ in range(300):  # one statement each: the tally folds its rows now and then
+    for _ in range(300):  # one statement each: the tally folds its rows every 100th statement
         add(1)
     assert trail_count() == AuditEvent.objects.count() == 551
     try:
@@ -139,7 +139,7 @@ def test_the_trails_count_is_exact_through_inserts_rollbacks_and_a_flush(operato
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM failback_audit_tally")
-            assert cursor.fetchone()[0] < 300  # folded, not one row per statement
+            assert cursor.fetchone()[0] <= 100  # folded at least every 100th statement, not one row per statement
             cursor.execute("TRUNCATE failback_auditevent CASCADE")  # what Django's flush does
     else:
         with connection.cursor() as cursor:
