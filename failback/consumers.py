@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -36,6 +37,7 @@ from django.db import connection
 from django.template.loader import render_to_string
 
 from .broadcast import SESSIONS_GROUP, login_group, session_group, user_group
+from .choices import SessionStatus
 from .models import FailbackPlan, FailbackSession
 
 log = logging.getLogger(__name__)
@@ -308,12 +310,16 @@ class LiveConsumer(LoginBoundConsumer):
 
 class SessionConsumer(LiveConsumer):
     """The session page. The action buttons depend on the user's role: they are rendered for each user, and
-    re-sent only when the status changed, so a reason being typed is not wiped by progress updates."""
+    re-sent only when the status changed, so a reason being typed is not wiped by progress updates. The page
+    says which status its buttons were drawn for (``?status=``): a socket that connects after the page showed
+    a refusal or a notice does not redraw the same buttons over it."""
 
     last_status = None
 
     async def find_topic(self):
         self.session_id = self.scope["url_route"]["kwargs"]["pk"]
+        shown = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("status", [""])[0]
+        self.last_status = shown if shown in SessionStatus.values else None
         return session_topic(self.session_id) if await self._exists() else None
 
     async def parts(self, rendered):

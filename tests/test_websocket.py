@@ -11,6 +11,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from dr_portal.asgi import application
+from failback.models import FailbackSession
 
 from .conftest import ROOT, subprocess_env
 from .helpers import replica_named, start
@@ -37,11 +38,11 @@ def cookie_for(user):
     return f"sessionid={client.cookies['sessionid'].value}".encode()
 
 
-def communicator(session_id, cookie=None, origin=b"http://localhost"):
+def communicator(session_id, cookie=None, origin=b"http://localhost", query=""):
     headers = [(b"origin", origin)]
     if cookie:
         headers.append((b"cookie", cookie))
-    return WebsocketCommunicator(application, f"/ws/sessions/{session_id}/", headers=headers)
+    return WebsocketCommunicator(application, f"/ws/sessions/{session_id}/{query}", headers=headers)
 
 
 @pytest.fixture
@@ -77,6 +78,24 @@ async def test_it_sends_the_current_state_on_connect(session, viewer):
     assert 'id="session-progress"' in html and 'hx-swap-oob="true"' in html
     assert 'id="session-actions"' in html and ">Commit</button>" not in html  # rendered for this viewer
     await ws.disconnect()
+
+
+async def test_it_does_not_redraw_the_buttons_the_page_drew_for_the_same_status(session, operator):
+    """The page names the status its buttons were drawn for: a socket connecting after a refusal was shown
+    sends the progress only, so the refusal stays; a page drawn for an older status gets the new buttons."""
+    cookie = await sync(cookie_for)(operator)
+    status = await sync(lambda: FailbackSession.objects.get(pk=session.pk).status)()
+    same = communicator(session.pk, cookie, query=f"?status={status}")
+    assert (await same.connect())[0]
+    html = await same.receive_from(timeout=10)
+    assert 'id="session-progress"' in html and 'id="session-actions"' not in html
+    await same.disconnect()
+    for shown in ("ready_to_switch" if status != "ready_to_switch" else "switching", "no-such-status"):
+        older = communicator(session.pk, cookie, query=f"?status={shown}")
+        assert (await older.connect())[0]
+        html = await older.receive_from(timeout=10)
+        assert f'id="session-actions" data-status="{status}"' in html, shown
+        await older.disconnect()
 
 
 async def test_it_delivers_progress_published_by_another_process(session, operator, settings, own_channel_layer):

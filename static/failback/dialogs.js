@@ -34,6 +34,19 @@
     }
   });
 
+  // The live socket redraws the buttons when the status changes. When the buttons shown were already drawn for
+  // that status (by an action's answer), they stay, with the refusal or notice that came with them.
+  document.addEventListener("htmx:oobBeforeSwap", (event) => {
+    const shown = event.detail.target;
+    if (!shown || shown.id !== "session-actions" || !shown.querySelector(".msg")) return;
+    const incoming = event.detail.fragment.querySelector
+      ? event.detail.fragment.querySelector("#session-actions") || event.detail.fragment.firstElementChild
+      : null;
+    if (incoming && incoming.dataset && incoming.dataset.status === shown.dataset.status) {
+      event.detail.shouldSwap = false;
+    }
+  });
+
   document.addEventListener("htmx:afterRequest", (event) => {
     const box = dialog();
     if (box && box.open && event.target.closest("#action-dialog form.confirm")) {
