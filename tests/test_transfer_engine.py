@@ -206,10 +206,58 @@ def test_the_digest_depends_on_content_not_on_sparseness(tmp_path: Path) -> None
     make_image(b, 8 * MiB, {0: bytes(3 * MiB) + rand(100, 1) + bytes(MiB)})  # same bytes, zeros written
 
     assert disk_digest(str(a), MiB) == disk_digest(str(b), MiB)
-    assert disk_digest(str(a), MiB).startswith("xxh3-tree-64KiB:")
+    assert disk_digest(str(a), MiB).startswith("xxh3-tree2-64KiB:")
     assert disk_digest(str(a), MiB) == disk_digest(str(a), 2 * MiB)  # the block size is only the I/O unit
     make_image(b, 8 * MiB, {3 * MiB: rand(100, 2)})
     assert disk_digest(str(a), MiB) != disk_digest(str(b), MiB)
+
+
+def test_the_disk_digest_is_what_the_documented_recipe_computes(tmp_path: Path) -> None:
+    """docs/decisions.md gives an auditor a recipe that recomputes a digest without the portal; it must
+    give the engine's figure, on a disk whose size is not a multiple of the grain, with holes and zeros."""
+    import struct
+
+    import xxhash
+
+    img = tmp_path / "a.img"
+    make_image(img, 5 * MiB + 12345, {0: rand(100_000, 1), 2 * MiB: bytes(128 * KiB), 5 * MiB: rand(12345, 2)})
+    g = 64 * KiB
+    with open(img, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        h = xxhash.xxh3_128(b"failback-leaftree-v4\0" + struct.pack("<QQ", size, g))
+        while grain := f.read(g):
+            h.update(bytes(16) if grain.count(0) == len(grain) else xxhash.xxh3_128_digest(grain))
+    recipe = "xxh3-tree2-64KiB:" + h.hexdigest()
+
+    assert disk_digest(str(img), MiB) == recipe
+    docs = (REPO / "docs" / "decisions.md").read_text()
+    assert 'xxhash.xxh3_128(b"failback-leaftree-v4\\0"' in docs and 'print("xxh3-tree2-64KiB:"' in docs
+
+
+def test_a_state_of_the_previous_version_is_kept_with_its_digests_recomputed(disk: tuple[Path, Path, Path]) -> None:
+    """State version 3 had a BLAKE3 root over the same leaves: an upgrade in the middle of a failback
+    recomputes the digests from the leaves and goes on with a delta, without copying the disk again."""
+    src, dst, state = disk
+    make_image(src, 8 * MiB, {0: rand(3 * MiB, 1)})
+    first = full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    data = json.loads((state / "state.json").read_text())
+    data.update(version=3, digest="xxh3-tree-64KiB:" + "ab" * 32, source_digest="xxh3-tree-64KiB:" + "cd" * 32)
+    (state / "state.json").write_text(json.dumps(data))
+    patch(src, {MiB: rand(4 * KiB, 2)})
+
+    assert target_untouched(str(dst), state_dir=str(state))
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[(MiB, 4 * KiB)], durable=False)
+
+    assert result.method == "tracked" and result.bytes_written == 4 * KiB and result.target_untouched
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.digest == result.source_digest == disk_digest(str(src))
+    assert result.digest.startswith("xxh3-tree2-64KiB:") and first.digest.startswith("xxh3-tree2-64KiB:")
+    assert json.loads((state / "state.json").read_text())["version"] == 4
+    data.update(version=2)  # BLAKE3 leaves: nothing to build on
+    (state / "state.json").write_text(json.dumps(data))
+    with pytest.raises(TransferStateError, match="no completed full copy"):
+        delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None, durable=False)
 
 
 def test_it_sends_only_the_changed_blocks_with_tracked_extents(disk: tuple[Path, Path, Path]) -> None:
