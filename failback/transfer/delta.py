@@ -73,8 +73,13 @@ def run(
         p = Pass(block_size=state.block_size, controls=controls, src_fd=sfd, dst_fd=dfd)
         # A delta reads the target where grains differ and reads back what it wrote, scattered: no
         # read-ahead, which zero-filled page-cache pages around every read of a hole. The source keeps
-        # its read-ahead: uncached, the grains of a tracked delta are often near each other.
+        # its read-ahead on a live replica (uncached, the grains of a catch-up pass are often near each
+        # other), but not in the switch's final delta (source_quiet, tracked): it reads the named grains,
+        # adjacent ones merged into one read, and nothing else, and read-ahead there zero-filled pages
+        # of the replica's holes beside each named grain (12 % of the window's CPU on a 16 GiB disk).
         fadvise(dfd, os.POSIX_FADV_RANDOM)
+        if source_quiet and changed_extents is not None:
+            fadvise(sfd, os.POSIX_FADV_RANDOM)
         with Leaves(state_dir, block_count(size, state.grain), fresh=False) as leaves:
             delta = _Delta(p, leaves, state, state_dir, dst, durable)
             if not untouched:
