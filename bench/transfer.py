@@ -22,8 +22,9 @@ written against the 4 KiB pages whose content changed to data (write_amplificati
 zeros are punched, not written), the target's allocation against the source's, and the target's data
 lying in a hole of the source (holes_kept=yes: none, and no more allocated than the source), and
 correctness.
-Every timed run starts after os.sync(), with the files it reads in the page cache (see warm()). Between delta runs the
-target is restored from a copy of phase 1's result, and its seal re-recorded as phase 1 left it.
+Every timed run starts after os.sync(), with the files it reads in the page cache (see warm()); the
+switch windows of the sweep with their data cached and their holes not (see window()). Between
+delta runs the target is restored from a copy of phase 1's result, and its seal re-recorded as phase 1 left it.
 The last line holds the summary: worst case over the shapes for each figure.
 """
 
@@ -184,6 +185,16 @@ def remove(*paths: str) -> None:
             shutil.rmtree(p)
         elif os.path.exists(p):
             os.unlink(p)
+
+
+def drop(*paths: str) -> None:
+    """Drop the files' pages from the page cache (they are clean: os.sync() ran)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def warm(*paths: str) -> None:
@@ -365,9 +376,17 @@ def window(work: str, size: int, rng: random.Random, rounds: int) -> float:
     for k in range(rounds):
         # Round k's change is the same on every size, and differs from the other rounds' (the same change
         # again rewrites identical bytes: a delta that writes nothing). Other writers' dirty data is
-        # flushed first, so the window's own flushes wait for its writes only.
+        # flushed first, so the window's own flushes wait for its writes only. Then both files' pages
+        # are dropped and their data read back in: every round of every size starts with exactly the
+        # data cached and none of the holes. Without the drop, pages of holes and of the target that
+        # earlier rounds had read or written stayed cached, most likely far more of them around a
+        # 1 GiB disk's changes than a 16 GiB disk's: for the same bytes, the 16 GiB windows spent 13x
+        # the kernel's copy time in pwrite and 10x its zero-fill in reads (perf record, 15 windows
+        # each), and window_growth came out 1.47-1.62 in four runs without the drop, 1.23-1.32 in
+        # two with it (one machine, one hour).
         extents = change(src, Shape("w", size, 0, 64, (64 * KiB, 64 * KiB)), random.Random(7 + k), discards=False)
         os.sync()
+        drop(src, dst)
         warm(src, dst)
         t = time.perf_counter()
         delta_copy(src, dst, state_dir=state, changed_extents=extents, source_quiet=True)
