@@ -108,7 +108,7 @@ class TreeDigest:
         self.size, self.grain = size, grain
         self.n_grains = block_count(size, grain)
         self.next_grain = 0
-        self._h = xxhash.xxh3_128(_TREE_PREFIX + struct.pack("<QQ", size, grain))
+        self._h = _root(size, grain)
 
     def add(self, first_grain: int, leaves: bytes) -> None:
         if first_grain < self.next_grain:
@@ -130,9 +130,14 @@ class TreeDigest:
         return f"{digest_label(self.grain)}:{self._h.hexdigest()}"
 
 
+def _root(size: int, grain: int) -> xxhash.xxh3_128:
+    """The root hash of a disk's digest, before its leaves."""
+    return xxhash.xxh3_128(_TREE_PREFIX + struct.pack("<QQ", size, grain))
+
+
 def leaves_digest(fd: int, size: int, grain: int) -> str:
     """The disk digest over a leaves file (``L0 || L1 || ...``, holes read as zero leaves)."""
-    h = xxhash.xxh3_128(_TREE_PREFIX + struct.pack("<QQ", size, grain))
+    h = _root(size, grain)
     length = block_count(size, grain) * LEAF
     if length:
         with mmap.mmap(fd, length, prot=mmap.PROT_READ) as m:
