@@ -16,9 +16,11 @@
     }
   });
 
-  document.addEventListener("htmx:afterSwap", (event) => {
+  // Opened once the swap has settled: htmx focuses new content's [autofocus] in its settle step (20 ms after the
+  // swap), which would otherwise pull the focus back to the reason from wherever a quick keyboard user had moved it.
+  document.addEventListener("htmx:afterSettle", (event) => {
     const box = dialog();
-    if (box && event.detail.target.id === "action-dialog-body" && !box.open) {
+    if (box && event.detail.target && event.detail.target.id === "action-dialog-body" && !box.open) {
       box.showModal();
       const first = box.querySelector("[autofocus]");
       if (first) first.focus();
