@@ -300,6 +300,18 @@ def test_a_write_missed_by_a_live_pass_is_caught_there_and_a_quiet_pass_reads_on
     assert dst.read_bytes() == src.read_bytes() and quiet.digest == disk_digest(str(src), MiB)
     assert quiet.bytes_written == 12 * KiB
     assert quiet.target_bytes_read == 2 * 12 * KiB  # the named pages compared, then read back
+    assert quiet.bytes_read == 2 * 64 * KiB  # the replica's two named grains, read whole for their leaves
+
+    # Named pages in grains that read all zeros at the last pass (holes): on the replica too, only
+    # those pages are read; the rest of each grain is zeros without being read.
+    patch(src, {3 * MiB: rand(4 * KiB, 6), 3 * MiB + 64 * KiB + 60 * KiB: rand(8 * KiB, 7)})
+    named = [(3 * MiB, 4 * KiB), (3 * MiB + 64 * KiB + 60 * KiB, 8 * KiB)]  # the second spans two grains
+    holes = delta_copy(
+        str(src), str(dst), state_dir=str(state), changed_extents=named, durable=False, source_quiet=True
+    )
+    assert dst.read_bytes() == src.read_bytes() and holes.digest == disk_digest(str(src), MiB)
+    assert holes.bytes_read == holes.bytes_written == 12 * KiB
+    assert holes.target_bytes_read == 12 * KiB  # read back; nothing compared (the target's grains were zeros)
 
 
 def test_it_sends_only_the_changed_blocks_by_digest_comparison(disk: tuple[Path, Path, Path]) -> None:

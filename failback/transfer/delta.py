@@ -74,9 +74,10 @@ def run(
         # A delta reads the target where grains differ and reads back what it wrote, scattered: no
         # read-ahead, which zero-filled page-cache pages around every read of a hole. The source keeps
         # its read-ahead on a live replica (uncached, the grains of a catch-up pass are often near each
-        # other), but not in the switch's final delta (source_quiet, tracked): it reads the named grains,
-        # adjacent ones merged into one read, and nothing else, and read-ahead there zero-filled pages
-        # of the replica's holes beside each named grain (12 % of the window's CPU on a 16 GiB disk).
+        # other), but not in the switch's final delta (source_quiet, tracked): it reads the named grains
+        # (of one that read all zeros at the last pass, its named pages only), adjacent ones merged into
+        # one read, and nothing else, and read-ahead there zero-filled pages of the replica's holes
+        # beside each named grain (12 % of the window's CPU on a 16 GiB disk).
         fadvise(dfd, os.POSIX_FADV_RANDOM)
         if source_quiet and changed_extents is not None:
             fadvise(sfd, os.POSIX_FADV_RANDOM)
@@ -219,8 +220,7 @@ class _Delta:
         """Apply the block's plans, then move both sides' leaves; a grain that did not read back as
         written gets the leaf of what the target holds, and the pass stops."""
         p, g_size = self.p, self.g_size
-        if job.read:
-            p.bytes_read += job.work
+        p.bytes_read += h.source_read
         p.target_read += h.target_read
         source = bytearray(h.leaves or job.old_source)  # h.leaves: the whole block's, when it was in sync
         target = bytearray(job.old_target)

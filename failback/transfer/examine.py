@@ -85,6 +85,7 @@ class Reads:
         self.target = bytearray(ahead[-1][2] + ahead[-1][1] - ahead[-1][0]) if ahead else bytearray()
         self.at = {x: q for x, _, q in ahead}  # named run start -> its place in self.target
         self.target_read = len(self.target)
+        self.source_read = sum(y - x for x, y in runs)
         self.flights: list[Flight] = []
         try:
             if ahead:
@@ -118,18 +119,52 @@ class Reads:
 def _read_source(
     p: Pass, job: Job, buf: bytearray, out: Hashed, reads: Reads | None
 ) -> tuple[bytearray, dict[int, int]] | None:
-    """The job's grains from the source into buf (by the reads ``first`` started, over NBD); the
-    production disk's named pages read with them, if any (see Reads), counted in out.target_read."""
+    """The job's grains from the source into buf (by the reads ``first`` started, over NBD), counted in
+    out.source_read; the production disk's named pages read with them, if any (see Reads), counted in
+    out.target_read."""
     if reads is None:
         if not job.read:
             return None
         g_size = p.grain
-        for g0, g1 in grain_runs(job.grains):
-            p.read(p.src_fd, buf, g0 * g_size, min(g1 * g_size, job.length), job.offset)
+        if job.changed:
+            runs = _quiet_reads(p, job, buf)
+        else:
+            runs = [(g0 * g_size, min(g1 * g_size, job.length)) for g0, g1 in grain_runs(job.grains)]
+        for x, y in runs:
+            p.read(p.src_fd, buf, x, y, job.offset)
+        out.source_read = sum(y - x for x, y in runs)
         return None
     reads.wait()
+    out.source_read = reads.source_read
     out.target_read += reads.target_read
     return reads.fetched()
+
+
+def _quiet_reads(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
+    """The source's runs a quiet tracked delta reads for the job's grains, adjacent ones merged: a
+    grain read all zeros at the last pass (a hole, mostly) has since changed at its named pages only,
+    so only those are read and the rest is zeros, filled here (as change tracking is trusted for the
+    grains it does not name at all). Read whole through the page cache, such a grain cost a page
+    allocated and zeroed per 4 KiB of hole: with 10,000 scattered 4 KiB writes, half of them in
+    holes, 0.67-0.99 s of reads once the kernel had reclaimed those pages, against 0.09 s cached."""
+    g_size, length, changed, old_source = p.grain, job.length, job.changed, job.old_source
+    view, zeros = memoryview(buf), p.zeros
+    runs: list[tuple[int, int]] = []
+    for g in job.grains:
+        a = g * g_size
+        b = a + g_size if a + g_size < length else length
+        named = changed.get(g)
+        if named and old_source[g * LEAF : (g + 1) * LEAF] == ZERO_LEAF:
+            view[a:b] = zeros[: b - a]
+            parts = named
+        else:
+            parts = ((a, b),)
+        for x, y in parts:
+            if runs and runs[-1][1] == x:
+                runs[-1] = (runs[-1][0], y)
+            else:
+                runs.append((x, y))
+    return runs
 
 
 def _io_runs(job: Job, buf: bytearray, h: Hashed, g_size: int) -> None:

@@ -72,6 +72,7 @@ class Hashed:
     zeros: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to punch
     zero_grains: int = 0  # delta: bytes of the grains punched whole; full copy over NBD: zero pages skipped
     target_read: int = 0
+    source_read: int = 0  # delta: bytes read from the source
 
 
 Work = Callable[[], Hashed]
@@ -100,7 +101,7 @@ class Pass:
             hasattr(os, "copy_file_range") and not isinstance(src_fd, NbdDisk) and not isinstance(dst_fd, NbdDisk)
         )
         self._probe = bytearray(PROBE)
-        self._zeros = memoryview(bytes(block_size))  # only ever read: backed by the kernel's zero page
+        self.zeros = memoryview(bytes(block_size))  # only ever read: backed by the kernel's zero page
 
     # ---- in the calling thread
 
@@ -303,10 +304,10 @@ class Pass:
             cur = lo
             while k < len(segs) and segs[k][0] < hi:
                 a, b = segs[k]
-                view[cur:a] = self._zeros[: a - cur]
+                view[cur:a] = self.zeros[: a - cur]
                 self.read(fd, buf, a, b, job.offset)
                 cur, k = b, k + 1
-            view[cur:hi] = self._zeros[: hi - cur]
+            view[cur:hi] = self.zeros[: hi - cur]
         return spans
 
     def hash_copied(self, job: Job, buf: bytearray) -> Hashed:
