@@ -293,14 +293,17 @@ def test_a_write_missed_by_a_live_pass_is_caught_there_and_a_quiet_pass_reads_on
     assert live.bytes_written == 8 * KiB and live.target_bytes_read >= 64 * KiB  # the grain compared whole
 
     patch(src, {3 * 64 * KiB: rand(4 * KiB, 4), 5 * 64 * KiB + 4 * KiB: rand(8 * KiB, 5)})
-    named = [(3 * 64 * KiB, 4 * KiB), (5 * 64 * KiB + 4 * KiB, 8 * KiB)]
+    patch(src, {7 * 64 * KiB: rand(4 * KiB, 8)})  # named with the page after it, rewritten unchanged
+    named = [(3 * 64 * KiB, 4 * KiB), (5 * 64 * KiB + 4 * KiB, 8 * KiB), (7 * 64 * KiB, 8 * KiB)]
     quiet = delta_copy(
         str(src), str(dst), state_dir=str(state), changed_extents=named, durable=False, source_quiet=True
     )
     assert dst.read_bytes() == src.read_bytes() and quiet.digest == disk_digest(str(src), MiB)
-    assert quiet.bytes_written == 12 * KiB
-    assert quiet.target_bytes_read == 2 * 12 * KiB  # the named pages compared, then read back
-    assert quiet.bytes_read == 2 * 64 * KiB  # the replica's two named grains, read whole for their leaves
+    assert quiet.bytes_written == 16 * KiB  # not grain 7's unchanged page
+    # Read back: the 16 KiB written. Compared first: the 8 KiB named in grains 5 and 7 each; not grain
+    # 3's one named page, which is the page that changed (its grain's leaf moved, nothing else in it can).
+    assert quiet.target_bytes_read == 16 * KiB + 2 * 8 * KiB
+    assert quiet.bytes_read == 3 * 64 * KiB  # the replica's named grains, read whole for their leaves
 
     # Named pages in grains that read all zeros at the last pass (holes): on the replica too, only
     # those pages are read; the rest of each grain is zeros without being read.

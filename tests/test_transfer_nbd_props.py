@@ -35,6 +35,7 @@ from .test_transfer_delta_props import (
     make,
     pages_named,
     read,
+    replica_reads,
     rounds,
     send,  # a delta_copy of paths or NBD URIs alike
 )
@@ -95,6 +96,7 @@ def test_over_nbd_deltas_write_only_changed_pages_and_keep_every_hole(exports, i
                 if r.tracked and r.quiet:
                     bound = 2 * pages_named(r.changes, size) + grains_touched(r.changes, size)
                     assert result.target_bytes_read <= bound
+                    assert result.bytes_read <= replica_reads(r.changes, before)
             assert result.digest == result.source_digest == disk_digest(src)
         proof = verify_changes(s_uri, d_uri, state_dir=state, samples=4)
         assert proof.identical and proof.source_sealed and proof.target_sealed

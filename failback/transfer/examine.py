@@ -47,11 +47,12 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
         if leaf == ZERO_LEAF:
             plans[g] = None
         elif changed and (named := changed.get(g)) and old_t == old_source[k : k + LEAF]:
-            plans[g], zero_named = _named_pages(p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched)
+            plans[g], zero_named, compared = _named_pages(
+                p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched
+            )
             if not zero_named:
                 settled.add(g)
-            if old_t != ZERO_LEAF and fetched is None:
-                out.target_read += sum(y - x for x, y in named)
+            out.target_read += compared
         elif old_t == ZERO_LEAF:  # the target grain is zeros: write the source's non-zero pages
             plans[g] = [(x, y) for x, y, zero in zero_page_runs(buf, a, b) if not zero]
         else:
@@ -71,8 +72,8 @@ class Reads:
     0.1 ms here, and the switch window over NBD was mostly round trips, one after the other."""
 
     def __init__(self, p: Pass, job: Job, buf: bytearray) -> None:
-        g_size, base = p.grain, job.offset
-        runs = [(g0 * g_size, min(g1 * g_size, job.length)) for g0, g1 in grain_runs(job.grains)] if job.read else []
+        base = job.offset
+        runs = _source_runs(p, job, buf) if job.read else []
         ahead: list[tuple[int, int, int]] = []  # (x, y, place in self.target)
         if isinstance(p.dst_fd, NbdDisk) and job.changed:
             q = 0
@@ -125,11 +126,7 @@ def _read_source(
     if reads is None:
         if not job.read:
             return None
-        g_size = p.grain
-        if job.changed:
-            runs = _quiet_reads(p, job, buf)
-        else:
-            runs = [(g0 * g_size, min(g1 * g_size, job.length)) for g0, g1 in grain_runs(job.grains)]
+        runs = _source_runs(p, job, buf)
         for x, y in runs:
             p.read(p.src_fd, buf, x, y, job.offset)
         out.source_read = sum(y - x for x, y in runs)
@@ -140,14 +137,17 @@ def _read_source(
     return reads.fetched()
 
 
-def _quiet_reads(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
-    """The source's runs a quiet tracked delta reads for the job's grains, adjacent ones merged: a
-    grain read all zeros at the last pass (a hole, mostly) has since changed at its named pages only,
-    so only those are read and the rest is zeros, filled here (as change tracking is trusted for the
-    grains it does not name at all). Read whole through the page cache, such a grain cost a page
-    allocated and zeroed per 4 KiB of hole: with 10,000 scattered 4 KiB writes, half of them in
-    holes, 0.67-0.99 s of reads once the kernel had reclaimed those pages, against 0.09 s cached."""
+def _source_runs(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
+    """The source's runs to read for the job's grains, adjacent ones merged: the grains whole, except
+    in a quiet tracked delta (``job.changed``), where a grain read all zeros at the last pass (a hole,
+    mostly) has since changed at its named pages only, so only those are read and the rest is zeros,
+    filled here (as change tracking is trusted for the grains it does not name at all). Read whole
+    through the page cache, such a grain cost a page allocated and zeroed per 4 KiB of hole: with
+    10,000 scattered 4 KiB writes, half of them in holes, 0.67-0.99 s of reads once the kernel had
+    reclaimed those pages, against 0.09 s cached; over NBD, 60 KiB of zeros sent per grain."""
     g_size, length, changed, old_source = p.grain, job.length, job.changed, job.old_source
+    if not changed:
+        return [(g0 * g_size, min(g1 * g_size, length)) for g0, g1 in grain_runs(job.grains)]
     view, zeros = memoryview(buf), p.zeros
     runs: list[tuple[int, int]] = []
     for g in job.grains:
@@ -251,21 +251,26 @@ def _named_pages(
     *,
     target_zero: bool,
     fetched: tuple[bytearray, dict[int, int]] | None = None,
-) -> tuple[list[tuple[int, int]], bool]:
-    """A grain both sides held alike at the last pass, the source quiet since: only the pages change
-    tracking names can differ. (The ones of those that differ from the target, read there only, or
-    their non-zero ones where the target grain was zeros, nothing read; whether a named page is zeros.)"""
+) -> tuple[list[tuple[int, int]], bool, int]:
+    """A grain both sides held alike at the last pass, whose leaf has changed since, the source quiet:
+    only the pages change tracking names can differ. Returns the pages to write (or punch), whether a
+    named page is zeros, and the bytes read on the target to compare. The pages planned: where the
+    target grain was zeros, the named non-zero ones, nothing read; where one page is named, that page,
+    nothing read (the grain differs, and nothing else in it can: one read of 4 KiB saved per scattered
+    write); else the named pages that differ from the target's, read there only."""
     pages = [(u, v, zero) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y)]
     zero_named = any(zero for _, _, zero in pages)
     if target_zero:
-        return [(u, v) for u, v, zero in pages if not zero], zero_named
+        return [(u, v) for u, v, zero in pages if not zero], zero_named, 0
+    if len(runs) == 1 and runs[0][1] - runs[0][0] <= PAGE:
+        return list(runs), zero_named, 0
     if fetched is not None:  # read already, with the source's grains (see _read_source)
         t, at = fetched
         view, out = memoryview(buf), []
         for x, y in runs:
             _differing(t, x - at[x], view, x, y, out)
-        return out, zero_named
-    return _differing_pages(p, job, buf, runs), zero_named
+        return out, zero_named, 0
+    return _differing_pages(p, job, buf, runs), zero_named, sum(y - x for x, y in runs)
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
