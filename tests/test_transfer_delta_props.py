@@ -196,21 +196,21 @@ def grains_touched(changes: tuple[Change, ...], size: int) -> int:
     return sum(min(GRAIN, size - g * GRAIN) for g in grains)
 
 
+def named_pages(changes: tuple[Change, ...]) -> set[int]:
+    """Indexes of the 4 KiB pages the changes touch."""
+    return {q for c in changes if c.length for q in range(c.offset // PAGE, (c.offset + c.length - 1) // PAGE + 1)}
+
+
 def pages_named(changes: tuple[Change, ...], size: int) -> int:
     """Bytes of the 4 KiB pages the changes touch. A quiet tracked delta after a pass that finished
     reads those at most twice on the target: to compare them, and to read back what it wrote."""
-    pages = {q for c in changes if c.length for q in range(c.offset // PAGE, (c.offset + c.length - 1) // PAGE + 1)}
-    return sum(min(PAGE, size - q * PAGE) for q in pages)
+    return sum(min(PAGE, size - q * PAGE) for q in named_pages(changes))
 
 
 def replica_reads(changes: tuple[Change, ...], before: bytes) -> int:
     """Bytes a quiet tracked delta after a pass that finished may read on the replica: a touched grain
     whole (its new leaf needs it), but of a grain that was all zeros, only the pages named in it."""
-    size, pages = (
-        len(before),
-        {q for c in changes if c.length for q in range(c.offset // PAGE, (c.offset + c.length - 1) // PAGE + 1)},
-    )
-    total = 0
+    size, pages, total = len(before), named_pages(changes), 0
     for g in {q * PAGE // GRAIN for q in pages}:
         a, b = g * GRAIN, min((g + 1) * GRAIN, size)
         if any(before[a:b]):

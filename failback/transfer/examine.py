@@ -149,22 +149,17 @@ def _source_runs(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
     if not changed:
         return [(g0 * g_size, min(g1 * g_size, length)) for g0, g1 in grain_runs(job.grains)]
     view, zeros = memoryview(buf), p.zeros
-    runs: list[tuple[int, int]] = []
+    parts: list[tuple[int, int]] = []
     for g in job.grains:
         a = g * g_size
         b = a + g_size if a + g_size < length else length
         named = changed.get(g)
         if named and old_source[g * LEAF : (g + 1) * LEAF] == ZERO_LEAF:
             view[a:b] = zeros[: b - a]
-            parts = named
+            parts += named
         else:
-            parts = ((a, b),)
-        for x, y in parts:
-            if runs and runs[-1][1] == x:
-                runs[-1] = (runs[-1][0], y)
-            else:
-                runs.append((x, y))
-    return runs
+            parts.append((a, b))
+    return _merged(parts)
 
 
 def _io_runs(job: Job, buf: bytearray, h: Hashed, g_size: int) -> None:
