@@ -394,6 +394,30 @@ def test_corruption_the_seal_cannot_see_is_caught_by_a_full_verification(disk: t
     assert str(3 * MiB) in str(caught.value)
 
 
+def test_the_switch_verification_trusts_recorded_digests_only_while_the_leaves_are_as_the_pass_left_them(
+    disk: tuple[Path, Path, Path],
+) -> None:
+    src, dst, state = disk
+    make_image(src, 16 * MiB, {0: rand(4 * MiB, 1)})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    patch(src, {MiB + 4 * KiB: rand(8 * KiB, 2)})
+    delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[(MiB + 4 * KiB, 8 * KiB)], durable=False)
+    stamps = {n: os.stat(state / n).st_ctime_ns for n in ("source.leaves", "target.leaves")}
+
+    proof = verify_changes(str(src), str(dst), state_dir=str(state))
+    assert proof.identical and proof.target_digest == disk_digest(str(dst)) == disk_digest(str(src))
+    assert {n: os.stat(state / n).st_ctime_ns for n in stamps} == stamps  # reading them stamps nothing
+
+    # At once (the pass sealed its leaves after the clock's tick moved on), a wrong leaf for a grain of
+    # the hole at 12 MiB: no sample reads there, so only a digest hashed from the leaves again sees it.
+    with open(state / "target.leaves", "r+b") as f:
+        f.seek(12 * MiB // (64 * KiB) * 16)
+        f.write(b"\x01" * 16)
+    proof = verify_changes(str(src), str(dst), state_dir=str(state))
+    assert not proof.identical
+    assert proof.source_digest == disk_digest(str(src)) != proof.target_digest
+
+
 def test_verification_catches_data_in_a_hole_of_the_target(disk: tuple[Path, Path, Path]) -> None:
     src, dst, state = disk
     make_image(src, 16 * MiB, {0: rand(MiB, 1)})

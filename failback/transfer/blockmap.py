@@ -13,7 +13,8 @@ all zeros (holes and zero grains cost nothing: the leaf files are sparse). Three
     The checkpoint: disk size, block size (the I/O unit, a multiple of the grain), grain, the target
     file's identity, how far the full copy got (``position``), whether it is complete, both disk
     digests, the blocks of an interrupted tracked delta (``pending``), and the **seals**: a fingerprint
-    of each file (size, allocated blocks, mtime, ctime) taken when the last pass finished. Replaced
+    of each file (size, allocated blocks, mtime, ctime) taken when the last pass finished, and one of
+    the two leaf files (inode, size, mtime, ctime) as the digests were computed from them. Replaced
     atomically.
 
 The disk digest is a hash tree of height two, independent of the block size::
@@ -155,7 +156,8 @@ class LeafFile:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if fresh:
             os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, n_grains * LEAF)
+        if fresh or os.fstat(self.fd).st_size != n_grains * LEAF:  # ftruncate stamps mtime even to the same size
+            os.ftruncate(self.fd, n_grains * LEAF)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -193,6 +195,10 @@ class LeafFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
+    def fingerprint(self) -> list[int]:
+        st = os.fstat(self.fd)
+        return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
 
 class Leaves:
     """Both sides' leaf files of one disk."""
@@ -216,6 +222,10 @@ class Leaves:
         self.source.clear_from(grain)
         self.target.clear_from(grain)
 
+    def fingerprint(self) -> list[int]:
+        """Both leaf files' (inode, size, mtime, ctime): the leaves seal."""
+        return self.source.fingerprint() + self.target.fingerprint()
+
     @staticmethod
     def exist(state_dir: str, n_grains: int) -> bool:
         paths = (os.path.join(state_dir, SOURCE_LEAVES), os.path.join(state_dir, TARGET_LEAVES))
@@ -235,17 +245,17 @@ def fingerprint(fd: int | NbdDisk) -> list[int]:
     return [st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def seal(fd: int | NbdDisk, max_wait: float = 0.05) -> list[int]:
-    """The file's fingerprint, taken once the coarse clock has moved past its timestamps.
+def seal(fd: int | NbdDisk, max_wait: float = 0.05, *, after: int = 0) -> list[int]:
+    """The file's fingerprint, taken once the coarse clock has moved past its timestamps (and past
+    ``after``, other files' timestamps in ns sealed with it).
 
     Linux stamps a write with the coarse clock (one tick, 1-10 ms). A write in the same tick as the
     engine's last one would leave mtime and ctime unchanged; waiting for the next tick (at most a few
     ms) makes any later write show. ctime cannot be set back by a user (utime sets it to now)."""
     fp = fingerprint(fd)
-    if isinstance(fd, NbdDisk):
-        return fp
+    stamp = after if isinstance(fd, NbdDisk) else max(fp[2], fp[3], after)
     deadline = time.monotonic() + max_wait
-    while time.clock_gettime_ns(_COARSE) <= max(fp[2], fp[3]) and time.monotonic() < deadline:
+    while time.clock_gettime_ns(_COARSE) <= stamp and time.monotonic() < deadline:
         time.sleep(0.001)
     return fp
 
@@ -264,6 +274,7 @@ class DiskState:
     pending: list[list[int]] = field(default_factory=list)
     target_seal: list[int] | None = None
     source_seal: list[int] | None = None
+    leaves_seal: list[int] | None = None  # both leaf files as the digests above were computed from them
     version: int = VERSION
 
     @classmethod

@@ -134,9 +134,9 @@ class _Delta:
         save_state(self.state_dir, self.state, durable=self.durable)
 
     def unseal(self) -> None:
-        """Before the first write: a pass that dies leaves the target unsealed."""
-        if self.state.target_seal is not None:
-            self.state.target_seal = None
+        """Before the first write: a pass that dies leaves the target (and its leaves) unsealed."""
+        if self.state.target_seal is not None or self.state.leaves_seal is not None:
+            self.state.target_seal = self.state.leaves_seal = None
             self._save()
         self.p.before_write = lambda: None
 

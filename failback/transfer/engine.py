@@ -244,8 +244,9 @@ def verify_changes(
     - a write to the replica after the final delta: its seal breaks and the source is re-read in full
       (source_sealed False).
 
-    Cost: reading the two leaf files (1/2048 of the disk's size each) and 2 x samples grains, plus a
-    full re-read of a side only when its seal is broken. Raises VerificationError when a sample does
+    Cost: 2 x samples grains, the digests the final delta computed from the leaves (taken as they are
+    while both leaf files keep the seal that pass took of them; else the two leaf files are hashed
+    again, 1/4096 of the disk's size each), plus a full re-read of a side only when its seal is broken. Raises VerificationError when a sample does
     not match its leaf.
     """
     controls = Controls(progress, progress_interval, cancel, None, Pacer)

@@ -55,10 +55,14 @@ def load_state(state_dir: str, size: int, block_size: int | None) -> DiskState:
 
 
 def finish_state(state: DiskState, leaves: Leaves, sfd: int | NbdDisk, dfd: int | NbdDisk) -> None:
-    """Both digests from the leaves, and fresh seals of both files (after the engine's last write)."""
+    """Both digests from the leaves, and fresh seals of both files (after the engine's last write) and
+    of the leaf files the digests were computed from: while that seal holds, the recorded digests are
+    those of the leaves as they are, and the switch's verification need not hash the leaves again."""
     state.digest = leaves.target.digest(state.size, state.grain)
     state.source_digest = leaves.source.digest(state.size, state.grain)
-    state.target_seal = seal(dfd)
+    state.leaves_seal = leaves.fingerprint()
+    stamps = state.leaves_seal[2:4] + state.leaves_seal[6:8]
+    state.target_seal = seal(dfd, after=max(stamps))  # one wait for the clock to pass all their stamps
     state.source_seal = fingerprint(sfd)
 
 
