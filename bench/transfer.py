@@ -23,8 +23,9 @@ zeros are punched, not written), the target's allocation against the source's, a
 lying in a hole of the source (holes_kept=yes: none, and no more allocated than the source), and
 correctness.
 Every timed run starts after os.sync(), with the files it reads in the page cache (see warm()); the
-switch windows of the sweep with their data cached and their holes not (see window()). Between
-delta runs the target is restored from a copy of phase 1's result, and its seal re-recorded as phase 1 left it.
+switch windows of the sweep with their data cached and their holes not, the sizes taking turns (see
+windows()). Between delta runs the target is restored from a copy of phase 1's result, and its seal
+re-recorded as phase 1 left it.
 The last line holds the summary: worst case over the shapes for each figure.
 """
 
@@ -364,40 +365,51 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int, phase1
     remove(src, dst, state, base, base_state, old_src)
 
 
-def window(work: str, size: int, rng: random.Random, rounds: int) -> float:
-    """Median seconds of the switch's data window (tracked final delta + verify_changes), durable."""
-    src, dst, state = (os.path.join(work, n) for n in ("w-src.img", "w-dst.img", "w-state"))
-    build(src, size, 0.10, rng)
-    # Durable, as the portal runs its passes: a pass that does not flush seals the target before ext4
-    # allocates its delayed writes, and the extent-tree blocks that allocation adds count in st_blocks,
-    # so the seal breaks later and the timed delta re-reads the whole target (1.9 s on 16 GiB, not 0.06 s).
-    full_copy(src, dst, state_dir=state)
-    xs = []
+def windows(work: str, sizes: list[int], rng: random.Random, rounds: int) -> list[float]:
+    """Median seconds of the switch's data window (tracked final delta + verify_changes), durable, per
+    size. The sizes take turns, round by round, in an order that rotates: on this VM the window's reads
+    of cached pages ran 2-6x slower for a minute or two at a time (the same change, the same bytes, no
+    more page faults, a CPU-bound loop beside them unchanged), so measuring every round of one size
+    before the next size blamed those spells on whichever size they fell on."""
+    disks = []
+    for size in sizes:
+        src, dst, state = (os.path.join(work, f"w{size}-{n}") for n in ("src.img", "dst.img", "state"))
+        build(src, size, 0.10, rng)
+        # Durable, as the portal runs its passes: a pass that does not flush seals the target before ext4
+        # allocates its delayed writes, and the extent-tree blocks that allocation adds count in
+        # st_blocks, so the seal breaks later and the timed delta re-reads the whole target (1.9 s on
+        # 16 GiB, not 0.06 s).
+        full_copy(src, dst, state_dir=state)
+        disks.append((size, src, dst, state))
+    xs: dict[int, list[float]] = {size: [] for size in sizes}
     for k in range(rounds):
-        # Round k's change is the same on every size, and differs from the other rounds' (the same change
-        # again rewrites identical bytes: a delta that writes nothing). Other writers' dirty data is
-        # flushed first, so the window's own flushes wait for its writes only. Then both files' pages
-        # are dropped and their data read back in: every round of every size starts with exactly the
-        # data cached and none of the holes. Without the drop, pages of holes and of the target that
-        # earlier rounds had read or written stayed cached, most likely far more of them around a
-        # 1 GiB disk's changes than a 16 GiB disk's: for the same bytes, the 16 GiB windows spent 13x
-        # the kernel's copy time in pwrite and 10x its zero-fill in reads (perf record, 15 windows
-        # each), and window_growth came out 1.47-1.62 in four runs without the drop, 1.23-1.32 in
-        # two with it (one machine, one hour).
-        extents = change(src, Shape("w", size, 0, 64, (64 * KiB, 64 * KiB)), random.Random(7 + k), discards=False)
-        os.sync()
-        drop(src, dst)
-        warm(src, dst)
-        t = time.perf_counter()
-        delta_copy(src, dst, state_dir=state, changed_extents=extents, source_quiet=True)
-        proof = verify_changes(src, dst, state_dir=state)
-        xs.append(time.perf_counter() - t)
-        assert proof.identical
-        change(src, Shape("w", size, 0, 64, (64 * KiB, 64 * KiB)), random.Random(rng.random()), discards=False)
-        delta_copy(src, dst, state_dir=state, changed_extents=None)  # in sync again (durable: see above)
-    remove(src, dst, state)
-    print(describe(f"switch data window, {size / GiB:.2f} GiB", xs))
-    return statistics.median(xs)
+        for size, src, dst, state in disks[k % len(disks) :] + disks[: k % len(disks)]:
+            # Round k's change is the same on every size, and differs from the other rounds' (the same
+            # change again rewrites identical bytes: a delta that writes nothing). Other writers' dirty
+            # data is flushed first, so the window's own flushes wait for its writes only. Then both
+            # files' pages are dropped and their data read back in: every round of every size starts
+            # with exactly the data cached and none of the holes. Without the drop, pages of holes and
+            # of the target that earlier rounds had read or written stayed cached, most likely far more
+            # of them around a 1 GiB disk's changes than a 16 GiB disk's: for the same bytes, the 16 GiB
+            # windows spent 13x the kernel's copy time in pwrite and 10x its zero-fill in reads (perf
+            # record, 15 windows each), and window_growth came out 1.47-1.62 in four runs without the
+            # drop, 1.23-1.32 in two with it (one machine, one hour).
+            shape = Shape("w", size, 0, 64, (64 * KiB, 64 * KiB))
+            extents = change(src, shape, random.Random(7 + k), discards=False)
+            os.sync()
+            drop(src, dst)
+            warm(src, dst)
+            t = time.perf_counter()
+            delta_copy(src, dst, state_dir=state, changed_extents=extents, source_quiet=True)
+            proof = verify_changes(src, dst, state_dir=state)
+            xs[size].append(time.perf_counter() - t)
+            assert proof.identical
+            change(src, shape, random.Random(rng.random()), discards=False)
+            delta_copy(src, dst, state_dir=state, changed_extents=None)  # in sync again (durable: see above)
+    for size, src, dst, state in disks:
+        remove(src, dst, state)
+        print(describe(f"switch data window, {size / GiB:.2f} GiB", xs[size]))
+    return [statistics.median(xs[size]) for size in sizes]
 
 
 def bandwidth(work: str) -> None:
@@ -435,9 +447,9 @@ def main() -> None:
         if "sweep" in wanted:
             d = 16 if args.quick else 1
             sizes = [GiB // d, 4 * GiB // d, 16 * GiB // d]
-            windows = [window(work, s, rng, args.rounds) for s in sizes]
-            growth = windows[-1] / windows[0]
-            for s, w in zip(sizes, windows, strict=True):
+            medians = windows(work, sizes, rng, args.rounds)
+            growth = medians[-1] / medians[0]
+            for s, w in zip(sizes, medians, strict=True):
                 print(f"sweep {s / GiB:.2f} GiB: switch data window {w:.3f} s")
         if args.bandwidth:
             bandwidth(work)
