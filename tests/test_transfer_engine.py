@@ -31,6 +31,7 @@ from failback.transfer import (
     verify_changes,
     verify_target,
 )
+from failback.transfer.blockmap import fine_stamps, fingerprint, seal
 from failback.transfer.progress import Pacer
 from failback.transfer.sparse import data_extents, punch_hole
 
@@ -416,6 +417,23 @@ def test_the_switch_verification_trusts_recorded_digests_only_while_the_leaves_a
     proof = verify_changes(str(src), str(dst), state_dir=str(state))
     assert not proof.identical
     assert proof.source_digest == disk_digest(str(src)) != proof.target_digest
+
+
+def test_a_write_at_once_after_a_seal_always_breaks_it(tmp_path: Path) -> None:
+    """Whether the seal waits for the clock's tick or the filesystem stamps finer times after a stat
+    (fine_stamps: true here), no write can follow the seal unseen, however soon."""
+    path = tmp_path / "disk.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for k in range(200):
+            os.pwrite(fd, b"engine", k)
+            sealed = seal(fd)
+            os.pwrite(fd, b"others", k)  # same size, same blocks: only the timestamps can tell
+            assert fingerprint(fd) != sealed
+    finally:
+        os.close(fd)
+    assert fine_stamps(str(tmp_path)) == fine_stamps(str(tmp_path))  # probed once, then remembered
+    assert not fine_stamps(str(tmp_path / "missing")) and not fine_stamps(None)
 
 
 def test_verification_catches_data_in_a_hole_of_the_target(disk: tuple[Path, Path, Path]) -> None:
