@@ -1,7 +1,7 @@
 """Transfer engine benchmark (issues 3 and 13): phase 1 against cp, deltas against rsync, the switch's
 data window, write amplification, holes, peak memory, on several image shapes.
 
-Run: .venv/bin/python bench/transfer.py [--quick] [--shapes sparse,dense,random,sweep] [--bandwidth]
+Run: .venv/bin/python bench/transfer.py [--quick] [--shapes sparse,dense,random,sweep] [--bandwidth] [--pair]
      [--phase1-only] (phase 1 against cp alone, a few minutes instead of ten)
      (BENCH_DIR=... to choose where the images go; they are deleted at the end)
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -412,6 +413,65 @@ def windows(work: str, sizes: list[int], rng: random.Random, rounds: int) -> lis
     return [statistics.median(xs[size]) for size in sizes]
 
 
+def paired_delta(d: tuple) -> float:
+    """One session's tracked final delta and verification (see pair()); seconds."""
+    src, dst, state, _, _, extents, digest = d
+    t = time.perf_counter()
+    res = delta_copy(src, dst, state_dir=state, changed_extents=extents, durable=False, source_quiet=True)
+    proof = verify_changes(src, dst, state_dir=state)
+    took = time.perf_counter() - t
+    assert res.digest == digest and proof.identical, "a paired delta differs from its source"
+    return took
+
+
+def pair(work: str, rng: random.Random, rounds: int, quick: bool) -> float:
+    """Two sessions doing the same thing at once: the random shape's tracked final delta (+
+    verify_changes) on two disks of their own, each alone and then both together in two processes,
+    alternated; each result must equal its source. Returns the median of together / alone."""
+    shape = next(s for s in shapes(quick) if s.name == "random")
+    disks = []
+    for n in ("a", "b"):
+        src, dst, state, base, base_state = (
+            os.path.join(work, f"p{n}-{x}") for x in ("src.img", "dst.img", "state", "base.img", "base-state")
+        )
+        build(src, shape.size, shape.allocated, rng)
+        full_copy(src, dst, state_dir=state, durable=False)
+        clone(dst, base)
+        shutil.copytree(state, base_state)
+        extents = change(src, shape, rng)
+        disks.append((src, dst, state, base, base_state, extents, disk_digest(src)))
+
+    def restore(d: tuple) -> None:
+        src, dst, state, base, base_state = d[:5]
+        clone(base, dst)
+        remove(state)
+        shutil.copytree(base_state, state)
+        reseal(dst, state)
+
+    alone: list[float] = []
+    together: list[float] = []
+    for _ in range(rounds):
+        for d in disks:
+            restore(d)
+            os.sync()
+            warm(*d[:2])
+            alone.append(paired_delta(d))
+        for d in disks:
+            restore(d)
+        os.sync()
+        for d in disks:
+            warm(*d[:2])
+        with multiprocessing.get_context("spawn").Pool(2) as pool:  # two workers, as two sessions' tasks
+            together.extend(pool.map(paired_delta, disks))
+    for d in disks:
+        remove(*d[:5])
+    print(describe("tracked delta alone (each)", alone))
+    print(describe("tracked delta, two sessions at once", together))
+    slowdown = statistics.median(together) / statistics.median(alone)
+    print(f"two sessions at once: each {slowdown:.2f}x its time alone; both results identical to their source")
+    return slowdown
+
+
 def bandwidth(work: str) -> None:
     """The limiter against the wall clock (the unit test checks its arithmetic on a fake clock)."""
     src, dst, state = (os.path.join(work, n) for n in ("b-src.img", "b-dst.img", "b-state"))
@@ -431,6 +491,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="sparse,dense,random,sweep")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")))
     parser.add_argument("--bandwidth", action="store_true", help="also time the bandwidth limiter")
+    parser.add_argument("--pair", action="store_true", help="also two sessions' tracked deltas at once")
     parser.add_argument("--phase1-only", action="store_true", help="phase 1 against cp only (no deltas)")
     args = parser.parse_args()
     wanted = set(args.shapes.split(","))
@@ -453,6 +514,8 @@ def main() -> None:
                 print(f"sweep {s / GiB:.2f} GiB: switch data window {w:.3f} s")
         if args.bandwidth:
             bandwidth(work)
+        if args.pair:
+            pair(work, rng, args.rounds, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
