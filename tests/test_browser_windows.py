@@ -2,6 +2,8 @@
 takes the windows one a line and the budget, a bad line is refused with its reason, and the page then shows
 the windows, the budget and the next window (live, over the session's websocket)."""
 
+from datetime import UTC, datetime
+
 import pytest
 
 from failback.choices import Outcome, SessionStatus, SwitchMode
@@ -18,6 +20,16 @@ pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True), pyte
 
 CRM = "app-crm-01_replica"
 LONG = 45_000  # ms: generous waits for worker steps on a busy 2-core machine (not a speed assertion)
+
+
+def windows_away_from_now() -> tuple[str, str]:
+    """A weekly window three days from today and a daily one starting in 1-2 hours: the page must show
+    the next window, so the test must not run inside one (it once failed at 23:07 UTC with a window
+    of 23:00-24:00 UTC, where the page rightly said the switch starts at the next check)."""
+    now = datetime.now(UTC)
+    day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(now.weekday() + 3) % 7]
+    hour = (now.hour + 2) % 24
+    return f"weekly {day} 02:00-04:00 Europe/Paris", f"daily {hour:02d}:00-{hour + 1:02d}:00 UTC"
 
 
 def open_windows_dialog(page):
@@ -42,7 +54,8 @@ def test_an_operator_sets_windows_and_a_budget_in_the_session_page_s_dialog(page
     assert FailbackSession.objects.get(pk=pk).switch_windows == []
 
     dialog = open_windows_dialog(page)
-    lines = "weekly sat,sun 02:00-04:00 Europe/Paris\ndaily 23:00-24:00 UTC"
+    weekly, daily = windows_away_from_now()
+    lines = f"{weekly}\n{daily}"
     dialog.get_by_label("Maintenance windows, one a line").fill(lines)
     dialog.get_by_label("Downtime budget (seconds)").fill("90")
     # What is sent is what the form holds when the button is pressed (a CI run once saved the budget alone).
@@ -51,7 +64,7 @@ def test_an_operator_sets_windows_and_a_budget_in_the_session_page_s_dialog(page
     dialog.get_by_role("button", name="Set the windows").click()
     expect(page.locator("#session-actions")).to_contain_text("the switch waits for a window", timeout=LONG)
     card = page.locator("#switch-windows")
-    expect(card).to_contain_text("weekly sat,sun 02:00-04:00 Europe/Paris", timeout=LONG)
+    expect(card).to_contain_text(weekly, timeout=LONG)
     expect(card).to_contain_text("budget 90 s")
     expect(card).to_contain_text("Next window:")
     session = FailbackSession.objects.get(pk=pk)
