@@ -233,6 +233,15 @@ def describe(name: str, xs: list[float]) -> str:
     return f"  {name:<38} median {statistics.median(xs):7.3f} s  runs: {runs}"
 
 
+def restore(base: str, dst: str, base_state: str, state: str) -> None:
+    """Put phase 1's result back: base onto dst (same inode), base_state as the state, dst's seal
+    re-recorded as phase 1 left it."""
+    clone(base, dst)
+    remove(state)
+    shutil.copytree(base_state, state)
+    reseal(dst, state)
+
+
 def reseal(dst: str, state: str) -> None:
     """The target was restored by a copy: record its seal as phase 1 left it (bench only)."""
     path = os.path.join(state, "state.json")
@@ -297,19 +306,13 @@ def bench_shape(work: str, shape: Shape, rng: random.Random, rounds: int, phase1
     changed, to_data = changed_bytes(old_src, src, extents)
     new_digest = disk_digest(src)
 
-    def restore() -> None:  # same inode for dst, state as after phase 1
-        clone(base, dst)
-        remove(state)
-        shutil.copytree(base_state, state)
-        reseal(dst, state)
-
     times: dict[str, list[float]] = {"tracked": [], "digest": [], "rsync": [], "window": []}
     written: dict[str, int] = {}  # worst bytes written by each method over the rounds
     alloc: dict[str, int] = {}  # worst target allocation after each method
     lost: dict[str, int] = {}  # worst bytes allocated in the target where the source has a hole
 
     def ours_delta(method: str) -> None:
-        restore()
+        restore(base, dst, base_state, state)
         out: dict[str, object] = {}
 
         def go() -> None:
@@ -441,26 +444,20 @@ def pair(work: str, rng: random.Random, rounds: int, quick: bool) -> float:
         extents = change(src, shape, rng)
         disks.append((src, dst, state, base, base_state, extents, disk_digest(src)))
 
-    def restore(d: tuple) -> None:
+    def ready(d: tuple) -> None:  # phase 1's result back, and both images cached
         src, dst, state, base, base_state = d[:5]
-        clone(base, dst)
-        remove(state)
-        shutil.copytree(base_state, state)
-        reseal(dst, state)
+        restore(base, dst, base_state, state)
+        os.sync()
+        warm(src, dst)
 
     alone: list[float] = []
     together: list[float] = []
     for _ in range(rounds):
         for d in disks:
-            restore(d)
-            os.sync()
-            warm(*d[:2])
+            ready(d)
             alone.append(paired_delta(d))
         for d in disks:
-            restore(d)
-        os.sync()
-        for d in disks:
-            warm(*d[:2])
+            ready(d)
         with multiprocessing.get_context("spawn").Pool(2) as pool:  # two workers, as two sessions' tasks
             together.extend(pool.map(paired_delta, disks))
     for d in disks:

@@ -204,7 +204,6 @@ class Leaves:
     """Both sides' leaf files of one disk."""
 
     def __init__(self, state_dir: str, n_grains: int, *, fresh: bool) -> None:
-        self.directory = state_dir
         self.source = LeafFile(os.path.join(state_dir, SOURCE_LEAVES), n_grains, fresh=fresh)
         self.target = LeafFile(os.path.join(state_dir, TARGET_LEAVES), n_grains, fresh=fresh)
 
@@ -246,21 +245,29 @@ def fingerprint(fd: int | NbdDisk) -> list[int]:
     return [st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def seal(fd: int | NbdDisk, max_wait: float = 0.05, *, after: int = 0) -> list[int]:
-    """The file's fingerprint, taken so that any later write changes it: once the coarse clock has
-    moved past its timestamps (and past ``after``, other files' timestamps in ns sealed with it),
-    unless its filesystem stamps a write that follows a stat with a finer time (fine_stamps).
+def seal(fd: int | NbdDisk, max_wait: float = 0.05, *, with_files: tuple[int, ...] = ()) -> list[int]:
+    """The file's fingerprint, taken so that any later write to it (or to ``with_files``, other files
+    sealed with it) changes their fingerprints: once the coarse clock has moved past their timestamps,
+    except those of files whose filesystem stamps a write that follows a stat with a finer time
+    (fine_stamps) and of an NBD export.
 
     Linux stamps a write with the coarse clock (one tick, 1-10 ms). A write in the same tick as the
     engine's last one would leave mtime and ctime unchanged; waiting for the next tick (at most a few
     ms) makes any later write show. ctime cannot be set back by a user (utime sets it to now)."""
     fp = fingerprint(fd)
-    coarse = not isinstance(fd, NbdDisk) and not fine_stamps(_directory_of(fd))
-    stamp = max(fp[2], fp[3], after) if coarse else after
+    stamp = max(_coarse_stamp(f) for f in (fd, *with_files))
     deadline = time.monotonic() + max_wait
     while time.clock_gettime_ns(_COARSE) <= stamp and time.monotonic() < deadline:
         time.sleep(0.001)
     return fp
+
+
+def _coarse_stamp(fd: int | NbdDisk) -> int:
+    """The latest timestamp of fd a seal must wait past (0: none, its later writes show anyway)."""
+    if isinstance(fd, NbdDisk) or fine_stamps(_directory_of(fd)):
+        return 0
+    st = os.fstat(fd)
+    return max(st.st_mtime_ns, st.st_ctime_ns)
 
 
 _fine: dict[int, bool] = {}

@@ -246,8 +246,8 @@ def verify_changes(
 
     Cost: 2 x samples grains, the digests the final delta computed from the leaves (taken as they are
     while both leaf files keep the seal that pass took of them; else the two leaf files are hashed
-    again, 1/4096 of the disk's size each), plus a full re-read of a side only when its seal is broken. Raises VerificationError when a sample does
-    not match its leaf.
+    again, 1/4096 of the disk's size each), plus a full re-read of a side only when its seal is
+    broken. Raises VerificationError when a sample does not match its leaf.
     """
     controls = Controls(progress, progress_interval, cancel, None, Pacer)
     with locked(state_dir, exclusive=False):

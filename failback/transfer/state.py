@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from .blockmap import DiskState, Leaves, block_count, fine_stamps, fingerprint, seal
+from .blockmap import DiskState, Leaves, block_count, fingerprint, seal
 from .nbd import NbdDisk
 from .results import StateBusyError, TransferStateError
 
@@ -61,8 +61,7 @@ def finish_state(state: DiskState, leaves: Leaves, sfd: int | NbdDisk, dfd: int 
     state.digest = leaves.target.digest(state.size, state.grain)
     state.source_digest = leaves.source.digest(state.size, state.grain)
     state.leaves_seal = leaves.fingerprint()
-    stamps = [] if fine_stamps(leaves.directory) else state.leaves_seal[2:4] + state.leaves_seal[6:8]
-    state.target_seal = seal(dfd, after=max(stamps, default=0))  # one wait for the clock to pass them all
+    state.target_seal = seal(dfd, with_files=(leaves.source.fd, leaves.target.fd))  # one wait for all three
     state.source_seal = fingerprint(sfd)
 
 
