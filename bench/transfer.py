@@ -257,6 +257,12 @@ def reseal(dst: str, state: str) -> None:
 
 
 def phase1(work: str, src: str, rounds: int) -> tuple[list[float], list[float]]:
+    """Phase 1's copy against cp's, alternated. Each copy is removed as soon as it is timed, before
+    anything syncs it. Before, the next run's os.sync() first wrote the other tool's copy out (760 MiB
+    on the random shape), and on this VM a copy started right after such a write-out often ran 2-4x
+    slower (cp by hand: 0.30-1.24 s right after, 0.31 s five seconds later). That hit whichever tool
+    went second in a round, cp and ours alike (random shape: 0.26 s first, 0.77-0.85 s second), and
+    with an odd number of rounds ours went second once more than cp."""
     dst, cpy, state = (os.path.join(work, n) for n in ("dst.img", "cp.img", "state"))
     ours: list[float] = []
     cp: list[float] = []
@@ -264,10 +270,12 @@ def phase1(work: str, src: str, rounds: int) -> tuple[list[float], list[float]]:
     def ours_full() -> None:
         remove(dst, state)
         ours.append(timed(lambda: full_copy(src, dst, state_dir=state, durable=False), src))
+        remove(dst, state)
 
     def cp_full() -> None:
         remove(cpy)
         cp.append(timed(lambda: run(["cp", "--sparse=always", src, cpy]), src))
+        remove(cpy)
 
     for r in range(rounds + 1):  # round 0 warms up (page cache, allocator) and is dropped
         for fn in (ours_full, cp_full) if r % 2 == 0 else (cp_full, ours_full):
