@@ -175,3 +175,42 @@ def check_corruption(
     with pytest.raises(VerificationError) as caught:
         verify_target(dst, state_dir=state)
     assert caught.value.offset == offset - offset % (64 * KiB)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 64).flatmap(
+        lambda n: st.tuples(
+            st.lists(
+                st.sampled_from([bytes(16), b"\0" * 15 + b"\1", b"\1" + b"\0" * 15, b"\0" * 8 + b"\2" * 8]),
+                min_size=n,
+                max_size=n,
+            ),
+            st.lists(st.tuples(st.integers(0, n * 4), st.integers(1, n * 4)), max_size=6),
+        )
+    )
+)
+def test_phase1_finds_exactly_the_copied_grains_whose_leaf_is_zero(case):
+    """The search in C for copied grains found empty (phase 1 punches them) gives the grains the data
+    ranges touch whose leaf is the zero leaf, in order, once each: zeros that straddle two leaves, a
+    grain shared by two ranges and grains outside every range included."""
+    from failback.transfer.phase1 import _empty_copied_grains
+
+    leaves, raw = case
+    g_size = 4  # bytes per grain here: the search only needs the ratio of ranges to grains
+    n = len(leaves)
+    segments, at = [], 0
+    for gap, length in raw:  # sorted, disjoint ranges within the block
+        a = at + gap
+        b = min(a + length, n * g_size)
+        if a >= b:
+            break
+        segments.append((a, b))
+        at = b
+    blob = b"".join(leaves)
+    expected = [
+        k
+        for k in range(n)
+        if leaves[k] == bytes(16) and any(a < (k + 1) * g_size and b > k * g_size for a, b in segments)
+    ]
+    assert list(_empty_copied_grains(blob, tuple(segments), g_size)) == expected

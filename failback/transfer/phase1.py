@@ -96,6 +96,25 @@ def _jobs(sfd: Disk, position: int, size: int, bs: int) -> Iterator[Job]:
     )
 
 
+def _empty_copied_grains(leaves: bytes, segments: tuple[tuple[int, int], ...], g_size: int) -> Iterator[int]:
+    """The grains of a copied block that its data ranges (sorted) touch and whose leaf is the zero
+    leaf, in order. Searched per range in C (``bytes.find``), not grain by grain in Python: the grains
+    outside the ranges (holes: zero leaves, nothing copied) were most of this check's cost on the
+    calling thread, whose copy is phase 1's critical path."""
+    last = -1
+    for x, y in segments:
+        stop = -(-y // g_size) * LEAF
+        at = leaves.find(ZERO_LEAF, x // g_size * LEAF, stop)
+        while at >= 0:
+            if at % LEAF:  # zeros across two leaves: look on from the next byte
+                at = leaves.find(ZERO_LEAF, at + 1, stop)
+                continue
+            if at // LEAF > last:
+                last = at // LEAF
+                yield last
+            at = leaves.find(ZERO_LEAF, at + LEAF, stop)
+
+
 HELD_LEAVES = 256 << 10  # bytes of leaves held before they are written (1 GiB of disk)
 HELD_SECONDS = 0.1
 
@@ -244,14 +263,10 @@ class _FullCopy:
             p.zero_skipped += h.zero_grains
             p.write_runs(buf, job.offset, h.writes)
         if h.copied and ZERO_LEAF in h.leaves:
-            for k in range(len(h.leaves) // LEAF):
-                if h.leaves[k * LEAF : (k + 1) * LEAF] != ZERO_LEAF:
-                    continue
+            for k in _empty_copied_grains(h.leaves, job.segments, g_size):  # copied, then found empty
                 a, b = k * g_size, min((k + 1) * g_size, job.length)
-                data = sum(min(y, b) - max(x, a) for x, y in job.segments if x < b and y > a)
-                if data:  # copied, then found empty: make the grain a hole again
-                    p.zero_skipped += data
-                    zero_range(p.dst_fd, job.offset + a, b - a)
+                p.zero_skipped += sum(min(y, b) - max(x, a) for x, y in job.segments if x < b and y > a)
+                zero_range(p.dst_fd, job.offset + a, b - a)  # make the grain a hole again
         p.reporter.done += job.work
         self.hold_leaves(job.offset // g_size, h.leaves, job.offset + job.length)
 
