@@ -1,3 +1,4 @@
+import inspect
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from asgiref.sync import SyncToAsync
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 from django.db import connections
@@ -34,6 +36,16 @@ def fresh_cache(settings):
     settings.CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": f"test-{uuid.uuid4().hex}"}
     }
+
+
+@pytest.fixture(autouse=True)
+def async_thread_connections_closed(request):
+    """After an async test, close the database connections of the thread its ``sync_to_async`` calls ran
+    in (asgiref's one shared thread outside any ``async_to_sync``). Left open, the last such test on a
+    worker kept a connection to the PostgreSQL test database, which then could not be dropped."""
+    yield
+    if inspect.iscoroutinefunction(request.function):
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @pytest.fixture(autouse=True)
