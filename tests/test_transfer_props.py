@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from failback.transfer import VerificationError, delta_copy, disk_digest, full_copy, verify_changes, verify_target
+from failback.transfer.phase1 import _empty_copied_grains
 
 from .fs_support import data_sectors
 
@@ -194,8 +195,6 @@ def test_phase1_finds_exactly_the_copied_grains_whose_leaf_is_zero(case):
     """The search in C for copied grains found empty (phase 1 punches them) gives the grains the data
     ranges touch whose leaf is the zero leaf, in order, once each: zeros that straddle two leaves, a
     grain shared by two ranges and grains outside every range included."""
-    from failback.transfer.phase1 import _empty_copied_grains
-
     leaves, raw = case
     g_size = 4  # bytes per grain here: the search only needs the ratio of ranges to grains
     n = len(leaves)
