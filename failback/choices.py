@@ -169,11 +169,20 @@ class Guard:
     sources: frozenset  # session statuses it is possible in
     plan_members: bool = True  # False: a plan's member is acted on through its plan's buttons only
     countdown: bool = False  # only while a commit policy counts down (not stopped)
+    production_on: bool = False  # only once the production VM the switch was to power on has been powered on
 
     def allows(self, session):
         if session.status not in self.sources or (session.plan_id and not self.plan_members):
             return False
+        if self.waits_for_production(session):
+            return False
         return not self.countdown or (session.policy_due_at is not None and session.policy_stopped_at is None)
+
+    def waits_for_production(self, session):
+        """The switch was to power the production VM on and has not yet (the step that does it comes right
+        after the switch, or the watchdog's when the worker stopped in between): until then the replica
+        and the production VM are both off, and keeping production would end the failback that way."""
+        return self.production_on and session.power_on_after and session.production_on_at is None
 
 
 GUARDS = {
@@ -181,7 +190,7 @@ GUARDS = {
     "schedule_switch": Guard("Schedule switch", SCHEDULABLE, plan_members=False),
     "set_switch_windows": Guard("Maintenance windows", SCHEDULABLE, plan_members=False),
     "cancel": Guard("Cancel", CANCELLABLE, plan_members=False),
-    "commit": Guard("Commit", TRANSITIONS["commit"].sources),
+    "commit": Guard("Commit", TRANSITIONS["commit"].sources, production_on=True),
     "undo": Guard("Undo", TRANSITIONS["undo"].sources),
     "stop_commit_policy": Guard("Stop the countdown", frozenset({SessionStatus.FAILBACK}), countdown=True),
 }

@@ -108,6 +108,12 @@ def transition(session_id, action, *, actor=None, detail="", data=None, then=Non
             message = f"{spec.label} refused: there is no failback #{session_id}."
         elif session.status not in spec.sources:
             message = _refusal(action, session)
+        elif action in GUARDS and GUARDS[action].waits_for_production(session):
+            message = (
+                f"{spec.label} refused: failback #{session.pk}'s production VM {session.vm_name} has not been powered on "
+                "since the switch (the worker powers it on right after the switch, or the watchdog does if that "
+                f"worker stopped). {spec.label} once it runs; Undo goes back to the replica."
+            )
         else:
             old = _move(session, spec, fields)
             moved = _move_replica(session, spec, actor)

@@ -2,6 +2,8 @@
 
 from contextlib import closing
 
+from django.utils import timezone
+
 from failback import workflow
 from failback.choices import ReplicaState, SessionStatus, SwitchMode
 from failback.models import FailbackSession, Replica
@@ -63,6 +65,9 @@ def put_session_in(session, status):
                 owner_tag=session.owner_tag,
             )
         FailbackSession.objects.filter(pk=session.pk).update(production_vm_id=session.production_vm_id)
+    switched = {SessionStatus.FAILBACK, SessionStatus.COMMITTING, SessionStatus.UNDOING, SessionStatus.COMMITTED}
+    if status in switched and session.power_on_after and not session.production_on_at:  # the switch powered it on
+        FailbackSession.objects.filter(pk=session.pk).update(production_on_at=timezone.now())
     FailbackSession.objects.filter(pk=session.pk).update(status=status)
     Replica.objects.filter(pk=session.replica_id).update(state=replica_state)
     return FailbackSession.objects.get(pk=session.pk)

@@ -165,6 +165,25 @@ def test_an_auto_undo_runs_once_when_due_and_is_audited_as_automatic(lab, operat
     assert row.actor is None and row.data["trigger"] == "commit_policy" and "Automatic undo" in row.detail
 
 
+def test_an_auto_commit_waits_for_the_production_vm_the_switch_has_not_powered_on(lab, operator):
+    replica = replica_named("app-crm")
+    s = start(operator, replica, commit_policy=CommitPolicy.AUTO_COMMIT, commit_after_min=5)
+    workflow.switch_now(operator, s.pk)
+    lab.power_off(session(s.pk).production_vm_id)  # the worker stopped before the power-on
+    FailbackSession.objects.filter(pk=s.pk).update(production_on_at=None, policy_due_at=timezone.now())
+    tasks.commit_policy(s.pk)
+    assert session(s.pk).status == SessionStatus.FAILBACK
+    row = AuditEvent.objects.get(session=s, action="commit")
+    assert (
+        row.outcome == Outcome.REFUSED
+        and row.actor is None
+        and "has not been powered on since the switch" in row.detail
+    )
+    FailbackSession.objects.filter(pk=s.pk).update(production_on_at=timezone.now())  # powered on meanwhile
+    tasks.commit_policy(s.pk)
+    assert session(s.pk).status == SessionStatus.COMMITTED
+
+
 def test_a_lost_policy_schedule_still_fires_once_through_the_watchdog(lab, operator):
     s = start(operator, replica_named("app-crm"), commit_policy=CommitPolicy.AUTO_COMMIT, commit_after_min=1)
     workflow.switch_now(operator, s.pk)

@@ -255,6 +255,52 @@ def test_it_powers_production_on_when_the_worker_died_right_after_the_switch(lab
     assert AuditEvent.objects.filter(session=session, action="resume").get().data["step"] == "power_on"
 
 
+@pytest.mark.faults
+def test_commit_waits_for_the_production_vm_the_switch_never_powered_on(lab, operator, settings):
+    """Found by the workflow model: the worker died between "finish switch" and the power-on, and a
+    commit taken before the watchdog's power-on ran ended the failback with both VMs off."""
+    settings.FAILBACK_STALL_SECONDS = 2
+    replica = replica_named("app-crm")
+    session = reload(start(operator, replica))
+    workflow.switch_now(operator, session.pk)
+    lab.power_off(reload(session).production_vm_id)
+    stale = timezone.now() - timedelta(seconds=30)
+    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
+    session = reload(session)
+    assert not session.may("commit") and "commit" not in session.allowed_actions and session.may("undo")
+
+    with pytest.raises(workflow.Refused) as refused:
+        workflow.commit(operator, session.pk, reason="keep it")
+    assert refused.value.message == (
+        f"Commit refused: failback #{session.pk}'s production VM {session.vm_name} has not been powered on since "
+        "the switch (the worker powers it on right after the switch, or the watchdog does if that worker stopped). "
+        "Commit once it runs; Undo goes back to the replica."
+    )
+    row = AuditEvent.objects.get(session=session, action="commit")
+    assert (row.outcome, row.from_state, row.actor_name) == (Outcome.REFUSED, SessionStatus.FAILBACK, "olivia")
+    assert reload(session).status == SessionStatus.FAILBACK
+
+    assert watchdog.recover_stalled() == [session.pk]  # the power-on step runs (inline here)
+    assert lab.power_state(session.production_vm_id) == POWERED_ON
+    workflow.commit(operator, session.pk, reason="keep it")
+    session = reload(session)
+    assert session.status == SessionStatus.COMMITTED
+    assert lab.power_state(session.production_vm_id) == POWERED_ON  # the workload runs
+    assert lab.power_state(replica.vm_id) == POWERED_OFF
+
+
+def test_a_power_on_that_comes_after_an_undo_says_it_did_nothing(lab, operator):
+    from failback.jobs.switch import run_power_on
+
+    session = reload(start(operator, replica_named("app-crm")))
+    workflow.switch_now(operator, session.pk)
+    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None)  # as the watchdog found it
+    FailbackSession.objects.filter(pk=session.pk).update(status=SessionStatus.UNDOING)  # an undo came first
+    run_power_on(session.pk)
+    row = AuditEvent.objects.filter(session=session, action="power_on_production").order_by("-id").first()
+    assert (row.outcome, row.detail) == (Outcome.INFO, f"Power-on not run: failback #{session.pk} is Undoing")
+
+
 def test_a_guest_that_finishes_its_shutdown_at_the_limit_is_shut_down_not_a_failed_switch(lab, operator):
     """The platform refuses the power-off at the limit because the guest just went off: the switch goes on."""
     from failback.jobs.switch import _stop_replica

@@ -336,6 +336,14 @@ def run_power_on(session_id):
     with superseded(session_id, "power on"):
         session = FailbackSession.objects.select_related("replica").get(pk=session_id)
         if session.status != SessionStatus.FAILBACK or session.production_on_at or not session.power_on_after:
+            why = (
+                f"failback #{session.pk} is {session.get_status_display()}"
+                if session.status != SessionStatus.FAILBACK
+                else "the production VM was powered on meanwhile"
+                if session.production_on_at
+                else "this failback leaves the production VM off"
+            )
+            _note(session, "power_on_production", f"Power-on not run: {why}", outcome=Outcome.INFO)
             return
         run = Run.take(session_id, SessionStatus.FAILBACK)
         if run is None:
