@@ -207,7 +207,7 @@ def test_the_digest_depends_on_content_not_on_sparseness(tmp_path: Path) -> None
     make_image(b, 8 * MiB, {0: bytes(3 * MiB) + rand(100, 1) + bytes(MiB)})  # same bytes, zeros written
 
     assert disk_digest(str(a), MiB) == disk_digest(str(b), MiB)
-    assert disk_digest(str(a), MiB).startswith("xxh3-tree2-64KiB:")
+    assert disk_digest(str(a), MiB).startswith("xxh3-tree3-64KiB:")
     assert disk_digest(str(a), MiB) == disk_digest(str(a), 2 * MiB)  # the block size is only the I/O unit
     make_image(b, 8 * MiB, {3 * MiB: rand(100, 2)})
     assert disk_digest(str(a), MiB) != disk_digest(str(b), MiB)
@@ -215,25 +215,58 @@ def test_the_digest_depends_on_content_not_on_sparseness(tmp_path: Path) -> None
 
 def test_the_disk_digest_is_what_the_documented_recipe_computes(tmp_path: Path) -> None:
     """docs/decisions.md gives an auditor a recipe that recomputes a digest without the portal; it must
-    give the engine's figure, on a disk whose size is not a multiple of the grain, with holes and zeros."""
+    give the engine's figure, on a disk whose size is not a multiple of the grain or of a node (three
+    nodes of 256 MiB, the last one short, the middle one all holes), with holes and zeros."""
     import struct
 
     import xxhash
 
     img = tmp_path / "a.img"
-    make_image(img, 5 * MiB + 12345, {0: rand(100_000, 1), 2 * MiB: bytes(128 * KiB), 5 * MiB: rand(12345, 2)})
-    g = 64 * KiB
+    size = 600 * MiB + 12345
+    make_image(img, size, {0: rand(100_000, 1), 2 * MiB: bytes(128 * KiB), 520 * MiB: rand(12345, 2)})
+    g, n = 64 * KiB, 4096
     with open(img, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        h = xxhash.xxh3_128(b"failback-leaftree-v4\0" + struct.pack("<QQ", size, g))
-        while grain := f.read(g):
-            h.update(bytes(16) if grain.count(0) == len(grain) else xxhash.xxh3_128_digest(grain))
-    recipe = "xxh3-tree2-64KiB:" + h.hexdigest()
+        root = xxhash.xxh3_128(b"failback-leaftree-v5\0" + struct.pack("<QQ", size, g))
+        while True:
+            grains = [f.read(g) for _ in range(n)]
+            node = b"".join(bytes(16) if x.count(0) == len(x) else xxhash.xxh3_128_digest(x) for x in grains if x)
+            if not node:
+                break
+            root.update(bytes(16) if node.count(0) == len(node) else xxhash.xxh3_128_digest(node))
+    recipe = "xxh3-tree3-64KiB:" + root.hexdigest()
 
     assert disk_digest(str(img), MiB) == recipe
     docs = (REPO / "docs" / "decisions.md").read_text()
-    assert 'xxhash.xxh3_128(b"failback-leaftree-v4\\0"' in docs and 'print("xxh3-tree2-64KiB:"' in docs
+    assert 'xxhash.xxh3_128(b"failback-leaftree-v5\\0"' in docs and 'print("xxh3-tree3-64KiB:"' in docs
+
+
+def test_a_delta_recomputes_the_nodes_it_moved_and_trusts_the_others_only_under_the_seal(
+    disk: tuple[Path, Path, Path],
+) -> None:
+    """Four nodes of 256 MiB: a tracked delta in two of them gives the disk's digest from the nodes it
+    computed again and those the last pass left. A nodes file changed behind the engine's back no longer
+    has the recorded digest as its root, so every node is computed again and the digest stays the disk's."""
+    src, dst, state = disk
+    size = 1024 * MiB
+    make_image(src, size, {0: rand(MiB, 1), 300 * MiB: rand(MiB, 2), 700 * MiB: rand(MiB, 3)})
+    full_copy(str(src), str(dst), state_dir=str(state), durable=False)
+    nodes = state / "target.nodes"
+    assert nodes.stat().st_size == 4 * 16
+
+    patch(src, {4 * KiB: rand(4 * KiB, 4), 800 * MiB: rand(8 * KiB, 5)})  # nodes 0 and 3 (3 was holes)
+    result = delta_copy(
+        str(src), str(dst), state_dir=str(state), changed_extents=[(4 * KiB, 4 * KiB), (800 * MiB, 8 * KiB)]
+    )
+    assert result.digest == result.source_digest == disk_digest(str(src)) == disk_digest(str(dst))
+    assert verify_changes(str(src), str(dst), state_dir=str(state)).identical
+
+    with open(nodes, "r+b") as f:  # a stale node 1 (behind the engine's back)
+        f.seek(16)
+        f.write(bytes(16))
+    patch(src, {8 * KiB: rand(4 * KiB, 6)})
+    result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=[(8 * KiB, 4 * KiB)])
+    assert result.digest == result.source_digest == disk_digest(str(src))
+    assert nodes.read_bytes()[16:32] != bytes(16)  # computed again
 
 
 def test_a_state_of_the_previous_version_is_kept_with_its_digests_recomputed(disk: tuple[Path, Path, Path]) -> None:
@@ -253,8 +286,8 @@ def test_a_state_of_the_previous_version_is_kept_with_its_digests_recomputed(dis
     assert result.method == "tracked" and result.bytes_written == 4 * KiB and result.target_untouched
     assert dst.read_bytes() == src.read_bytes()
     assert result.digest == result.source_digest == disk_digest(str(src))
-    assert result.digest.startswith("xxh3-tree2-64KiB:") and first.digest.startswith("xxh3-tree2-64KiB:")
-    assert json.loads((state / "state.json").read_text())["version"] == 4
+    assert result.digest.startswith("xxh3-tree3-64KiB:") and first.digest.startswith("xxh3-tree3-64KiB:")
+    assert json.loads((state / "state.json").read_text())["version"] == 5
     data.update(version=2)  # BLAKE3 leaves: nothing to build on
     (state / "state.json").write_text(json.dumps(data))
     with pytest.raises(TransferStateError, match="no completed full copy"):

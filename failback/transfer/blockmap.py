@@ -2,13 +2,19 @@
 
 A disk is cut into **grains** (64 KiB; the last one may be shorter). Each grain has a **leaf**: the
 XXH3-128 of its bytes (16 bytes, xxHash's canonical big-endian form), or 16 zero bytes when the grain is
-all zeros (holes and zero grains cost nothing: the leaf files are sparse). Three files per disk:
+all zeros (holes and zero grains cost nothing: the leaf files are sparse). Every NODE_LEAVES (4,096)
+leaves, 256 MiB of disk, have a **node**: the XXH3-128 of those leaves, or 16 zero bytes when they are
+all zero leaves. Files per disk:
 
 ``source.leaves``
     The leaf of every grain of the **replica** as the engine last read it.
 ``target.leaves``
     The leaf of every grain of the **production disk** as the engine last read it back (or, in phase 1,
     as it wrote it from the bytes it read back or from the buffer it wrote).
+``source.nodes``, ``target.nodes``
+    Each side's nodes as of the last digest: a cache, so that a pass computes again only the nodes over
+    the leaves it moves. A pass trusts it only while the leaves seal (below) holds and the root over the
+    kept nodes is the digest recorded with that seal; else it computes every node from the leaves.
 ``state.json``
     The checkpoint: disk size, block size (the I/O unit, a multiple of the grain), grain, the target
     file's identity, how far the full copy got (``position``), whether it is complete, both disk
@@ -17,37 +23,40 @@ all zeros (holes and zero grains cost nothing: the leaf files are sparse). Three
     the two leaf files (inode, size, mtime, ctime) as the digests were computed from them. Replaced
     atomically.
 
-The disk digest is a hash tree of height two, independent of the block size::
+The disk digest is a hash tree of height three, independent of the block size::
 
-    digest = XXH3-128( "failback-leaftree-v4\\0" || u64le(size) || u64le(grain) || L0 || L1 || ... )
+    digest = XXH3-128( "failback-leaftree-v5\\0" || u64le(size) || u64le(grain) || N0 || N1 || ... )
+    Nj     = XXH3-128(L[4096 j] || ... || L[4096 j + 4095]), or 16 zero bytes if those are all zero
     Li     = XXH3-128(grain i), or 16 zero bytes for an all-zero grain
 
-A leaves file *is* ``L0 || L1 || ...``, so a digest is one XXH3-128 over it (1/4096 of the disk's size,
-read from the page cache: 0.13 ms for a 16 GiB disk's 4 MiB of leaves), and
-:func:`failback.transfer.disk_digest` recomputes it from a file alone: anyone holding the disk can check
-the audit trail's figure. Label: ``xxh3-tree2-64KiB:<hex>`` (32 hex digits).
+A leaves file *is* ``L0 || L1 || ...``, so a node is one XXH3-128 over 64 KiB of it, and a digest after
+a pass costs the nodes that pass moved plus one XXH3-128 over the nodes (1/16,777,216 of the disk):
+the switch window does not grow with the disk. :func:`failback.transfer.disk_digest` recomputes it from
+a file alone: anyone holding the disk can check the audit trail's figure. Label:
+``xxh3-tree3-64KiB:<hex>`` (32 hex digits).
 
 The leaves and the root are a checksum, not a cryptographic hash: XXH3-128 catches accidental corruption
 and copy errors (any changed grain changes its leaf but with probability 2^-128, and its 2^64 birthday
 bound is far above a disk's grain count), at 40 GB/s on one core where BLAKE3 made 5 GB/s. It does not
 resist a collision crafted on purpose; who could craft one, and what it would and would not achieve, is
-in docs/decisions.md ("what the switch proves"). Until state version 3 the root was BLAKE3
+in docs/decisions.md ("what the switch proves"). In state version 4 the root was straight over the
+leaves (``xxh3-tree2-64KiB:``, prefix ``-v4``), which made every digest hash 1/4096 of the disk. In
+state version 3 it was BLAKE3
 (``xxh3-tree-64KiB:``, 64 hex digits): it cost 1.3 ms per digest on 16 GiB, four per switch window, and
-proved nothing more, since the leaves under it are XXH3. A version 3 state directory is read with its
-digests recomputed from its leaves (the leaves did not change), so a session in progress is not copied
-again.
+proved nothing more, since the leaves under it are XXH3. A version 3 or 4 state directory is read with
+its digests recomputed from its leaves (the leaves did not change), so a session in progress is not
+copied again.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import xxhash
@@ -61,15 +70,25 @@ ZERO_LEAF = bytes(LEAF)
 STATE_FILE = "state.json"
 SOURCE_LEAVES = "source.leaves"
 TARGET_LEAVES = "target.leaves"
-VERSION = 4
-READABLE_VERSIONS = (3, 4)  # 3: a BLAKE3 root (its digests are recomputed); 2: BLAKE3 leaves (absent)
-_TREE_PREFIX = b"failback-leaftree-v4\0"
-LABEL = "xxh3-tree2"
+SOURCE_NODES = "source.nodes"
+TARGET_NODES = "target.nodes"
+NODE_LEAVES = 4096  # leaves under one node: 64 KiB of leaves, 256 MiB of disk at 64 KiB grains
+VERSION = 5
+# 4: the root straight over the leaves, 3: a BLAKE3 root (their digests are recomputed); 2: BLAKE3 leaves (absent)
+READABLE_VERSIONS = (3, 4, 5)
+_TREE_PREFIX = b"failback-leaftree-v5\0"
+LABEL = "xxh3-tree3"
 
 
 def leaf_of(data: memoryview | bytes | bytearray) -> bytes:
     """The leaf of a grain that is not all zeros (the caller checks for zeros)."""
     return xxhash.xxh3_128_digest(data)
+
+
+def node_of(leaves: bytes | bytearray) -> bytes:
+    """The node over a run of leaves (NODE_LEAVES of them, fewer for the last node): 16 zero bytes when
+    they are all zero leaves (a node of holes costs nothing, like a leaf of one), else their XXH3-128."""
+    return ZERO_LEAF if is_zero(leaves) else xxhash.xxh3_128_digest(leaves)
 
 
 def grain_for(block_size: int) -> int:
@@ -110,24 +129,44 @@ class TreeDigest:
         self.n_grains = block_count(size, grain)
         self.next_grain = 0
         self._h = _root(size, grain)
+        self._node = bytearray()  # the leaves of the node being filled
 
     def add(self, first_grain: int, leaves: bytes) -> None:
         if first_grain < self.next_grain:
             raise ValueError("leaves must be added in grain order")
         self._zeros(first_grain - self.next_grain)
-        self._h.update(leaves)
+        self._leaves(leaves)
         self.next_grain = first_grain + len(leaves) // LEAF
 
+    def _leaves(self, leaves: bytes) -> None:
+        full, at = NODE_LEAVES * LEAF, 0
+        while at < len(leaves):
+            take = full - len(self._node)
+            self._node += leaves[at : at + take]
+            at += take
+            if len(self._node) == full:
+                self._h.update(node_of(self._node))
+                self._node.clear()
+
     def _zeros(self, count: int) -> None:
-        chunk = bytes(LEAF * 65536)
-        while count > 0:
-            n = min(count, 65536)
-            self._h.update(chunk[: n * LEAF])
+        if count > 0 and self._node:  # the rest of the node being filled
+            n = min(count, NODE_LEAVES - len(self._node) // LEAF)
+            self._leaves(bytes(n * LEAF))
             count -= n
+        whole, rest = divmod(count, NODE_LEAVES)
+        while whole > 0:  # whole nodes of zero leaves: zero nodes
+            n = min(whole, 65536)
+            self._h.update(bytes(n * LEAF))
+            whole -= n
+        if rest:
+            self._leaves(bytes(rest * LEAF))
 
     def hexdigest(self) -> str:
         self._zeros(self.n_grains - self.next_grain)
         self.next_grain = self.n_grains
+        if self._node:
+            self._h.update(node_of(self._node))
+            self._node.clear()
         return f"{digest_label(self.grain)}:{self._h.hexdigest()}"
 
 
@@ -136,33 +175,44 @@ def _root(size: int, grain: int) -> xxhash.xxh3_128:
     return xxhash.xxh3_128(_TREE_PREFIX + struct.pack("<QQ", size, grain))
 
 
+def nodes_of_file(fd: int, n_grains: int, nodes: Iterable[int] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(index, node) of the given nodes (default: all) of a leaves file (holes read as zero leaves)."""
+    for i in range(block_count(n_grains, NODE_LEAVES)) if nodes is None else nodes:
+        count = min(NODE_LEAVES, n_grains - i * NODE_LEAVES)
+        yield i, node_of(os.pread(fd, count * LEAF, i * NODE_LEAVES * LEAF).ljust(count * LEAF, b"\0"))
+
+
+def root_digest(nodes: bytes, size: int, grain: int) -> str:
+    h = _root(size, grain)
+    h.update(nodes)
+    return f"{digest_label(grain)}:{h.hexdigest()}"
+
+
 def leaves_digest(fd: int, size: int, grain: int) -> str:
     """The disk digest over a leaves file (``L0 || L1 || ...``, holes read as zero leaves)."""
-    h = _root(size, grain)
-    length = block_count(size, grain) * LEAF
-    if length:
-        with mmap.mmap(fd, length, prot=mmap.PROT_READ) as m:
-            h.update(m)
-    return f"{digest_label(grain)}:{h.hexdigest()}"
+    return root_digest(b"".join(n for _, n in nodes_of_file(fd, block_count(size, grain))), size, grain)
 
 
 class LeafFile:
     """One side's leaves, addressed by grain. Read and written in place (pread/pwrite), never held in
     memory whole, so memory does not grow with the disk. Not thread-safe: one pass owns it."""
 
-    def __init__(self, path: str, n_grains: int, *, fresh: bool) -> None:
+    def __init__(self, path: str, nodes_path: str, n_grains: int, *, fresh: bool) -> None:
         self.path = path
         self.n_grains = n_grains
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        if fresh:
-            os.ftruncate(self.fd, 0)
-        if fresh or os.fstat(self.fd).st_size != n_grains * LEAF:  # ftruncate stamps mtime even to the same size
-            os.ftruncate(self.fd, n_grains * LEAF)
+        self.n_nodes = block_count(n_grains, NODE_LEAVES)
+        self.fd = self.nodes_fd = -1
+        self.fd = _sized(path, n_grains * LEAF, fresh)
+        self.nodes_fd = _sized(nodes_path, self.n_nodes * LEAF, fresh)
+        # The nodes that no longer match the leaves; None: the nodes file is not known to match them at
+        # all (a new or unsealed state), so the next digest computes every node.
+        self.dirty: set[int] | None = None
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "nodes_fd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
     def __enter__(self) -> LeafFile:
         return self
@@ -177,20 +227,50 @@ class LeafFile:
     def put(self, first: int, leaves: bytes) -> None:
         if leaves:
             os.pwrite(self.fd, leaves, first * LEAF)
+            if self.dirty is not None:
+                last = first + len(leaves) // LEAF - 1
+                self.dirty.update(range(first // NODE_LEAVES, last // NODE_LEAVES + 1))
 
     def clear_from(self, grain: int) -> None:
         """Forget every grain from ``grain`` on (they read as zero leaves again)."""
         os.ftruncate(self.fd, grain * LEAF)
         os.ftruncate(self.fd, self.n_grains * LEAF)
+        if self.dirty is not None:
+            self.dirty.update(range(grain // NODE_LEAVES, self.n_nodes))
 
     def chunks(self, chunk_grains: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
         """(first grain, leaves) over the whole file, streaming."""
         for first in range(0, self.n_grains, chunk_grains):
             yield first, self.get(first, min(chunk_grains, self.n_grains - first))
 
-    def digest(self, size: int, grain: int) -> str:
-        """The disk digest of what this side's leaves say: one XXH3-128 over the file."""
-        return leaves_digest(self.fd, size, grain)
+    def digest(self, size: int, grain: int, *, keep_nodes: bool = True) -> str:
+        """The disk digest of what this side's leaves say: the nodes that changed since they last matched
+        the leaves are computed again (all of them when that is not known), the root over all nodes.
+        keep_nodes: write the new nodes to the nodes file (a pass; a verification only reads)."""
+        if self.dirty is None:
+            nodes = bytearray(b"".join(n for _, n in nodes_of_file(self.fd, self.n_grains)))
+            if keep_nodes:
+                os.pwrite(self.nodes_fd, nodes, 0)
+        else:
+            nodes = self.kept_nodes()
+            for i, node in nodes_of_file(self.fd, self.n_grains, sorted(self.dirty)):
+                nodes[i * LEAF : (i + 1) * LEAF] = node
+                if keep_nodes:
+                    os.pwrite(self.nodes_fd, node, i * LEAF)
+        if keep_nodes:
+            self.dirty = set()
+        return root_digest(nodes, size, grain)
+
+    def kept_nodes(self) -> bytearray:
+        return bytearray(os.pread(self.nodes_fd, self.n_nodes * LEAF, 0).ljust(self.n_nodes * LEAF, b"\0"))
+
+    def trust_nodes(self, digest: str | None, size: int, grain: int) -> None:
+        """Take the kept nodes as those of the leaves when their root is ``digest`` (the caller knows the
+        leaves have not moved since that digest was computed): only the nodes over leaves moved from
+        now on are computed again. A nodes file that is stale, torn by a crash or written by anyone else
+        has another root, and every node is computed again."""
+        if digest is not None and root_digest(self.kept_nodes(), size, grain) == digest:
+            self.dirty = set()
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -200,12 +280,22 @@ class LeafFile:
         return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _sized(path: str, length: int, fresh: bool) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if fresh:
+        os.ftruncate(fd, 0)
+    if fresh or os.fstat(fd).st_size != length:  # ftruncate stamps mtime even to the same size
+        os.ftruncate(fd, length)
+    return fd
+
+
 class Leaves:
     """Both sides' leaf files of one disk."""
 
     def __init__(self, state_dir: str, n_grains: int, *, fresh: bool) -> None:
-        self.source = LeafFile(os.path.join(state_dir, SOURCE_LEAVES), n_grains, fresh=fresh)
-        self.target = LeafFile(os.path.join(state_dir, TARGET_LEAVES), n_grains, fresh=fresh)
+        join = os.path.join
+        self.source = LeafFile(join(state_dir, SOURCE_LEAVES), join(state_dir, SOURCE_NODES), n_grains, fresh=fresh)
+        self.target = LeafFile(join(state_dir, TARGET_LEAVES), join(state_dir, TARGET_NODES), n_grains, fresh=fresh)
 
     def __enter__(self) -> Leaves:
         return self
@@ -225,6 +315,13 @@ class Leaves:
     def fingerprint(self) -> list[int]:
         """Both leaf files' (inode, size, mtime, ctime): the leaves seal."""
         return self.source.fingerprint() + self.target.fingerprint()
+
+    def trust_nodes(self, state: DiskState) -> None:
+        """A pass starting: when the leaves seal of the last pass still holds, the leaves are those its
+        digests were computed from, and each side's kept nodes are trusted if their root is that digest."""
+        if state.leaves_seal is not None and state.leaves_seal == self.fingerprint():
+            self.source.trust_nodes(state.source_digest, state.size, state.grain)
+            self.target.trust_nodes(state.digest, state.size, state.grain)
 
     @staticmethod
     def exist(state_dir: str, n_grains: int) -> bool:

@@ -82,6 +82,7 @@ def run(
         if source_quiet and changed_extents is not None:
             fadvise(sfd, os.POSIX_FADV_RANDOM)
         with Leaves(state_dir, block_count(size, state.grain), fresh=False) as leaves:
+            leaves.trust_nodes(state)  # before anything moves them (unseal, repair, the delta)
             delta = _Delta(p, leaves, state, state_dir, dst, durable)
             if not untouched:
                 delta.repair_target()

@@ -147,7 +147,7 @@ def _side_digest(side: _Side, state: DiskState, controls: Controls) -> tuple[str
     """(digest, bytes read): from the leaves when the side is sealed (the one the last pass computed
     from them while their own seal holds: 0.27 ms a side on 16 GiB saved), else from a full read of it."""
     if side.sealed:
-        return side.recorded or side.leaves.digest(state.size, state.grain), 0
+        return side.recorded or side.leaves.digest(state.size, state.grain, keep_nodes=False), 0
     figure = digest(side.name, state.block_size, controls)
     return figure, allocated_bytes(side.fd, 0, state.size)
 
