@@ -17,7 +17,7 @@ from django.template import Context, Template
 from django.utils import timezone
 
 from . import plans, windows, workflow
-from .choices import SCHEDULABLE, AuditAction, SwitchMode
+from .choices import GUARDS, SCHEDULABLE, AuditAction, SwitchMode
 from .forms import CancelForm, ReasonForm, ScheduleSwitchForm, SwitchForm, WindowsForm
 
 
@@ -234,6 +234,17 @@ def allowed(session):
 def offered(session):
     """The buttons the session page draws for an operator."""
     return [BY_GUARD[guard].offer(session) for guard in session.allowed_actions]
+
+
+def held(session):
+    """Why an action the session's status allows is not offered now: the page says it where the button
+    would be."""
+    return [
+        f"{guard.label} is offered once production VM {session.vm_name} runs: the switch has not powered it on "
+        "yet (the worker does right after the switch, or the watchdog if that worker stopped)."
+        for guard in GUARDS.values()
+        if session.status in guard.sources and guard.waits_for_production(session)
+    ]
 
 
 def scheduled_switch(session):

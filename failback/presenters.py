@@ -54,6 +54,7 @@ def session_context(session, user, **extra):
         "can_override": user.has_perm(workflow.OVERRIDE_PERMISSION),
         "time_left_s": session.time_left_s(disks),
         "actions": actions.offered(session),
+        "held": actions.held(session),  # allowed by status, held back for now (and why)
         "timeline": session_timeline(session),
         "downtime": downtime_breakdown(session),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),

@@ -7,6 +7,8 @@ import filecmp
 from datetime import timedelta
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
@@ -268,6 +270,12 @@ def test_commit_waits_for_the_production_vm_the_switch_never_powered_on(lab, ope
     FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
     session = reload(session)
     assert not session.may("commit") and "commit" not in session.allowed_actions and session.may("undo")
+    client = Client()
+    client.force_login(operator)
+    page = client.get(reverse("failback:session", args=[session.pk])).content.decode()
+    assert f"Commit is offered once production VM {session.vm_name} runs" in page
+    assert reverse("failback:action", args=[session.pk, "commit"]) not in page
+    assert reverse("failback:action", args=[session.pk, "undo"]) in page
 
     with pytest.raises(workflow.Refused) as refused:
         workflow.commit(operator, session.pk, reason="keep it")
@@ -285,6 +293,10 @@ def test_commit_waits_for_the_production_vm_the_switch_never_powered_on(lab, ope
     workflow.commit(operator, session.pk, reason="keep it")
     session = reload(session)
     assert session.status == SessionStatus.COMMITTED
+    assert (
+        "is offered once production VM"
+        not in client.get(reverse("failback:session", args=[session.pk])).content.decode()
+    )
     assert lab.power_state(session.production_vm_id) == POWERED_ON  # the workload runs
     assert lab.power_state(replica.vm_id) == POWERED_OFF
 
