@@ -238,16 +238,22 @@ def test_it_finishes_a_switch_whose_worker_died_after_the_replica_went_down(lab,
     assert AuditEvent.objects.get(session=session, action="resume").data["step"] == "phase2"
 
 
+def switched_but_never_powered_on(lab, operator, replica):
+    """A failback as the watchdog finds it when the worker died between "finish switch" and the
+    power-on: replica off, production off, no power-on recorded, no heartbeat for 30 s."""
+    session = reload(start(operator, replica))
+    workflow.switch_now(operator, session.pk)
+    lab.power_off(reload(session).production_vm_id)
+    stale = timezone.now() - timedelta(seconds=30)
+    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
+    return reload(session)
+
+
 @pytest.mark.faults
 def test_it_powers_production_on_when_the_worker_died_right_after_the_switch(lab, operator, settings):
     settings.FAILBACK_STALL_SECONDS = 2
     replica = replica_named("app-crm")
-    session = reload(start(operator, replica))
-    workflow.switch_now(operator, session.pk)
-    # As if the worker died between "finish switch" and the power-on: replica off, production off.
-    lab.power_off(reload(session).production_vm_id)
-    stale = timezone.now() - timedelta(seconds=30)
-    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
+    session = switched_but_never_powered_on(lab, operator, replica)
     assert lab.power_state(replica.vm_id) == POWERED_OFF
     assert watchdog.recover_stalled() == [session.pk]
     assert watchdog.recover_stalled() == []  # once
@@ -263,12 +269,7 @@ def test_commit_waits_for_the_production_vm_the_switch_never_powered_on(lab, ope
     commit taken before the watchdog's power-on ran ended the failback with both VMs off."""
     settings.FAILBACK_STALL_SECONDS = 2
     replica = replica_named("app-crm")
-    session = reload(start(operator, replica))
-    workflow.switch_now(operator, session.pk)
-    lab.power_off(reload(session).production_vm_id)
-    stale = timezone.now() - timedelta(seconds=30)
-    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None, heartbeat_at=stale)
-    session = reload(session)
+    session = switched_but_never_powered_on(lab, operator, replica)
     assert not session.may("commit") and "commit" not in session.allowed_actions and session.may("undo")
     client = Client()
     client.force_login(operator)
@@ -304,9 +305,7 @@ def test_commit_waits_for_the_production_vm_the_switch_never_powered_on(lab, ope
 def test_a_power_on_that_comes_after_an_undo_says_it_did_nothing(lab, operator):
     from failback.jobs.switch import run_power_on
 
-    session = reload(start(operator, replica_named("app-crm")))
-    workflow.switch_now(operator, session.pk)
-    FailbackSession.objects.filter(pk=session.pk).update(production_on_at=None)  # as the watchdog found it
+    session = switched_but_never_powered_on(lab, operator, replica_named("app-crm"))
     FailbackSession.objects.filter(pk=session.pk).update(status=SessionStatus.UNDOING)  # an undo came first
     run_power_on(session.pk)
     row = AuditEvent.objects.filter(session=session, action="power_on_production").order_by("-id").first()
