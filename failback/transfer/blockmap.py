@@ -182,6 +182,11 @@ def nodes_of_file(fd: int, n_grains: int, nodes: Iterable[int] | None = None) ->
         yield i, node_of(os.pread(fd, count * LEAF, i * NODE_LEAVES * LEAF).ljust(count * LEAF, b"\0"))
 
 
+def all_nodes(fd: int, n_grains: int) -> bytes:
+    """Every node of a leaves file, computed from its leaves."""
+    return b"".join(n for _, n in nodes_of_file(fd, n_grains))
+
+
 def root_digest(nodes: bytes, size: int, grain: int) -> str:
     h = _root(size, grain)
     h.update(nodes)
@@ -190,7 +195,7 @@ def root_digest(nodes: bytes, size: int, grain: int) -> str:
 
 def leaves_digest(fd: int, size: int, grain: int) -> str:
     """The disk digest over a leaves file (``L0 || L1 || ...``, holes read as zero leaves)."""
-    return root_digest(b"".join(n for _, n in nodes_of_file(fd, block_count(size, grain))), size, grain)
+    return root_digest(all_nodes(fd, block_count(size, grain)), size, grain)
 
 
 class LeafFile:
@@ -248,7 +253,7 @@ class LeafFile:
         the leaves are computed again (all of them when that is not known), the root over all nodes.
         keep_nodes: write the new nodes to the nodes file (a pass; a verification only reads)."""
         if self.dirty is None:
-            nodes = bytearray(b"".join(n for _, n in nodes_of_file(self.fd, self.n_grains)))
+            nodes = bytearray(all_nodes(self.fd, self.n_grains))
             if keep_nodes:
                 os.pwrite(self.nodes_fd, nodes, 0)
         else:
