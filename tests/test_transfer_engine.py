@@ -27,6 +27,7 @@ from failback.transfer import (
     disk_digest,
     engine,
     full_copy,
+    passes,
     target_untouched,
     verify_changes,
     verify_target,
@@ -387,6 +388,40 @@ def test_it_gives_back_the_space_of_zero_pages_the_source_discarded(
 
     extents_changed = [(MiB + 4 * KiB, 24 * KiB)] if tracked else None
     result = delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=extents_changed, durable=False)
+
+    assert dst.read_bytes() == src.read_bytes()
+    assert result.bytes_written == 0
+    assert extents(dst) == extents(src) == [(MiB, MiB + 4 * KiB), (MiB + 28 * KiB, MiB + 64 * KiB)]
+    assert allocated(dst) == allocated(src) == 40 * KiB
+    assert result.digest == disk_digest(str(src), MiB) == verify_target(str(dst), state_dir=str(state))
+
+
+def test_a_quiet_pass_gives_back_a_discard_it_was_not_told_of_beside_one_it_was(
+    disk: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet tracked delta puts into the block's buffer only the named pages of a named grain both
+    sides held alike, and the grain whole where its spare pages are looked for (a named page of
+    zeros). There the pages change tracking did not name must read as the source's, not as what the
+    buffer held before: the pass's buffers are filled with 0xff first, as a pass before left them."""
+    src, dst, state = disk
+    grain = rand(4 * KiB, 1) + bytes(24 * KiB) + rand(36 * KiB, 2)
+    make_image(src, 8 * MiB, {MiB: grain})
+    full_copy(str(src), str(dst), state_dir=str(state), block_size=MiB, durable=False)
+    fd = os.open(src, os.O_RDWR)
+    try:  # the guest discards the six zeroed pages; change tracking names the last two only
+        assert punch_hole(fd, MiB + 4 * KiB, 24 * KiB)
+    finally:
+        os.close(fd)
+    monkeypatch.setitem(passes._spare, MiB, [bytearray(b"\xff" * MiB) for _ in range(passes.SPARE_BUFFERS)])
+
+    result = delta_copy(
+        str(src),
+        str(dst),
+        state_dir=str(state),
+        changed_extents=[(MiB + 20 * KiB, 8 * KiB)],
+        durable=False,
+        source_quiet=True,
+    )
 
     assert dst.read_bytes() == src.read_bytes()
     assert result.bytes_written == 0

@@ -6,6 +6,7 @@ The pass that applies the plans is :mod:`.delta`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 
@@ -15,6 +16,8 @@ from .nbd import Flight, NbdDisk, NbdError
 from .passes import Hashed, Job, Pass
 from .sparse import data_extents, is_zero
 
+Pages = list[tuple[int, int, bool]]  # page runs, each flagged when it is zeros (see zero_page_runs)
+
 
 def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Hashed:
     """Read the job's grains from the source (or wait for the reads started), compute their leaves,
@@ -22,8 +25,13 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
     where needed)."""
     g_size = p.grain
     out = Hashed()
-    fetched = _read_source(p, job, buf, out, reads)
-    if job.read and len(job.grains) == len(job.old_target) // LEAF:  # the whole block (digest method)
+    whole_block = job.read and len(job.grains) == len(job.old_target) // LEAF
+    known: dict[int, tuple[bytes, Pages]] = {}  # grain -> its new leaf and named pages (see _read_named)
+    if reads is None and job.changed and not whole_block and type(p.src_fd) is int:
+        known, fetched = _read_named(p, job, buf, out), None
+    else:
+        fetched = _read_source(p, job, buf, out, reads)
+    if whole_block:  # the whole block (digest method)
         leaves = leaves_of(buf, 0, job.length, g_size)
         if leaves == job.old_target:  # in sync: no per-grain plan (most blocks of a digest delta)
             out.leaves = leaves
@@ -38,7 +46,11 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
     for g in job.grains:  # per grain of a tracked delta: kept lean, it runs 10,000 times for 10,000 writes
         a = g * g_size
         b = a + g_size if a + g_size < length else length
-        leaf = leaf_of(view[a:b]) if read and not is_zero(buf, a, b) else ZERO_LEAF
+        if (got := known.get(g)) is not None:
+            leaf, pages = got
+        else:
+            leaf = leaf_of(view[a:b]) if read and not is_zero(buf, a, b) else ZERO_LEAF
+            pages = None
         new[g] = leaf
         k = g * LEAF
         old_t = old_target[k : k + LEAF]
@@ -48,7 +60,7 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
             plans[g] = None
         elif changed and (named := changed.get(g)) and old_t == old_source[k : k + LEAF]:
             plans[g], zero_named, compared = _named_pages(
-                p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched
+                p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched, pages=pages
             )
             if not zero_named:
                 settled.add(g)
@@ -135,6 +147,73 @@ def _read_source(
     out.source_read = reads.source_read
     out.target_read += reads.target_read
     return reads.fetched()
+
+
+def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tuple[bytes, Pages]]:
+    """The job's grains from a source file into buf, as :func:`_read_source` reads them in a quiet
+    tracked delta, except the named grains both sides held alike: each is read (whole, or at its named
+    pages if it read all zeros at the last pass) and hashed in one of this thread's grain buffers
+    (:meth:`.Pass.grain_scratches`), and buf gets its named pages only, all the rest of examine reads of
+    it (see _named_pages), or the grain whole where its spare pages will be looked for (a named page
+    of zeros, or a grain that has not changed: see _spare_pages). Returns those grains' new leaves,
+    and their named pages cut as _named_pages cuts them. In buf, a grain of zeros cost a 64 KiB fill
+    and a 64 KiB zero check, and one of data a 64 KiB copy, all in a buffer cold at every block."""
+    g_size, length, changed, base, src = p.grain, job.length, job.changed or {}, job.offset, p.src_fd
+    old_source, old_target = job.old_source, job.old_target
+    hole, data = p.grain_scratches()  # hole: all zeros between uses
+    hole_v, data_v = memoryview(hole), memoryview(data)
+    view, zeros, preadv = memoryview(buf), p.zeros, os.preadv
+    known: dict[int, tuple[bytes, Pages]] = {}
+    rest: list[tuple[int, int]] = []  # runs read into buf, as _source_runs reads them
+    read = 0
+    for g in job.grains:  # kept lean, as examine's loop: it runs once per scattered write
+        a = g * g_size
+        b = a + g_size if a + g_size < length else length
+        k = g * LEAF
+        old = old_source[k : k + LEAF]
+        named = changed.get(g)
+        if not named or old != old_target[k : k + LEAF]:
+            if named and old == ZERO_LEAF:
+                view[a:b] = zeros[: b - a]
+                rest += named
+            else:
+                rest.append((a, b))
+            continue
+        if old == ZERO_LEAF:
+            grain, g_view = hole, hole_v
+            try:
+                for x, y in named:  # a short read is read on by Pass.read (or fails there)
+                    if preadv(src, [hole_v[x - a : y - a]], base + x) != y - x:
+                        p.read(src, hole, x - a, y - a, base + a)
+                    read += y - x
+            except BaseException:
+                hole[:] = zeros[: len(hole)]
+                raise
+        else:
+            grain, g_view = data, data_v
+            if preadv(src, [data_v[: b - a]], base + a) != b - a:
+                p.read(src, data, 0, b - a, base + a)
+            read += b - a
+        leaf = ZERO_LEAF if is_zero(grain, 0, b - a) else leaf_of(g_view[: b - a])
+        if len(named) == 1:
+            x, y = named[0]
+            view[x:y] = g_view[x - a : y - a]
+            pages = zero_page_runs(buf, x, y)
+        else:
+            for x, y in named:
+                view[x:y] = g_view[x - a : y - a]
+            pages = [(u, v, zero) for x, y in named for u, v, zero in zero_page_runs(buf, x, y)]
+        if leaf == old or any(run[2] for run in pages):
+            view[a:b] = g_view[: b - a]
+        known[g] = leaf, pages
+        if grain is hole:
+            for x, y in named:
+                hole[x - a : y - a] = zeros[: y - x]
+    for x, y in _merged(rest):
+        p.read(src, buf, x, y, base)
+        read += y - x
+    out.source_read = read
+    return known
 
 
 def _source_runs(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
@@ -246,14 +325,17 @@ def _named_pages(
     *,
     target_zero: bool,
     fetched: tuple[bytearray, dict[int, int]] | None = None,
+    pages: Pages | None = None,
 ) -> tuple[list[tuple[int, int]], bool, int]:
     """A grain both sides held alike at the last pass, whose leaf has changed since, the source quiet:
     only the pages change tracking names can differ. Returns the pages to write (or punch), whether a
     named page is zeros, and the bytes read on the target to compare. The pages planned: where the
     target grain was zeros, the named non-zero ones, nothing read; where one page is named, that page,
     nothing read (the grain differs, and nothing else in it can: one read of 4 KiB saved per scattered
-    write); else the named pages that differ from the target's, read there only."""
-    pages = [(u, v, zero) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y)]
+    write); else the named pages that differ from the target's, read there only. ``pages``: the named
+    runs cut by zero_page_runs, when the caller has them."""
+    if pages is None:
+        pages = [(u, v, zero) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y)]
     zero_named = any(zero for _, _, zero in pages)
     if target_zero:
         return [(u, v) for u, v, zero in pages if not zero], zero_named, 0
