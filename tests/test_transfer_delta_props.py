@@ -32,6 +32,7 @@ from failback.transfer import (
     TransferCancelled,
     VerificationError,
     blockmap,
+    delta,
     delta_copy,
     disk_digest,
     full_copy,
@@ -322,3 +323,35 @@ def test_it_always_catches_a_corrupted_target_block(image, data, seed) -> None:
         result = delta_copy(src, dst, state_dir=state, changed_extents=None, durable=False)
         assert not result.target_untouched
         assert read(dst) == read(src) and result.digest == disk_digest(src)
+
+
+@PROPS
+@given(
+    size=st.integers(1, 3 * MiB),
+    extents=st.lists(st.tuples(st.integers(0, 3 * MiB + PAGE), st.integers(0, 200 * KiB)), max_size=40),
+    bs=st.sampled_from([GRAIN, 256 * KiB, MiB]),
+)
+def test_changed_extents_become_the_pages_they_touch_cut_at_grains(size: int, extents, bs: int) -> None:
+    """A tracked delta's plan: every page an extent touches inside the disk (the short last page
+    ending at the disk's end), and no other, once, in runs that stay within a grain, in order."""
+    expected = {
+        page
+        for offset, length in extents
+        if min(offset + length, size) > offset
+        for page in range(offset // PAGE, -(-min(offset + length, size) // PAGE))
+    }
+    got: set[int] = set()
+    per = bs // GRAIN
+    for i, grains in delta._extents_by_grain(extents, size, bs, GRAIN).items():
+        assert list(grains) == sorted(grains) and grains
+        for k, runs in grains.items():
+            assert 0 <= k < per and runs
+            for x, y in runs:
+                start, end = i * bs + x, i * bs + y
+                assert k * GRAIN <= x < y <= (k + 1) * GRAIN
+                assert start % PAGE == 0 and (end % PAGE == 0 or end == size) and end <= size
+                pages = set(range(start // PAGE, -(-end // PAGE)))
+                assert not pages & got
+                got |= pages
+            assert all(a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert got == expected

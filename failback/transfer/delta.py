@@ -528,11 +528,16 @@ def _extents_by_grain(
     for offset, length in sorted(extents):
         if offset < 0 or length < 0:
             raise ValueError(f"bad extent ({offset}, {length})")
-        end = min(offset + length, size)
+        end = offset + length
+        if end > size:
+            end = size
         if end <= offset:
             continue
         offset -= offset % PAGE
-        end = min(-(-end // PAGE) * PAGE, size)
+        if end % PAGE:
+            end += PAGE - end % PAGE
+            if end > size:
+                end = size
         if merged and offset <= merged[-1][1]:
             if end > merged[-1][1]:
                 merged[-1][1] = end
@@ -541,12 +546,18 @@ def _extents_by_grain(
     out: dict[int, dict[int, list[tuple[int, int]]]] = {}
     per = bs // g_size
     for offset, end in merged:
-        while offset < end:
-            g = offset // g_size
-            stop = (g + 1) * g_size
-            stop = stop if stop < end else end
-            i = g // per
-            base = i * bs
-            out.setdefault(i, {}).setdefault(g - i * per, []).append((offset - base, stop - base))
-            offset = stop
+        g = offset // g_size
+        while True:
+            i, k = divmod(g, per)
+            base, stop = i * bs, (g + 1) * g_size
+            piece = (offset - base, (stop if stop < end else end) - base)
+            if (grains := out.get(i)) is None:
+                grains = out[i] = {}
+            if (runs := grains.get(k)) is None:
+                grains[k] = [piece]
+            else:
+                runs.append(piece)
+            if stop >= end:
+                break
+            offset, g = stop, g + 1
     return out
