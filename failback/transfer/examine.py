@@ -2,6 +2,14 @@
 grains from the source, their leaves, and the plan of what to write, punch and give back for each
 grain the target does not hold yet; and, over NBD, the block's reads asked ahead (:class:`Reads`).
 The pass that applies the plans is :mod:`.delta`.
+
+In a quiet tracked delta from a file (the switch's final delta), a named grain both sides held alike
+is read (whole, or at its named pages if it read all zeros at the last pass) and hashed in one of the
+thread's grain buffers (:meth:`.Pass.grain_scratches`), and the block's buffer gets its named pages
+only, all the rest of :func:`examine` reads of it (see _named_pages), or the grain whole where its
+spare pages will be looked for (a named page of zeros, or a grain that has not changed: see
+_spare_pages). Read into the block's buffer, a grain of zeros cost a 64 KiB fill and a 64 KiB zero
+check, and one of data a 64 KiB copy, all in a buffer cold at every block (:func:`_read_named`).
 """
 
 from __future__ import annotations
@@ -151,13 +159,8 @@ def _read_source(
 
 def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tuple[bytes, Pages]]:
     """The job's grains from a source file into buf, as :func:`_read_source` reads them in a quiet
-    tracked delta, except the named grains both sides held alike: each is read (whole, or at its named
-    pages if it read all zeros at the last pass) and hashed in one of this thread's grain buffers
-    (:meth:`.Pass.grain_scratches`), and buf gets its named pages only, all the rest of examine reads of
-    it (see _named_pages), or the grain whole where its spare pages will be looked for (a named page
-    of zeros, or a grain that has not changed: see _spare_pages). Returns those grains' new leaves,
-    and their named pages cut as _named_pages cuts them. In buf, a grain of zeros cost a 64 KiB fill
-    and a 64 KiB zero check, and one of data a 64 KiB copy, all in a buffer cold at every block."""
+    tracked delta, but the named grains both sides held alike in a grain buffer (see the module's
+    docstring). Returns those grains' new leaves, and their named pages cut as _named_pages cuts them."""
     g_size, length, changed, base, src = p.grain, job.length, job.changed or {}, job.offset, p.src_fd
     old_source, old_target = job.old_source, job.old_target
     hole, data = p.grain_scratches()  # hole: all zeros between uses
