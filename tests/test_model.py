@@ -315,7 +315,11 @@ class FailbackModel(RuleBasedStateMachine):
         stuck = list(
             FailbackSession.objects.filter(pk__in=self.sessions, status__in=RUNNING).values_list("pk", "status")
         )
-        assert not stuck, f"steps still running after {SETTLE_ROUNDS} watchdog rounds: {stuck}"
+        assert not stuck, f"steps still running after {SETTLE_ROUNDS} watchdog rounds: {stuck}\n" + "\n".join(
+            f"  #{pk} {e.at:%H:%M:%S.%f} {e.action} {e.from_state}->{e.to_state} {e.outcome}: {e.detail[:200]}"
+            for pk, _ in stuck
+            for e in reversed(AuditEvent.objects.filter(session_id=pk).order_by("-pk")[:12])
+        )
         self.check_at_rest()
 
     def still_working(self):
