@@ -39,6 +39,14 @@ def test_it_runs_phase1_switch_and_commit_in_a_real_worker(lab, operator, qclust
     wait_for(
         status_is(session, SessionStatus.FAILBACK, SessionStatus.FAILED), timeout=90, what="the switch in the worker"
     )
+    # The switch's step powers production on right after it reaches Failback; Commit is offered (and taken) only
+    # then, as the session page shows it.
+    wait_for(
+        lambda: FailbackSession.objects.filter(pk=session.pk, production_on_at__isnull=False).exists()
+        or FailbackSession.objects.get(pk=session.pk).status != SessionStatus.FAILBACK,
+        timeout=90,
+        what="production powered on by the worker",
+    )
     workflow.commit(operator, session.pk)
     wait_for(status_is(session, SessionStatus.COMMITTED, SessionStatus.FAILED), timeout=90, what="commit in the worker")
     session = FailbackSession.objects.select_related("replica").get(pk=session.pk)
