@@ -167,7 +167,7 @@ def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tup
     hole_v, data_v = memoryview(hole), memoryview(data)
     view, zeros, preadv = memoryview(buf), p.zeros, os.preadv
     known: dict[int, tuple[bytes, Pages]] = {}
-    rest: list[tuple[int, int]] = []  # runs read into buf, as _source_runs reads them
+    rest: list[int] = []  # grains read into buf by _source_runs
     read = 0
     for g in job.grains:  # kept lean, as examine's loop: it runs once per scattered write
         a = g * g_size
@@ -176,11 +176,7 @@ def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tup
         old = old_source[k : k + LEAF]
         named = changed.get(g)
         if not named or old != old_target[k : k + LEAF]:
-            if named and old == ZERO_LEAF:
-                view[a:b] = zeros[: b - a]
-                rest += named
-            else:
-                rest.append((a, b))
+            rest.append(g)
             continue
         if old == ZERO_LEAF:
             grain, g_view = hole, hole_v
@@ -212,15 +208,15 @@ def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tup
         if grain is hole:
             for x, y in named:
                 hole[x - a : y - a] = zeros[: y - x]
-    for x, y in _merged(rest):
+    for x, y in _source_runs(p, job, buf, rest) if rest else ():
         p.read(src, buf, x, y, base)
         read += y - x
     out.source_read = read
     return known
 
 
-def _source_runs(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
-    """The source's runs to read for the job's grains, adjacent ones merged: the grains whole, except
+def _source_runs(p: Pass, job: Job, buf: bytearray, grains: list[int] | None = None) -> list[tuple[int, int]]:
+    """The source's runs to read for the job's grains (or ``grains`` of them), adjacent ones merged: the grains whole, except
     in a quiet tracked delta (``job.changed``), where a grain read all zeros at the last pass (a hole,
     mostly) has since changed at its named pages only, so only those are read and the rest is zeros,
     filled here (as change tracking is trusted for the grains it does not name at all). Read whole
@@ -228,11 +224,12 @@ def _source_runs(p: Pass, job: Job, buf: bytearray) -> list[tuple[int, int]]:
     10,000 scattered 4 KiB writes, half of them in holes, 0.67-0.99 s of reads once the kernel had
     reclaimed those pages, against 0.09 s cached; over NBD, 60 KiB of zeros sent per grain."""
     g_size, length, changed, old_source = p.grain, job.length, job.changed, job.old_source
+    grains = job.grains if grains is None else grains
     if not changed:
-        return [(g0 * g_size, min(g1 * g_size, length)) for g0, g1 in grain_runs(job.grains)]
+        return [(g0 * g_size, min(g1 * g_size, length)) for g0, g1 in grain_runs(grains)]
     view, zeros = memoryview(buf), p.zeros
     parts: list[tuple[int, int]] = []
-    for g in job.grains:
+    for g in grains:
         a = g * g_size
         b = a + g_size if a + g_size < length else length
         named = changed.get(g)
