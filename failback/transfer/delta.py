@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import itemgetter
 
 from .blockio import (
     PAGE,
@@ -523,9 +524,11 @@ def _extents_by_grain(
 ) -> dict[int, dict[int, list[tuple[int, int]]]]:
     """Changed extents rounded out to pages (the disk's short last page ends at its end), merged, then
     cut at grains: block index -> {grain: [(start, end) within the block]}, grains and runs in order.
-    One sort and one pass: 10,000 extents take a few milliseconds."""
-    merged: list[list[int]] = []
-    for offset, length in sorted(extents):
+    One sort (by offset: the merge takes the furthest end) and one pass, each merged range cut as soon
+    as the next one starts past it: 10,000 extents take about 10 ms."""
+    out: dict[int, dict[int, list[tuple[int, int]]]] = {}
+    lo = hi = -1  # the merged range being built
+    for offset, length in sorted(extents, key=itemgetter(0)):
         if offset < 0 or length < 0:
             raise ValueError(f"bad extent ({offset}, {length})")
         end = offset + length
@@ -538,26 +541,33 @@ def _extents_by_grain(
             end += PAGE - end % PAGE
             if end > size:
                 end = size
-        if merged and offset <= merged[-1][1]:
-            if end > merged[-1][1]:
-                merged[-1][1] = end
-        else:
-            merged.append([offset, end])
-    out: dict[int, dict[int, list[tuple[int, int]]]] = {}
-    per = bs // g_size
-    for offset, end in merged:
-        g = offset // g_size
-        while True:
-            i, k = divmod(g, per)
-            base, stop = i * bs, (g + 1) * g_size
-            piece = (offset - base, (stop if stop < end else end) - base)
-            if (grains := out.get(i)) is None:
-                grains = out[i] = {}
-            if (runs := grains.get(k)) is None:
-                grains[k] = [piece]
-            else:
-                runs.append(piece)
-            if stop >= end:
-                break
-            offset, g = stop, g + 1
+        if offset <= hi:
+            if end > hi:
+                hi = end
+            continue
+        if hi >= 0:
+            _cut_at_grains(out, lo, hi, bs, g_size)
+        lo, hi = offset, end
+    if hi >= 0:
+        _cut_at_grains(out, lo, hi, bs, g_size)
     return out
+
+
+def _cut_at_grains(
+    out: dict[int, dict[int, list[tuple[int, int]]]], offset: int, end: int, bs: int, g_size: int
+) -> None:
+    """Add [offset, end) to out, cut at grains (see _extents_by_grain)."""
+    per, g = bs // g_size, offset // g_size
+    while True:
+        i, k = divmod(g, per)
+        base, stop = i * bs, (g + 1) * g_size
+        piece = (offset - base, (stop if stop < end else end) - base)
+        if (grains := out.get(i)) is None:
+            out[i] = {k: [piece]}
+        elif (runs := grains.get(k)) is None:
+            grains[k] = [piece]
+        else:
+            runs.append(piece)
+        if stop >= end:
+            return
+        offset, g = stop, g + 1
