@@ -34,7 +34,7 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
     g_size = p.grain
     out = Hashed()
     whole_block = job.read and len(job.grains) == len(job.old_target) // LEAF
-    known: dict[int, tuple[bytes, Pages]] = {}  # grain -> its new leaf and named pages (see _read_named)
+    known: dict[int, tuple[bytes, Pages, bool]] = {}  # grain -> new leaf, named pages, one of zeros
     if reads is None and job.changed and not whole_block and type(p.src_fd) is int:
         known, fetched = _read_named(p, job, buf, out), None
     else:
@@ -55,10 +55,10 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
         a = g * g_size
         b = a + g_size if a + g_size < length else length
         if (got := known.get(g)) is not None:
-            leaf, pages = got
+            leaf, pages, zero_named = got
         else:
             leaf = leaf_of(view[a:b]) if read and not is_zero(buf, a, b) else ZERO_LEAF
-            pages = None
+            pages, zero_named = None, None
         new[g] = leaf
         k = g * LEAF
         old_t = old_target[k : k + LEAF]
@@ -67,9 +67,11 @@ def examine(p: Pass, job: Job, buf: bytearray, reads: Reads | None = None) -> Ha
         if leaf == ZERO_LEAF:
             plans[g] = None
         elif changed and (named := changed.get(g)) and old_t == old_source[k : k + LEAF]:
-            plans[g], zero_named, compared = _named_pages(
-                p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched, pages=pages
+            plans[g], zero_named, compared, cut = _named_pages(
+                p, job, buf, named, target_zero=old_t == ZERO_LEAF, fetched=fetched, pages=pages, zero_named=zero_named
             )
+            if cut is not None:
+                out.cut[g] = cut
             if not zero_named:
                 settled.add(g)
             out.target_read += compared
@@ -157,16 +159,16 @@ def _read_source(
     return reads.fetched()
 
 
-def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tuple[bytes, Pages]]:
-    """The job's grains from a source file into buf, as :func:`_read_source` reads them in a quiet
-    tracked delta, but the named grains both sides held alike in a grain buffer (see the module's
-    docstring). Returns those grains' new leaves, and their named pages cut as _named_pages cuts them."""
+def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tuple[bytes, Pages, bool]]:
+    """The job's grains from a source file into buf, as :func:`_read_source` reads them in a quiet tracked
+    delta, but the named grains both sides held alike in a grain buffer (module's docstring). Returns their
+    new leaves (a grain over a hole is zeros if its named pages are), named pages cut, and any zero named."""
     g_size, length, changed, base, src = p.grain, job.length, job.changed or {}, job.offset, p.src_fd
     old_source, old_target = job.old_source, job.old_target
     hole, data = p.grain_scratches()  # hole: all zeros between uses
     hole_v, data_v = memoryview(hole), memoryview(data)
     view, zeros, preadv = memoryview(buf), p.zeros, os.preadv
-    known: dict[int, tuple[bytes, Pages]] = {}
+    known: dict[int, tuple[bytes, Pages, bool]] = {}
     rest: list[int] = []  # grains read into buf by _source_runs
     read = 0
     for g in job.grains:  # kept lean, as examine's loop: it runs once per scattered write
@@ -193,7 +195,6 @@ def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tup
             if preadv(src, [data_v[: b - a]], base + a) != b - a:
                 p.read(src, data, 0, b - a, base + a)
             read += b - a
-        leaf = ZERO_LEAF if is_zero(grain, 0, b - a) else leaf_of(g_view[: b - a])
         if len(named) == 1:
             x, y = named[0]
             view[x:y] = g_view[x - a : y - a]
@@ -202,9 +203,14 @@ def _read_named(p: Pass, job: Job, buf: bytearray, out: Hashed) -> dict[int, tup
             for x, y in named:
                 view[x:y] = g_view[x - a : y - a]
             pages = [(u, v, zero) for x, y in named for u, v, zero in zero_page_runs(buf, x, y)]
-        if leaf == old or any(run[2] for run in pages):
+        if len(pages) == 1:  # most often: one page named
+            zero_named = all_zero = pages[0][2]
+        else:
+            zero_named, all_zero = any(run[2] for run in pages), all(run[2] for run in pages)
+        leaf = ZERO_LEAF if (all_zero if grain is hole else is_zero(grain, 0, b - a)) else leaf_of(g_view[: b - a])
+        if zero_named or leaf == old:
             view[a:b] = g_view[: b - a]
-        known[g] = leaf, pages
+        known[g] = leaf, pages, zero_named
         if grain is hole:
             for x, y in named:
                 hole[x - a : y - a] = zeros[: y - x]
@@ -246,16 +252,16 @@ def _io_runs(job: Job, buf: bytearray, h: Hashed, g_size: int) -> None:
     whole, spare pages), each merged into as few runs as they allow: a punch costs ext4 0.2 ms, and
     5 ms while other writers keep its journal committing, whatever its length. Done on the pool, so
     the calling thread, through which every block passes, only writes and reads back."""
-    zeros = list(h.spare)
+    zeros, cut = list(h.spare), h.cut
     for g, plan in h.plans.items():
         if plan is None:
             a, b = g * g_size, min((g + 1) * g_size, job.length)
             zeros.append((a, b))
             h.zero_grains += b - a
             continue
-        for x, y in plan:
-            for u, v, zero in zero_page_runs(buf, x, y):
-                (zeros if zero else h.writes).append((u, v))
+        runs = cut.get(g)
+        for u, v, zero in runs if runs is not None else (r for x, y in plan for r in zero_page_runs(buf, x, y)):
+            (zeros if zero else h.writes).append((u, v))
     h.writes, h.zeros = _merged(h.writes), _merged(zeros)
 
 
@@ -326,28 +332,32 @@ def _named_pages(
     target_zero: bool,
     fetched: tuple[bytearray, dict[int, int]] | None = None,
     pages: Pages | None = None,
-) -> tuple[list[tuple[int, int]], bool, int]:
+    zero_named: bool | None = None,
+) -> tuple[list[tuple[int, int]], bool, int, Pages | None]:
     """A grain both sides held alike at the last pass, whose leaf has changed since, the source quiet:
     only the pages change tracking names can differ. Returns the pages to write (or punch), whether a
-    named page is zeros, and the bytes read on the target to compare. The pages planned: where the
+    named page is zeros, the bytes read on the target to compare, and the pages to write cut by
+    zero_page_runs when they are known here (else None: _io_runs cuts them). The pages planned: where the
     target grain was zeros, the named non-zero ones, nothing read; where one page is named, that page,
     nothing read (the grain differs, and nothing else in it can: one read of 4 KiB saved per scattered
     write); else the named pages that differ from the target's, read there only. ``pages``: the named
-    runs cut by zero_page_runs, when the caller has them."""
+    runs cut by zero_page_runs, and ``zero_named``, when the caller has them."""
     if pages is None:
         pages = [(u, v, zero) for x, y in runs for u, v, zero in zero_page_runs(buf, x, y)]
-    zero_named = any(zero for _, _, zero in pages)
+    if zero_named is None:
+        zero_named = any(zero for _, _, zero in pages)
     if target_zero:
-        return [(u, v) for u, v, zero in pages if not zero], zero_named, 0
+        data = [run for run in pages if not run[2]] if zero_named else pages
+        return [(u, v) for u, v, _ in data], zero_named, 0, data
     if len(runs) == 1 and runs[0][1] - runs[0][0] <= PAGE:
-        return list(runs), zero_named, 0
+        return list(runs), zero_named, 0, pages
     if fetched is not None:  # read already, with the source's grains (see _read_source)
         t, at = fetched
         view, out = memoryview(buf), []
         for x, y in runs:
             _differing(t, x - at[x], view, x, y, out)
-        return out, zero_named, 0
-    return _differing_pages(p, job, buf, runs), zero_named, sum(y - x for x, y in runs)
+        return out, zero_named, 0, None
+    return _differing_pages(p, job, buf, runs), zero_named, sum(y - x for x, y in runs), None
 
 
 def _differing_pages(p: Pass, job: Job, buf: bytearray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -70,6 +70,7 @@ class Hashed:
     spare: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: zero pages to give back
     writes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to write
     zeros: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # delta: page runs to punch
+    cut: dict[int, list[tuple[int, int, bool]]] = dataclasses.field(default_factory=dict)  # delta: see _io_runs
     zero_grains: int = 0  # delta: bytes of the grains punched whole; full copy over NBD: zero pages skipped
     target_read: int = 0
     source_read: int = 0  # delta: bytes read from the source
