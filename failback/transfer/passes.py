@@ -21,7 +21,7 @@ from .blockmap import LEAF, Leaves, block_count, block_length, grain_for, leaves
 from .nbd import NbdDisk
 from .progress import Pacer, Progress, Reporter
 from .results import TransferCancelled, TransferStateError
-from .sparse import is_zero, zero_range
+from .sparse import is_zero, zero_bytes, zero_range
 
 CPUS = os.cpu_count() or 2
 COPY_WORKERS = max(1, min(3, CPUS - 1))  # hashers beside the thread doing the copy
@@ -102,7 +102,7 @@ class Pass:
             hasattr(os, "copy_file_range") and not isinstance(src_fd, NbdDisk) and not isinstance(dst_fd, NbdDisk)
         )
         self._probe = bytearray(PROBE)
-        self.zeros = memoryview(bytes(block_size))  # only ever read: backed by the kernel's zero page
+        self.zeros = zero_bytes(block_size)  # only ever read; shared, not allocated (and zeroed) per pass
 
     # ---- in the calling thread
 

@@ -60,7 +60,7 @@ def allocated_bytes(fd: int | NbdDisk, start: int, end: int) -> int:
     return sum(e - s for s, e in data_extents(fd, start, end))
 
 
-def _zeros(n: int) -> memoryview:
+def zero_bytes(n: int) -> memoryview:
     """n zero bytes (a view of a buffer that grows to the largest length asked; only ever read)."""
     global _zero_buf
     zero = _zero_buf
@@ -81,7 +81,7 @@ def is_zero(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> b
         return True
     if buf[start] or buf[end - 1]:
         return False
-    return buf.startswith(_zeros(n), start)
+    return buf.startswith(zero_bytes(n), start)
 
 
 def punch_hole(fd: int | NbdDisk, offset: int, length: int) -> bool:
@@ -127,7 +127,7 @@ def zero_range(fd: int | NbdDisk, offset: int, length: int, chunk: int = 1 << 20
     """Make [offset, offset+length) read as zeros: punch a hole, else write zeros. Returns bytes written."""
     if punch_hole(fd, offset, length):
         return 0
-    zero = _zeros(min(chunk, length))
+    zero = zero_bytes(min(chunk, length))
     written = 0
     while written < length:
         n = min(len(zero), length - written)
