@@ -886,3 +886,27 @@ def test_a_delta_needs_a_completed_full_copy(disk: tuple[Path, Path, Path]) -> N
 
     with pytest.raises(TransferStateError):
         delta_copy(str(src), str(dst), state_dir=str(state), changed_extents=None)
+
+
+def test_a_saved_state_is_written_over_the_one_before_it_and_the_two_names_exchanged(tmp_path):
+    """Saving the state creates no file after the second save and frees none: the new state is written
+    over the one before it (kept as state.json.tmp) and the names exchanged, so state.json is always one
+    whole state, and a shorter state leaves nothing of a longer one behind it."""
+    from failback.transfer.blockmap import DiskState, save_state
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    final, tmp = state_dir / "state.json", state_dir / "state.json.tmp"
+    state = DiskState(size=8 << 20, block_size=1 << 20, grain=64 << 10, dst_dev=1, dst_ino=2)
+    save_state(str(state_dir), state, durable=False)
+    long = DiskState(**{**state.__dict__, "pending": [[i, i + 1] for i in range(0, 2000, 2)]})
+    save_state(str(state_dir), long, durable=False)
+    inodes = {final.stat().st_ino, tmp.stat().st_ino}
+    assert DiskState.load(str(state_dir)) == long
+    for k, saved in enumerate([state, long, DiskState(**{**state.__dict__, "position": 3 << 20})]):
+        before = final.stat().st_ino
+        save_state(str(state_dir), saved, durable=k == 2)
+        assert DiskState.load(str(state_dir)) == saved
+        assert json.loads(final.read_bytes()) == json.loads(json.dumps(saved.__dict__))  # nothing left over
+        assert {final.stat().st_ino, tmp.stat().st_ino} == inodes and final.stat().st_ino != before
+    assert sorted(p.name for p in state_dir.iterdir()) == ["state.json", "state.json.tmp"]

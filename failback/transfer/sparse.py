@@ -1,4 +1,5 @@
-"""Sparse-file primitives: where the data is, whether a buffer is all zero, how to punch a hole.
+"""Sparse-file primitives: where the data is, whether a buffer is all zero, how to punch a hole, and
+how to replace a small file without freeing a block (exchanging two names).
 
 Linux first (SEEK_DATA/SEEK_HOLE, fallocate(PUNCH_HOLE)), with plain fallbacks so the engine still
 works, only less sparsely, on a filesystem or platform without them.
@@ -24,6 +25,15 @@ try:
     _fallocate.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover - non-glibc platform
     _libc = None
+try:
+    _renameat2 = _libc.renameat2 if _libc is not None else None
+    if _renameat2 is not None:
+        _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        _renameat2.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - glibc before 2.28
+    _renameat2 = None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_exchange_supported = True
 
 _punch_supported = True
 _zero_buf = bytes(0)  # grows to the largest length asked; only ever read
@@ -120,6 +130,19 @@ def allocate(fd: int, offset: int, length: int) -> bool:
         return True
     if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         _allocate_supported = False
+    return False
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap the names of two existing files, atomically (``renameat2(RENAME_EXCHANGE)``). False when
+    either is missing or the filesystem or platform cannot, and then nothing changed."""
+    global _exchange_supported
+    if _renameat2 is None or not _exchange_supported:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        _exchange_supported = False
     return False
 
 
