@@ -504,11 +504,16 @@ def save_state(state_dir: str, state: DiskState, *, durable: bool) -> None:
     freed the old one's block, and on ext4 mounted ``discard`` the rename waited for that discard behind
     the device's write-back, and for the new file's own write-back (ext4's ``auto_da_alloc``): 0.1-0.3 s
     each time phase 1 of a 4 GiB disk saved, against a copy of 1.2 s (docs/decisions.md, issue 13).
-    Where names cannot be exchanged, a new file is renamed over the old one."""
+    Where names cannot be exchanged, a new file is renamed over the old one. When durable, the directory
+    is synced before state.json.tmp is written over too: the exchange that named it so may not be on
+    disk yet (a save that was not durable), and a power loss must not find the file being written as
+    state.json."""
     with _save_lock:
         data = json.dumps(asdict(state), separators=(",", ":")).encode()
         final = os.path.join(state_dir, STATE_FILE)
         tmp = final + ".tmp"
+        if durable and os.path.exists(tmp):
+            _sync_dir(state_dir)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             done = 0
@@ -523,8 +528,12 @@ def save_state(state_dir: str, state: DiskState, *, durable: bool) -> None:
         if not exchange(tmp, final):
             os.replace(tmp, final)
         if durable:
-            dfd = os.open(state_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _sync_dir(state_dir)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
