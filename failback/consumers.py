@@ -37,7 +37,6 @@ from django.db import connection
 from django.template.loader import render_to_string
 
 from .broadcast import SESSIONS_GROUP, login_group, session_group, user_group
-from .choices import SessionStatus
 from .models import FailbackPlan, FailbackSession
 
 log = logging.getLogger(__name__)
@@ -59,14 +58,14 @@ class Topic:
 
 
 def _render_session(session_id):
-    """(status, progress fragment)."""
+    """(what the action buttons show, ``presenters.buttons_drawn``; the progress fragment)."""
     from .presenters import session_context
 
     session = FailbackSession.objects.select_related("replica").filter(pk=session_id).first()
     if session is None:
         return None
     context = session_context(session, AnonymousUser(), oob=True)
-    return session.status, render_to_string("failback/partials/session_progress.html", context)
+    return context["drawn"], render_to_string("failback/partials/session_progress.html", context)
 
 
 def _render_dashboard():
@@ -310,23 +309,23 @@ class LiveConsumer(LoginBoundConsumer):
 
 class SessionConsumer(LiveConsumer):
     """The session page. The action buttons depend on the user's role: they are rendered for each user, and
-    re-sent only when the status changed, so a reason being typed is not wiped by progress updates. The page
-    says which status its buttons were drawn for (``?status=``): a socket that connects after the page showed
-    a refusal or a notice does not redraw the same buttons over it."""
+    re-sent only when what they show changed (``presenters.buttons_drawn``: the status, the actions offered or
+    held, a scheduled time, approvals waiting), so a reason being typed is not wiped by progress updates. The
+    page says what its buttons were drawn for (``?drawn=``): a socket that connects after the page showed a
+    refusal or a notice does not redraw the same buttons over it."""
 
-    last_status = None
+    last_drawn = None
 
     async def find_topic(self):
         self.session_id = self.scope["url_route"]["kwargs"]["pk"]
-        shown = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("status", [""])[0]
-        self.last_status = shown if shown in SessionStatus.values else None
+        self.last_drawn = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("drawn", [""])[0][:64]
         return session_topic(self.session_id) if await self._exists() else None
 
     async def parts(self, rendered):
-        status, html = rendered
+        drawn, html = rendered
         parts = [html]
-        if status != self.last_status:
-            self.last_status = status
+        if drawn != self.last_drawn:
+            self.last_drawn = drawn
             parts.append(await self._render_actions())
         return parts
 

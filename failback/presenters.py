@@ -1,5 +1,7 @@
 """Presenters: what the pages, the htmx fragments and the websockets render, built in one place."""
 
+import hashlib
+
 from django.db.models import Count
 from django.utils import timezone
 
@@ -46,6 +48,9 @@ def dashboard_context():
 def session_context(session, user, **extra):
     """What the session fragments need; shared by the page, the action responses and the websocket."""
     disks = list(session.disks.all())
+    offered, held = actions.offered(session), actions.held(session)  # held: allowed by status, not yet (why)
+    waiting = [approvals.describe(r) for r in approvals.waiting(session)]  # four eyes: what waits
+    due = actions.scheduled_switch(session)
     return {
         "session": session,
         "disks": disks,
@@ -53,17 +58,27 @@ def session_context(session, user, **extra):
         "can_operate": can_operate(user),
         "can_override": user.has_perm(workflow.OVERRIDE_PERMISSION),
         "time_left_s": session.time_left_s(disks),
-        "actions": actions.offered(session),
-        "held": actions.held(session),  # allowed by status, held back for now (and why)
+        "actions": offered,
+        "held": held,
+        "drawn": buttons_drawn(session.status, [a["name"] for a in offered], held, waiting, due),
         "timeline": session_timeline(session),
         "downtime": downtime_breakdown(session),
         "schedule_form": ScheduleSwitchForm(initial={"switch_at": session.switch_at}),
         "reason_form": ReasonForm(),
         "now": timezone.now(),
         "fits": windows.session_summary(session),  # maintenance windows and budget, if any (windows.py)
-        "waiting": [approvals.describe(r) for r in approvals.waiting(session)],  # four eyes: what waits
+        "waiting": waiting,
         **extra,
     }
+
+
+def buttons_drawn(status, offered, held, waiting, due):
+    """A short name for what the actions section shows, the same for every user: the page sends it with its
+    socket, and the socket redraws the buttons only when it changes (a new status, but also Commit offered
+    once production runs with the status unchanged, a countdown stopped, a switch rescheduled, an approval
+    asked or answered), never for progress alone, so a reason being typed is not wiped."""
+    shown = repr((offered, held, waiting, due.isoformat() if due else ""))
+    return f"{status}-{hashlib.blake2b(shown.encode(), digest_size=6).hexdigest()}"
 
 
 def plan_prediction(plan, members):

@@ -8,9 +8,12 @@ import textwrap
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import AnonymousUser
 from django.test import Client
+from django.utils import timezone
 
 from dr_portal.asgi import application
+from failback.choices import SessionStatus
 from failback.models import FailbackSession
 
 from .conftest import ROOT, subprocess_env
@@ -81,21 +84,53 @@ async def test_it_sends_the_current_state_on_connect(session, viewer):
 
 
 async def test_it_does_not_redraw_the_buttons_the_page_drew_for_the_same_status(session, operator):
-    """The page names the status its buttons were drawn for: a socket connecting after a refusal was shown
-    sends the progress only, so the refusal stays; a page drawn for an older status gets the new buttons."""
+    """The page names what its buttons were drawn for: a socket connecting after a refusal was shown
+    sends the progress only, so the refusal stays; a page drawn for an older state gets the new buttons."""
     cookie = await sync(cookie_for)(operator)
-    status = await sync(lambda: FailbackSession.objects.get(pk=session.pk).status)()
-    same = communicator(session.pk, cookie, query=f"?status={status}")
+    drawn = await sync(drawn_now)(session.pk)
+    same = communicator(session.pk, cookie, query=f"?drawn={drawn}")
     assert (await same.connect())[0]
     html = await same.receive_from(timeout=10)
     assert 'id="session-progress"' in html and 'id="session-actions"' not in html
     await same.disconnect()
-    for shown in ("ready_to_switch" if status != "ready_to_switch" else "switching", "no-such-status"):
-        older = communicator(session.pk, cookie, query=f"?status={shown}")
+    status = drawn.split("-")[0]
+    for shown in ("ready_to_switch-0" if status != "ready_to_switch" else "switching-0", "no-such-state", ""):
+        older = communicator(session.pk, cookie, query=f"?drawn={shown}")
         assert (await older.connect())[0]
         html = await older.receive_from(timeout=10)
         assert f'id="session-actions" data-status="{status}"' in html, shown
         await older.disconnect()
+
+
+async def test_commit_appears_live_once_production_runs_though_the_status_stays_failback(session, operator):
+    """Failback is reached before the switch's last step powers production on, and Commit is held until
+    then: the page drawn in between gets the Commit button over its socket when production is on, with no
+    change of status and no reload."""
+    from failback import broadcast
+
+    await sync(FailbackSession.objects.filter(pk=session.pk).update)(
+        status=SessionStatus.FAILBACK, power_on_after=True, production_on_at=None
+    )
+    cookie = await sync(cookie_for)(operator)
+    held = await sync(drawn_now)(session.pk)
+    ws = communicator(session.pk, cookie, query=f"?drawn={held}")
+    assert (await ws.connect())[0]
+    html = await ws.receive_from(timeout=10)
+    assert 'id="session-actions"' not in html  # the page already shows the held Commit
+    await sync(FailbackSession.objects.filter(pk=session.pk).update)(production_on_at=timezone.now())
+    await sync(broadcast.send_now)(session.pk)
+    html = await ws.receive_from(timeout=15)
+    assert 'id="session-actions" data-status="failback"' in html and ">Commit</button>" in html
+    assert "is offered once production VM" not in html
+    await ws.disconnect()
+
+
+def drawn_now(pk):
+    """What the session page would draw its buttons for now."""
+    from failback.presenters import session_context
+
+    session = FailbackSession.objects.select_related("replica").get(pk=pk)
+    return session_context(session, AnonymousUser())["drawn"]
 
 
 async def test_it_delivers_progress_published_by_another_process(session, operator, settings, own_channel_layer):
