@@ -8,12 +8,13 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from failback import broadcast
 from failback.choices import AuditAction, Outcome, SessionStatus, SwitchMode
 from failback.models import AuditEvent, FailbackSession, Replica
 from failback.templatetags.failback_tags import seconds
 
-from .browser_support import browser, login, off_loop, page, portal  # noqa: F401 (fixtures)
-from .conftest import wait_for
+from .browser_support import browser, login, new_page, off_loop, page, portal, wait_in_page  # noqa: F401 (fixtures)
+from .conftest import make_user, wait_for
 from .helpers import start
 
 pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extras)")
@@ -132,6 +133,55 @@ def test_each_action_asks_in_a_dialog_of_its_own_with_its_consequence_and_reason
     expect(page.locator("table.grid tbody")).to_contain_text("Failback → Committing")
     expect(page.locator("table.grid tbody")).not_to_contain_text("ready_to_switch")
     assert page.dialogs == [] and page.js_errors == []  # no browser confirm() any more
+
+
+def test_the_buttons_follow_the_session_live_for_two_operators_and_an_answer_stays(page, browser, portal):
+    """Two operators on one session page. One schedules the switch: the other sees the countdown without
+    reloading, and the first keeps the answer's notice through progress updates. Failback before the
+    switch has powered production on holds Commit; once production runs, Commit appears on both pages
+    though the status stays Failback."""
+    olivia = portal.users["olivia"]
+    make_user("oscar", "Operator")
+    pk = off_loop(start, olivia, Replica.objects.get(name=CRM)).pk
+    wait_status(pk, SessionStatus.READY_TO_SWITCH)
+    other = new_page(browser, portal.url)
+    try:
+        login(page, "olivia")
+        login(other, "oscar")
+        for p in (page, other):
+            p.goto(f"/sessions/{pk}/")
+            p.evaluate(
+                "() => { window.wsFrames = 0; document.addEventListener('htmx:wsAfterMessage', () => window.wsFrames++); }"
+            )
+        when = timezone.localtime() + timedelta(hours=2)
+        actions = page.locator("#session-actions")
+        actions.get_by_label(re.compile("Switch at")).fill(when.strftime("%Y-%m-%dT%H:%M"))
+        dialog = open_dialog(page, "Schedule switch")
+        dialog.get_by_role("button", name="Schedule the switch").click()
+        expect(actions).to_contain_text("Switch scheduled for")
+        expect(other.locator("#switch-countdown")).to_contain_text(when.strftime("%Y-%m-%d %H:%M"), timeout=LONG)
+        seen = page.evaluate("window.wsFrames")
+        off_loop(broadcast.send_now, pk)  # progress only: what the buttons show has not changed
+        wait_in_page(page, f"window.wsFrames > {seen}")
+        expect(actions).to_contain_text("Switch scheduled for")
+
+        FailbackSession.objects.filter(pk=pk).update(
+            status=SessionStatus.FAILBACK, power_on_after=True, production_on_at=None
+        )
+        off_loop(broadcast.send_now, pk)
+        for p in (page, other):
+            expect(p.locator("#session-actions")).to_contain_text("Commit is offered once production VM", timeout=LONG)
+            expect(p.locator("#session-actions").get_by_role("button", name="Commit", exact=True)).to_have_count(0)
+        FailbackSession.objects.filter(pk=pk).update(production_on_at=timezone.now())
+        off_loop(broadcast.send_now, pk)
+        for p in (page, other):
+            expect(p.locator("#session-actions").get_by_role("button", name="Commit", exact=True)).to_be_visible(
+                timeout=LONG
+            )
+            expect(p.locator("#session-actions")).not_to_contain_text("Commit is offered once production VM")
+        assert page.js_errors == [] and other.js_errors == []
+    finally:
+        other.context.close()
 
 
 def test_without_javascript_each_dialog_is_a_page_of_its_own(browser, portal):

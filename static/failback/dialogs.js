@@ -36,15 +36,16 @@
     }
   });
 
-  // The live socket redraws the buttons when the status changes. When the buttons shown were already drawn for
-  // that status (by an action's answer), they stay, with the refusal or notice that came with them.
+  // The live socket redraws the buttons when what they show changes (data-drawn: presenters.buttons_drawn).
+  // When the buttons shown were already drawn for that (by an action's answer), they stay, with the refusal
+  // or notice that came with them.
   document.addEventListener("htmx:oobBeforeSwap", (event) => {
     const shown = event.detail.target;
-    if (!shown || shown.id !== "session-actions" || !shown.querySelector(".msg")) return;
+    if (!shown || shown.id !== "session-actions") return;
     const incoming = event.detail.fragment.querySelector
       ? event.detail.fragment.querySelector("#session-actions") || event.detail.fragment.firstElementChild
       : null;
-    if (incoming && incoming.dataset && incoming.dataset.status === shown.dataset.status) {
+    if (incoming && incoming.dataset && incoming.dataset.drawn === shown.dataset.drawn) {
       event.detail.shouldSwap = false;
     }
   });

@@ -30,14 +30,3 @@ document.addEventListener("htmx:wsAfterMessage", () => {
     document.querySelectorAll("main > .messages > .msg:not(.error)").forEach((note) => note.remove());
   }
 });
-
-// The session page's buttons, redrawn by its socket: a redraw of what the page already shows (the same
-// data-drawn, presenters.buttons_drawn) is skipped, so the notice or refusal an action's answer put there
-// stays until something changes.
-document.addEventListener("htmx:oobBeforeSwap", (event) => {
-  const target = event.detail.target;
-  const incoming = event.detail.fragment.querySelector?.("#session-actions");
-  if (target.id === "session-actions" && incoming && incoming.dataset.drawn === target.dataset.drawn) {
-    event.detail.shouldSwap = false;
-  }
-});
